@@ -1,0 +1,1 @@
+"""hwcompress: hw_profiles."""

@@ -1,0 +1,1 @@
+"""hwcompress: search."""

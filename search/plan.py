@@ -1,0 +1,89 @@
+"""A compression plan is data: per-layer arrays, shape [L] for one plan or [K, L] for K.
+
+The arrays are passed INTO jitted functions, so new ratios, granularities or bit widths
+never recompile. Nothing here is a Python constant on the hot path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import numpy as np
+
+# granularity codes
+UNSTRUCTURED = 0  # magnitude pruning of single weights (Han et al.)
+CHANNEL = 1  # whole output channels / filters by L1 norm (real speedups everywhere)
+NM = 2  # N:M: in every group of NM_GROUP consecutive fan-in weights keep N
+GRANULARITIES = {"unstructured": UNSTRUCTURED, "channel": CHANNEL, "nm": NM}
+NM_GROUP = 4  # M of N:M; pruned per group = round(ratio * NM_GROUP), so 2:4 is ratio 0.5
+
+# quantization modes
+UNIFORM = 0  # symmetric uniform fake quantization, per-output-channel scales
+CODEBOOK = 1  # Deep Compression trained quantization: 2**bits shared values per layer
+QUANT_MODES = {"uniform": UNIFORM, "codebook": CODEBOOK}
+
+FLOAT = 32  # a bit width of 32 means "leave in float32"
+WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, FLOAT)  # allowed weight widths
+ACT_BITS = (4, 5, 6, 7, 8, 16, FLOAT)  # allowed activation widths
+MAX_RATIO = 0.99  # the largest prune ratio
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer compression decisions; every field has shape [L] or [K, L]."""
+
+    ratio: np.ndarray  # float32: fraction of the layer's weights removed, in [0, MAX_RATIO]
+    granularity: np.ndarray  # int32: UNSTRUCTURED | CHANNEL | NM
+    weight_bits: np.ndarray  # int32: weight bit width, FLOAT for float32
+    act_bits: np.ndarray  # int32: input-activation bit width, FLOAT for float32
+    quant_mode: np.ndarray  # int32: UNIFORM | CODEBOOK
+
+    @property
+    def num_layers(self) -> int:
+        return int(np.shape(self.ratio)[-1])
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.ratio)[:-1])
+
+
+def dense_plan(num_layers: int) -> Plan:
+    """The identity plan: nothing pruned, everything float."""
+    return make_plan(np.zeros(num_layers), UNSTRUCTURED, FLOAT, FLOAT, UNIFORM)
+
+
+def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT, quant_mode=UNIFORM) -> Plan:
+    """Build a plan from scalars or per-layer sequences, broadcast to ratio's shape."""
+    r = np.asarray(ratio, np.float32)
+    as_int = lambda v: np.broadcast_to(np.asarray(v, np.int32), r.shape).copy()
+    return Plan(r, as_int(granularity), as_int(weight_bits), as_int(act_bits), as_int(quant_mode))
+
+
+def stack_plans(plans: Sequence[Plan]) -> Plan:
+    """K plans of shape [L] -> one plan of shape [K, L]."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *plans)
+
+
+def unstack_plans(plan: Plan) -> list[Plan]:
+    """One plan of shape [K, L] -> K plans of shape [L]."""
+    k = plan.batch_shape[0]
+    return [jax.tree.map(lambda a: np.asarray(a)[i], plan) for i in range(k)]
+
+
+def validate_plan(plan: Plan) -> None:
+    """Raise ValueError naming the field and value when a plan is out of range."""
+    r = np.asarray(plan.ratio)
+    if np.any(r < 0) or np.any(r > MAX_RATIO) or not np.all(np.isfinite(r)):
+        raise ValueError(f"plan.ratio must lie in [0, {MAX_RATIO}], got {r.min()}..{r.max()}")
+    for name, allowed in (
+        ("granularity", tuple(GRANULARITIES.values())),
+        ("weight_bits", WEIGHT_BITS),
+        ("act_bits", ACT_BITS),
+        ("quant_mode", tuple(QUANT_MODES.values())),
+    ):
+        v = np.asarray(getattr(plan, name))
+        bad = sorted(set(np.unique(v).tolist()) - set(allowed))
+        if bad:
+            raise ValueError(f"plan.{name} has {bad}; allowed values are {list(allowed)}")
