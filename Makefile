@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hwcompress search --model lenet300 --dataset digits --profile mobile-a76 --study demo
+	$(BIN)/hwcompress search --model lenet300 --dataset digits --profile mobile-cpu --study demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
