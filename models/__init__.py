@@ -1,1 +1,158 @@
-"""hwcompress: models."""
+"""hwcompress: models. A registry of tasks: a Flax module + a data set + loss + metric.
+
+    task = models.get_task("lenet300", "digits")
+    params, info = models.train.train_baseline(task)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from models import metrics
+from models.task import Dataset, Task, TrainConfig
+from search.errors import UserError
+
+__all__ = ["get_task", "list_models", "list_datasets", "load_dataset", "Task", "Dataset",
+           "TrainConfig"]
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """How to build one model and which data it fits."""
+
+    build: Callable[..., nn.Module]  # build(dataset, **hparams) -> module
+    kind: str  # the Dataset.kind it accepts
+    defaults: Callable[[str], dict[str, Any]]  # dataset name -> default hparams
+
+
+def _lenet300(d: Dataset, hidden: tuple[int, ...] = (300, 100)) -> nn.Module:
+    from models.lenet import LeNet300
+
+    return LeNet300(num_classes=d.num_classes, hidden=tuple(int(h) for h in hidden))
+
+
+def _lenet5(d: Dataset, padding: str = "VALID") -> nn.Module:
+    from models.lenet import LeNet5
+
+    if padding not in ("VALID", "SAME"):
+        raise UserError(f"lenet5 padding={padding!r} is not valid: use 'VALID' or 'SAME'")
+    return LeNet5(num_classes=d.num_classes, padding=padding)
+
+
+def _mobilenet(d: Dataset, stem: int = 16, stem_stride: int = 1,
+               blocks: tuple = ((32, 1), (64, 2), (128, 2))) -> nn.Module:
+    from models.mobilenet import MobileNet
+
+    blocks = tuple((int(f), int(s)) for f, s in blocks)
+    return MobileNet(num_classes=d.num_classes, stem=int(stem), stem_stride=int(stem_stride),
+                     blocks=blocks)
+
+
+def _vdsr(d: Dataset, depth: int = 8, width: int = 32) -> nn.Module:
+    from models.vdsr import VDSR
+
+    if int(depth) < 2 or int(width) < 1:
+        raise UserError(f"vdsr depth={depth}, width={width} is too small: use depth >= 2, width >= 1")
+    return VDSR(depth=int(depth), width=int(width))
+
+
+_MODELS: dict[str, _ModelSpec] = {
+    "lenet300": _ModelSpec(_lenet300, "classification", lambda ds: {"hidden": (300, 100)}),
+    "lenet5": _ModelSpec(_lenet5, "classification",
+                         lambda ds: {"padding": "SAME" if ds == "digits" else "VALID"}),
+    "mobilenet": _ModelSpec(_mobilenet, "classification", lambda ds: {
+        "stem": 16, "stem_stride": 1 if ds == "digits" else 2,
+        "blocks": ((32, 1), (64, 2), (128, 2))}),
+    "vdsr": _ModelSpec(_vdsr, "regression", lambda ds: {"depth": 8, "width": 32}),
+}
+
+_DATASET_KIND = {"digits": "classification", "fashion-mnist": "classification",
+                 "sr-images": "regression"}
+
+# Default baseline training per (model, dataset); the fallback is per dataset.
+_TRAIN: dict[tuple[str, str], TrainConfig] = {
+    ("lenet300", "digits"): TrainConfig(steps=1500, batch_size=64, learning_rate=5e-3),
+    ("lenet5", "digits"): TrainConfig(steps=400, batch_size=64, learning_rate=2e-3),
+    ("mobilenet", "digits"): TrainConfig(steps=500, batch_size=64, learning_rate=5e-3),
+    ("lenet300", "fashion-mnist"): TrainConfig(steps=6000, batch_size=128, learning_rate=1e-3),
+    ("lenet5", "fashion-mnist"): TrainConfig(steps=3000, batch_size=128, learning_rate=1e-3),
+    ("mobilenet", "fashion-mnist"): TrainConfig(steps=3000, batch_size=128, learning_rate=3e-3),
+    ("vdsr", "sr-images"): TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3,
+                                       weight_decay=0.0),
+}
+
+
+def list_models() -> list[str]:
+    """Registered model names."""
+    return sorted(_MODELS)
+
+
+def list_datasets() -> list[str]:
+    """Registered data set names."""
+    return sorted(_DATASET_KIND)
+
+
+def valid_pairs() -> list[str]:
+    """Every 'model/dataset' pair that makes a task."""
+    return [f"{m}/{d}" for m in list_models() for d in list_datasets()
+            if _MODELS[m].kind == _DATASET_KIND[d]]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, data_dir: str | None, seed: int) -> Dataset:
+    if name == "digits":
+        from models.data import load_digits
+
+        return load_digits(seed)
+    if name == "fashion-mnist":
+        from models.data import load_fashion_mnist
+
+        return load_fashion_mnist(data_dir, seed)
+    from models.data_sr import load_sr_images
+
+    return load_sr_images(seed)
+
+
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None,
+                 seed: int = 0) -> Dataset:
+    """The splits of a registered data set (loaded once per process; arrays are read-only)."""
+    if name not in _DATASET_KIND:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(list_datasets())}")
+    return _load_cached(name, None if data_dir is None else str(data_dir), int(seed))
+
+
+def get_task(model: str, dataset: str, *, data_dir: str | os.PathLike | None = None,
+             seed: int = 0, **hparams: Any) -> Task:
+    """Build a task; hparams override the model's defaults (e.g. depth=20, width=64 for vdsr).
+
+    `seed` draws the data splits and seeds the baseline's init and batch order.
+    """
+    if model not in _MODELS:
+        raise UserError(f"unknown model {model!r}: choose one of {', '.join(list_models())}")
+    if dataset not in _DATASET_KIND:
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(list_datasets())}")
+    spec = _MODELS[model]
+    if spec.kind != _DATASET_KIND[dataset]:
+        raise UserError(f"model {model!r} does not fit dataset {dataset!r}: valid pairs are "
+                        f"{', '.join(valid_pairs())}")
+    full = spec.defaults(dataset)
+    unknown = sorted(set(hparams) - set(full))
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r} for model {model!r}: valid options are "
+                        f"{', '.join(sorted(full))}")
+    full.update(hparams)
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    module = spec.build(data, **full)
+    train = _TRAIN.get((model, dataset), TrainConfig())
+    train = dataclasses.replace(train, seed=int(seed))
+    if data.kind == "classification":
+        loss, metric, metric_name = metrics.cross_entropy, metrics.accuracy, "accuracy"
+    else:
+        loss, metric, metric_name = metrics.mse, metrics.psnr_db, "psnr_db"
+    return Task(name=model, module=module, data=data, loss=loss, metric=metric,
+                metric_name=metric_name, train=train, hparams=full)
