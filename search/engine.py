@@ -1,0 +1,343 @@
+"""Fine-tune and evaluate K compression plans at once, with one compile per (task, K).
+
+Three jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
+optimizer state for K plans), `step` (one fine-tune step of K plans, driven from Python: on
+this CPU a `lax.scan` of conv backward passes was 10-20x slower) and `evaluate` (the metric
+of K plans on one chunk of a split). Plans are arrays passed in, so new plans never
+recompile. With K = 1 the functions are not vmapped at all, so `lax.switch` really skips
+the transforms a plan does not use.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models.task import Task
+from search import codebook, compress, masks as masks_lib
+from search.errors import UserError
+from search.layers import Layer, Model, discover_layers, get_path, set_path
+from search.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How each candidate is fine-tuned after compression."""
+
+    steps: int = 200  # optimizer steps per plan (0: compress only)
+    batch_size: int = 128  # examples per step
+    learning_rate: float = 5e-4  # Adam learning rate
+    distill: bool = False  # add Hinton distillation from the dense baseline
+    temperature: float = 4.0  # distillation temperature T
+    alpha: float = 0.5  # weight of the distillation term (1 - alpha on the task loss)
+    seed: int = 0  # batch order
+    k: int | None = None  # plans per vmapped step; None = measure what is fastest here
+    calib_examples: int = 512  # training examples used to calibrate activation ranges
+    eval_batch: int = 1024  # examples per evaluation chunk
+
+    def check(self) -> None:
+        """Raise UserError naming the first field that is out of range."""
+        for name, ok, want in (
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            ("k", self.k is None or self.k >= 1, "None or >= 1"),
+            ("calib_examples", self.calib_examples >= 1, ">= 1"),
+            ("eval_batch", self.eval_batch >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")
+
+
+@dataclass(frozen=True)
+class CompressedModel:
+    """One compressed candidate, everything the exporter needs to pack it."""
+
+    params: Any  # effective params (numpy): kernels masked and fake-quantized, as computed
+    masks: dict[str, np.ndarray]  # {layer name: 0/1 mask like the kernel}
+    act_ranges: dict[str, tuple[float, float]]  # {layer name: calibrated (lo, hi) of its input}
+    plan: Plan  # the plan, arrays of shape [L]
+    metric: float  # validation metric after fine-tuning
+    finite: bool  # False when fine-tuning produced NaN/inf
+
+
+@dataclass
+class EngineResult:
+    """Per-plan outcome of `Engine.run` / `Engine.evaluate`, arrays of shape [P]."""
+
+    metric: np.ndarray  # task metric on the split (NaN when not finite)
+    finite: np.ndarray  # bool: False when fine-tuning hit NaN/inf
+    reason: list[str | None]  # why a plan failed, None when it did not
+    models: list[CompressedModel] | None = None  # when return_models=True
+    seconds: float = 0.0  # wall time of the call
+
+
+def _over_plans(f, k: int, in_axes: tuple):
+    """vmap f over the plan axis; for k == 1 squeeze it instead (no batching rules at all)."""
+    if k > 1:
+        return jax.vmap(f, in_axes=in_axes)
+
+    def g(*args):
+        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
+        return jax.tree.map(lambda a: a[None], f(*args))
+
+    return g
+
+
+def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch] training indices: shuffled epochs, concatenated."""
+    need = max(steps, 1) * batch
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
+    return idx[:need].reshape(max(steps, 1), batch).astype(np.int32)
+
+
+_K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
+
+
+class Engine:
+    """Compress and fine-tune plans for one task; see the module docstring."""
+
+    def __init__(self, task: Task, base_params: Any = None, config: FinetuneConfig = FinetuneConfig()):
+        config.check()
+        self.task, self.config = task, config
+        self.model = Model(task.module)
+        if base_params is None:
+            base_params = self.model.initial_params() if self.model.kind == "nnx" else None
+        if base_params is None:
+            raise UserError("Engine needs the trained params; pass base_params (see models.train.train_baseline)")
+        self.base_params = jax.tree.map(jnp.asarray, base_params)
+        data = task.data
+        self.layers: tuple[Layer, ...] = discover_layers(
+            self.model, self.base_params, jax.ShapeDtypeStruct((1, *data.input_shape), jnp.float32))
+        self._x = jnp.asarray(data.x_train, jnp.float32)
+        self._y = jnp.asarray(data.y_train)
+        self._calib = self._x[: min(config.calib_examples, len(data.x_train))]
+        self._table = jnp.asarray(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
+        self._eval_batch = min(config.eval_batch, len(data.x_val))
+        self._opt = optax.adam(config.learning_rate)
+        self._fns: dict[Any, Any] = {}  # jitted functions per K (and 'effective')
+        self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
+        self.k = config.k if config.k is not None else self._choose_k()
+
+    # ---- the three jitted functions, built once per K ----------------------------------
+    def _functions(self, k: int) -> tuple:
+        if k in self._fns:
+            return self._fns[k]
+        model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
+
+        def prepare_one(plan, base, calib):
+            masks = masks_lib.compute_masks(base, layers, plan)
+            cents, assign = {}, {}
+            for l in layers:
+                w = _node(base, l)["kernel"]
+                use = (plan.quant_mode[l.index] == CODEBOOK) & (plan.weight_bits[l.index] <= 8)
+                cents[l.name], assign[l.name] = jax.lax.cond(
+                    use, lambda w, m, b: codebook.kmeans_codebook(w, m, b),
+                    lambda w, m, b: (jnp.zeros(codebook.SLOTS, w.dtype), jnp.zeros(w.shape, jnp.int32)),
+                    w, masks[l.name], plan.weight_bits[l.index])
+            params = base
+            for l in layers:
+                node = _node(params, l)
+                params = _set(params, l, {**node, "kernel": node["kernel"] * masks[l.name]})
+            L = len(layers)
+            q0 = compress.QuantState(assign, jnp.zeros(L), jnp.zeros(L))
+            eff = compress.effective_params(params, masks, cents, q0, layers, plan)
+            lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
+            trainable = {"params": params, "centroids": cents}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, lo, hi)}
+            return trainable, opt.init(trainable), frozen, jnp.array(True)
+
+        def forward(trainable, frozen, plan, x):
+            eff = compress.effective_params(trainable["params"], frozen["masks"], trainable["centroids"],
+                                            frozen["q"], layers, plan)
+            q = frozen["q"]
+            return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+
+        def loss_one(trainable, frozen, plan, x, y, teacher):
+            out = forward(trainable, frozen, plan, x)
+            loss = task.loss(out, y)
+            if cfg.distill:
+                loss = (1 - cfg.alpha) * loss + cfg.alpha * _distill_loss(out, teacher, cfg.temperature, task)
+            return loss
+
+        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher):
+            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher)
+            updates, opt_state = opt.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            return trainable, opt_state, finite & jnp.isfinite(loss)
+
+        step_k = _over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None))
+
+        def step(state, t, frozen, plans, base, xs, ys, table):
+            idx = table[t]
+            x, y = xs[idx], ys[idx]
+            teacher = model.apply(base, x) if cfg.distill else None
+            trainable, opt_state, finite = state
+            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher), t + 1
+
+        def evaluate_one(trainable, frozen, plan, x, y):
+            out = forward(trainable, frozen, plan, x)
+            return task.metric(out, y)
+
+        fns = (
+            jax.jit(_over_plans(prepare_one, k, (0, None, None))),
+            jax.jit(step, donate_argnums=(0,)),
+            jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None))),
+        )
+        self._fns[k] = fns
+        return fns
+
+    # ---- public API ----------------------------------------------------------------------
+    def run(self, plans: Plan | Sequence[Plan], return_models: bool = False, split: str = "val",
+            finetune: bool = True) -> EngineResult:
+        """Compress, fine-tune (config.steps) and evaluate every plan, K at a time."""
+        plans = self._check_plans(plans)
+        t0 = time.perf_counter()
+        metrics, finite, models = [], [], []
+        p = plans.batch_shape[0]
+        for start in range(0, p, self.k):
+            idx = np.minimum(np.arange(start, start + self.k), p - 1)  # pad by repeating the last plan
+            group = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[idx]), plans)
+            m, f, trained, frozen = self._run_group(group, finetune, split)
+            n = min(self.k, p - start)
+            metrics.append(m[:n])
+            finite.append(f[:n])
+            if return_models:
+                models += self._models(group, trained, frozen, m, f, n)
+        metric = np.concatenate(metrics)
+        ok = np.concatenate(finite)
+        metric = np.where(ok, metric, np.nan)
+        reason = [None if f else "fine-tuning diverged: loss or weights became NaN/inf" for f in ok]
+        return EngineResult(metric, ok, reason, models if return_models else None, time.perf_counter() - t0)
+
+    def evaluate(self, plans: Plan | Sequence[Plan], split: str = "val", return_models: bool = False
+                 ) -> EngineResult:
+        """Compress without fine-tuning and evaluate on a split ("val" or "test")."""
+        return self.run(plans, return_models=return_models, split=split, finetune=False)
+
+    def predict(self, cm: CompressedModel, x: Any) -> jax.Array:
+        """Outputs of a compressed model (effective params + activation quantization) on x."""
+        lo = jnp.array([cm.act_ranges[l.name][0] for l in self.layers])
+        hi = jnp.array([cm.act_ranges[l.name][1] for l in self.layers])
+        return compress.quantized_apply(self.model, self.layers, jax.tree.map(jnp.asarray, cm.params),
+                                        lo, hi, jnp.asarray(cm.plan.act_bits), jnp.asarray(x, jnp.float32))
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_plans(self, plans) -> Plan:
+        if not isinstance(plans, Plan):
+            plans = stack_plans(list(plans))
+        if plans.batch_shape == ():
+            plans = stack_plans([plans])
+        if plans.num_layers != len(self.layers):
+            raise UserError(f"plan has {plans.num_layers} layers but the model has {len(self.layers)} "
+                            f"({', '.join(l.name for l in self.layers)}); build plans from engine.layers")
+        try:
+            validate_plan(plans)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return plans
+
+    def _split(self, split: str):
+        d = self.task.data
+        if split not in ("val", "test"):
+            raise UserError(f"split={split!r} is unknown: use 'val' or 'test'")
+        return (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
+
+    def _run_group(self, group: Plan, finetune: bool, split: str):
+        prepare, step, evaluate = self._functions(self.k)
+        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib)
+        if finetune and self.config.steps > 0:
+            state, t = (trainable, opt_state, finite), jnp.int32(0)
+            for _ in range(self.config.steps):
+                state, t = step(state, t, frozen, group, self.base_params, self._x, self._y, self._table)
+            trainable, _, finite = state
+        x, y = self._split(split)
+        b = self._eval_batch
+        total = np.zeros(self.k)
+        for s in range(0, len(x), b):
+            xb, yb = x[s:s + b], y[s:s + b]
+            n = len(xb)
+            if n < b:  # pad to the compiled shape, drop the padding after
+                xb = np.concatenate([xb, np.repeat(xb[-1:], b - n, 0)])
+                yb = np.concatenate([yb, np.repeat(yb[-1:], b - n, 0)])
+            per = evaluate(trainable, frozen, group, jnp.asarray(xb, jnp.float32), jnp.asarray(yb))
+            total += np.asarray(per, np.float64)[:, :n].sum(axis=1)
+        metric = total / len(x)
+        leaves_ok = jax.tree.leaves(jax.tree.map(lambda a: jnp.all(jnp.isfinite(a), axis=tuple(range(1, a.ndim))),
+                                                 trainable))
+        ok = np.asarray(finite) & np.all(np.stack([np.asarray(v) for v in leaves_ok]), axis=0)
+        ok &= np.isfinite(metric)
+        return metric, ok, trainable, frozen
+
+    def _models(self, group: Plan, trainable, frozen, metric, finite, n: int) -> list[CompressedModel]:
+        if "effective" not in self._fns:
+            layers = self.layers
+            self._fns["effective"] = jax.jit(lambda tr, fr, plan: compress.effective_params(
+                tr["params"], fr["masks"], tr["centroids"], fr["q"], layers, plan))
+        effective = self._fns["effective"]
+        trainable, frozen = jax.tree.map(np.asarray, (trainable, frozen))
+        out = []
+        for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
+            tr, fr = jax.tree.map(lambda a: a[i], (trainable, frozen))
+            eff = jax.tree.map(np.asarray, effective(tr, fr, plan))
+            lo, hi = fr["q"].act_lo, fr["q"].act_hi
+            out.append(CompressedModel(
+                params=eff, masks=fr["masks"],
+                act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
+                plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
+        return out
+
+    def _choose_k(self) -> int:
+        """Measure seconds per plan-step for a few K on this backend and keep the fastest."""
+        backend = jax.default_backend()
+        key = (backend, self.task.name, self.task.data.input_shape, self.config.batch_size, self.config.distill,
+               tuple(l.kernel_shape for l in self.layers))
+        if key in _K_CACHE:
+            return _K_CACHE[key]
+        candidates = (1, 4) if backend == "cpu" else (1, 2, 4, 8, 16)
+        for k in candidates:
+            _, step, _ = self._functions(k)
+            prepare = self._fns[k][0]
+            group = stack_plans([dense_plan(len(self.layers))] * k)
+            group = jax.tree.map(jnp.asarray, group)
+            tr, os_, fr, fin = prepare(group, self.base_params, self._calib)
+            state, t = (tr, os_, fin), jnp.int32(0)
+            state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+            jax.block_until_ready(state)
+            n = 10
+            t0 = time.perf_counter()
+            for _ in range(n):
+                state, t = step(state, t % self._table.shape[0], fr, group, self.base_params, self._x, self._y,
+                                self._table)
+            jax.block_until_ready(state)
+            self.k_timings[k] = (time.perf_counter() - t0) / (n * k)
+        best = min(self.k_timings, key=self.k_timings.get)
+        _K_CACHE[key] = best
+        return best
+
+
+def _node(tree, layer: Layer):
+    return get_path(tree, layer.path)
+
+
+def _set(tree, layer: Layer, value):
+    return set_path(tree, layer.path, value)
+
+
+def _distill_loss(out: jax.Array, teacher: jax.Array, temperature: float, task: Task) -> jax.Array:
+    """Hinton: T^2 * KL(softmax(teacher/T) || softmax(out/T)); MSE to the teacher for regression."""
+    if task.data.kind == "regression":
+        return jnp.mean(jnp.square(out - teacher))
+    t = temperature
+    p = jax.nn.softmax(teacher / t, axis=-1)
+    logq = jax.nn.log_softmax(out / t, axis=-1)
+    logp = jax.nn.log_softmax(teacher / t, axis=-1)
+    return (t * t) * jnp.mean(jnp.sum(p * (logp - logq), axis=-1))

@@ -1,0 +1,93 @@
+"""Pruning masks from the pretrained weights and a plan whose ratio and granularity are traced.
+
+Computed once per trial (a rank by argsort, i.e. top-k with a traced count, not a sort per
+step) and then fixed during fine-tuning. All three granularities are computed and one is
+selected by the plan, so one compiled function serves every plan.
+
+Counts (the cost model and the exporter can rely on them, see `pruned_counts`):
+- unstructured: round(ratio * n) weights with the smallest |w|, at most n - 1;
+- channel: round(ratio * C) output channels with the smallest L1 norm, at most C - 1;
+- N:M: round(ratio * M) of every M consecutive fan-in weights (M = NM_GROUP), at most M - 1.
+A layer always keeps something, so no plan disconnects the network.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from search.layers import Layer, get_path
+from search.plan import CHANNEL, NM, NM_GROUP, UNSTRUCTURED, Plan
+
+
+def _count(ratio: jax.Array, n: int) -> jax.Array:
+    """How many of n to prune: round(ratio * n), kept in [0, n - 1]."""
+    return jnp.clip(jnp.round(ratio * n), 0, max(n - 1, 0)).astype(jnp.int32)
+
+
+def _ranks(v: jax.Array, axis: int = -1) -> jax.Array:
+    """Rank of every element along `axis` (0 = smallest; ties broken by position)."""
+    order = jnp.argsort(v, axis=axis, stable=True)
+    return jnp.argsort(order, axis=axis, stable=True)
+
+
+def unstructured_mask(w: jax.Array, ratio: jax.Array) -> jax.Array:
+    """Keep all but the round(ratio * n) smallest-magnitude weights (exact count)."""
+    ranks = _ranks(jnp.abs(w).ravel()).reshape(w.shape)
+    return (ranks >= _count(ratio, w.size)).astype(w.dtype)
+
+
+def channel_mask(w: jax.Array, ratio: jax.Array) -> jax.Array:
+    """Prune whole output channels (last axis) with the smallest L1 norm."""
+    norms = jnp.abs(w).reshape(-1, w.shape[-1]).sum(axis=0)
+    keep = _ranks(norms) >= _count(ratio, w.shape[-1])
+    return jnp.broadcast_to(keep, w.shape).astype(w.dtype)
+
+
+def nm_mask(w: jax.Array, ratio: jax.Array, m: int = NM_GROUP) -> jax.Array:
+    """In every group of m consecutive fan-in weights, prune the round(ratio * m) smallest.
+
+    The fan-in (all axes but the last, flattened in order) is padded to a multiple of m
+    with +inf magnitudes, which are never pruned.
+    """
+    out = w.shape[-1]
+    a = jnp.abs(w).reshape(-1, out).T  # [out, fan_in]
+    fan_in = a.shape[1]
+    pad = (-fan_in) % m
+    a = jnp.pad(a, ((0, 0), (0, pad)), constant_values=jnp.inf).reshape(out, -1, m)
+    keep = _ranks(a, axis=-1) >= _count(ratio, m)
+    keep = keep.reshape(out, -1)[:, :fan_in].T.reshape(w.shape)
+    return keep.astype(w.dtype)
+
+
+def layer_mask(w: jax.Array, ratio: jax.Array, granularity: jax.Array) -> jax.Array:
+    """The mask of one kernel for a traced ratio and granularity code."""
+    u, c, n = unstructured_mask(w, ratio), channel_mask(w, ratio), nm_mask(w, ratio)
+    return jnp.where(granularity == CHANNEL, c, jnp.where(granularity == NM, n, u))
+
+
+def compute_masks(params: Any, layers: Sequence[Layer], plan: Plan) -> dict[str, jax.Array]:
+    """{layer.name: 0/1 mask shaped like its kernel} for one plan of shape [L]."""
+    return {
+        l.name: layer_mask(get_path(params, l.path)["kernel"], plan.ratio[l.index], plan.granularity[l.index])
+        for l in layers
+    }
+
+
+def pruned_counts(layers: Sequence[Layer], plan: Plan) -> np.ndarray:
+    """Weights removed per layer ([..., L] int), exactly as `compute_masks` removes them."""
+    ratio = np.asarray(plan.ratio, np.float32)
+    gran = np.asarray(plan.granularity)
+    out = np.zeros(ratio.shape, np.int64)
+    for l in layers:
+        r = ratio[..., l.index]
+        n = l.weight_count
+        cnt = lambda k: np.clip(np.round(r * np.float32(k)), 0, max(k - 1, 0)).astype(np.int64)
+        groups_full, rest = divmod(l.fan_in, NM_GROUP)
+        nm = l.out_channels * (groups_full * cnt(NM_GROUP) + (np.minimum(cnt(NM_GROUP), rest) if rest else 0))
+        g = gran[..., l.index]
+        out[..., l.index] = np.where(g == CHANNEL, cnt(l.out_channels) * l.fan_in,
+                                     np.where(g == NM, nm, cnt(n)))
+    return out
