@@ -1,0 +1,269 @@
+"""Export one compressed configuration as files that really run smaller and faster.
+
+`export_plan` (a task, its trained params and a plan) and `export_trial` (a trial of a study)
+write into one directory:
+  config.json          every layer's plan, kept channels, the profile, predicted costs,
+                       measured quality (Flax, reloaded Flax, ONNX), ONNX agreement
+  weights.safetensors  packed integers at their bit width, scales, codebooks, masks (search.pack)
+  size.json            Deep Compression size breakdown (search.size): dense, pruned, quantized, Huffman
+  model.onnx           pruned channels removed, int8 QDQ layers, float layers float (search.onnx_export)
+The exported weights are the grid points of the engine's effective kernels (pack snaps float
+rounding away), so the reloaded Flax model reproduces the exported quality exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from search import pack
+from search.errors import UserError
+from search.plan import CODEBOOK, FLOAT, Plan, stack_plans
+
+ONNX_TOLERANCE = 1e-3  # documented: max |ONNX - Flax| output for float layers is ~1e-6; QDQ
+# layers may round an activation to the neighbouring level where x / scale lies on a .5 tie,
+# so predictions may differ on a handful of borderline test examples (reported, not hidden).
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how well the files agree with the model."""
+
+    out_dir: Path  # the export directory
+    quality: float  # test metric of the exported (packed) weights in Flax
+    reload_quality: float  # the same after reading weights.safetensors back: equal to quality
+    onnx_quality: float  # test metric of model.onnx in onnxruntime
+    onnx_max_abs_diff: float  # max |ONNX output - Flax output| over the test set
+    onnx_agreement: float  # share of test examples with the same prediction (classification)
+    config: dict  # the contents of config.json
+
+
+def _prepare_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not force:
+            raise UserError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it or choose another --out")
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        else:
+            out_dir.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def weight_mode(bits: int, mode: int) -> str:
+    """The weight transform the engine applies (search.compress.weight_branch), by name."""
+    if bits >= FLOAT:
+        return "float"
+    return "codebook" if mode == CODEBOOK and bits <= 8 else "uniform"
+
+
+def snap_params(params: Any, layers, plan: Plan, masks) -> tuple[dict, dict, dict]:
+    """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer."""
+    out = jax.tree.map(lambda a: np.array(a, np.float32), params)
+    tensors, infos = {}, {}
+    for l in layers:
+        bits, mode = int(plan.weight_bits[l.index]), weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index]))
+        node = out
+        for p in l.path:
+            node = node[p]
+        t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode)
+        node["kernel"] = pack.decode_layer(t, info)
+        tensors[l.name], infos[l.name] = t, info
+    return out, tensors, infos
+
+
+def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
+    from search import quant
+    from search.onnx_export import LayerExport
+
+    out = {}
+    for l in layers:
+        wb, ab, info = int(plan.weight_bits[l.index]), int(plan.act_bits[l.index]), infos[l.name]
+        act = None
+        if ab < FLOAT:
+            lo, hi = act_ranges[l.name]
+            s, z, _ = quant.act_qparams(jnp.float32(lo), jnp.float32(hi), ab)
+            act = (float(np.float32(s)), int(z), ab)
+        if info["storage"] == "int" and wb <= 8:
+            size = int(np.prod(info["shape"]))
+            m = pack.unpack_uint(tensors[l.name]["mask"], 1, size).astype(bool) if "mask" in tensors[l.name] else np.ones(size, bool)
+            q = np.zeros(size, np.int64)
+            q[m] = pack.unpack_int(tensors[l.name]["q"], wb, int(m.sum()))
+            out[l.name] = LayerExport(l.name, "int", q.reshape(info["shape"]), tensors[l.name]["scale"], act)
+        else:
+            out[l.name] = LayerExport(l.name, "float", act=act)
+    return out
+
+
+def _size(layers, params, masks, plan: Plan) -> dict:
+    from search import size
+
+    per, other = {}, 0
+    for l in layers:
+        node = params
+        for p in l.path:
+            node = node[p]
+        bits = int(plan.weight_bits[l.index])
+        per[l.name] = size.size_breakdown(np.asarray(node["kernel"]), np.asarray(masks[l.name]) > 0, bits,
+                                          quant_mode=weight_mode(bits, int(plan.quant_mode[l.index])),
+                                          bias=np.asarray(node["bias"]) if "bias" in node else None)
+    return {"total": size.total_breakdown(per, other), "layers": per}
+
+
+def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
+    outs = [np.asarray(predict(params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
+    out = np.concatenate(outs)
+    return float(np.mean(np.asarray(task.metric(jnp.asarray(out), jnp.asarray(y))))), out
+
+
+def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,
+                profile: Any = None, costs: dict | None = None, force: bool = False,
+                source: dict | None = None, engine: Any = None) -> ExportResult:
+    """Fine-tune (finetune.steps, 0 = compress only) a plan [L] and export it to out_dir.
+
+    `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
+    (the stored {profile: costs}) is given; `source` is recorded (study, trial).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from search.engine import Engine, FinetuneConfig
+    from search.onnx_export import to_onnx
+
+    out_dir = Path(out_dir)
+    _prepare_dir(out_dir, force)
+    t0 = time.perf_counter()
+    engine = engine or Engine(task, base_params, finetune or FinetuneConfig(steps=0, k=1))
+    layers = engine.layers
+    res = engine.run(stack_plans([plan]), return_models=True, split="val",
+                     finetune=engine.config.steps > 0)
+    cm = res.models[0]
+    if not cm.finite:
+        raise UserError(f"fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
+    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks)
+    cm = dataclasses.replace(cm, params=params)
+    predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
+    x, y = task.data.x_test, task.data.y_test
+    quality, flax_out = _metric(task, predict, params, x, y)
+
+    wpath = out_dir / "weights.safetensors"
+    extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
+    pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
+                      [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra)
+    back, _ = pack.load_weights(wpath, template=params)
+    reload_quality, _ = _metric(task, predict, back, x, y)
+
+    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
+    model, oinfo = to_onnx(engine.model.apply, params, task.data.input_shape, exports,
+                           {"/".join(l.path) + "/kernel": l.name for l in layers})
+    onnx.save(model, str(out_dir / "model.onnx"))
+    sess = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = np.concatenate([sess.run(None, {"input": np.asarray(x[i:i + 512], np.float32)})[0]
+                               for i in range(0, len(x), 512)])
+    onnx_quality = float(np.mean(np.asarray(task.metric(jnp.asarray(onnx_out), jnp.asarray(y)))))
+    diff = float(np.max(np.abs(onnx_out - flax_out)))
+    agree = float(np.mean(np.argmax(onnx_out, -1) == np.argmax(flax_out, -1))) if task.data.kind == "classification" else float("nan")
+
+    size = _size(layers, params, cm.masks, cm.plan)
+    (out_dir / "size.json").write_text(json.dumps(size, indent=1, default=_json))
+    if costs is None and profile is not None:
+        costs = _price(profile, layers, cm.plan)
+    config = {
+        "format": "hwcompress-export/1",
+        "source": source or {},
+        "model": {"name": task.name, "hparams": task.hparams, "dataset": task.data.name,
+                  "input_shape": list(task.data.input_shape), "metric": task.metric_name},
+        "profile": getattr(profile, "name", profile),
+        "predicted": costs or {},
+        "quality": {"test": quality, "test_reloaded": reload_quality, "test_onnx": onnx_quality,
+                    "val_after_finetune": float(cm.metric), "onnx_max_abs_diff": diff,
+                    "onnx_agreement": agree, "onnx_tolerance": ONNX_TOLERANCE},
+        "finetune": dataclasses.asdict(engine.config),
+        "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
+                    "ratio": float(cm.plan.ratio[l.index]), "granularity": int(cm.plan.granularity[l.index]),
+                    "weight_bits": int(cm.plan.weight_bits[l.index]), "act_bits": int(cm.plan.act_bits[l.index]),
+                    "quant_mode": infos[l.name]["mode"], "storage": infos[l.name]["storage"],
+                    "kept_weights": infos[l.name]["kept"], "out_channels": l.out_channels,
+                    "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
+                    "onnx_weight": exports[l.name].weight, "act_range": list(cm.act_ranges[l.name])}
+                   for l in layers],
+        "onnx_kept_back": oinfo["kept_back"],
+        "size": size["total"],
+        "export_seconds": time.perf_counter() - t0,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=_json))
+    return ExportResult(out_dir, quality, reload_quality, onnx_quality, diff, agree, config)
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _price(profile: Any, layers, plan: Plan) -> dict:
+    """Predicted costs of one plan on a profile ({} when the cost model is not available)."""
+    try:
+        import hw_profiles
+        from search.cost import price
+    except ImportError:
+        return {}
+    prof = hw_profiles.load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    c = price(prof, layers, stack_plans([plan]))
+    return {prof.name: {"latency_ms": float(np.asarray(c.latency_ms)[0]), "memory_kb": float(np.asarray(c.memory_kb)[0]),
+                        "size_kb": float(np.asarray(c.size_kb)[0])}}
+
+
+def export_trial(study: Any, trial_number: int, out_dir: str | Path, *, finetune_steps: int | None = None,
+                 force: bool = False, results_dir: str | Path = "results") -> ExportResult:
+    """Export trial `trial_number` of a study (optionally with a longer final fine-tune)."""
+    import optuna
+
+    import hw_profiles
+    import models
+    from models.train import train_baseline
+    from search.engine import Engine, FinetuneConfig
+    from search.space import plan_from_dict
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        done = [n for n, t in trials.items() if t.state == optuna.trial.TrialState.COMPLETE]
+        raise UserError(f"study {study.study_name!r} has no trial {trial_number}; complete trials: {done[:20]} (see `hwcompress report --study {study.study_name}`)")
+    trial = trials[trial_number]
+    if trial.state != optuna.trial.TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        raise UserError(f"trial {trial_number} of study {study.study_name!r} is {trial.state.name.lower()}, not complete; export a complete trial from the Pareto report")
+    spec = study.user_attrs.get("spec") or {}
+    if "model" not in spec:
+        raise UserError(f"study {study.study_name!r} has no search spec; it was not started by `hwcompress search`")
+    task = models.get_task(spec["model"], spec["dataset"], data_dir=spec.get("data_dir"),
+                           seed=int(spec.get("seed", 0)), **dict(spec.get("hparams") or {}))
+    params, info = train_baseline(task, cache_dir=Path(results_dir, "cache"))
+    want = (study.user_attrs.get("baseline") or {}).get("cache_key")
+    if want and info.get("cache_key") and want != info["cache_key"]:
+        raise UserError(f"the cached baseline ({info['cache_key']}) differs from the study's ({want}); use the same data and hwcompress version")
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    ft = {k: v for k, v in (spec.get("finetune") or {}).items() if k in fields}
+    ft.update(k=1)
+    if finetune_steps is not None:
+        if finetune_steps < 0:
+            raise UserError(f"--finetune-steps {finetune_steps} must be >= 0")
+        ft["steps"] = finetune_steps
+    prof_ref = spec.get("profile")
+    profile = None
+    if prof_ref:
+        profile = hw_profiles.load_profile(prof_ref) if prof_ref in hw_profiles.list_profiles() else \
+            hw_profiles.profile_from_text(prof_ref, f"profile of study {study.study_name!r}")
+    plan = plan_from_dict(trial.user_attrs["plan"])
+    return export_plan(task, params, plan, out_dir, finetune=FinetuneConfig(**ft), profile=profile,
+                       costs=trial.user_attrs.get("costs"), force=force,
+                       source={"study": study.study_name, "trial": trial_number,
+                               "search_quality": trial.user_attrs.get("quality")})

@@ -1,0 +1,496 @@
+"""Flax model -> ONNX, by interpreting its jaxpr, with pruned channels really removed.
+
+`jax.make_jaxpr` of `module.apply` with the params as inputs gives the primitive program; each
+equation whose inputs are all constants is evaluated in numpy (bias reshapes, broadcasts), the
+others become ONNX nodes. Dense/Conv layers (dot_general / conv_general_dilated whose kernel is
+a param leaf) are emitted from a `LayerExport`: integer weights with DequantizeLinear, the
+input activation through QuantizeLinear/DequantizeLinear (so onnxruntime's QDQ fusion can pick
+integer kernels), codebook weights through Gather, float layers as float.
+
+Channel removal: a value carries a `Sel` when only some channels of its last axis are
+materialised; every absent channel holds a known constant (`fill`; NaN = dead, never read).
+Per-channel elementwise ops update the constants, the consuming Dense/Conv slices its input
+axis and folds the constants into a bias. Where that is impossible (a residual add, a padded
+conv over a non-zero constant) the producer is re-emitted unpruned (`_Keep`, a retry).
+Inputs and outputs are NHWC like the Flax model; convolutions run NCHW inside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+NHWC_TO_NCHW = (0, 3, 1, 2)
+NCHW_TO_NHWC = (0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """How one Dense/Conv layer is written; kernels are the effective (compressed) ones."""
+
+    name: str  # layer name, e.g. "conv1"
+    weight: str = "float"  # "float" | "int" (q int8 + scale) | "codebook" (index + codebook)
+    q: np.ndarray | None = None  # int kernel like the Flax kernel ("int")
+    scale: np.ndarray | None = None  # [out] float32 per-channel scales ("int")
+    act: tuple[float, float, int] | None = None  # input quantization (scale, zero point, bits)
+    prune: bool = True  # remove all-zero output channels
+
+
+@dataclass
+class _Sel:
+    keep: np.ndarray  # sorted indices of the materialised channels of the last logical axis
+    fill: np.ndarray  # [C] value of every channel where it is absent (NaN: dead)
+    producer: str  # the layer whose pruning made it
+
+
+@dataclass
+class _Act:
+    name: str  # ONNX tensor name
+    shape: tuple[int, ...]  # logical (Flax) shape, batch first
+    nchw: bool = False  # physically NCHW while logically NHWC
+    sel: _Sel | None = None
+
+
+@dataclass
+class _Const:
+    value: np.ndarray
+    tag: str | None = None  # "path/kernel" when this is a param leaf
+
+
+class _Keep(Exception):
+    """Retry with this layer's channels kept (its removal cannot be expressed)."""
+
+    def __init__(self, layer: str, why: str):
+        super().__init__(f"{layer}: {why}")
+        self.layer = layer
+
+
+@dataclass
+class _Graph:
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    n: int = 0
+
+    def fresh(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def const(self, value: np.ndarray, hint: str = "c") -> str:
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.fresh(hint or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+
+def fake_quant_np(x: np.ndarray, scale: float, zp: int, bits: int) -> np.ndarray:
+    """The activation fake quantization of search.quant in numpy (float32)."""
+    s, z = np.float32(scale), np.float32(zp)
+    q = np.clip(np.round(np.asarray(x, np.float32) / s) + z, 0, 2.0**bits - 1)
+    return ((q - z) * s).astype(np.float32)
+
+
+def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
+            exports: Mapping[str, LayerExport] | None = None,
+            layer_of_path: Mapping[str, str] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Build the ONNX model of `apply(params, x)` (or of a Linen module's apply).
+
+    `exports` maps layer names to LayerExport (missing = float, pruned where zero);
+    `layer_of_path` maps "path/kernel" param keys to layer names (default: the path itself).
+    Returns (model, info) with info["kept"] = {layer: kept output channels}, info["kept_back"].
+    """
+    exports = dict(exports or {})
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    keys = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+    leaves = [np.asarray(v, np.float32) for _, v in flat]
+    layer_of_path = dict(layer_of_path or {k: k[: -len("/kernel")] for k in keys if k.endswith("/kernel")})
+    x0 = np.zeros((1, *input_shape), np.float32)
+    fn = (lambda p, x: apply.apply({"params": p}, x)) if hasattr(apply, "apply") else apply
+    closed = jax.make_jaxpr(fn)(params, x0)
+    kept_back: list[str] = []
+    for _ in range(4 * len(layer_of_path) + 2):
+        try:
+            conv = _Converter(exports, layer_of_path)
+            model = conv.build(closed, keys, leaves, input_shape)
+            return model, {"kept": conv.kept, "kept_back": kept_back}
+        except _Keep as k:
+            kept_back.append(str(k))
+            e = exports.get(k.layer, LayerExport(k.layer))
+            exports[k.layer] = LayerExport(**{**e.__dict__, "prune": False})
+    raise RuntimeError(f"channel removal did not settle: {kept_back}")
+
+
+class _Converter:
+    def __init__(self, exports: Mapping[str, LayerExport], layer_of_path: Mapping[str, str]):
+        self.exports, self.layer_of_path = exports, layer_of_path
+        self.g = _Graph()
+        self.kept: dict[str, int] = {}
+
+    # ------------------------------------------------------------ driver
+    def build(self, closed, keys, leaves, input_shape) -> onnx.ModelProto:
+        jaxpr = closed.jaxpr
+        env: dict[Any, Any] = {}
+        for v, c in zip(jaxpr.constvars, closed.consts):
+            env[v] = _Const(np.asarray(c))
+        *pvars, xvar = jaxpr.invars
+        for v, k, leaf in zip(pvars, keys, leaves):
+            env[v] = _Const(leaf, k)
+        env[xvar] = _Act("input", (1, *input_shape))
+        (out,) = self.run(jaxpr, env)
+        out = self.materialise(self.logical(out))
+        g = self.g
+        final = g.node("Identity", [out.name], "output")
+        g.nodes[-1].output[0] = "output"
+        del final
+        graph = helper.make_graph(
+            g.nodes, "hwcompress",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", *out.shape[1:]])],
+            g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="hwcompress")
+        model.ir_version = 10
+        onnx.checker.check_model(model)
+        return model
+
+    def read(self, env, a):
+        if isinstance(a, jex_core.Literal):
+            return _Const(np.asarray(a.val))
+        return env[a]
+
+    def run(self, jaxpr, env) -> list:
+        for eqn in jaxpr.eqns:
+            ins = [self.read(env, a) for a in eqn.invars]
+            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
+            if sub is not None:  # jit, custom_jvp_call, ...: inline
+                inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+                consts = getattr(sub, "consts", [])
+                senv = {v: _Const(np.asarray(c)) for v, c in zip(inner.constvars, consts)}
+                senv.update(zip(inner.invars, ins))
+                outs = self.run(inner, senv)
+            elif all(isinstance(i, _Const) for i in ins):
+                vals = eqn.primitive.bind(*[jnp.asarray(i.value) for i in ins], **eqn.params)
+                vals = vals if eqn.primitive.multiple_results else [vals]
+                tag = ins[0].tag if eqn.primitive.name in ("convert_element_type", "copy") else None
+                outs = [_Const(np.asarray(v), tag) for v in vals]
+            else:
+                fn = getattr(self, f"op_{eqn.primitive.name}", None)
+                if fn is None:
+                    raise NotImplementedError(f"ONNX export has no rule for primitive {eqn.primitive.name!r}")
+                outs = [fn(eqn, *ins)]
+            for v, o in zip(eqn.outvars, outs):
+                env[v] = o
+        return [self.read(env, a) for a in jaxpr.outvars]
+
+    # ------------------------------------------------------------ layout and channels
+    def logical(self, a: _Act) -> _Act:
+        if not a.nchw:
+            return a
+        return _Act(self.g.node("Transpose", [a.name], perm=list(NCHW_TO_NHWC)), a.shape, False, a.sel)
+
+    def nchw(self, a: _Act) -> _Act:
+        if a.nchw or len(a.shape) != 4:
+            return a
+        return _Act(self.g.node("Transpose", [a.name], perm=list(NHWC_TO_NCHW)), a.shape, True, a.sel)
+
+    def materialise(self, a: _Act) -> _Act:
+        if a.sel is None:
+            return a
+        raise _Keep(a.sel.producer, "its channels are needed in full")
+
+    def phys_const(self, a: _Act, c: np.ndarray) -> np.ndarray:
+        """A constant operand broadcast against `a`, cut to its channels and layout."""
+        c = np.asarray(c, np.float32)
+        if c.ndim == 0:
+            return c
+        c = c.reshape((1,) * (len(a.shape) - c.ndim) + c.shape)
+        if a.sel is not None and c.shape[-1] != 1:
+            c = np.take(c, a.sel.keep, axis=-1)
+        return c.transpose(NHWC_TO_NCHW) if a.nchw else c
+
+    # ------------------------------------------------------------ elementwise
+    def _binary(self, op: str, np_op: Callable, eqn, x, y):
+        if isinstance(x, _Act) and isinstance(y, _Act):
+            if x.sel is not None or y.sel is not None:
+                if x.sel is None or y.sel is None or not np.array_equal(x.sel.keep, y.sel.keep):
+                    raise _Keep((x.sel or y.sel).producer, f"{op} of two tensors with different channels")
+            if x.nchw != y.nchw:
+                x, y = self.logical(x), self.logical(y)
+            sel = None if x.sel is None else _Sel(x.sel.keep, np_op(x.sel.fill, y.sel.fill), x.sel.producer)
+            return _Act(self.g.node(op, [x.name, y.name]), tuple(eqn.outvars[0].aval.shape), x.nchw, sel)
+        act, cst, act_first = (x, y, True) if isinstance(x, _Act) else (y, x, False)
+        shape = tuple(eqn.outvars[0].aval.shape)
+        if shape != act.shape:
+            act = self.materialise(self.logical(act))
+            raise NotImplementedError(f"broadcasting an activation {act.shape} to {shape}")
+        c = np.asarray(cst.value, np.float32)
+        sel = act.sel
+        if sel is not None:
+            cc = c.reshape((1,) * (len(shape) - c.ndim) + c.shape) if c.ndim else c
+            if cc.ndim and any(d != 1 for d in cc.shape[:-1]):
+                raise _Keep(sel.producer, f"{op} with a constant that varies beyond channels")
+            vec = np.broadcast_to(cc.reshape(-1) if cc.ndim else cc, sel.fill.shape)
+            with np.errstate(all="ignore"):
+                fill = np_op(sel.fill, vec) if act_first else np_op(vec, sel.fill)
+            sel = _Sel(sel.keep, fill.astype(np.float32), sel.producer)
+        if op == "Max" and c.ndim == 0 and float(c) == 0.0:
+            return _Act(self.g.node("Relu", [act.name]), shape, act.nchw, sel)
+        cname = self.g.const(self.phys_const(act, c))
+        ins = [act.name, cname] if act_first else [cname, act.name]
+        return _Act(self.g.node(op, ins), shape, act.nchw, sel)
+
+    def op_add(self, eqn, x, y):
+        return self._binary("Add", np.add, eqn, x, y)
+
+    def op_sub(self, eqn, x, y):
+        return self._binary("Sub", np.subtract, eqn, x, y)
+
+    def op_mul(self, eqn, x, y):
+        return self._binary("Mul", np.multiply, eqn, x, y)
+
+    def op_div(self, eqn, x, y):
+        return self._binary("Div", np.divide, eqn, x, y)
+
+    def op_max(self, eqn, x, y):
+        return self._binary("Max", np.maximum, eqn, x, y)
+
+    def op_min(self, eqn, x, y):
+        return self._binary("Min", np.minimum, eqn, x, y)
+
+    def op_convert_element_type(self, eqn, x):
+        return x
+
+    def op_copy(self, eqn, x):
+        return x
+
+    # ------------------------------------------------------------ shapes
+    def op_reshape(self, eqn, x):
+        new = tuple(eqn.params["new_sizes"])
+        x = self.logical(x)
+        sel = None
+        if x.sel is not None:  # only a flatten of everything after the batch axis keeps channels
+            if len(new) != 2:
+                raise _Keep(x.sel.producer, f"reshape to {new}")
+            reps = int(np.prod(x.shape[1:-1]))
+            c = x.shape[-1]
+            keep = (np.arange(reps)[:, None] * c + x.sel.keep[None, :]).ravel()
+            sel = _Sel(keep, np.tile(x.sel.fill, reps), x.sel.producer)
+        n_phys = int(np.prod(x.shape[1:-1])) * (len(x.sel.keep) if x.sel is not None else x.shape[-1])
+        rest = [int(d) for d in new[1:]]
+        if sel is not None:
+            rest = [n_phys]
+        shape = self.g.const(np.array([-1, *rest], np.int64), "shape")
+        return _Act(self.g.node("Reshape", [x.name, shape]), new, False, sel)
+
+    def op_transpose(self, eqn, x):
+        x = self.materialise(self.logical(x))
+        perm = [int(p) for p in eqn.params["permutation"]]
+        return _Act(self.g.node("Transpose", [x.name], perm=perm), tuple(eqn.outvars[0].aval.shape))
+
+    def op_squeeze(self, eqn, x):
+        x = self.materialise(self.logical(x))
+        axes = self.g.const(np.array(eqn.params["dimensions"], np.int64), "axes")
+        return _Act(self.g.node("Squeeze", [x.name, axes]), tuple(eqn.outvars[0].aval.shape))
+
+    def op_reduce_sum(self, eqn, x):
+        return self._reduce("ReduceSum", eqn, x, lambda f, n: f * n)
+
+    def op_reduce_max(self, eqn, x):
+        return self._reduce("ReduceMax", eqn, x, lambda f, n: f)
+
+    def _reduce(self, op, eqn, x, fill_fn):
+        axes = tuple(int(a) for a in eqn.params["axes"])
+        nd = len(x.shape)
+        if nd - 1 in axes:
+            x = self.materialise(x)
+        if x.nchw and set(axes) <= {1, 2}:
+            phys = [NHWC_TO_NCHW.index(a) for a in axes]
+            out_shape = tuple(eqn.outvars[0].aval.shape)
+            nchw_out = len(out_shape) == 4
+        else:
+            x, phys, nchw_out = self.logical(x), list(axes), False
+        count = int(np.prod([x.shape[a] for a in axes]))
+        sel = None if x.sel is None else _Sel(x.sel.keep, fill_fn(x.sel.fill, count), x.sel.producer)
+        name = self.g.node(op, [x.name, self.g.const(np.array(phys, np.int64), "axes")], keepdims=0)
+        return _Act(name, tuple(eqn.outvars[0].aval.shape), nchw_out, sel)
+
+    def op_reduce_window_max(self, eqn, x):
+        return self._pool("MaxPool", eqn, x)
+
+    def op_reduce_window_sum(self, eqn, x):
+        win = eqn.params["window_dimensions"]
+        out = self._pool("AveragePool", eqn, x)
+        k = float(np.prod(win))
+        sel = None if out.sel is None else _Sel(out.sel.keep, out.sel.fill * 0 + out.sel.fill, out.sel.producer)
+        return _Act(self.g.node("Mul", [out.name, self.g.const(np.float32(k))]), out.shape, out.nchw, sel)
+
+    def _pool(self, op, eqn, x):
+        p = eqn.params
+        win, strides, pad = p["window_dimensions"], p["window_strides"], p["padding"]
+        if len(win) != 4 or win[0] != 1 or win[3] != 1 or any(d != 1 for d in p["base_dilation"]) \
+                or any(d != 1 for d in p["window_dilation"]):
+            raise NotImplementedError(f"pooling window {win} (only spatial NHWC windows are exported)")
+        x = self.nchw(x)
+        pads = [int(pad[1][0]), int(pad[2][0]), int(pad[1][1]), int(pad[2][1])]
+        extra = {"count_include_pad": 1} if op == "AveragePool" else {}
+        name = self.g.node(op, [x.name], kernel_shape=[int(win[1]), int(win[2])],
+                           strides=[int(strides[1]), int(strides[2])], pads=pads, **extra)
+        return _Act(name, tuple(eqn.outvars[0].aval.shape), True, x.sel)
+
+    # ------------------------------------------------------------ layers
+    def _layer(self, rhs: _Const) -> tuple[str | None, LayerExport | None]:
+        name = self.layer_of_path.get(rhs.tag or "")
+        if name is None:
+            return None, None
+        return name, self.exports.get(name, LayerExport(name))
+
+    def _quant_input(self, x: _Act, spec: LayerExport | None, int_weights: bool) -> _Act:
+        """The layer's input activation quantization: Q/DQ (uint8 grid) or float emulation."""
+        if spec is None or spec.act is None:
+            return x
+        s, z, bits = spec.act
+        g = self.g
+        sel = x.sel
+        if sel is not None:
+            with np.errstate(invalid="ignore"):
+                sel = _Sel(sel.keep, np.where(np.isnan(sel.fill), np.nan, fake_quant_np(np.nan_to_num(sel.fill), s, z, bits)), sel.producer)
+        name = x.name
+        if bits <= 8:
+            if bits < 8:  # the b-bit grid is a sub-range of uint8: clip to it first
+                lo, hi = np.float32((0 - z) * s), np.float32(((1 << bits) - 1 - z) * s)
+                name = g.node("Clip", [name, g.const(lo), g.const(hi)])
+            sc, zp = g.const(np.float32(s), "act_scale"), g.const(np.uint8(z), "act_zp")
+            name = g.node("DequantizeLinear", [g.node("QuantizeLinear", [name, sc, zp]), sc, zp])
+        else:  # 16 bits: computed in float, as the model does
+            sc, zc = g.const(np.float32(s)), g.const(np.float32(z))
+            r = g.node("Add", [g.node("Round", [g.node("Div", [name, sc])]), zc])
+            r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(2.0**bits - 1))])
+            name = g.node("Mul", [g.node("Sub", [r, zc]), sc])
+        return _Act(name, x.shape, x.nchw, sel)
+
+    def _out_keep(self, name: str | None, spec: LayerExport | None, w2: np.ndarray) -> np.ndarray:
+        """Output channels to materialise: all-zero kernel columns go (when allowed)."""
+        nonzero = np.flatnonzero(np.any(w2 != 0, axis=0))
+        if name is None or spec is None or not spec.prune or nonzero.size == 0:
+            return np.arange(w2.shape[1])
+        return nonzero
+
+    def _weight(self, spec: LayerExport | None, w: np.ndarray, q: np.ndarray | None,
+                scale: np.ndarray | None, axis: int) -> str:
+        """The kernel tensor (already cut and in ONNX layout): float, or int8 + DequantizeLinear."""
+        g = self.g
+        if q is None or spec is None or spec.act is None or spec.act[2] > 8:
+            return g.const(w.astype(np.float32), "w")
+        dq = [g.const(q.astype(np.int8), "wq"), g.const(scale.astype(np.float32), "w_scale"),
+              g.const(np.zeros(scale.shape, np.int8), "w_zp")]
+        return g.node("DequantizeLinear", dq, "w_dq", axis=axis)
+
+    def op_dot_general(self, eqn, x, rhs):
+        ((lc, rc), (lb, rb)) = eqn.params["dimension_numbers"]
+        if not isinstance(rhs, _Const) or len(x.shape) != 2 or tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb:
+            raise NotImplementedError("dot_general other than [B, in] @ [in, out] const")
+        name, spec = self._layer(rhs)
+        w = rhs.value
+        qfull = spec.q if spec is not None and spec.weight == "int" else None
+        x = self._quant_input(x, spec, qfull is not None)
+        rows, fill = np.arange(w.shape[0]), None
+        if x.sel is not None:
+            absent = np.setdiff1d(np.arange(w.shape[0]), x.sel.keep)
+            fa = x.sel.fill[absent]
+            used = np.any(w[absent] != 0, axis=1)
+            if np.any(np.isnan(fa) & used):
+                raise _Keep(x.sel.producer, f"{name} reads a removed channel")
+            fill = np.where(np.isnan(fa), 0, fa) @ w[absent]
+            rows = x.sel.keep
+        keep = self._out_keep(name, spec, w)
+        wc = w[np.ix_(rows, keep)]
+        qc = None if qfull is None else qfull[np.ix_(rows, keep)]
+        scale = None if qfull is None else spec.scale[keep]
+        out = self.g.node("MatMul", [x.name, self._weight(spec, wc, qc, scale, axis=1)], name)
+        if fill is not None and np.any(fill[keep] != 0):
+            out = self.g.node("Add", [out, self.g.const(fill[keep].astype(np.float32))])
+        return self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), False, keep, w.shape[1])
+
+    def _layer_out(self, name, out, shape, nchw, keep, c):
+        if name is not None:
+            self.kept[name] = int(keep.size)
+        sel = None if keep.size == c else _Sel(keep, np.zeros(c, np.float32), name)
+        return _Act(out, shape, nchw, sel)
+
+    def op_conv_general_dilated(self, eqn, x, rhs):
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        if not isinstance(rhs, _Const) or tuple(dn.lhs_spec) != (0, 3, 1, 2) or tuple(dn.rhs_spec) != (3, 2, 0, 1) \
+                or any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
+            raise NotImplementedError("conv other than NHWC x HWIO with a const kernel")
+        name, spec = self._layer(rhs)
+        w = rhs.value  # [kh, kw, cin/g, cout]
+        groups = groups_in = int(p["feature_group_count"])
+        cin = x.shape[-1]
+        qfull = spec.q if spec is not None and spec.weight == "int" else None
+        x = self.nchw(self._quant_input(x, spec, qfull is not None))
+        padded = any(int(a) or int(b) for a, b in p["padding"])
+        w2 = w.reshape(-1, w.shape[-1])
+        if groups == 1:
+            keep = self._out_keep(name, spec, w2)
+            rows, bias = np.arange(cin), None
+            if x.sel is not None:
+                absent = np.setdiff1d(np.arange(cin), x.sel.keep)
+                fa = x.sel.fill[absent]
+                used = np.any(w[:, :, absent, :] != 0, axis=(0, 1, 3))
+                if np.any(np.isnan(fa) & used):
+                    raise _Keep(x.sel.producer, f"{name} reads a removed channel")
+                if np.any(fa[used] != 0):  # constant channels: their exact contribution map
+                    img = np.zeros((1, *x.shape[1:]), np.float32)
+                    img[..., absent] = np.nan_to_num(fa)
+                    bias = np.asarray(eqn.primitive.bind(jnp.asarray(img), jnp.asarray(w), **p))
+                rows = x.sel.keep
+            wc = w[:, :, rows][..., keep]
+            out_sel_c = w.shape[-1]
+        elif groups == cin and w.shape[2] == 1 and w.shape[3] == cin:  # depthwise
+            keep = np.arange(cin) if x.sel is None else x.sel.keep
+            if x.sel is not None:
+                absent = np.setdiff1d(np.arange(cin), keep)
+                fa = x.sel.fill[absent]
+                used = np.any(w[:, :, 0, absent] != 0, axis=(0, 1))
+                if np.any(np.isnan(fa) & used) or (padded and np.any((fa != 0) & used & ~np.isnan(fa))):
+                    raise _Keep(x.sel.producer, f"{name} reads a removed non-zero channel")
+            bias = None
+            if x.sel is not None:
+                bias = np.zeros(cin, np.float32)
+                bias[absent] = np.nan_to_num(fa) * w[:, :, 0, absent].sum(axis=(0, 1))
+            wc = w[..., keep]
+            groups = int(keep.size)
+            out_sel_c = cin
+        else:
+            raise NotImplementedError(f"grouped conv with {groups} groups")
+        qc, scale = None, None
+        if qfull is not None:
+            qc = qfull[:, :, rows][..., keep] if p["feature_group_count"] == 1 else qfull[..., keep]
+            qc, scale = qc.transpose(3, 2, 0, 1), spec.scale[keep]
+        wname = self._weight(spec, wc.transpose(3, 2, 0, 1), qc, scale, axis=0)
+        pads = [int(p["padding"][0][0]), int(p["padding"][1][0]), int(p["padding"][0][1]), int(p["padding"][1][1])]
+        out = self.g.node("Conv", [x.name, wname], name, kernel_shape=[int(w.shape[0]), int(w.shape[1])],
+                          strides=[int(s) for s in p["window_strides"]], pads=pads,
+                          dilations=[int(d) for d in p["rhs_dilation"]], group=groups)
+        res = self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), True, keep, out_sel_c)
+        if bias is not None and groups_in == 1:  # [1, H, W, O] map from constant channels
+            b = bias[..., keep].transpose(NHWC_TO_NCHW)
+            if np.all(b == b[:, :, :1, :1]):
+                b = b[:, :, :1, :1]
+            res = _Act(self.g.node("Add", [res.name, self.g.const(b.astype(np.float32))]), res.shape, True, res.sel)
+        elif bias is not None and res.sel is not None:  # depthwise: absent channels stay constant
+            res.sel.fill = bias.astype(np.float32)
+        if x.sel is not None and p["feature_group_count"] != 1 and res.sel is not None:
+            res.sel.producer = x.sel.producer
+        return res
