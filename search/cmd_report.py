@@ -38,7 +38,7 @@ def report_command(args: argparse.Namespace) -> int:
     out = Path(args.results_dir) / args.study
     if view.repriced:
         out = out / f"on-{Path(view.profile).stem}"
-    paths = report.write_report(study, out, args.profile)
+    paths = report.write_view(view, out)
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)  # no folding in pipes
     console.print(report.front_table(view))
     console.print(f"report: {paths.html}  (also {paths.markdown.name}, {paths.csv.name}, "

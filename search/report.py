@@ -64,9 +64,18 @@ class ReportPaths:
 # ---------------------------------------------------------------- storage (one place)
 
 def open_storage(url: str | None, results_dir: str | Path = "results") -> optuna.storages.BaseStorage:
-    """The study storage (search.storage: SQLite under results/ by default, or PostgreSQL)."""
+    """The study storage (search.storage: SQLite under results/ by default, or PostgreSQL).
+
+    Reading never creates a database: a missing SQLite file is a UserError.
+    """
     from search.storage import open_storage as _open
 
+    path = Path(results_dir, "studies.db") if url is None or not str(url).strip() else None
+    if path is None and str(url).strip().lower().startswith("sqlite:///"):
+        path = Path(str(url).strip()[len("sqlite:///"):])
+    if path is not None and str(path) != ":memory:" and not path.expanduser().exists():
+        raise UserError(f"no study storage at {str(path)!r}: run `hwcompress search` first, "
+                        "or pass --storage URL / --results-dir DIR where the studies are")
     return _open(url, results_dir)
 
 
@@ -142,6 +151,8 @@ def _price_missing(profile: Any, layers: list[dict], plans: list[dict]) -> list[
         from search.space import plan_from_dict
     except ImportError as e:
         raise UserError(f"profile {getattr(profile, 'name', profile)!r} has no stored costs and the cost model is unavailable ({e})") from None
+    if not layers:
+        raise UserError(f"profile {getattr(profile, 'name', profile)!r} has no stored costs and the study has no \"layers\" to price its plans; re-price with a stored profile")
     lay = tuple(Layer(**{**d, "path": tuple(d["path"]), "kernel_shape": tuple(d["kernel_shape"]),
                          "in_shape": tuple(d["in_shape"]), "out_shape": tuple(d["out_shape"])}) for d in layers)
     c = cost.price(profile, lay, stack_plans([plan_from_dict(p) for p in plans]))
@@ -167,7 +178,8 @@ def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
         pname = str(getattr(prof, "name", profile))
         budget = _budget_dict(getattr(prof, "budget", None))
         costs = [(t.user_attrs.get("costs") or {}).get(pname) for t in trials]
-        missing = [i for i, c in enumerate(costs) if c is None]
+        # only trained trials can be on a front: price those the study has no costs for
+        missing = [i for i, c in enumerate(costs) if c is None and trials[i].state == TrialState.COMPLETE]
         if missing:
             priced = _price_missing(prof, layers, [trials[i].user_attrs["plan"] for i in missing])
             for i, c in zip(missing, priced):
@@ -354,9 +366,13 @@ def front_table(view: StudyView) -> Any:
 
 def write_report(study: optuna.Study, out_dir: str | Path, profile: str | None = None) -> ReportPaths:
     """Write report.html, report.md, pareto.csv and the PNG plots of `study` under `out_dir`."""
+    return write_view(read_study(study, profile), out_dir)
+
+
+def write_view(view: StudyView, out_dir: str | Path) -> ReportPaths:
+    """Write the report files of an already read study view under `out_dir`."""
     from search import report_html, report_plots
 
-    view = read_study(study, profile)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

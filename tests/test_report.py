@@ -44,10 +44,10 @@ def _trial(number, quality, xeon, mcu, size_kb, state=TrialState.COMPLETE, budge
                         system_attrs={"constraints": list(cons.values())})
 
 
-@pytest.fixture()
-def storage_url(tmp_path):
+@pytest.fixture(scope="module")
+def storage_url(tmp_path_factory):
     """A study "s1" whose front on xeon is trials {0, 1, 5} and on mcu {1, 2}."""
-    url = f"sqlite:///{tmp_path}/studies.db"
+    url = f"sqlite:///{tmp_path_factory.mktemp('storage')}/studies.db"
     mcu = load_profile("mcu").budget
     assert mcu.memory_kb is not None and mcu.latency_ms is not None  # the re-pricing case needs both
     lat, mem = mcu.latency_ms, mcu.memory_kb
@@ -104,8 +104,14 @@ def test_repricing_for_another_profile_changes_the_front(storage_url):
     assert t.loc[1, "latency_ms"] == pytest.approx(0.5 * load_profile("mcu").budget.latency_ms)
 
 
-def test_write_report_files(storage_url, tmp_path):
-    paths = report.write_report(_study(storage_url), tmp_path / "out")
+@pytest.fixture(scope="module")
+def written(storage_url, tmp_path_factory):
+    """The report of s1 on its own profile, written once for the file tests."""
+    return report.write_report(_study(storage_url), tmp_path_factory.mktemp("report") / "out")
+
+
+def test_write_report_files(written):
+    paths = written
     front = pd.read_csv(paths.csv)
     assert list(front["trial"]) == [0, 1, 5]
     assert front.loc[front["trial"] == 1, "fc1.weight_bits"].item() == 5
@@ -118,10 +124,10 @@ def test_write_report_files(storage_url, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
-def test_html_is_self_contained(storage_url, tmp_path):
+def test_html_is_self_contained(written):
     from plotly.offline import get_plotlyjs
 
-    html = report.write_report(_study(storage_url), tmp_path / "out").html.read_text(encoding="utf-8")
+    html = written.html.read_text(encoding="utf-8")
     assert get_plotlyjs()[:2000] in html  # plotly.js itself is inlined
     assert "<script src=" not in html.replace(" ", "") and 'src="http' not in html and "cdn.plot.ly/plotly" not in html
     assert html.count("Plotly.newPlot") >= 4  # pareto, heat map, hypervolume, sensitivity
@@ -154,3 +160,23 @@ def test_cli_report_and_studies(storage_url, tmp_path, capsys):
     assert rows["s1"]["objectives"] == ["quality", "latency_ms", "memory_kb"] and rows["s1"]["profile"] == "xeon"
     assert main(["studies", "--storage", storage_url]) == 0
     assert "s1" in capsys.readouterr().out
+    # reading never creates a storage
+    assert main(["studies", "--results-dir", str(tmp_path / "none")]) == 2
+    assert "no study storage at" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_repricing_a_profile_without_stored_costs_prices_the_plans(storage_url):
+    cost = pytest.importorskip("search.cost", reason="the cost model (issue 4) is not in the tree yet")
+    from search.layers import Layer
+    from search.plan import stack_plans
+    from search.space import plan_from_dict
+
+    study = _study(storage_url)
+    view = report.read_study(study, "mobile-npu")  # s1 stores costs for xeon and mcu only
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    layers = tuple(Layer(**{**d, "path": tuple(d["path"]), "kernel_shape": tuple(d["kernel_shape"]),
+                            "in_shape": tuple(d["in_shape"]), "out_shape": tuple(d["out_shape"])}) for d in LAYERS)
+    want = cost.price(load_profile("mobile-npu"), layers, stack_plans([plan_from_dict(t.user_attrs["plan"]) for t in done]))
+    got = view.trials.set_index("trial").loc[[t.number for t in done]]
+    assert got["latency_ms"].to_numpy() == pytest.approx(list(want.latency_ms))
+    assert got["memory_kb"].to_numpy() == pytest.approx(list(want.memory_kb))
