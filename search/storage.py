@@ -9,6 +9,7 @@ period passes and re-queued, with the same plan, for whichever worker asks next.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 import tempfile
@@ -237,4 +238,40 @@ def heartbeat(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[N
     with contextlib.ExitStack() as stack:
         for t in trials:
             stack.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+        yield
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
+    """Hold a lock that every worker of this study takes around "count trials, then ask".
+
+    Without it two workers that both see one trial left would both ask one, and the study
+    would end with more trials than asked. PostgreSQL: a session advisory lock (released by
+    the server if the worker dies); SQLite: an flock on a file next to the database.
+    """
+    backend = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wraps RDBStorage
+    url = str(getattr(backend, "url", ""))
+    key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        with backend.engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            con.commit()
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                con.commit()
+    elif url.startswith("sqlite:///"):
+        import fcntl
+
+        lock_path = f"{url[len('sqlite:///'):]}.{key & 0xFFFFFFFF:08x}.lock"  # one per study
+        with open(lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:  # in-memory or foreign storage: one process, nothing to coordinate
         yield

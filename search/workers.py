@@ -141,3 +141,146 @@ def run_workers(
     """Start `n` local workers on an existing study and wait until all stop (the study's
     trial budget is reached). Returns 0 when every worker succeeded, else the worst code."""
     return wait_workers(spawn_workers(n, study, storage_url, results_dir, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------
+# one worker: join a study, rebuild what it needs from the study's spec, run its trials
+
+
+def context_from_study(study, results_dir: str | os.PathLike = "results"):
+    """Rebuild a SearchContext from what the study stores (its "spec" and "layers"), so a
+    worker on any machine runs exactly the search that `hwcompress search` started."""
+    import dataclasses
+
+    import numpy as np
+
+    import hw_profiles
+    import models
+    from models.train import train_baseline
+    from search.engine import Engine, FinetuneConfig
+    from search.errors import UserError
+    from search.layers import discover_layers
+    from search.space import Space
+    from search.study import SearchContext
+
+    spec = study.user_attrs.get("spec")
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise UserError(
+            f"study {study.study_name!r} has no search spec (it was not started by "
+            "`hwcompress search`): start it with `hwcompress search --study NAME` first"
+        )
+    task = models.get_task(
+        spec["model"], spec["dataset"], data_dir=spec.get("data_dir"), seed=int(spec.get("seed", 0)),
+        **dict(spec.get("hparams") or {}),
+    )
+    profile_ref = spec["profile"]
+    if profile_ref in hw_profiles.list_profiles():
+        profile = hw_profiles.load_profile(profile_ref)
+    else:  # a user's profile travels in the study as TOML text, parsed, never executed
+        profile = hw_profiles.profile_from_text(profile_ref, f"profile of study {study.study_name!r}")
+    params, info = train_baseline(task, cache_dir=Path(results_dir, "cache"))
+    want_key = (study.user_attrs.get("baseline") or {}).get("cache_key")
+    if want_key and info.get("cache_key") and want_key != info["cache_key"]:
+        raise UserError(
+            f"this worker's baseline ({info['cache_key']}) differs from study {study.study_name!r}'s "
+            f"({want_key}): use the same data set files and hwcompress version as the search"
+        )
+    layers = tuple(discover_layers(task.module, params, np.asarray(task.data.x_train[:1])))
+    stored = [d.get("name") for d in study.user_attrs.get("layers") or []]
+    if stored and stored != [layer.name for layer in layers]:
+        raise UserError(
+            f"study {study.study_name!r} has layers {stored} but this worker's model has "
+            f"{[layer.name for layer in layers]}: use the same hwcompress version as the search"
+        )
+    space_d = spec["space"]
+    space = Space(
+        tuple(space_d["granularities"]), tuple(space_d["weight_bits"]), tuple(space_d["act_bits"]),
+        tuple(space_d["quant_modes"]), float(space_d["max_ratio"]), float(space_d["ratio_step"]),
+    )
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
+    return SearchContext(
+        engine=Engine(task, params, finetune),
+        layers=layers,
+        profile=profile,
+        profile_name=spec.get("profile_name", profile.name),
+        budget=dict(spec["budget"]),
+        objectives=tuple(spec["objectives"]),
+        space=space,
+        dense_bytes=int(sum(layer.params for layer in layers) * 4),
+    )
+
+
+def _claim(study, storage, n_trials: int, batch: int) -> tuple[list, int]:
+    """Under the study lock: fail dead workers' trials, count, and ask at most what is left.
+
+    Returns (asked trials, trials still running elsewhere). Counting RUNNING trials as taken
+    is what keeps N workers from overshooting n_trials; a dead worker's RUNNING trial is
+    failed here (heartbeat) and its re-queued copy is what the next ask() returns.
+    """
+    from optuna.trial import TrialState
+
+    from search.study import finished_count
+
+    with storage_mod.study_lock(storage, study.study_name):
+        storage_mod.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        left = n_trials - finished_count(trials) - running
+        k = min(batch, left)
+        return [study.ask() for _ in range(max(k, 0))], running
+
+
+def run_worker(
+    study_name: str,
+    storage_url: str | None,
+    results_dir: str | os.PathLike = "results",
+    *,
+    heartbeat_interval: int = storage_mod.HEARTBEAT_INTERVAL,
+    grace_period: int = storage_mod.GRACE_PERIOD,
+    batch: int | None = None,
+    max_trials: int | None = None,
+    log: bool = True,
+) -> int:
+    """Join an existing study and run its trials until its trial budget is reached (or this
+    worker has run `max_trials`). Returns how many trials this worker ran."""
+    import warnings
+
+    from search.errors import UserError
+    from search.study import make_sampler, run_batch
+
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch {batch} must be at least 1")
+    if max_trials is not None and max_trials < 1:
+        raise UserError(f"--max-trials {max_trials} must be at least 1")
+    storage = storage_mod.open_storage(
+        storage_url, results_dir, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+    )
+    study = storage_mod.load_study(study_name, storage)
+    ctx = context_from_study(study, results_dir)
+    spec = study.user_attrs["spec"]
+    n_trials = int(spec["n_trials"])
+    # every worker its own sampler stream: two workers must not propose the same plans
+    sampler = make_sampler(spec.get("sampler", "tpe"), int(spec.get("seed", 0)) + os.getpid(), len(study.trials))
+    study = storage_mod.load_study(study_name, storage, sampler=sampler)
+    k = batch or int(getattr(ctx.engine, "k", 0) or 4)
+    ran = 0
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    while max_trials is None or ran < max_trials:
+        limit = k if max_trials is None else min(k, max_trials - ran)
+        trials, running = _claim(study, storage, n_trials, limit)
+        if trials:
+            # beat from the moment of asking, so a worker that dies even before training
+            # leaves trials that go stale and come back
+            with storage_mod.heartbeat(study, trials):
+                counts = run_batch(study, ctx, len(trials), trials=trials)
+            ran += counts["asked"]
+            if log:
+                print(f"worker {os.getpid()}: study {study_name}: ran {counts['asked']} trials "
+                      f"({counts['trained']} trained, {counts['infeasible']} over budget, "
+                      f"{counts['failed']} failed)", file=sys.stderr, flush=True)
+        elif running:  # others are still training: their trials may die and come back to us
+            time.sleep(heartbeat_interval)
+        else:
+            break
+    return ran
