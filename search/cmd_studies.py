@@ -31,7 +31,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "name": s.study_name,
             "model": spec.get("model"),
             "dataset": spec.get("dataset"),
-            "profile": profile if isinstance(profile, str) and "\n" not in profile else "custom",
+            "profile": (profile if "\n" not in profile else "custom") if isinstance(profile, str) else None,
             "objectives": list(s.system_attrs.get("study:metric_names") or [d.name.lower() for d in s.directions]),
             "trials": len(states),
             "complete": states.count(TrialState.COMPLETE),

@@ -309,7 +309,7 @@ def csv_frame(view: StudyView) -> pd.DataFrame:
     """The front as written to pareto.csv: the table columns, feasibility and per-layer plan."""
     f = view.front
     plan_cols = [f"{n}.{k}" for n in view.layer_names for k in PLAN_KEYS]
-    return f[list(FRONT_COLUMNS) + ["feasible", "hypervolume"] + plan_cols]
+    return f[list(FRONT_COLUMNS) + ["feasible"] + plan_cols]
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -328,6 +328,7 @@ def markdown(view: StudyView) -> str:
              f"- budget: {budget}", f"- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.baseline:
+        lines.append(f"- quality is {view.baseline.get('metric_name', 'the task metric')} on the validation split")
         lines.append(f"- baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
     hv = view.trials["hypervolume"]
     lines += [f"- hypervolume (normalised): {_fmt(float(hv.iloc[-1]) if len(hv) else 0.0)}", "", "## Pareto front", ""]
@@ -337,7 +338,7 @@ def markdown(view: StudyView) -> str:
         head = list(FRONT_COLUMNS)
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in view.front.iterrows():
-            lines.append("| " + " | ".join(_fmt(r[h]) for h in head) + " |")
+            lines.append("| " + " | ".join(_fmt(r[h]).replace("|", "\\|") for h in head) + " |")
     s = sensitivity_frame(view.sensitivity)
     if not s.empty:
         lines += ["", "## Layer sensitivity (quality lost, one layer at a time)", "",
@@ -356,7 +357,8 @@ def front_table(view: StudyView) -> Any:
     title = (f"{view.name} on {view.profile}{' (re-priced)' if view.repriced else ''}: "
              f"{c['front']} on the front of {c['feasible']} feasible / {c['trials']} trials")
     table = Table(title=title)
-    for h, j in zip(("trial", "quality", "latency ms", "memory KB", "size KB", "x fp32", "layers"), "rrrrrrl"):
+    metric = str(view.baseline.get("metric_name") or "quality")
+    for h, j in zip(("trial", metric, "latency ms", "memory KB", "size KB", "x fp32", "layers"), "rrrrrrl"):
         table.add_column(h, justify={"r": "right", "l": "left"}[j], overflow="fold")
     for _, r in view.front.iterrows():
         table.add_row(str(r["trial"]), _fmt(r["quality"]), _fmt(r["latency_ms"]), _fmt(r["memory_kb"]),

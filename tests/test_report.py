@@ -117,7 +117,8 @@ def test_write_report_files(written):
     assert front.loc[front["trial"] == 1, "fc1.weight_bits"].item() == 5
     assert front.loc[0, "quality"] == pytest.approx(0.95)
     md = paths.markdown.read_text()
-    assert "| 5 | 0.8 |" in md and "fc2" in md and "Layer sensitivity" in md
+    assert "| 5 | 0.8 | 0.3 | 30 | 1 | 9.414 | fc1 p.50u w6 a8 \\| fc2 w8 |" in md  # "|" escaped in cells
+    assert "Layer sensitivity" in md and "| fc2 | 0.08 | 0.05 |" in md
     names = {p.name for p in paths.pngs}
     assert names == {"pareto.png", "layers.png", "hypervolume.png", "sensitivity.png"}
     for p in paths.pngs:
@@ -158,6 +159,7 @@ def test_cli_report_and_studies(storage_url, tmp_path, capsys):
     assert set(rows) == {"empty", "s1"}
     assert (rows["s1"]["trials"], rows["s1"]["complete"], rows["s1"]["infeasible"], rows["s1"]["failed"]) == (6, 4, 1, 1)
     assert rows["s1"]["objectives"] == ["quality", "latency_ms", "memory_kb"] and rows["s1"]["profile"] == "xeon"
+    assert rows["empty"]["profile"] is None and rows["empty"]["trials"] == 0
     assert main(["studies", "--storage", storage_url]) == 0
     assert "s1" in capsys.readouterr().out
     # reading never creates a storage
