@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import math
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
@@ -54,8 +55,10 @@ def heatmap_figure(view: StudyView) -> go.Figure:
     """Weight bits and prune ratio per layer across the front, best quality first."""
     bits, ratio = heat_data(view)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("weight bits", "prune ratio"), horizontal_spacing=0.12)
-    fig.add_trace(go.Heatmap(z=bits.values, x=list(bits.columns), y=list(bits.index), colorscale="Viridis",
-                             zmin=0, zmax=32, text=bits.values, texttemplate="%{text}", colorbar=dict(x=0.44)), 1, 1)
+    fig.add_trace(go.Heatmap(z=np.log2(bits.values.astype(float)), x=list(bits.columns), y=list(bits.index),
+                             colorscale="Viridis", zmin=0, zmax=5, text=bits.values, texttemplate="%{text}",
+                             hovertemplate="%{y} %{x}: %{text} bits<extra></extra>",
+                             colorbar=dict(x=0.44, tickvals=list(range(6)), ticktext=[str(2**k) for k in range(6)])), 1, 1)
     fig.add_trace(go.Heatmap(z=ratio.values, x=list(ratio.columns), y=list(ratio.index), colorscale="Magma",
                              reversescale=True, zmin=0, zmax=1, texttemplate="%{z:.2f}"), 1, 2)
     fig.update_yaxes(autorange="reversed")
