@@ -30,7 +30,7 @@ def _plan(r1, w1):
             "act_bits": [8, 32], "quant_mode": ["uniform", "uniform"]}
 
 
-def _trial(number, quality, xeon, mcu, size_kb, state=TrialState.COMPLETE, budget=2.0, **extra):
+def _trial(number, quality, xeon, mcu, size_kb, state=TrialState.COMPLETE, budget=2.0, told=None, **extra):
     """A trial priced on xeon (home, latency budget `budget`) and mcu: costs are (latency_ms, memory_kb)."""
     costs = {"xeon": {"latency_ms": xeon[0], "memory_kb": xeon[1], "size_kb": size_kb},
              "mcu": {"latency_ms": mcu[0], "memory_kb": mcu[1], "size_kb": size_kb}}
@@ -38,7 +38,7 @@ def _trial(number, quality, xeon, mcu, size_kb, state=TrialState.COMPLETE, budge
     attrs = {"plan": _plan(0.1 * number, 4 + number % 3), "quality": quality, "costs": costs, "constraints": cons,
              "feasible": cons["latency_ms"] <= 0, "size_bytes": int(size_kb * 1024),
              "compression_ratio": DENSE_BYTES / (size_kb * 1024), **extra}
-    values = [quality, xeon[0], xeon[1]] if state == TrialState.COMPLETE else None
+    values = (told or [quality, xeon[0], xeon[1]]) if state == TrialState.COMPLETE else None
     return create_trial(state=state, values=values, params={"x": 0.1 * number},
                         distributions={"x": FloatDistribution(0, 1)}, user_attrs=attrs,
                         system_attrs={"constraints": list(cons.values())})
@@ -182,3 +182,26 @@ def test_repricing_a_profile_without_stored_costs_prices_the_plans(storage_url):
     got = view.trials.set_index("trial").loc[[t.number for t in done]]
     assert got["latency_ms"].to_numpy() == pytest.approx(list(want.latency_ms))
     assert got["memory_kb"].to_numpy() == pytest.approx(list(want.memory_kb))
+
+
+def test_two_objectives_and_a_front_with_no_feasible_trial(tmp_path):
+    url = f"sqlite:///{tmp_path}/studies.db"
+    study = optuna.create_study(study_name="qs", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "size_kb"])
+    study.set_user_attr("layers", LAYERS)
+    study.add_trial(_trial(0, 0.9, (1.0, 50.0), (1.0, 1.0), 4.0, told=[0.9, 4.0]))
+    study.add_trial(_trial(1, 0.8, (1.0, 50.0), (1.0, 1.0), 1.0, told=[0.8, 1.0]))
+    study.add_trial(_trial(2, 0.7, (1.0, 50.0), (1.0, 1.0), 2.0, told=[0.7, 2.0]))  # dominated by 1 on size
+    for t in study.trials:  # told values are (quality, size_kb)
+        assert len(t.values) == 2
+    assert list(report.pareto_frame(_study(url, "qs"))["trial"]) == [0, 1]
+    # mcu budget made unreachable: every trial breaks it, the report still writes and says so
+    huge = load_profile("mcu").budget.latency_ms * 10
+    bad = optuna.create_study(study_name="bad", storage=url, directions=["maximize", "minimize", "minimize"])
+    bad.set_metric_names(["quality", "latency_ms", "memory_kb"])
+    bad.add_trial(_trial(0, 0.9, (1.0, 5.0), (huge, 1.0), 4.0))
+    view = report.read_study(_study(url, "bad"), "mcu")
+    assert view.front.empty and (view.trials["hypervolume"] == 0).all()
+    paths = report.write_view(view, tmp_path / "bad")
+    assert "No feasible trial" in paths.markdown.read_text()
+    assert len(pd.read_csv(paths.csv)) == 0 and {p.name for p in paths.pngs} == {"pareto.png", "hypervolume.png"}
