@@ -1,7 +1,7 @@
 """Model size in the manner of Deep Compression (Han et al., 2016): dense fp32, after pruning,
 after quantization, after Huffman coding; sizes in bits, ratios against dense fp32.
 
-Sparse storage. A pruned kernel is stored in the cheapest of three formats, chosen per stage:
+Sparse storage. A pruned kernel is stored in the cheapest of four formats, chosen per stage:
   * "dense":    every weight, zeros included, no index;
   * "relative": Deep Compression's format. Kept weights are visited in order (the kernel as
                 [out, fan_in], row-major, so one output unit's fan-in is contiguous); each
@@ -10,7 +10,9 @@ Sparse storage. A pruned kernel is stored in the cheapest of three formats, chos
                 longer gap gets padding zeros (a zero value with the largest gap) first:
                 ceil(g / 2**index_bits) - 1 of them. Defaults follow the paper: 5-bit indices
                 for fully connected layers, 8-bit for convolutions;
-  * "bitmask":  one bit per weight saying kept or not, then the kept values.
+  * "bitmask":  one bit per weight saying kept or not, then the kept values;
+  * "rows":     one bit per output channel, then every value of the kept channels (what
+                channel pruning gives: a smaller dense matrix).
 Quantization. Values take `bits` bits (32: float32, untouched). Uniform mode adds one fp32
 scale per output channel; codebook mode a table of 2**bits fp32 centroids.
 Huffman. A real Huffman code (heapq) over the quantized value codes, and over the index gaps
@@ -142,9 +144,12 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
     gaps, pads = relative_gaps(flat_m, ib)
     extra = 0 if bias is None else FLOAT_BITS * int(np.size(bias))
 
+    rows_kept = m.any(axis=1)
+    n_rows = int(rows_kept.sum())
+
     def formats(vbits: int) -> dict[str, tuple[int, int]]:
         return {"dense": (n * vbits, 0), "relative": ((nnz + pads) * vbits, (nnz + pads) * ib),
-                "bitmask": (nnz * vbits, n)}
+                "bitmask": (nnz * vbits, n), "rows": (n_rows * w.shape[1] * vbits, out)}
 
     p_fmt, p_val, p_idx = _cheapest(formats(FLOAT_BITS))
     if bits >= FLOAT_BITS:
@@ -167,6 +172,8 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
         h_opts = {"dense": (huffman_bits(flat_c) + _table(flat_c), 0),
                   "relative": (huffman_bits(with_pads) + _table(with_pads), huffman_bits(gaps) + _table(gaps)),
                   "bitmask": (huffman_bits(kept) + _table(kept), n)}
+        in_rows = codes[rows_kept].ravel()
+        h_opts["rows"] = (huffman_bits(in_rows) + _table(in_rows), out)
     h_fmt, h_val, h_idx = _cheapest(h_opts)
     if q_val + q_idx <= h_val + h_idx:  # the code tables cost more than they save: keep fixed length
         h_fmt, h_val, h_idx = q_fmt + " (fixed-length)", q_val, q_idx

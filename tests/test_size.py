@@ -101,3 +101,13 @@ def test_total_breakdown_sums_layers():
     t = size.total_breakdown({"a": a, "b": a}, other_params=10)
     assert t["bits_by_stage"]["dense"] == 2 * 16 * 32 + 320
     assert t["ratio"]["dense"] == 1.0
+
+
+def test_channel_pruning_stores_a_smaller_matrix():
+    # 8 output channels of fan-in 10, channels 0 and 5 kept: rows format = 2 * 10 * 32 + 8 bits;
+    # bitmask 20 * 32 + 80 = 720; relative 21 entries (one pad for the gap of 41) * 37 = 777
+    rows = np.zeros((8, 10), np.float32)
+    rows[[0, 5]] = np.arange(1, 21).reshape(2, 10) / 20
+    b = size.size_breakdown(_kernel(rows), None, 32)
+    assert b["padding"] == 1
+    assert b["format"]["pruned"] == "rows" and b["bits_by_stage"]["pruned"] == 2 * 10 * 32 + 8
