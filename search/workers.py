@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from search import storage as storage_mod
 
 # where `search` and `models` live, so a child finds them even when not pip-installed
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+# this process as "host:pid", stored on every trial it claims
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # seconds a worker gets to finish its trial after SIGINT before it is terminated
 STOP_GRACE = 60.0
 
@@ -228,7 +231,12 @@ def _claim(study, storage, n_trials: int, batch: int) -> tuple[list, int]:
         running = sum(1 for t in trials if t.state == TrialState.RUNNING)
         left = n_trials - finished_count(trials) - running
         k = min(batch, left)
-        return [study.ask() for _ in range(max(k, 0))], running
+        trials = [study.ask() for _ in range(max(k, 0))]
+        for t in trials:  # a first beat at once: a trial with none can never go stale
+            study._storage.record_heartbeat(t._trial_id)
+    for t in trials:  # who ran what: reports and post-mortems of dead workers
+        t.set_user_attr("worker", WORKER_ID)
+    return trials, running
 
 
 def run_worker(

@@ -1,0 +1,122 @@
+"""Faults lose nothing: Ctrl-C keeps every completed trial and the same command resumes;
+a fine-tune that diverges fails only its own trial, with the reason; a storage that cannot
+be used is reported before anything is trained."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import cli
+from search import storage as S
+from search.study import finished_count
+from tests._search_env import SEARCH, results_dir, start_search
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 240  # seconds: a generous bound on a loaded 2-core machine, never hit
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_sigint_keeps_completed_trials_and_same_command_resumes(tmp_path):
+    results = results_dir(tmp_path)
+    n = 6
+    argv = ["search", *SEARCH, "--study", "intr", "--trials", str(n), "--results-dir", str(results)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = None
+    try:
+        deadline = time.monotonic() + WAIT
+        done: list[optuna.trial.FrozenTrial] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            if storage is None:
+                if not (results / "studies.db").exists():
+                    continue
+                storage = S.open_storage(None, results)
+            if "intr" not in S.study_names(storage):
+                continue
+            trials = S.load_study("intr", storage).get_trials()
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            if len(done) >= 2:
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(done) >= 2, "the search finished or stalled before it could be interrupted"
+    if proc.returncode == 0:
+        pytest.skip("the search finished before SIGINT landed")  # its last trial was told first
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    study = S.load_study("intr", S.open_storage(None, results))
+    after = study.get_trials()
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    kept = {t.number: t.values for t in after if t.state == TrialState.COMPLETE}
+    for t in done:  # every trial completed before the interrupt is still there, unchanged
+        assert kept[t.number] == t.values
+    # trials cut short are failed as interrupted and do not count
+    for t in after:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs.get("interrupted") and t.user_attrs.get("fail_reason") == "interrupted"
+    assert finished_count(after) < n
+    # the same command again: it resumes and stops at n counted trials
+    assert cli.main(argv) == 0
+    final = S.load_study("intr", S.open_storage(None, results)).get_trials()
+    assert finished_count(final) == n
+    for number, values in kept.items():
+        assert final[number].state == TrialState.COMPLETE and final[number].values == values
+
+
+def test_diverging_finetune_fails_its_trial_with_reason_and_search_goes_on(tmp_path):
+    import models
+    from search.api import search_task
+    from search.engine import FinetuneConfig
+
+    results = results_dir(tmp_path)
+    task = models.get_task("lenet300", "digits")
+    # Adam steps of 1e38: the weights overflow to inf within the three steps
+    ft = FinetuneConfig(steps=3, learning_rate=1e38)
+    study = search_task(
+        task, profile="mobile-cpu", spec={"model": "lenet300", "dataset": "digits", "data_dir": None, "hparams": {}},
+        n_trials=3, batch=1, study_name="nan", storage=None, finetune=ft, warm_start=False,
+        results_dir=str(results),
+    )
+    trials = study.get_trials()
+    trained = [t for t in trials if t.state != TrialState.PRUNED]  # over-budget plans are not trained
+    assert trained, "every plan was over budget: nothing was fine-tuned"
+    for t in trained:
+        assert t.state == TrialState.FAIL
+        assert "nan" in t.user_attrs["fail_reason"].lower() or "inf" in t.user_attrs["fail_reason"].lower()
+    assert finished_count(trials) == 3  # the search went on past the first failure
+
+
+def test_unwritable_results_dir_is_reported_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = start_search(tmp_path / "file" / "results", "w")
+    assert rc == 2
+    assert "not writable" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pw@127.0.0.1:1/studies", "mysql://u@localhost/db"])
+def test_bad_storage_is_reported_before_training(tmp_path, capsys, url):
+    results = tmp_path / "results"  # a fresh dir: a trained baseline would land in cache/
+    rc = start_search(results, "w", 1, "--storage", url)
+    assert rc == 2
+    err = _one_line_error(capsys)
+    assert "pw" not in err
+    assert not (results / "cache").exists()
