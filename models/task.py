@@ -5,6 +5,7 @@ plan. Inputs are NHWC float32 (an MLP flattens them itself).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -78,7 +79,17 @@ class Task:
     hparams: dict[str, Any] = field(default_factory=dict)  # model options (depth, width, ...)
 
     def init_params(self, seed: int | None = None) -> Any:
-        """Fresh parameters for this module and input shape."""
+        """Fresh parameters for this module and input shape.
+
+        Jitted: one compile of the whole init is much faster on CPU than compiling each
+        initializer op eagerly (the values are the same).
+        """
         rng = jax.random.PRNGKey(self.train.seed if seed is None else seed)
         x = np.zeros((1, *self.data.input_shape), np.float32)
-        return self.module.init(rng, x)["params"]
+        return _jit_init(self.module)(rng, x)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_init(module: nn.Module) -> Callable:
+    """module.init compiled once per (hashable, immutable) module."""
+    return jax.jit(module.init)

@@ -167,11 +167,14 @@ def load_params(path: str | os.PathLike, like: Any) -> Any:
 def _read_cache(task: Task, entry: Path) -> tuple[Any, dict[str, Any]] | None:
     if not (entry / PARAMS_FILE).is_file() or not (entry / META_FILE).is_file():
         return None
+    from safetensors import SafetensorError
+
     try:
         meta = json.loads((entry / META_FILE).read_text())
+        meta = {k: meta[k] for k in ("val_metric", "test_metric", "train_seconds")}
         like = jax.eval_shape(task.init_params)
         params = load_params(entry / PARAMS_FILE, like)
-    except (ValueError, OSError, json.JSONDecodeError):
+    except (ValueError, OSError, KeyError, TypeError, SafetensorError):
         return None  # a stale or broken entry: train again and overwrite it
     return params, meta
 
@@ -180,6 +183,7 @@ def _write_cache(entry: Path, params: Any, meta: dict[str, Any]) -> None:
     """Write into a temporary directory, then rename: readers never see half an entry."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like results/
     save_params(params, tmp / PARAMS_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     if entry.exists():
@@ -202,8 +206,7 @@ def train_baseline(task: Task, cache_dir: str | os.PathLike = "results/cache",
         hit = _read_cache(task, entry)
         if hit is not None:
             params, meta = hit
-            info = {k: meta[k] for k in ("val_metric", "test_metric", "train_seconds")}
-            return params, {**info, "cache_key": key, "cache_path": str(entry), "loaded": True,
+            return params, {**meta, "cache_key": key, "cache_path": str(entry), "loaded": True,
                             "steps_run": 0, "metric_name": task.metric_name}
     params, stats = fit(task, log_every=log_every)
     info = {
