@@ -8,10 +8,12 @@ input activation through QuantizeLinear/DequantizeLinear (so onnxruntime's QDQ f
 integer kernels), codebook weights through Gather, float layers as float.
 
 Channel removal: a value carries a `Sel` when only some channels of its last axis are
-materialised; every absent channel holds a known constant (`fill`; NaN = dead, never read).
-Per-channel elementwise ops update the constants, the consuming Dense/Conv slices its input
-axis and folds the constants into a bias. Where that is impossible (a residual add, a padded
-conv over a non-zero constant) the producer is re-emitted unpruned (`_Keep`, a retry).
+materialised; every absent channel holds known values that do not depend on the input (`fill`,
+one example's shape: a constant such as relu(bias), or a spatial map after a padded conv; NaN =
+dead, never read). Elementwise ops, pooling and reductions update `fill` in numpy, the consuming
+Dense/Conv slices its input axis and folds the fill's contribution into a bias (a bias map
+for a padded conv). Where that is impossible (a residual add of tensors with different
+channels) the producer is re-emitted unpruned (`_Keep`, a retry).
 Inputs and outputs are NHWC like the Flax model; convolutions run NCHW inside.
 """
 from __future__ import annotations
@@ -41,12 +43,13 @@ class LayerExport:
     scale: np.ndarray | None = None  # [out] float32 per-channel scales ("int")
     act: tuple[float, float, int] | None = None  # input quantization (scale, zero point, bits)
     prune: bool = True  # remove all-zero output channels
+    drop: tuple[int, ...] = ()  # output channels nobody reads (a depthwise consumer's zero filters)
 
 
 @dataclass
 class _Sel:
     keep: np.ndarray  # sorted indices of the materialised channels of the last logical axis
-    fill: np.ndarray  # [C] value of every channel where it is absent (NaN: dead)
+    fill: np.ndarray  # one example's values (shape without batch) where channels are absent (NaN: dead)
     producer: str  # the layer whose pruning made it
 
 
@@ -56,12 +59,21 @@ class _Act:
     shape: tuple[int, ...]  # logical (Flax) shape, batch first
     nchw: bool = False  # physically NCHW while logically NHWC
     sel: _Sel | None = None
+    src: str | None = None  # the layer that produced it, through elementwise ops and pooling
 
 
 @dataclass
 class _Const:
     value: np.ndarray
     tag: str | None = None  # "path/kernel" when this is a param leaf
+
+
+class _Drop(Exception):
+    """Retry with these output channels of a layer removed (their only reader ignores them)."""
+
+    def __init__(self, layer: str, channels: np.ndarray):
+        super().__init__(f"{layer}: drop {channels.tolist()}")
+        self.layer, self.channels = layer, channels
 
 
 class _Keep(Exception):
@@ -76,6 +88,7 @@ class _Keep(Exception):
 class _Graph:
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
+    names: set = field(default_factory=set)
     n: int = 0
 
     def fresh(self, hint: str) -> str:
@@ -89,7 +102,9 @@ class _Graph:
 
     def node(self, op: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
         out = self.fresh(hint or op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        name = hint if hint and hint not in self.names else out  # layer nodes are named as the layer
+        self.names.add(name)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
 
 
@@ -127,6 +142,10 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
             kept_back.append(str(k))
             e = exports.get(k.layer, LayerExport(k.layer))
             exports[k.layer] = LayerExport(**{**e.__dict__, "prune": False})
+        except _Drop as d:
+            e = exports.get(d.layer, LayerExport(d.layer))
+            drop = tuple(sorted(set(e.drop) | set(int(c) for c in d.channels)))
+            exports[d.layer] = LayerExport(**{**e.__dict__, "drop": drop})
     raise RuntimeError(f"channel removal did not settle: {kept_back}")
 
 
@@ -196,12 +215,12 @@ class _Converter:
     def logical(self, a: _Act) -> _Act:
         if not a.nchw:
             return a
-        return _Act(self.g.node("Transpose", [a.name], perm=list(NCHW_TO_NHWC)), a.shape, False, a.sel)
+        return _Act(self.g.node("Transpose", [a.name], perm=list(NCHW_TO_NHWC)), a.shape, False, a.sel, a.src)
 
     def nchw(self, a: _Act) -> _Act:
         if a.nchw or len(a.shape) != 4:
             return a
-        return _Act(self.g.node("Transpose", [a.name], perm=list(NHWC_TO_NCHW)), a.shape, True, a.sel)
+        return _Act(self.g.node("Transpose", [a.name], perm=list(NHWC_TO_NCHW)), a.shape, True, a.sel, a.src)
 
     def materialise(self, a: _Act) -> _Act:
         if a.sel is None:
@@ -237,17 +256,15 @@ class _Converter:
         sel = act.sel
         if sel is not None:
             cc = c.reshape((1,) * (len(shape) - c.ndim) + c.shape) if c.ndim else c
-            if cc.ndim and any(d != 1 for d in cc.shape[:-1]):
-                raise _Keep(sel.producer, f"{op} with a constant that varies beyond channels")
-            vec = np.broadcast_to(cc.reshape(-1) if cc.ndim else cc, sel.fill.shape)
+            vec = np.broadcast_to(cc, (1, *sel.fill.shape))[0] if cc.ndim else cc
             with np.errstate(all="ignore"):
                 fill = np_op(sel.fill, vec) if act_first else np_op(vec, sel.fill)
             sel = _Sel(sel.keep, fill.astype(np.float32), sel.producer)
         if op == "Max" and c.ndim == 0 and float(c) == 0.0:
-            return _Act(self.g.node("Relu", [act.name]), shape, act.nchw, sel)
+            return _Act(self.g.node("Relu", [act.name]), shape, act.nchw, sel, act.src)
         cname = self.g.const(self.phys_const(act, c))
         ins = [act.name, cname] if act_first else [cname, act.name]
-        return _Act(self.g.node(op, ins), shape, act.nchw, sel)
+        return _Act(self.g.node(op, ins), shape, act.nchw, sel, act.src)
 
     def op_add(self, eqn, x, y):
         return self._binary("Add", np.add, eqn, x, y)
@@ -284,7 +301,7 @@ class _Converter:
             reps = int(np.prod(x.shape[1:-1]))
             c = x.shape[-1]
             keep = (np.arange(reps)[:, None] * c + x.sel.keep[None, :]).ravel()
-            sel = _Sel(keep, np.tile(x.sel.fill, reps), x.sel.producer)
+            sel = _Sel(keep, x.sel.fill.reshape(-1), x.sel.producer)
         n_phys = int(np.prod(x.shape[1:-1])) * (len(x.sel.keep) if x.sel is not None else x.shape[-1])
         rest = [int(d) for d in new[1:]]
         if sel is not None:
@@ -303,12 +320,12 @@ class _Converter:
         return _Act(self.g.node("Squeeze", [x.name, axes]), tuple(eqn.outvars[0].aval.shape))
 
     def op_reduce_sum(self, eqn, x):
-        return self._reduce("ReduceSum", eqn, x, lambda f, n: f * n)
+        return self._reduce("ReduceSum", eqn, x)
 
     def op_reduce_max(self, eqn, x):
-        return self._reduce("ReduceMax", eqn, x, lambda f, n: f)
+        return self._reduce("ReduceMax", eqn, x)
 
-    def _reduce(self, op, eqn, x, fill_fn):
+    def _reduce(self, op, eqn, x):
         axes = tuple(int(a) for a in eqn.params["axes"])
         nd = len(x.shape)
         if nd - 1 in axes:
@@ -319,8 +336,7 @@ class _Converter:
             nchw_out = len(out_shape) == 4
         else:
             x, phys, nchw_out = self.logical(x), list(axes), False
-        count = int(np.prod([x.shape[a] for a in axes]))
-        sel = None if x.sel is None else _Sel(x.sel.keep, fill_fn(x.sel.fill, count), x.sel.producer)
+        sel = None if x.sel is None else _Sel(x.sel.keep, _on_fill(eqn, x.sel.fill), x.sel.producer)
         name = self.g.node(op, [x.name, self.g.const(np.array(phys, np.int64), "axes")], keepdims=0)
         return _Act(name, tuple(eqn.outvars[0].aval.shape), nchw_out, sel)
 
@@ -331,8 +347,8 @@ class _Converter:
         win = eqn.params["window_dimensions"]
         out = self._pool("AveragePool", eqn, x)
         k = float(np.prod(win))
-        sel = None if out.sel is None else _Sel(out.sel.keep, out.sel.fill * 0 + out.sel.fill, out.sel.producer)
-        return _Act(self.g.node("Mul", [out.name, self.g.const(np.float32(k))]), out.shape, out.nchw, sel)
+        sel = out.sel
+        return _Act(self.g.node("Mul", [out.name, self.g.const(np.float32(k))]), out.shape, out.nchw, sel, out.src)
 
     def _pool(self, op, eqn, x):
         p = eqn.params
@@ -345,7 +361,8 @@ class _Converter:
         extra = {"count_include_pad": 1} if op == "AveragePool" else {}
         name = self.g.node(op, [x.name], kernel_shape=[int(win[1]), int(win[2])],
                            strides=[int(strides[1]), int(strides[2])], pads=pads, **extra)
-        return _Act(name, tuple(eqn.outvars[0].aval.shape), True, x.sel)
+        sel = None if x.sel is None else _Sel(x.sel.keep, _on_fill(eqn, x.sel.fill), x.sel.producer)
+        return _Act(name, tuple(eqn.outvars[0].aval.shape), True, sel, x.src)
 
     # ------------------------------------------------------------ layers
     def _layer(self, rhs: _Const) -> tuple[str | None, LayerExport | None]:
@@ -365,25 +382,26 @@ class _Converter:
             with np.errstate(invalid="ignore"):
                 sel = _Sel(sel.keep, np.where(np.isnan(sel.fill), np.nan, fake_quant_np(np.nan_to_num(sel.fill), s, z, bits)), sel.producer)
         name = x.name
-        if bits <= 8:
+        if bits <= 8 and int_weights:  # int8 x int8: onnxruntime fuses this into integer kernels
             if bits < 8:  # the b-bit grid is a sub-range of uint8: clip to it first
                 lo, hi = np.float32((0 - z) * s), np.float32(((1 << bits) - 1 - z) * s)
                 name = g.node("Clip", [name, g.const(lo), g.const(hi)])
             sc, zp = g.const(np.float32(s), "act_scale"), g.const(np.uint8(z), "act_zp")
             name = g.node("DequantizeLinear", [g.node("QuantizeLinear", [name, sc, zp]), sc, zp])
-        else:  # 16 bits: computed in float, as the model does
+        else:  # float weights (or 16 bits): the same rounding in float ops, as the model does
             sc, zc = g.const(np.float32(s)), g.const(np.float32(z))
             r = g.node("Add", [g.node("Round", [g.node("Div", [name, sc])]), zc])
             r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(2.0**bits - 1))])
             name = g.node("Mul", [g.node("Sub", [r, zc]), sc])
-        return _Act(name, x.shape, x.nchw, sel)
+        return _Act(name, x.shape, x.nchw, sel, x.src)
 
     def _out_keep(self, name: str | None, spec: LayerExport | None, w2: np.ndarray) -> np.ndarray:
         """Output channels to materialise: all-zero kernel columns go (when allowed)."""
-        nonzero = np.flatnonzero(np.any(w2 != 0, axis=0))
-        if name is None or spec is None or not spec.prune or nonzero.size == 0:
+        live = np.any(w2 != 0, axis=0)
+        if name is None or spec is None or not spec.prune:
             return np.arange(w2.shape[1])
-        return nonzero
+        live[list(spec.drop)] = False
+        return np.flatnonzero(live) if live.any() else np.arange(1)
 
     def _weight(self, spec: LayerExport | None, w: np.ndarray, q: np.ndarray | None,
                 scale: np.ndarray | None, axis: int) -> str:
@@ -424,8 +442,14 @@ class _Converter:
     def _layer_out(self, name, out, shape, nchw, keep, c):
         if name is not None:
             self.kept[name] = int(keep.size)
-        sel = None if keep.size == c else _Sel(keep, np.zeros(c, np.float32), name)
-        return _Act(out, shape, nchw, sel)
+        sel = None
+        if keep.size != c:
+            fill = np.zeros(shape[1:], np.float32)
+            spec = self.exports.get(name)
+            if spec is not None and spec.drop:
+                fill[..., np.setdiff1d(list(spec.drop), keep)] = np.nan  # dropped: never read
+            sel = _Sel(keep, fill, name)
+        return _Act(out, shape, nchw, sel, name)
 
     def op_conv_general_dilated(self, eqn, x, rhs):
         p = eqn.params
@@ -438,7 +462,7 @@ class _Converter:
         groups = groups_in = int(p["feature_group_count"])
         cin = x.shape[-1]
         qfull = spec.q if spec is not None and spec.weight == "int" else None
-        x = self.nchw(self._quant_input(x, spec, qfull is not None))
+        x = self._quant_input(self.nchw(x), spec, qfull is not None)
         padded = any(int(a) or int(b) for a, b in p["padding"])
         w2 = w.reshape(-1, w.shape[-1])
         if groups == 1:
@@ -446,29 +470,30 @@ class _Converter:
             rows, bias = np.arange(cin), None
             if x.sel is not None:
                 absent = np.setdiff1d(np.arange(cin), x.sel.keep)
-                fa = x.sel.fill[absent]
+                fa = x.sel.fill[..., absent]
                 used = np.any(w[:, :, absent, :] != 0, axis=(0, 1, 3))
-                if np.any(np.isnan(fa) & used):
+                if np.any(np.isnan(fa[..., used])):
                     raise _Keep(x.sel.producer, f"{name} reads a removed channel")
-                if np.any(fa[used] != 0):  # constant channels: their exact contribution map
+                if np.any(fa[..., used] != 0):  # input-independent channels: their exact contribution map
                     img = np.zeros((1, *x.shape[1:]), np.float32)
-                    img[..., absent] = np.nan_to_num(fa)
+                    img[0][..., absent] = np.nan_to_num(fa)
                     bias = np.asarray(eqn.primitive.bind(jnp.asarray(img), jnp.asarray(w), **p))
                 rows = x.sel.keep
             wc = w[:, :, rows][..., keep]
             out_sel_c = w.shape[-1]
         elif groups == cin and w.shape[2] == 1 and w.shape[3] == cin:  # depthwise
             keep = np.arange(cin) if x.sel is None else x.sel.keep
-            if x.sel is not None:
-                absent = np.setdiff1d(np.arange(cin), keep)
-                fa = x.sel.fill[absent]
-                used = np.any(w[:, :, 0, absent] != 0, axis=(0, 1))
-                if np.any(np.isnan(fa) & used) or (padded and np.any((fa != 0) & used & ~np.isnan(fa))):
-                    raise _Keep(x.sel.producer, f"{name} reads a removed non-zero channel")
+            zero = ~np.any(w2 != 0, axis=0)  # pruned filters: their input channel is never read
+            src_spec = self.exports.get(x.src or "", LayerExport(x.src or "")) if x.src else None
+            if spec is not None and spec.prune and src_spec is not None and src_spec.prune \
+                    and np.any(zero[keep]) and src_spec.name != name:
+                raise _Drop(x.src, keep[zero[keep]])
             bias = None
-            if x.sel is not None:
-                bias = np.zeros(cin, np.float32)
-                bias[absent] = np.nan_to_num(fa) * w[:, :, 0, absent].sum(axis=(0, 1))
+            if x.sel is not None:  # absent channels stay absent: their fill goes through the conv
+                dead = np.isnan(x.sel.fill).any(axis=(0, 1)) & ~zero
+                img = np.nan_to_num(x.sel.fill)[None]
+                bias = np.array(eqn.primitive.bind(jnp.asarray(img), jnp.asarray(w), **p))[0]
+                bias[..., dead] = np.nan
             wc = w[..., keep]
             groups = int(keep.size)
             out_sel_c = cin
@@ -488,9 +513,16 @@ class _Converter:
             b = bias[..., keep].transpose(NHWC_TO_NCHW)
             if np.all(b == b[:, :, :1, :1]):
                 b = b[:, :, :1, :1]
-            res = _Act(self.g.node("Add", [res.name, self.g.const(b.astype(np.float32))]), res.shape, True, res.sel)
-        elif bias is not None and res.sel is not None:  # depthwise: absent channels stay constant
+            if np.any(b != 0):
+                res = _Act(self.g.node("Add", [res.name, self.g.const(b.astype(np.float32))]), res.shape, True, res.sel, res.src)
+        elif bias is not None and res.sel is not None:  # depthwise: absent channels' new values
             res.sel.fill = bias.astype(np.float32)
         if x.sel is not None and p["feature_group_count"] != 1 and res.sel is not None:
             res.sel.producer = x.sel.producer
         return res
+
+
+def _on_fill(eqn, fill: np.ndarray) -> np.ndarray:
+    """Apply a one-input primitive (pooling, reduction) to one example's fill values."""
+    with np.errstate(all="ignore"):
+        return np.asarray(eqn.primitive.bind(jnp.asarray(fill[None]), **eqn.params))[0].astype(np.float32)
