@@ -1,0 +1,129 @@
+"""`hwcompress export` and `measure` end to end on a tiny real study (lenet300 on digits):
+the files are there, weights reload into Flax with exactly the exported quality, the ONNX model
+agrees with Flax and really has the smaller matrices; bad input gives one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import optuna
+import pytest
+
+from search import cli
+from search.errors import UserError
+from tests._search_env import results_dir, start_search
+
+
+@pytest.fixture(scope="module")
+def study_env(tmp_path_factory):
+    results = results_dir(tmp_path_factory.mktemp("export"))
+    assert start_search(results, "exp", 2) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{results / 'studies.db'}")
+    study = optuna.load_study(study_name="exp", storage=storage)
+    done = [t.number for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done, "the tiny search completed no trial"
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # an incomplete trial to refuse
+    return results, study, done[0]
+
+
+def _export(results, out, *extra):
+    return cli.main(["export", "--study", "exp", "--results-dir", str(results), "--out", str(out), *extra])
+
+
+def test_export_trial_files_reload_and_onnx(study_env, tmp_path, capsys):
+    results, study, trial = study_env
+    out = tmp_path / "out"
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "2") == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "weights.safetensors", "size.json", "model.onnx"}
+    c = json.loads((out / "config.json").read_text())
+    q = c["quality"]
+    assert q["test"] == q["test_reloaded"]  # exact: packed weights are the exported weights
+    assert q["onnx_agreement"] >= 0.99 and q["onnx_max_abs_diff"] < 1e-2
+    assert abs(q["test_onnx"] - q["test"]) <= 0.01
+    assert c["source"] == {"study": "exp", "trial": trial, "search_quality": study.trials[trial].user_attrs["quality"]}
+    assert c["profile"] == "mobile-cpu" and "latency_ms" in c["predicted"]["mobile-cpu"]
+    assert set(c["size"]["ratio"]) == {"dense", "pruned", "quantized", "huffman"}
+    plan = study.trials[trial].user_attrs["plan"]
+    assert [l["weight_bits"] for l in c["layers"]] == plan["weight_bits"]
+    # the ONNX matrices have the exported channel counts
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    mats = [n for n in model.graph.node if n.op_type == "MatMul"]
+    for layer, node in zip(c["layers"], mats):
+        src = next(n for n in model.graph.node if node.input[1] in n.output) if node.input[1] not in inits else None
+        dims = inits[node.input[1] if src is None else src.input[0]]
+        assert dims[-1] == layer["onnx_out_channels"], (layer, dims)
+    # nothing is pickled: the weights file is safetensors (8-byte header length, then JSON)
+    raw = (out / "weights.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + n])["__metadata__"]["hwcompress"]
+    # measure: runs, prints the measured and the predicted latency
+    capsys.readouterr()
+    assert cli.main(["measure", str(out), "--runs", "5", "--warmup", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "measured" in text and "predicted" in text and "mobile-cpu" in text
+    # an existing output directory is refused without --force, accepted with it
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0") == 2
+    assert "--force" in capsys.readouterr().err
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0", "--force") == 0
+
+
+def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
+    import models
+    from models.train import train_baseline
+    from search.engine import Engine, FinetuneConfig
+    from search.pack import load_weights
+    from search.export import export_plan
+    from search.plan import CHANNEL, make_plan
+
+    task = models.get_task("lenet300", "digits")
+    params, _ = train_baseline(task, cache_dir=Path(results_dir(tmp_path) / "cache"))
+    plan = make_plan([0.5, 0.5, 0.0], [CHANNEL, CHANNEL, 0], [4, 1, 3], [8, 8, 6], [1, 0, 0])  # codebook, binary, uniform
+    eng = Engine(task, params, FinetuneConfig(steps=2, k=1))  # one compile serves export and check
+    r = export_plan(task, params, plan, tmp_path / "e", engine=eng)
+    assert r.quality == r.reload_quality and r.onnx_agreement >= 0.99
+    layers = {l["name"]: l for l in r.config["layers"]}
+    assert layers["fc1"]["onnx_out_channels"] == 150 and layers["fc2"]["onnx_out_channels"] == 50
+    assert layers["fc1"]["storage"] == "codebook" and layers["fc2"]["storage"] == "int"
+    back, meta = load_weights(tmp_path / "e" / "weights.safetensors", template=params)
+    assert len(np.unique(back["fc1"]["kernel"])) <= 2**4 + 1  # 16 shared values and the pruned zeros
+    assert len(np.unique(np.abs(back["fc2"]["kernel"][:, 0]))) <= 2  # 1 bit: +-a and 0
+    # the reloaded weights really give the exported quality in Flax (exact, not approximate)
+    res = eng.run(plan, return_models=True, finetune=False)
+    import dataclasses
+    cm = dataclasses.replace(res.models[0], params=back, act_ranges={k: tuple(v) for k, v in meta["extra"]["act_ranges"].items()})
+    pred = np.asarray(eng.predict(cm, task.data.x_test))
+    acc = float(np.mean(np.asarray(task.metric(jnp.asarray(pred), jnp.asarray(task.data.y_test)))))
+    assert acc == pytest.approx(r.quality, abs=1e-6)
+
+
+def test_errors_are_one_line(study_env, tmp_path, capsys):
+    results, study, trial = study_env
+    failed = [t.number for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL][0]
+    cases = [
+        (["export", "--study", "nope", "--trial", "0"], "unknown study"),
+        (["export", "--study", "exp", "--trial", "999"], "no trial 999"),
+        (["export", "--study", "exp", "--trial", str(failed)], "not complete"),
+    ]
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert cli.main([*argv, "--results-dir", str(results), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err
+    # measure: not an export, a corrupt config, a corrupt model
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"hello": 1}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"format": "hwcompress-export/1", "model": {"input_shape": [8, 8, 1]}}')
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not a model")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text("{oops")
+    for d, msg in (("foreign", "not an hwcompress export"), ("broken", "corrupt"), ("junk", "corrupt"),
+                   ("missing", "does not exist")):
+        capsys.readouterr()
+        assert cli.main(["measure", str(tmp_path / d), "--runs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
