@@ -8,6 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from models.conv import depthwise_conv
+
 
 class SeparableBlock(nn.Module):
     """Depthwise 3x3 (groups = channels) + ReLU, then pointwise 1x1 + ReLU."""
@@ -19,7 +21,7 @@ class SeparableBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = nn.Conv(c, (3, 3), strides=self.stride, padding="SAME", feature_group_count=c,
-                    name="dw")(x)
+                    conv_general_dilated=depthwise_conv, name="dw")(x)
         x = nn.relu(x)
         return nn.relu(nn.Conv(self.features, (1, 1), name="pw")(x))
 
