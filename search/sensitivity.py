@@ -55,11 +55,11 @@ def measure_sensitivity(engine: Any, layers: Sequence[Layer], baseline: float) -
 
 def insensitivity_ratios(sens: dict[str, Any], layers: Sequence[Layer], target: float, space: Space) -> np.ndarray:
     """Per-layer prune ratios whose parameter-weighted mean is about `target`, higher where
-    pruning the layer alone cost less quality (weights 1 / (loss + eps))."""
+    pruning the layer alone cost less quality (weights 1 / sqrt(relative loss + 1%))."""
     loss = np.clip(np.asarray(sens["prune_loss"], np.float64), 0.0, None)
     loss = np.where(np.isfinite(loss), loss, 1e3)
     scale = max(float(np.abs(sens.get("baseline", 1.0))), 1e-6)
-    weight = 1.0 / (loss / scale + 1e-3)
+    weight = 1.0 / np.sqrt(loss / scale + 1e-2)
     params = np.asarray([layer.params for layer in layers], np.float64)
     ratio = np.zeros(len(layers))
     # scale the weights so the parameter-weighted mean ratio hits the target (bisection on c)

@@ -216,14 +216,17 @@ def run_batch(
 
     `trials`: already asked (search.workers claims them under a lock so that concurrent
     workers never overshoot the study's trial budget); k is then len(trials).
-    Returns counts {"asked", "infeasible", "trained", "failed"}.
+    The caller then owns their heartbeats. Returns counts {"asked", "infeasible", "trained", "failed"}.
     """
-    if trials is None:
+    own = trials is None
+    if own:
         if _heartbeat_enabled(study):
             from search.storage import fail_stale_trials
 
             fail_stale_trials(study)
-        trials = [study.ask() for _ in range(k)]
+        with warnings.catch_warnings():  # our own heartbeats run around the training
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trials = [study.ask() for _ in range(k)]
     trials = list(trials)
     k = len(trials)
     told: set[int] = set()
@@ -255,7 +258,8 @@ def run_batch(
         failed = 0
         if feasible_idx:
             batch = P.stack_plans([plans[i] for i in feasible_idx])
-            with _heartbeats(study, [trials[i] for i in feasible_idx]):
+            beats = _heartbeats(study, [trials[i] for i in feasible_idx]) if own else contextlib.nullcontext()
+            with beats:
                 result = ctx.engine.run(batch)
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)

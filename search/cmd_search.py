@@ -1,0 +1,178 @@
+"""`hwcompress search`: find the Pareto-optimal compressed configs under a device's budgets.
+
+Parses flags and calls `search_command`; the work is in search.api.search_task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+import optuna
+
+from search.errors import UserError
+
+DEFAULT_TRIALS = 40
+DEFAULT_FINETUNE_STEPS = 150
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search per-layer pruning and bit widths under a device's budgets",
+        description="Search per-layer pruning ratios and bit widths with Optuna; every candidate is "
+        "priced on the hardware profile (over-budget ones are never trained), fine-tuned, and stored. "
+        "Running the same command again resumes the study.",
+    )
+    p.add_argument("--model", default="lenet300", help="zoo model (default lenet300)")
+    p.add_argument("--dataset", default="digits", help="data set (default digits)")
+    p.add_argument("--data-dir", default=None, help="where the data set lives, when not the default")
+    p.add_argument("--profile", default="mobile-cpu", help="shipped profile name or TOML path (default mobile-cpu)")
+    p.add_argument("--latency-ms", type=float, default=None, help="latency budget (profile default otherwise)")
+    p.add_argument("--memory-kb", type=float, default=None, help="peak memory budget (profile default otherwise)")
+    p.add_argument("--size-kb", type=float, default=None, help="model size budget (profile default otherwise)")
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"total trials in the study (default {DEFAULT_TRIALS})")
+    p.add_argument("--batch", type=int, default=None, help="trials asked and fine-tuned together (default: the engine's K)")
+    p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
+    p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
+    p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed")
+    p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help="fine-tuning steps per trial")
+    p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
+    p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
+    p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end (study, front)")
+    p.add_argument("--results-dir", default="results", help="where studies.db, caches and reports go")
+    p.set_defaults(func=search_command)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Run the search the flags describe, then print the front (table, JSON or one line)."""
+    import dataclasses
+
+    import models
+    from search.api import open_storage, pareto_frame, search_task
+    from search.engine import FinetuneConfig
+
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
+    task = models.get_task(args.model, args.dataset, data_dir=args.data_dir, seed=args.seed)
+    ft = dataclasses.replace(FinetuneConfig(), steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed)
+    storage = open_storage(args.storage, args.results_dir)
+    spec = {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "hparams": dict(task.hparams)}
+    objectives = [o for o in args.objectives.split(",") if o.strip()]
+    study = search_task(
+        task,
+        profile=args.profile,
+        budget=None,
+        spec=spec,
+        n_trials=args.trials,
+        batch=args.batch,
+        objectives=objectives,
+        sampler=args.sampler,
+        study_name=args.study,
+        storage=storage,
+        seed=args.seed,
+        finetune=ft,
+        warm_start=not args.no_warm_start,
+        progress=not (args.quiet or args.json),
+        results_dir=args.results_dir,
+    )
+    front = pareto_frame(study)
+    report_dir = _write_report(study, args.results_dir)
+    done = _done(study)
+    if args.json:
+        print(json.dumps(json_summary(study, args.storage or f"sqlite:///{args.results_dir}/studies.db", front, report_dir)))
+    elif args.quiet:
+        print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {report_dir}")
+    else:
+        _print_front(study, front)
+        print(f"report: {report_dir}")
+    return 0
+
+
+def _done(study: optuna.Study) -> int:
+    from search.study import finished_count
+
+    return finished_count(study.get_trials(deepcopy=False))
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def json_summary(study: optuna.Study, storage_url: str, front: Any, report_dir: str | None) -> dict[str, Any]:
+    """The --json object: study, storage, trials done and the front as rows."""
+    rows = [
+        {k: _clean(r[k]) for k in ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "feasible")}
+        for r in front.to_dict("records")
+    ]
+    for r in rows:
+        r["trial"] = int(r["trial"])
+        r["feasible"] = bool(r["feasible"])
+    return {
+        "study": study.study_name,
+        "storage": storage_url,
+        "trials_done": _done(study),
+        "baseline": study.user_attrs.get("baseline"),
+        "pareto": rows,
+        "report": report_dir,
+    }
+
+
+def _write_report(study: optuna.Study, results_dir: str) -> str | None:
+    """search.report.write_report when the report module has it; the report folder otherwise."""
+    from pathlib import Path
+
+    out = Path(results_dir) / study.study_name
+    try:
+        from search.report import write_report
+    except ImportError:
+        return None
+    paths = write_report(study, out)
+    return str(getattr(paths, "out_dir", out))
+
+
+def _print_front(study: optuna.Study, front: Any) -> None:
+    """The Pareto front as a rich table (pandas text when rich is missing)."""
+    base = study.user_attrs.get("baseline", {})
+    name = base.get("metric_name", "quality")
+    title = f"Pareto front of {study.study_name} (baseline {name} {base.get('val_metric', float('nan')):.4g})"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(front.drop(columns=["plan"], errors="ignore").to_string(index=False))
+        return
+    table = Table(title=title)
+    for col in ("trial", name, "latency ms", "memory KB", "size KB", "ratio", "plan"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for r in front.to_dict("records"):
+        table.add_row(
+            str(r["trial"]),
+            f"{r['quality']:.4f}",
+            f"{r['latency_ms']:.4g}",
+            f"{r['memory_kb']:.4g}",
+            f"{r['size_kb']:.4g}",
+            f"{r['compression_ratio']:.1f}x" if r.get("compression_ratio") else "-",
+            _plan_text(r.get("plan"), study),
+        )
+    Console(file=sys.stdout).print(table)
+
+
+def _plan_text(plan: dict | None, study: optuna.Study) -> str:
+    if not plan:
+        return ""
+    names = [layer["name"] for layer in study.user_attrs.get("layers", [])] or [str(i) for i in range(len(plan["ratio"]))]
+    try:
+        from search.report import layer_summary
+
+        return layer_summary(plan, names)
+    except ImportError:
+        return " | ".join(f"{n} p{r:.2f} w{w} a{a}" for n, r, w, a in zip(names, plan["ratio"], plan["weight_bits"], plan["act_bits"]))
