@@ -312,7 +312,8 @@ def csv_frame(view: StudyView) -> pd.DataFrame:
     return f[list(FRONT_COLUMNS) + ["feasible"] + plan_cols]
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt(v: Any, digits: int = 4) -> str:
+    """A table cell: floats to `digits` significant digits, NaN/inf as "-"."""
     if isinstance(v, (float, np.floating)):
         return "-" if not math.isfinite(v) else f"{v:.{digits}g}"
     return str(v)
@@ -329,22 +330,22 @@ def markdown(view: StudyView) -> str:
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.baseline:
         lines.append(f"- quality is {view.baseline.get('metric_name', 'the task metric')} on the validation split")
-        lines.append(f"- baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
+        lines.append(f"- baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
     hv = view.trials["hypervolume"]
-    lines += [f"- hypervolume (normalised): {_fmt(float(hv.iloc[-1]) if len(hv) else 0.0)}", "", "## Pareto front", ""]
+    lines += [f"- hypervolume (normalised): {fmt(float(hv.iloc[-1]) if len(hv) else 0.0)}", "", "## Pareto front", ""]
     if view.front.empty:
         lines.append("No feasible trial on this profile.")
     else:
         head = list(FRONT_COLUMNS)
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in view.front.iterrows():
-            lines.append("| " + " | ".join(_fmt(r[h]).replace("|", "\\|") for h in head) + " |")
+            lines.append("| " + " | ".join(fmt(r[h]).replace("|", "\\|") for h in head) + " |")
     s = sensitivity_frame(view.sensitivity)
     if not s.empty:
         lines += ["", "## Layer sensitivity (quality lost, one layer at a time)", "",
                   "| layer | " + " | ".join(s["probe"].unique()) + " |", "|---|" + "---|" * s["probe"].nunique()]
         for layer, g in s.groupby("layer", sort=False):
-            lines.append(f"| {layer} | " + " | ".join(_fmt(v) for v in g["loss"]) + " |")
+            lines.append(f"| {layer} | " + " | ".join(fmt(v) for v in g["loss"]) + " |")
     lines += ["", "Files: report.html (interactive, offline), pareto.csv, pareto.png, layers.png, hypervolume.png, sensitivity.png", ""]
     return "\n".join(lines)
 
@@ -361,8 +362,8 @@ def front_table(view: StudyView) -> Any:
     for h, j in zip(("trial", metric, "latency ms", "memory KB", "size KB", "x fp32", "layers"), "rrrrrrl"):
         table.add_column(h, justify={"r": "right", "l": "left"}[j], overflow="fold")
     for _, r in view.front.iterrows():
-        table.add_row(str(r["trial"]), _fmt(r["quality"]), _fmt(r["latency_ms"]), _fmt(r["memory_kb"]),
-                      _fmt(r["size_kb"]), _fmt(r["compression_ratio"], 3), r["summary"])
+        table.add_row(str(r["trial"]), fmt(r["quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]),
+                      fmt(r["size_kb"]), fmt(r["compression_ratio"], 3), r["summary"])
     return table
 
 

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from search.report import (FRONT_COLUMNS, StudyView, _fmt, cost_objectives, counts, heat_data,
+from search.report import (FRONT_COLUMNS, StudyView, fmt, cost_objectives, counts, heat_data,
                            sensitivity_frame)
 
 LABELS = {"latency_ms": "latency (ms)", "memory_kb": "memory (KB)", "size_kb": "size (KB)"}
@@ -23,8 +23,8 @@ td:last-child{text-align:left;font-family:monospace}th{background:#f3f3f3}.note{
 
 
 def _hover(rows) -> list[str]:
-    return [f"trial {r.trial}<br>quality {_fmt(r.quality)}<br>latency {_fmt(r.latency_ms)} ms<br>"
-            f"memory {_fmt(r.memory_kb)} KB<br>size {_fmt(r.size_kb)} KB<br>{html.escape(r.summary).replace(' | ', '<br>')}"
+    return [f"trial {r.trial}<br>quality {fmt(r.quality)}<br>latency {fmt(r.latency_ms)} ms<br>"
+            f"memory {fmt(r.memory_kb)} KB<br>size {fmt(r.size_kb)} KB<br>{html.escape(r.summary).replace(' | ', '<br>')}"
             + (f"<br><i>{html.escape(r.reason)}</i>" if r.reason else "") for r in rows.itertuples()]
 
 
@@ -89,7 +89,7 @@ def _table(view: StudyView) -> str:
     if view.front.empty:
         return "<p>No feasible trial on this profile.</p>"
     head = "".join(f"<th>{h}</th>" for h in FRONT_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h]))}</td>" for h in FRONT_COLUMNS) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r[h]))}</td>" for h in FRONT_COLUMNS) + "</tr>"
                    for _, r in view.front.iterrows())
     return f"<table><tr>{head}</tr>{body}</table>"
 
