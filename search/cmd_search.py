@@ -163,7 +163,10 @@ def _print_front(study: optuna.Study, front: Any) -> None:
             f"{r['compression_ratio']:.1f}x" if r.get("compression_ratio") else "-",
             _plan_text(r.get("plan"), study),
         )
-    Console(file=sys.stdout).print(table)
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:  # piped: do not squeeze the plan column into 80 columns
+        console = Console(file=sys.stdout, width=160)
+    console.print(table)
 
 
 def _plan_text(plan: dict | None, study: optuna.Study) -> str:
