@@ -18,13 +18,23 @@ SLOTS = 256  # codebook entries allocated per layer: 2**8, the widest codebook
 
 def active_slots(bits: jax.Array) -> jax.Array:
     """Number of centroids in use: 2**bits, capped at SLOTS."""
-    return jnp.minimum(jnp.exp2(jnp.asarray(bits, jnp.float32)), SLOTS).astype(jnp.int32)
+    return jnp.left_shift(jnp.int32(1), jnp.clip(jnp.asarray(bits, jnp.int32), 0, 8))
 
 
 def assign_nearest(values: jax.Array, centroids: jax.Array) -> jax.Array:
-    """Index of the nearest centroid; centroids sorted ascending, inactive ones +inf at the end."""
+    """Index of the nearest centroid; centroids sorted ascending, inactive ones +inf at the end.
+
+    A branchless binary search over the SLOTS - 1 midpoints (8 gathers): it compiles in a
+    fraction of jnp.searchsorted's time and runs faster on CPU.
+    """
     mid = 0.5 * (centroids[:-1] + centroids[1:])
-    return jnp.searchsorted(mid, values).astype(jnp.int32)
+    mid = jnp.concatenate([mid, jnp.full((1,), jnp.inf, mid.dtype)])  # SLOTS entries
+    idx = jnp.zeros(values.shape, jnp.int32)
+    step = SLOTS // 2
+    while step:
+        idx = jnp.where(mid[idx + step - 1] < values, idx + step, idx)
+        step //= 2
+    return idx
 
 
 def kmeans_codebook(w: jax.Array, mask: jax.Array, bits: jax.Array, iters: int = 15

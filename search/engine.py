@@ -100,6 +100,10 @@ def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
 
 
 _K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
+# jitted functions shared by every Engine of the same model, loss, metric, config and K, so a
+# study that builds a new Engine per batch of trials still compiles once
+_FN_CACHE: dict[tuple, tuple] = {}
+_FN_CACHE_SIZE = 16
 
 
 class Engine:
@@ -123,13 +127,24 @@ class Engine:
         self._table = jnp.asarray(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
         self._eval_batch = min(config.eval_batch, len(data.x_val))
         self._opt = optax.adam(config.learning_rate)
-        self._fns: dict[Any, Any] = {}  # jitted functions per K (and 'effective')
+        self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
         self.k = config.k if config.k is not None else self._choose_k()
 
     # ---- the three jitted functions, built once per K ----------------------------------
+    def _cache_key(self, k: int) -> tuple:
+        m = self.model
+        ident = m._graphdef if m.kind == "nnx" else m.source
+        c = self.config
+        return (m.kind, ident, self.layers, self.task.loss, self.task.metric, self.task.data.kind,
+                c.learning_rate, c.distill, c.temperature, c.alpha, k)
+
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
+            return self._fns[k]
+        key = self._cache_key(k)
+        if key in _FN_CACHE:
+            self._fns[k] = _FN_CACHE[key]
             return self._fns[k]
         model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
 
@@ -193,6 +208,9 @@ class Engine:
             jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None))),
         )
         self._fns[k] = fns
+        if len(_FN_CACHE) >= _FN_CACHE_SIZE:
+            _FN_CACHE.pop(next(iter(_FN_CACHE)))
+        _FN_CACHE[key] = fns
         return fns
 
     # ---- public API ----------------------------------------------------------------------
@@ -278,11 +296,7 @@ class Engine:
         return metric, ok, trainable, frozen
 
     def _models(self, group: Plan, trainable, frozen, metric, finite, n: int) -> list[CompressedModel]:
-        if "effective" not in self._fns:
-            layers = self.layers
-            self._fns["effective"] = jax.jit(lambda tr, fr, plan: compress.effective_params(
-                tr["params"], fr["masks"], tr["centroids"], fr["q"], layers, plan))
-        effective = self._fns["effective"]
+        effective = _effective_fn(self.layers)
         trainable, frozen = jax.tree.map(np.asarray, (trainable, frozen))
         out = []
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
@@ -322,6 +336,17 @@ class Engine:
         best = min(self.k_timings, key=self.k_timings.get)
         _K_CACHE[key] = best
         return best
+
+
+_EFFECTIVE: dict[tuple, Any] = {}
+
+
+def _effective_fn(layers: tuple[Layer, ...]):
+    """Jitted (trainable, frozen, plan) -> effective params for one plan, one per layer list."""
+    if layers not in _EFFECTIVE:
+        _EFFECTIVE[layers] = jax.jit(lambda tr, fr, plan: compress.effective_params(
+            tr["params"], fr["masks"], tr["centroids"], fr["q"], layers, plan))
+    return _EFFECTIVE[layers]
 
 
 def _node(tree, layer: Layer):

@@ -20,8 +20,14 @@ from search.plan import FLOAT
 
 
 def ste(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """x_hat in the forward pass, identity gradient in the backward pass."""
-    return x + jax.lax.stop_gradient(x_hat - x)
+    """Exactly x_hat in the forward pass (x - x is 0), identity gradient in the backward pass."""
+    return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
+
+
+def pow2(bits) -> jax.Array:
+    """2**bits as an exact float32 (XLA's exp2 is an approximation), for traced int bits."""
+    b = jnp.clip(jnp.asarray(bits, jnp.int32), 0, 30)
+    return jnp.left_shift(jnp.int32(1), b).astype(jnp.float32)
 
 
 def _reduce_axes(w: jax.Array) -> tuple[int, ...]:
@@ -29,7 +35,7 @@ def _reduce_axes(w: jax.Array) -> tuple[int, ...]:
 
 
 def _uniform_scale(w: jax.Array, bits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    qmax = jnp.exp2(jnp.asarray(bits, jnp.float32) - 1.0) - 1.0
+    qmax = pow2(jnp.asarray(bits) - 1) - 1.0
     amax = jnp.max(jnp.abs(w), axis=_reduce_axes(w), keepdims=True)
     scale = jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0)
     return scale, qmax
@@ -77,7 +83,7 @@ def act_qparams(lo, hi, bits):
     """(scale, zero point, levels) of the asymmetric activation grid for a range [lo, hi]."""
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
-    levels = jnp.exp2(jnp.asarray(bits, jnp.float32)) - 1.0
+    levels = pow2(bits) - 1.0
     s = (hi - lo) / levels
     s = jnp.where(s > 0, s, 1.0)
     return s, jnp.round(-lo / s), levels
