@@ -21,12 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from search.onnx_qdq import integer_kernels
 
 OPSET = 21
 NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -60,6 +63,7 @@ class _Act:
     nchw: bool = False  # physically NCHW while logically NHWC
     sel: _Sel | None = None
     src: str | None = None  # the layer that produced it, through elementwise ops and pooling
+    window: tuple[int, int] | None = None  # a lazy (B, H/kh, kh, W/kw, kw, C) split of `name`
 
 
 @dataclass
@@ -131,13 +135,15 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
     layer_of_path = dict(layer_of_path or {k: k[: -len("/kernel")] for k in keys if k.endswith("/kernel")})
     x0 = np.zeros((1, *input_shape), np.float32)
     fn = (lambda p, x: apply.apply({"params": p}, x)) if hasattr(apply, "apply") else apply
-    closed = jax.make_jaxpr(fn)(params, x0)
+    with nn.intercept_methods(_plain_convs):
+        closed = jax.make_jaxpr(fn)(params, x0)
     kept_back: list[str] = []
     for _ in range(4 * len(layer_of_path) + 2):
         try:
             conv = _Converter(exports, layer_of_path)
             model = conv.build(closed, keys, leaves, input_shape)
-            return model, {"kept": conv.kept, "kept_back": kept_back}
+            forms = integer_kernels(model)  # shape the QDQ layers for onnxruntime's integer kernels
+            return model, {"kept": conv.kept, "kept_back": kept_back, "forms": forms}
         except _Keep as k:
             kept_back.append(str(k))
             e = exports.get(k.layer, LayerExport(k.layer))
@@ -203,6 +209,8 @@ class _Converter:
                 tag = ins[0].tag if eqn.primitive.name in ("convert_element_type", "copy") else None
                 outs = [_Const(np.asarray(v), tag) for v in vals]
             else:
+                if eqn.primitive.name != "reduce_max":
+                    ins = [self.unwindow(i) for i in ins]
                 fn = getattr(self, f"op_{eqn.primitive.name}", None)
                 if fn is None:
                     raise NotImplementedError(f"ONNX export has no rule for primitive {eqn.primitive.name!r}")
@@ -221,6 +229,16 @@ class _Converter:
         if a.nchw or len(a.shape) != 4:
             return a
         return _Act(self.g.node("Transpose", [a.name], perm=list(NHWC_TO_NCHW)), a.shape, True, a.sel, a.src)
+
+    def unwindow(self, a):
+        """Emit a pending window split as the real 6-D reshape (for any reader but a max)."""
+        if not isinstance(a, _Act) or a.window is None:
+            return a
+        if a.sel is not None:
+            raise _Keep(a.sel.producer, "a pooling window split read by something else than a max")
+        x = self.logical(_Act(a.name, (a.shape[0], a.shape[1] * a.shape[2], a.shape[3] * a.shape[4], a.shape[5]), a.nchw))
+        shape = self.g.const(np.array([-1, *a.shape[1:]], np.int64), "shape")
+        return _Act(self.g.node("Reshape", [x.name, shape]), a.shape, False, None, a.src)
 
     def materialise(self, a: _Act) -> _Act:
         if a.sel is None:
@@ -293,6 +311,9 @@ class _Converter:
     # ------------------------------------------------------------ shapes
     def op_reshape(self, eqn, x):
         new = tuple(eqn.params["new_sizes"])
+        if len(x.shape) == 4 and len(new) == 6 and new[2] * new[1] == x.shape[1] and new[4] * new[3] == x.shape[2] \
+                and new[5] == x.shape[3]:  # (B, H/kh, kh, W/kw, kw, C): a pooling window split, see op_reduce_max
+            return _Act(x.name, new, x.nchw, x.sel, x.src, window=(int(new[2]), int(new[4])))
         x = self.logical(x)
         sel = None
         if x.sel is not None:  # only a flatten of everything after the batch axis keeps channels
@@ -323,6 +344,16 @@ class _Converter:
         return self._reduce("ReduceSum", eqn, x)
 
     def op_reduce_max(self, eqn, x):
+        if x.window is not None and tuple(eqn.params["axes"]) == (2, 4):  # max over windows: MaxPool
+            kh, kw = x.window
+            x = self.nchw(_Act(x.name, (x.shape[0], x.shape[1] * kh, x.shape[3] * kw, x.shape[5]), x.nchw, x.sel, x.src))
+            name = self.g.node("MaxPool", [x.name], kernel_shape=[kh, kw], strides=[kh, kw])
+            sel = None
+            if x.sel is not None:
+                h, w, c = x.sel.fill.shape
+                f = x.sel.fill[: h // kh * kh, : w // kw * kw].reshape(h // kh, kh, w // kw, kw, c)
+                sel = _Sel(x.sel.keep, f.max(axis=(1, 3)), x.sel.producer)
+            return _Act(name, tuple(eqn.outvars[0].aval.shape), True, sel, x.src)
         return self._reduce("ReduceMax", eqn, x)
 
     def _reduce(self, op, eqn, x):
@@ -409,8 +440,17 @@ class _Converter:
         g = self.g
         if q is None or spec is None or spec.act is None or spec.act[2] > 8:
             return g.const(w.astype(np.float32), "w")
-        dq = [g.const(q.astype(np.int8), "wq"), g.const(scale.astype(np.float32), "w_scale"),
-              g.const(np.zeros(scale.shape, np.int8), "w_zp")]
+        # the same weights on a finer grid (q * k, scale / k): the int32 bias, rounded to
+        # s_x * scale, then loses next to nothing even for 1- to 4-bit weights
+        amax = np.abs(q.reshape(q.shape[0], -1) if axis == 0 else q).max(axis=tuple(i for i in range(q.ndim) if i != axis) if axis else 1)
+        k = np.maximum(63 // np.maximum(amax, 1), 1)
+        kb = k.reshape((-1,) + (1,) * (q.ndim - 1)) if axis == 0 else k
+        q, scale = q * kb, (scale / k).astype(np.float32)
+        if np.abs(q).max(initial=0) <= 63:  # int8: onnxruntime's fast u8s8 kernels cannot overflow
+            wq, zp = q.astype(np.int8), np.zeros(scale.shape, np.int8)
+        else:  # 8-bit weights: u8s8 on AVX2 saturates int16 pair sums (VPMADDUBSW); u8u8 is exact
+            wq, zp = (q + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
+        dq = [g.const(wq, "wq"), g.const(scale.astype(np.float32), "w_scale"), g.const(zp, "w_zp")]
         return g.node("DequantizeLinear", dq, "w_dq", axis=axis)
 
     def op_dot_general(self, eqn, x, rhs):
@@ -526,3 +566,24 @@ def _on_fill(eqn, fill: np.ndarray) -> np.ndarray:
     """Apply a one-input primitive (pooling, reduction) to one example's fill values."""
     with np.errstate(all="ignore"):
         return np.asarray(eqn.primitive.bind(jnp.asarray(fill[None]), **eqn.params))[0].astype(np.float32)
+
+
+def _plain_convs(next_fun, args, kwargs, context):
+    """nn.Conv layers built with a custom `conv_general_dilated` (e.g. shifted-view depthwise
+    convs that train fast on CPU) are traced as the lax convolution they stand for."""
+    m = context.module
+    custom = getattr(m, "conv_general_dilated", None)
+    if not (isinstance(m, nn.Conv) and context.method_name == "__call__" and custom not in (None, jax.lax.conv_general_dilated)):
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    p = m.variables["params"]
+    k = len(m.kernel_size)
+    strides = (m.strides,) * k if isinstance(m.strides, int) else tuple(m.strides or (1,) * k)
+    dil = (m.kernel_dilation,) * k if isinstance(m.kernel_dilation, int) else tuple(m.kernel_dilation or (1,) * k)
+    pad = m.padding if isinstance(m.padding, str) else [tuple(q) if not isinstance(q, int) else (q, q) for q in m.padding]
+    dn = jax.lax.conv_dimension_numbers(x.shape, p["kernel"].shape, ("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(x, p["kernel"], strides, pad, rhs_dilation=dil, dimension_numbers=dn,
+                                     feature_group_count=m.feature_group_count)
+    if "bias" in p:
+        y = y + p["bias"].reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
