@@ -37,7 +37,7 @@ def export_command(args: argparse.Namespace) -> int:
                                  for k in ("dense", "pruned", "quantized", "huffman")))
     for l in c["layers"]:
         print(f"  {l['name']:12s} {l['out_channels']:4d} -> {l['onnx_out_channels']:4d} ch, w{l['weight_bits']} a{l['act_bits']} "
-              f"{l['quant_mode']:8s} onnx {l['onnx_weight']}")
+              f"{l['quant_mode']:8s} onnx {l['onnx_form']}")
     for name, pred in (c.get("predicted") or {}).items():
         if name == c.get("profile"):
             print(f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, {pred.get('memory_kb', float('nan')):.1f} KB memory")

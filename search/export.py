@@ -192,7 +192,8 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
                     "quant_mode": infos[l.name]["mode"], "storage": infos[l.name]["storage"],
                     "kept_weights": infos[l.name]["kept"], "out_channels": l.out_channels,
                     "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
-                    "onnx_weight": exports[l.name].weight, "act_range": list(cm.act_ranges[l.name])}
+                    "onnx_weight": exports[l.name].weight,
+                    "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name])}
                    for l in layers],
         "onnx_kept_back": oinfo["kept_back"],
         "size": size["total"],
