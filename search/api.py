@@ -194,7 +194,7 @@ def search_task(
     name = study_name or f"{full_spec.get('model', task.name)}-{task.data.name}-{prof_name}"
     study, resumed = open_study(name, storage, full_spec, directions, names, sampler, seed)
     ctx.engine = engine if engine is not None else Engine(task, base_params, finetune)
-    if not resumed:
+    if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
     k = batch or int(getattr(ctx.engine, "k", 0) or 4)
     bar = SearchProgress(n_trials, enabled=progress, metric_name=task.metric_name)
@@ -213,6 +213,13 @@ def _initialize(study: optuna.Study, ctx: SearchContext, task: Task, info: dict 
         res = ctx.engine.evaluate(dense, split="val")
         info["val_metric"] = float(np.asarray(getattr(res, "metric", res))[0])
     study.set_user_attr("layers", layers_attr(ctx.layers))
+    study.set_user_attr("min_costs", min_costs)
+    if warm and "sensitivity" not in study.user_attrs:
+        sens = measure_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]))
+        study.set_user_attr("sensitivity", sens)
+        for plan in warm_start_plans(sens, ctx.layers, ctx.space):
+            study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"warm_start": True})
+    # set last: its presence means the study is fully set up (an interrupt before it redoes the above)
     study.set_user_attr(
         "baseline",
         {
@@ -224,13 +231,6 @@ def _initialize(study: optuna.Study, ctx: SearchContext, task: Task, info: dict 
             "dense_size_kb": ctx.dense_bytes / 1024,
         },
     )
-    study.set_user_attr("min_costs", min_costs)
-    if not warm:
-        return
-    sens = measure_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]))
-    study.set_user_attr("sensitivity", sens)
-    for plan in warm_start_plans(sens, ctx.layers, ctx.space):
-        study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"warm_start": True})
 
 
 def compress(

@@ -15,6 +15,7 @@ from search.study import finished_count
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FT = FinetuneConfig(steps=4, batch_size=32, k=2, calib_examples=64)
+UNBOUNDED = {"latency_ms": None, "memory_kb": None, "size_kb": None}
 SPEC = {"model": "lenet300", "dataset": "digits", "data_dir": None, "hparams": {}}
 
 
@@ -59,6 +60,7 @@ def _search(base, storage, n, **kw):
     opts = dict(profile="mobile-cpu", base_params=params, train=False, baseline_info=info, spec=SPEC,
                 engine=kw.pop("engine"),
                 n_trials=n, batch=4, storage=storage, study_name="t", finetune=FT, seed=0)
+    opts.setdefault("budget", UNBOUNDED)  # every plan feasible unless a test says otherwise
     opts.update(kw)
     return search_task(task, **opts), opts["engine"]
 
@@ -124,3 +126,24 @@ def test_impossible_budget_is_refused_before_any_training(base, tmp_path):
         search_task(task, profile="mobile-cpu", budget={"latency_ms": 1e-9}, n_trials=2,
                     storage=_storage(tmp_path), results_dir=str(tmp_path))
     assert not (tmp_path / "cache").exists()  # the baseline was never trained
+
+
+def test_ctrl_c_keeps_completed_trials_and_resume_reruns_the_open_ones(base, engine, tmp_path, monkeypatch):
+    url = _storage(tmp_path)
+    real_run, calls = engine.run, []
+
+    def run_then_interrupt(plans, *a, **kw):  # Ctrl-C arrives during the second batch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(plans, *a, **kw)
+
+    monkeypatch.setattr(engine, "run", run_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _search(base, url, 6, warm_start=False, engine=engine, batch=2)
+    monkeypatch.setattr(engine, "run", real_run)
+    trials = optuna.load_study(study_name="t", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2
+    assert all(t.user_attrs["interrupted"] for t in trials[2:])
+    study, _ = _search(base, url, 6, warm_start=False, engine=engine, batch=2)
+    assert finished_count(study.get_trials()) == 6  # the two interrupted trials were run again
