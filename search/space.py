@@ -62,27 +62,30 @@ def _bits_of(profile: Any, *names: str) -> tuple[int, ...]:
 
 
 def _has_nm(profile: Any) -> bool:
-    """Whether the profile has N:M sparse kernels (False when it does not say)."""
-    sparsity = getattr(profile, "sparsity", None)
-    for obj in (sparsity, profile):
-        if obj is None:
-            continue
-        for name in ("nm", "n_m", "supports_nm", "nm_sparsity"):
-            v = getattr(obj, name, None)
-            if v is not None:
-                return bool(v)
-    return False
+    """Whether the profile accelerates an N:M pattern with M = plan.NM_GROUP."""
+    return any(int(m) == P.NM_GROUP for _, m in (getattr(profile, "nm_patterns", None) or ()))
 
 
 def space_for_profile(profile: Any) -> Space:
-    """The per-layer choices for a hardware profile (all choices when profile is None)."""
+    """The per-layer choices for a hardware profile (all choices when profile is None).
+
+    Activations get only the widths with kernels (plus float unless the profile disallows
+    float); weights also get packed storage widths below the widest kernel.
+    """
     if profile is None:
         return Space(("unstructured", "channel", "nm"), P.WEIGHT_BITS, P.ACT_BITS, ("uniform", "codebook"))
     grans = ["unstructured", "channel"] + (["nm"] if _has_nm(profile) else [])
-    kernel_w = _bits_of(profile, "weight_bits", "weight_kernel_bits", "kernel_weight_bits")
-    kernel_a = _bits_of(profile, "act_bits", "activation_bits", "act_kernel_bits", "kernel_act_bits")
-    weight_bits = sorted({b for b in (*kernel_w, *STORAGE_WEIGHT_BITS, P.FLOAT) if b in P.WEIGHT_BITS})
-    act_bits = sorted({b for b in (*kernel_a, P.FLOAT) if b in P.ACT_BITS})
+    kernel_w = _bits_of(profile, "weight_bits")
+    kernel_a = _bits_of(profile, "act_bits")
+    no_float = getattr(profile, "float_policy", "native") == "disallow"
+    widest_w = max(kernel_w) if kernel_w else P.FLOAT
+    weight = {*kernel_w, *(b for b in STORAGE_WEIGHT_BITS if b <= widest_w)}
+    act = set(kernel_a)
+    if not no_float:
+        weight.add(P.FLOAT)
+        act.add(P.FLOAT)
+    weight_bits = sorted(b for b in weight if b in P.WEIGHT_BITS)
+    act_bits = sorted(b for b in act if b in P.ACT_BITS) or [P.FLOAT]
     return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"))
 
 

@@ -29,13 +29,16 @@ LAYERS = (_dense(0, "fc1", 64, 30), _dense(1, "blk/fc2", 30, 10))
 
 
 def test_profile_restricts_granularity_and_activation_bits():
-    prof = SimpleNamespace(name="p", weight_bits=(8, 16, 32), act_bits=(8, 32), sparsity=SimpleNamespace(nm=False))
+    prof = SimpleNamespace(name="p", weight_bits=(8, 16, 32), act_bits=(8, 32), nm_patterns=(), float_policy="native")
     space = space_for_profile(prof)
     assert "nm" not in space.granularities
     assert set(space.act_bits) == {8, 32}  # only kernels (and float) for activations
     assert {2, 4, 8, 32} <= set(space.weight_bits)  # packed storage widths stay allowed
-    nm = space_for_profile(SimpleNamespace(name="q", weight_bits=(8,), act_bits=(8,), sparsity=SimpleNamespace(nm=True)))
+    npu = SimpleNamespace(name="q", weight_bits=(4, 8), act_bits=(8,), nm_patterns=((2, 4),), float_policy="disallow")
+    nm = space_for_profile(npu)
     assert "nm" in nm.granularities
+    assert nm.act_bits == (8,)  # no float where the device has no float kernels
+    assert max(nm.weight_bits) == 8 and 2 in nm.weight_bits
 
 
 def test_sampled_plans_lie_in_the_space():
