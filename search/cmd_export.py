@@ -33,6 +33,10 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
     print(f"  {c['model']['metric']}: Flax {r.quality:.4f}, reloaded {r.reload_quality:.4f}, ONNX {r.onnx_quality:.4f} "
           f"(max |ONNX - Flax| {r.onnx_max_abs_diff:.2e}, same predictions {r.onnx_agreement:.2%})")
+    from search.export import ONNX_MIN_AGREEMENT
+
+    if r.onnx_agreement < ONNX_MIN_AGREEMENT:
+        print(f"  warning: ONNX and Flax predictions agree on only {r.onnx_agreement:.2%} of the test set")
     print("  size: " + ", ".join(f"{k} {size['bytes_by_stage'][k] / 1024:.1f} KB ({size['ratio'][k]:.1f}x)"
                                  for k in ("dense", "pruned", "quantized", "huffman")))
     for l in c["layers"]:

@@ -28,9 +28,12 @@ from search import pack
 from search.errors import UserError
 from search.plan import CODEBOOK, FLOAT, Plan, stack_plans
 
-ONNX_TOLERANCE = 1e-3  # documented: max |ONNX - Flax| output for float layers is ~1e-6; QDQ
-# layers may round an activation to the neighbouring level where x / scale lies on a .5 tie,
-# so predictions may differ on a handful of borderline test examples (reported, not hidden).
+# Documented ONNX tolerance. Float layers agree with Flax to float rounding (~1e-6). Integer
+# layers are exact but for the bias: QLinearConv/QGemm take it as int32 on the s_x * s_w grid,
+# as every int8 runtime does, so an activation within s_x * s_w / 2 of a rounding boundary may
+# land one level away. Exports report the max |ONNX - Flax| output difference and the share of
+# test examples with the same prediction; tests require >= 99% agreement.
+ONNX_MIN_AGREEMENT = 0.99
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
         "predicted": costs or {},
         "quality": {"test": quality, "test_reloaded": reload_quality, "test_onnx": onnx_quality,
                     "val_after_finetune": float(cm.metric), "onnx_max_abs_diff": diff,
-                    "onnx_agreement": agree, "onnx_tolerance": ONNX_TOLERANCE},
+                    "onnx_agreement": agree, "onnx_min_agreement": ONNX_MIN_AGREEMENT},
         "finetune": dataclasses.asdict(engine.config),
         "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
                     "ratio": float(cm.plan.ratio[l.index]), "granularity": int(cm.plan.granularity[l.index]),
