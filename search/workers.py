@@ -76,6 +76,13 @@ def spawn_workers(
     worker i writes its output to log_dir/worker-i.log; otherwise it inherits ours.
     """
     url = storage_url or storage_mod.default_url(results_dir)
+    # workers on one machine compile the same XLA programs: share them through a persistent
+    # compilation cache under results/cache/xla, unless the user chose one
+    xla = {} if "JAX_COMPILATION_CACHE_DIR" in os.environ else {
+        "JAX_COMPILATION_CACHE_DIR": str(Path(results_dir, "cache", "xla").resolve()),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    env = {**xla, **(env or {})}
     cmd = worker_command(
         study, url, results_dir,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_trials=max_trials,
@@ -155,6 +162,7 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     worker on any machine runs exactly the search that `hwcompress search` started."""
     import dataclasses
 
+    import jax
     import numpy as np
 
     import hw_profiles
@@ -202,8 +210,17 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     )
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
+    # K (plans per vmapped step) is measured per backend, which costs every new worker a
+    # minute of compiling on a CPU: the first worker on a backend stores it for the rest
+    backend = jax.default_backend()
+    known_k = (study.user_attrs.get("engine_k") or {}).get(backend)
+    if finetune.k is None and known_k:
+        finetune = dataclasses.replace(finetune, k=int(known_k))
+    engine = Engine(task, params, finetune)
+    if finetune.k is None:
+        study.set_user_attr("engine_k", {**(study.user_attrs.get("engine_k") or {}), backend: int(engine.k)})
     return SearchContext(
-        engine=Engine(task, params, finetune),
+        engine=engine,
         layers=layers,
         profile=profile,
         profile_name=spec.get("profile_name", profile.name),
@@ -261,11 +278,15 @@ def run_worker(
         raise UserError(f"--batch {batch} must be at least 1")
     if max_trials is not None and max_trials < 1:
         raise UserError(f"--max-trials {max_trials} must be at least 1")
+    t0 = time.monotonic()
     storage = storage_mod.open_storage(
         storage_url, results_dir, heartbeat_interval=heartbeat_interval, grace_period=grace_period
     )
     study = storage_mod.load_study(study_name, storage)
     ctx = context_from_study(study, results_dir)
+    if log:
+        print(f"worker {WORKER_ID}: joined study {study_name} in {time.monotonic() - t0:.1f} s "
+              f"(K={getattr(ctx.engine, 'k', '?')})", file=sys.stderr, flush=True)
     spec = study.user_attrs["spec"]
     n_trials = int(spec["n_trials"])
     # every worker its own sampler stream: two workers must not propose the same plans
@@ -284,7 +305,7 @@ def run_worker(
                 counts = run_batch(study, ctx, len(trials), trials=trials)
             ran += counts["asked"]
             if log:
-                print(f"worker {os.getpid()}: study {study_name}: ran {counts['asked']} trials "
+                print(f"worker {WORKER_ID}: {time.monotonic() - t0:.1f} s: ran {counts['asked']} trials "
                       f"({counts['trained']} trained, {counts['infeasible']} over budget, "
                       f"{counts['failed']} failed)", file=sys.stderr, flush=True)
         elif running:  # others are still training: their trials may die and come back to us

@@ -22,7 +22,9 @@ from search.study import finished_count
 from tests._postgres import pg_url  # noqa: F401  (fixture)
 from tests._search_env import results_dir, start_search
 
-HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 3}
+# short heartbeats so a dead worker's trial comes back within seconds; the grace period
+# leaves room for a loaded 2-core machine where a beat can be late
+HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 8}
 WAIT = 240  # seconds: a generous bound for workers on a loaded 2-core machine, never hit
 
 
@@ -37,7 +39,10 @@ def _start_study(url: str, name: str, results, n_trials: int) -> optuna.Study:
     trial budget to n_trials, as a resumed `search --trials n_trials` would."""
     assert start_search(results, name, 1, "--storage", url) == 0
     study = S.load_study(name, S.open_storage(url, **HEARTBEAT))
-    study.set_user_attr("spec", {**study.user_attrs["spec"], "n_trials": n_trials})
+    spec = study.user_attrs["spec"]
+    # K=1 plan per step, as if the search had been started with FinetuneConfig(k=1): spares
+    # each worker process the minute it takes to measure the best K on this CPU
+    study.set_user_attr("spec", {**spec, "n_trials": n_trials, "finetune": {**spec["finetune"], "k": 1}})
     return study
 
 
@@ -53,61 +58,84 @@ def _check_complete(study: optuna.Study, n_trials: int) -> list[optuna.trial.Fro
     return trials
 
 
-def test_two_workers_share_one_study(pg_url, results):
-    n = 7
+def test_two_workers_share_one_study_and_survive_a_sigkill(pg_url, results):
+    """Two worker processes on one study. Once both have run trials, one is SIGKILLed in the
+    middle of its next trial: the heartbeat marks that trial failed, the other worker runs it
+    again, and the study ends with exactly the trials asked, each stored once."""
+    n = 16
     study = _start_study(pg_url, "two", results, n)
     procs = W.spawn_workers(2, "two", pg_url, results, log_dir=results / "logs-two", **HEARTBEAT)
     try:
-        codes = [p.wait(timeout=WAIT) for p in procs]
-    finally:
-        W.stop_workers(procs, grace=5)
-    assert codes == [0, 0], (results / "logs-two" / "worker-0.log").read_text()[-2000:]
-    trials = _check_complete(study, n)
-    # nothing failed here, so the study holds exactly what was asked: no extra trial
-    assert len(trials) == n
-    by = {t.user_attrs.get("worker") for t in trials[1:]}
-    assert by and by <= {_worker_id(p) for p in procs}
-
-
-def test_sigkilled_worker_trial_is_retried_by_the_other(pg_url, results):
-    n = 4
-    study = _start_study(pg_url, "kill", results, n)
-    [victim] = W.spawn_workers(1, "kill", pg_url, results, log_dir=results / "logs-kill-0", **HEARTBEAT)
-    procs = [victim]
-    try:
-        killed = _wait_running_trial(study, _worker_id(victim), victim)
-        # the second worker starts while the first is mid-trial (asked, not told) ...
-        procs += W.spawn_workers(1, "kill", pg_url, results, log_dir=results / "logs-kill-1", **HEARTBEAT)
-        victim.send_signal(signal.SIGKILL)  # ... and the first dies without a word
-        victim.wait(timeout=10)
-        survivor = procs[1]
-        assert survivor.wait(timeout=WAIT) == 0
+        for p in procs:  # both share the study ...
+            _wait_trials_by(study, _worker_id(p), 1, p)
+        killed, victim = _kill_mid_trial(study, procs)  # ... then one dies mid-trial
+        [survivor] = [p for p in procs if p is not victim]
+        log = results / "logs-two" / f"worker-{procs.index(survivor)}.log"
+        assert survivor.wait(timeout=WAIT) == 0, _log(log)
     finally:
         W.stop_workers(procs, grace=5)
     trials = _check_complete(study, n)
+    # the dead attempt is the only row beyond what was asked
+    assert len(trials) == n + 1, _summary(trials)
     dead = trials[killed]
     assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs  # heartbeat, not code
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retry.user_attrs["worker"] == _worker_id(survivor)
-    assert retry.params == dead.params  # the same plan, run again
-    assert len(trials) == n + 1  # the dead attempt is the only extra row
+    # the same plan, run again (a trial killed while sampling had only its first params)
+    assert {k: retry.params[k] for k in dead.params} == dead.params
+    ran_by = [t.user_attrs.get("worker") for t in trials[1:] if t.number != killed]
+    assert set(ran_by) == {_worker_id(victim), _worker_id(survivor)}
+
+
+def _summary(trials) -> str:
+    return "\n".join(f"{t.number} {t.state.name} {t.user_attrs.get('worker')} {t.user_attrs.get('fail_reason')} "
+                     f"{t.system_attrs.get('failed_trial')} {t.datetime_start} {t.datetime_complete}" for t in trials)
+
+
+def _log(path) -> str:
+    return path.read_text()[-3000:] if path.exists() else "(no log)"
+
+
+def _wait_trials_by(study: optuna.Study, worker: str, count: int, proc: subprocess.Popen) -> None:
+    """Wait until `worker` has finished `count` trials."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("worker") == worker and t.state.is_finished()]
+        if len(done) >= count:
+            return
+        assert proc.poll() is None, f"worker {worker} exited ({proc.returncode}) early"
+        time.sleep(0.1)
+    raise AssertionError(f"worker {worker} finished no trial in {WAIT} s")
 
 
 def _worker_id(proc: subprocess.Popen) -> str:
     return f"{socket.gethostname()}:{proc.pid}"
 
 
-def _wait_running_trial(study: optuna.Study, worker: str, proc: subprocess.Popen) -> int:
-    """Number of the first trial `worker` is running (asked, not told)."""
+def _kill_mid_trial(study: optuna.Study, procs: list[subprocess.Popen]) -> tuple[int, subprocess.Popen]:
+    """SIGKILL a worker while it holds a RUNNING trial; returns (trial number, that worker).
+
+    The worker is frozen with SIGSTOP first and the trial re-read: only if it is still
+    running (not told in between) does SIGKILL follow, so the kill is surely mid-trial.
+    """
+    ids = {_worker_id(p): p for p in procs}
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker") == worker:
-                return t.number
-        assert proc.poll() is None, f"worker exited ({proc.returncode}) before taking a trial"
-        time.sleep(0.05)
-    raise AssertionError(f"worker {worker} took no trial in {WAIT} s")
+            proc = ids.get(t.user_attrs.get("worker"))
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+            if study.get_trials(deepcopy=False)[t.number].state == TrialState.RUNNING:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+                return t.number, proc
+            proc.send_signal(signal.SIGCONT)  # told just before the stop: try the next one
+        assert all(p.poll() is None for p in procs), "a worker exited before it could be killed"
+        time.sleep(0.02)
+    raise AssertionError(f"no worker took a trial in {WAIT} s")
 
 
 def test_worker_joins_from_spec_and_stops_at_budget(pg_url, results):
@@ -115,7 +143,7 @@ def test_worker_joins_from_spec_and_stops_at_budget(pg_url, results):
     already reached it runs nothing and says so."""
     study = _start_study(pg_url, "join", results, 2)
     assert cli.main(["worker", "--study", "join", "--storage", pg_url, "--results-dir", str(results),
-                     "--batch", "1", "--heartbeat", "1", "--grace", "3"]) == 0
+                     "--batch", "1", "--heartbeat", "1", "--grace", "8"]) == 0
     _check_complete(study, 2)
     assert cli.main(["worker", "--study", "join", "--storage", pg_url,
                      "--results-dir", str(results)]) == 0
