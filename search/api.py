@@ -172,10 +172,6 @@ def search_task(
     ctx = SearchContext(None, layers, prof, prof_name, budget_d, tuple(names), space, dense_bytes)
     min_costs = check_budget_reachable(ctx)
 
-    if train:
-        from models.train import train_baseline
-
-        base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
     finetune = finetune if finetune is not None else FinetuneConfig()
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = open_storage(storage, results_dir)
@@ -192,7 +188,11 @@ def search_task(
         "space": space.to_dict(),
     }
     name = study_name or f"{full_spec.get('model', task.name)}-{task.data.name}-{prof_name}"
-    study, resumed = open_study(name, storage, full_spec, directions, names, sampler, seed)
+    study, _ = open_study(name, storage, full_spec, directions, names, sampler, seed)
+    if train:  # after the spec check: a conflicting resume fails before any training
+        from models.train import train_baseline
+
+        base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
     ctx.engine = engine if engine is not None else Engine(task, base_params, finetune)
     if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)

@@ -82,16 +82,33 @@ def make_sampler(name: str, seed: int, n_existing: int = 0) -> optuna.samplers.B
     raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+SPEC_ORDER = ("model", "dataset", "data_dir", "hparams", "seed", "profile", "profile_name", "budget",
+              "objectives", "sampler", "finetune", "space")  # the order differences are reported in
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
+    """(dotted field, stored value, new value) of the first difference, None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in SPEC_ORDER if k in a or k in b] + sorted((set(a) | set(b)) - set(SPEC_ORDER))
+        for key in keys:
+            if path == "" and key in SPEC_IGNORED_ON_RESUME:
+                continue
+            d = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if d:
+                return d
+        return None
+    return None if _jsonable(a) == _jsonable(b) else (path, a, b)
+
+
 def check_spec(stored: dict[str, Any], new: dict[str, Any], study_name: str) -> None:
     """Raise UserError naming the first field where a resumed run disagrees with the study."""
-    for key in sorted(set(stored) | set(new)):
-        if key in SPEC_IGNORED_ON_RESUME:
-            continue
-        if _jsonable(stored.get(key)) != _jsonable(new.get(key)):
-            raise UserError(
-                f"study {study_name!r} was created with {key}={stored.get(key)!r} but this run asks for "
-                f"{key}={new.get(key)!r}; use the same value to resume, or a new --study name"
-            )
+    d = _first_difference(_jsonable(stored), _jsonable(new), "")
+    if d:
+        key, old, want = d
+        raise UserError(
+            f"study {study_name!r} was created with {key}={old!r} but this run asks for {key}={want!r}; "
+            f"use the same value to resume, or a new --study name"
+        )
 
 
 def _jsonable(v: Any) -> Any:
