@@ -57,6 +57,7 @@ def search_command(args: argparse.Namespace) -> int:
     from search.api import open_storage, pareto_frame, search_task
     from search.engine import FinetuneConfig
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says what matters
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
     task = models.get_task(args.model, args.dataset, data_dir=args.data_dir, seed=args.seed)
