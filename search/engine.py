@@ -326,13 +326,14 @@ class Engine:
             state, t = (tr, os_, fin), jnp.int32(0)
             state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
             jax.block_until_ready(state)
-            n = 10
-            t0 = time.perf_counter()
-            for _ in range(n):
-                state, t = step(state, t % self._table.shape[0], fr, group, self.base_params, self._x, self._y,
-                                self._table)
-            jax.block_until_ready(state)
-            self.k_timings[k] = (time.perf_counter() - t0) / (n * k)
+            best = np.inf
+            for _ in range(3):  # best of 3: other processes may share the CPU
+                t0 = time.perf_counter()
+                for _ in range(5):  # t may run past the table: indices are clamped, fine for timing
+                    state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+                jax.block_until_ready(state)
+                best = min(best, (time.perf_counter() - t0) / (5 * k))
+            self.k_timings[k] = best
         best = min(self.k_timings, key=self.k_timings.get)
         _K_CACHE[key] = best
         return best

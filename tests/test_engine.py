@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import nnx
 
 import models
@@ -116,22 +117,34 @@ def test_nan_is_reported_not_raised_and_a_new_engine_does_not_recompile(lenet300
     assert not r.finite.any() and np.isnan(r.metric).all() and "NaN" in r.reason[0]
 
 
-def test_conv_models_and_depthwise():
-    task = models.get_task("lenet5", "digits")
+class _TinyCNN(nn.Module):
+    """A conv, a depthwise conv and a classifier: the conv paths at a fraction of LeNet-5's compile."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2, name="conv")(x))
+        x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8, name="dw")(x))
+        return nn.Dense(10, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def test_conv_and_depthwise_layers(lenet300):
+    task = dataclasses.replace(lenet300[0], module=_TinyCNN(), name="tiny-cnn")
     shapes = jax.eval_shape(task.init_params)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.1, jnp.float32), shapes)
     eng = Engine(task, params, FinetuneConfig(steps=3, batch_size=32, k=1, eval_batch=128))
-    plans = [make_plan([0.5, 0.5, 0.9, 0.2], [CHANNEL, NM, UNSTRUCTURED, CHANNEL], [8, 4, 3, 8], 8,
-                       [UNIFORM, UNIFORM, CODEBOOK, UNIFORM])]
+    assert [l.kind for l in eng.layers] == ["conv", "depthwise", "dense"]
+    plans = [make_plan([0.5, 0.5, 0.9], [CHANNEL, NM, UNSTRUCTURED], [8, 4, 3], 8, [UNIFORM, UNIFORM, CODEBOOK])]
     r = eng.run(plans, return_models=True)
     cm = r.models[0]
+    assert r.finite[0]
     pruned = [int((cm.masks[l.name] == 0).sum()) for l in eng.layers]
     np.testing.assert_array_equal(pruned, pruned_counts(eng.layers, cm.plan))
     for l in eng.layers:
         assert (cm.params[l.name]["kernel"][cm.masks[l.name] == 0] == 0).all()
+    assert len(np.unique(cm.params["fc"]["kernel"])) <= 2**3 + 1  # shared values + the zeros
     with count_compiles() as c:
-        eng.run([make_plan([0.1, 0.7, 0.3, 0.0], NM, 5, 16, CODEBOOK)], return_models=True)
+        eng.run([make_plan([0.1, 0.7, 0.3], NM, 5, 16, CODEBOOK)], return_models=True)
     assert c.count == 0
 
 
