@@ -74,7 +74,9 @@ def make_sampler(name: str, seed: int, n_existing: int = 0) -> optuna.samplers.B
     """A seeded sampler; the seed moves with the trials already done so a resume never repeats."""
     s = None if seed is None else int(seed) + 7919 * int(n_existing)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=s, multivariate=True, constant_liar=True, n_startup_trials=10)
+        with warnings.catch_warnings():  # multivariate and constant_liar are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=s, multivariate=True, constant_liar=True, n_startup_trials=10)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s, population_size=20)
     if name == "random":
