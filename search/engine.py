@@ -9,8 +9,11 @@ the transforms a plan does not use.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -310,11 +313,18 @@ class Engine:
         return out
 
     def _choose_k(self) -> int:
-        """Measure seconds per plan-step for a few K on this backend and keep the fastest."""
+        """Measure seconds per plan-step for a few K on this backend and keep the fastest.
+
+        The choice is remembered per process and in results/cache/engine_k.json per machine.
+        """
         backend = jax.default_backend()
-        key = (backend, self.task.name, self.task.data.input_shape, self.config.batch_size, self.config.distill,
-               tuple(l.kernel_shape for l in self.layers))
+        key = (backend, jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
+               self.config.batch_size, self.config.distill, tuple(l.kernel_shape for l in self.layers))
         if key in _K_CACHE:
+            return _K_CACHE[key]
+        disk = _read_k_file()
+        if repr(key) in disk:
+            _K_CACHE[key] = int(disk[repr(key)]["k"])
             return _K_CACHE[key]
         candidates = (1, 4) if backend == "cpu" else (1, 2, 4, 8, 16)
         for k in candidates:
@@ -336,7 +346,30 @@ class Engine:
             self.k_timings[k] = best
         best = min(self.k_timings, key=self.k_timings.get)
         _K_CACHE[key] = best
+        disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
+        _write_k_file(disk)
         return best
+
+
+K_FILE = Path("results/cache/engine_k.json")  # K measured per machine, backend and task
+
+
+def _read_k_file() -> dict:
+    try:
+        return json.loads(K_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_k_file(data: dict) -> None:
+    """Best effort: a read-only results/ only means measuring again next time."""
+    try:
+        K_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = K_FILE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, K_FILE)
+    except OSError:
+        pass
 
 
 _EFFECTIVE: dict[tuple, Any] = {}
