@@ -13,6 +13,7 @@ import hashlib
 import os
 import sqlite3
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -85,17 +86,7 @@ def open_storage(
             "sqlite:///path/to/studies.db, or leave --storage out for results/studies.db"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                sql_url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY
-                ),
-            )
+        return _rdb(sql_url, engine_kwargs, heartbeat_interval, grace_period)
     except RuntimeError as e:  # optuna: schema written by another Optuna version
         raise UserError(
             f"storage {redact(url)!r} was written by another Optuna version ({_first_line(e)}): "
@@ -103,6 +94,32 @@ def open_storage(
         ) from None
     except Exception as e:  # sqlalchemy errors after our checks: still one line
         raise UserError(f"cannot open storage {redact(url)!r}: {_first_line(e)}") from None
+
+
+def _rdb(sql_url: str, engine_kwargs: dict, heartbeat_interval: int, grace_period: int) -> RDBStorage:
+    """RDBStorage with heartbeats. Two processes that create the same new database at once
+    race on Optuna's schema tables (a unique-key error in one): the loser tries again and
+    finds the schema the winner wrote."""
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    sql_url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY
+                    ),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _first_line(e: BaseException) -> str:

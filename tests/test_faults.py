@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,47 +29,56 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-def test_sigint_keeps_completed_trials_and_same_command_resumes(tmp_path):
+def test_sigint_keeps_completed_trials_and_same_command_resumes(tmp_path, capsys):
+    """Ctrl-C in the middle of `hwcompress search` (a real SIGINT to this process, sent once
+    two trials are complete), then the same command again."""
     results = results_dir(tmp_path)
-    n = 6
+    n = 8
     argv = ["search", *SEARCH, "--study", "intr", "--trials", str(n), "--results-dir", str(results)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = None
-    try:
+    seen: dict[int, list[float]] = {}
+    searching = threading.Event()
+
+    def on_sigint(signum, frame):  # only while the search runs: never interrupt pytest itself
+        if searching.is_set():
+            raise KeyboardInterrupt
+
+    def interrupt_after_two_trials() -> None:
         deadline = time.monotonic() + WAIT
-        done: list[optuna.trial.FrozenTrial] = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            if storage is None:
-                if not (results / "studies.db").exists():
-                    continue
-                storage = S.open_storage(None, results)
+        storage = None
+        while searching.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if storage is None and not (results / "studies.db").exists():
+                continue
+            storage = storage or S.open_storage(None, results)
             if "intr" not in S.study_names(storage):
                 continue
             trials = S.load_study("intr", storage).get_trials()
-            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            done = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
             if len(done) >= 2:
-                proc.send_signal(signal.SIGINT)
-                break
-        _, err = proc.communicate(timeout=60)
+                seen.update(done)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    searching.set()
+    helper = threading.Thread(target=interrupt_after_two_trials, daemon=True)
+    helper.start()
+    try:
+        rc = cli.main(argv)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert len(done) >= 2, "the search finished or stalled before it could be interrupted"
-    if proc.returncode == 0:
-        pytest.skip("the search finished before SIGINT landed")  # its last trial was told first
-    assert proc.returncode == 130, err[-2000:]
+        searching.clear()
+        signal.signal(signal.SIGINT, old)
+        helper.join()
+    err = capsys.readouterr().err
+    assert len(seen) >= 2, "the search ended before two trials were complete"
+    assert rc == 130, err[-3000:]
     assert "interrupted" in err and "Traceback" not in err
-    study = S.load_study("intr", S.open_storage(None, results))
-    after = study.get_trials()
+    after = S.load_study("intr", S.open_storage(None, results)).get_trials()
     assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     kept = {t.number: t.values for t in after if t.state == TrialState.COMPLETE}
-    for t in done:  # every trial completed before the interrupt is still there, unchanged
-        assert kept[t.number] == t.values
-    # trials cut short are failed as interrupted and do not count
-    for t in after:
+    for number, values in seen.items():  # every trial completed before Ctrl-C is still there
+        assert kept[number] == values
+    for t in after:  # trials cut short are failed as interrupted and do not count
         if t.state == TrialState.FAIL:
             assert t.user_attrs.get("interrupted") and t.user_attrs.get("fail_reason") == "interrupted"
     assert finished_count(after) < n
