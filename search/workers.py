@@ -162,7 +162,6 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     worker on any machine runs exactly the search that `hwcompress search` started."""
     import dataclasses
 
-    import jax
     import numpy as np
 
     import hw_profiles
@@ -210,15 +209,7 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     )
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
-    # K (plans per vmapped step) is measured per backend, which costs every new worker a
-    # minute of compiling on a CPU: the first worker on a backend stores it for the rest
-    backend = jax.default_backend()
-    known_k = (study.user_attrs.get("engine_k") or {}).get(backend)
-    if finetune.k is None and known_k:
-        finetune = dataclasses.replace(finetune, k=int(known_k))
-    engine = Engine(task, params, finetune)
-    if finetune.k is None:
-        study.set_user_attr("engine_k", {**(study.user_attrs.get("engine_k") or {}), backend: int(engine.k)})
+    engine = Engine(task, params, finetune)  # K: the spec's, else measured once per machine
     return SearchContext(
         engine=engine,
         layers=layers,

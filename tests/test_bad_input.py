@@ -95,8 +95,9 @@ CASES = [
     ("corrupt-sqlite-worker", ["worker", "--study", "kept", "--results-dir", "{C}"], "SQLite"),
     ("unknown-trial-export", ["export", "--study", "kept", "--trial", "999", "--results-dir", "{R}",
                               "--out", "{F}/out"], "999"),
-    ("wrong-shape-safetensors", ["measure", "--model", "lenet300", "--dataset", "digits",
-                                 "--weights", "{F}/wrong-shapes.safetensors"], "shape"),
+    # the user's own trained weights for a zoo model, with the right names but wrong shapes
+    ("wrong-shape-safetensors", search("--weights", "{F}/wrong-shapes.safetensors"), "shape"),
+    ("export-dir-without-export", ["measure", "{F}"], "config.json"),
 ]
 
 
