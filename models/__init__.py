@@ -82,7 +82,7 @@ _TRAIN: dict[tuple[str, str], TrainConfig] = {
     ("lenet300", "fashion-mnist"): TrainConfig(steps=6000, batch_size=128, learning_rate=1e-3),
     ("lenet5", "fashion-mnist"): TrainConfig(steps=1500, batch_size=128, learning_rate=2e-3),
     ("mobilenet", "fashion-mnist"): TrainConfig(steps=1500, batch_size=128, learning_rate=3e-3),
-    ("vdsr", "sr-images"): TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3,
+    ("vdsr", "sr-images"): TrainConfig(steps=1000, batch_size=16, learning_rate=3e-3,
                                        weight_decay=0.0),
 }
 
