@@ -145,6 +145,7 @@ def integer_kernels(model: onnx.ModelProto) -> dict[str, str]:
         else:
             _float_conv(g, node, xdq, xq, wdq, prod, cons)
             forms[node.name] = "float"
+    _drop_unused(g)
     onnx.checker.check_model(model)
     return forms
 

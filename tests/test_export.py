@@ -98,6 +98,19 @@ def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
     pred = np.asarray(eng.predict(cm, task.data.x_test))
     acc = float(np.mean(np.asarray(task.metric(jnp.asarray(pred), jnp.asarray(task.data.y_test)))))
     assert acc == pytest.approx(r.quality, abs=1e-6)
+    # measure works on an export without a profile too (predicted: n/a)
+    assert cli.main(["measure", str(tmp_path / "e"), "--runs", "3", "--warmup", "1"]) == 0
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path):
+    from search.export import _prepare_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        _prepare_dir(tmp_path / "out", force=False)
+    _prepare_dir(tmp_path / "out", force=True)
+    assert not any((tmp_path / "out").iterdir())
 
 
 def test_errors_are_one_line(study_env, tmp_path, capsys):
@@ -113,7 +126,10 @@ def test_errors_are_one_line(study_env, tmp_path, capsys):
         assert cli.main([*argv, "--results-dir", str(results), "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err
-    # measure: not an export, a corrupt config, a corrupt model
+
+
+def test_measure_errors_are_one_line(tmp_path, capsys):
+    # not an export, a corrupt config, a corrupt model, no directory
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "config.json").write_text('{"hello": 1}')
     (tmp_path / "broken").mkdir()
