@@ -28,8 +28,9 @@ def _create(url: str, name: str, results: str, steps: int, trials: int) -> None:
     cmd = [sys.executable, "-m", "search.cli", "search", "--model", "lenet300", "--dataset", "digits",
            "--profile", "mobile-cpu", "--finetune-steps", str(steps), "--no-warm-start", "--quiet",
            "--study", name, "--storage", url, "--trials", "1", "--results-dir", results]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    from search.workers import worker_env
+
+    subprocess.run(cmd, check=True, env=worker_env(), cwd=ROOT)
     study = S.load_study(name, S.open_storage(url))
     study.set_user_attr("spec", {**study.user_attrs["spec"], "n_trials": 1 + trials})
 
