@@ -1,0 +1,248 @@
+"""The typed value objects of a hardware profile, and their validation from parsed TOML.
+
+Every field of the TOML file is declared once in `FIELDS` (section, key, what is expected);
+`build_profile` walks that table, so a missing field, a wrong type, an out-of-range value and
+an unknown key (a typo) all produce the same one-line UserError naming the file, the field,
+the value and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from search.errors import UserError
+
+KINDS = ("cpu", "gpu", "mobile", "npu", "mcu")
+LAYER_KINDS = ("dense", "conv", "depthwise")
+FLOAT_POLICIES = ("native", "fallback", "disallow")
+PRECISIONS = {"fp32_gops": 32, "fp16_gops": 16, "int8_gops": 8, "int4_gops": 4}
+BIT_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Default per-device budget; None means unbounded. All for one example (batch 1)."""
+
+    latency_ms: float | None = None  # predicted latency of one forward pass, milliseconds
+    memory_kb: float | None = None  # packed weights + peak activations, KiB (1024 bytes)
+    size_kb: float | None = None  # packed model size (weights, indices, scales, biases), KiB
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """What one device accelerates and how fast; loaded from hw_profiles/<name>.toml."""
+
+    name: str  # registry name, e.g. "mcu"
+    kind: str  # cpu | gpu | mobile | npu | mcu
+    description: str  # one line: the device this profile models
+    peak_gops: Mapping[int, float]  # compute width (32 fp32, 16 fp16/int16, 8 int8, 4 int4) -> peak dense GOPS, 1 MAC = 2 ops
+    efficiency: Mapping[str, float]  # layer kind (dense, conv, depthwise) -> fraction of peak reached, (0, 1]
+    bandwidth_gbs: float  # main-memory bandwidth, GB/s (1e9 bytes)
+    bandwidth_efficiency: float  # fraction of bandwidth reached, (0, 1]
+    capacity_kb: float  # memory available to the model, KiB
+    onchip_kb: float | None  # on-chip SRAM / cache; a model whose memory fits runs at onchip_bandwidth_gbs
+    onchip_bandwidth_gbs: float | None  # bandwidth when the whole model fits on chip, GB/s
+    layer_overhead_us: float  # fixed cost per layer (dispatch, kernel launch), microseconds
+    weight_bits: tuple[int, ...]  # weight widths with real kernels; others compute at the next wider one
+    act_bits: tuple[int, ...]  # activation widths with real kernels; same rule
+    float_policy: str  # when no kernel is wide enough: native (fp32 kernels exist) | fallback (host CPU) | disallow (inf)
+    fallback_gops: float | None  # host CPU peak GOPS for fallback layers
+    fallback_layer_us: float | None  # per-layer cost of a fallback layer (hand-off to the CPU), microseconds
+    unstructured_min_sparsity: float | None  # unstructured sparsity speeds up only at or above this; None = never
+    unstructured_work_factor: float  # cost of one sparse nonzero MAC relative to a dense MAC (index decoding)
+    nm_patterns: tuple[tuple[int, int], ...]  # (N, M): keep N of every M weights, accelerated (e.g. (2, 4))
+    budget: Budget  # default budget for searches on this device
+    source: str = ""  # the file it was loaded from
+
+
+# ---------------------------------------------------------------- field checks
+
+
+@dataclass(frozen=True)
+class _Field:
+    expected: str  # the words an error uses for "what is expected"
+    check: Callable[[Any], str | None]  # returns None when fine, else "wrong type" / "out of range"
+    required: bool = True
+
+
+def _number(lo: float, hi: float = math.inf, lo_open: bool = True) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"wrong type {type(v).__name__}"
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or v > hi:
+            return "out of range"
+        return None
+
+    return check
+
+
+def _string(choices: tuple[str, ...] | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"wrong type {type(v).__name__}"
+        if not v.strip() or (choices is not None and v not in choices):
+            return "not allowed"
+        return None
+
+    return check
+
+
+def _bits(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in v):
+        return f"wrong type {type(v).__name__}"
+    if not v or any(b not in BIT_WIDTHS for b in v) or len(set(v)) != len(v):
+        return "not allowed"
+    return None
+
+
+def _patterns(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+        for p in v
+    )
+    if not ok:
+        return f"wrong type {type(v).__name__}"
+    if any(not 0 < n < m for n, m in v):
+        return "out of range"
+    return None
+
+
+_POS = "a positive number"
+_FRAC = "a number in (0, 1]"
+FIELDS: dict[str, dict[str, _Field]] = {
+    "": {
+        "name": _Field("a non-empty string", _string()),
+        "kind": _Field(f"one of {list(KINDS)}", _string(KINDS)),
+        "description": _Field("a non-empty string", _string()),
+    },
+    "compute": {
+        "fp32_gops": _Field(f"{_POS} (peak fp32 GOPS)", _number(0), required=False),
+        "fp16_gops": _Field(f"{_POS} (peak 16-bit GOPS)", _number(0), required=False),
+        "int8_gops": _Field(f"{_POS} (peak int8 GOPS)", _number(0), required=False),
+        "int4_gops": _Field(f"{_POS} (peak int4 GOPS)", _number(0), required=False),
+        "efficiency_dense": _Field(_FRAC, _number(0, 1)),
+        "efficiency_conv": _Field(_FRAC, _number(0, 1)),
+        "efficiency_depthwise": _Field(_FRAC, _number(0, 1)),
+    },
+    "memory": {
+        "bandwidth_gbs": _Field(f"{_POS} (GB/s)", _number(0)),
+        "bandwidth_efficiency": _Field(_FRAC, _number(0, 1)),
+        "capacity_kb": _Field(f"{_POS} (KiB)", _number(0)),
+        "onchip_kb": _Field(f"{_POS} (KiB)", _number(0), required=False),
+        "onchip_bandwidth_gbs": _Field(f"{_POS} (GB/s)", _number(0), required=False),
+    },
+    "overhead": {
+        "layer_us": _Field("a number >= 0 (microseconds)", _number(0, lo_open=False)),
+    },
+    "precision": {
+        "weight_bits": _Field(f"a non-empty list of distinct widths from {list(BIT_WIDTHS)}", _bits),
+        "act_bits": _Field(f"a non-empty list of distinct widths from {list(BIT_WIDTHS)}", _bits),
+        "float": _Field(f"one of {list(FLOAT_POLICIES)}", _string(FLOAT_POLICIES)),
+        "fallback_gops": _Field(f"{_POS} (host CPU GOPS)", _number(0), required=False),
+        "fallback_layer_us": _Field("a number >= 0 (microseconds)", _number(0, lo_open=False), required=False),
+    },
+    "sparsity": {
+        "unstructured_min_sparsity": _Field("a number in [0, 1)", _number(0, 0.999999, lo_open=False), required=False),
+        "unstructured_work_factor": _Field("a number >= 1", _number(1, lo_open=False), required=False),
+        "nm_patterns": _Field("a list of [N, M] pairs with 0 < N < M", _patterns, required=False),
+    },
+    "budget": {
+        "latency_ms": _Field(f"{_POS} in ms (omit for unbounded)", _number(0), required=False),
+        "memory_kb": _Field(f"{_POS} in KiB (omit for unbounded)", _number(0), required=False),
+        "size_kb": _Field(f"{_POS} in KiB (omit for unbounded)", _number(0), required=False),
+    },
+}
+_MISSING = object()
+
+
+def _error(source: str, field: str, value: Any, problem: str, expected: str) -> UserError:
+    shown = "<missing>" if value is _MISSING else repr(value)
+    return UserError(f"{source}: field '{field}' = {shown} ({problem}); expected {expected}")
+
+
+def _read(data: dict, source: str) -> dict[str, dict[str, Any]]:
+    """Check every section and key against FIELDS; return {section: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    sections = [k for k in FIELDS if k]
+    for key, value in data.items():  # unknown top-level keys or sections
+        if key not in FIELDS[""] and key not in sections:
+            allowed = list(FIELDS[""]) + [f"[{s}]" for s in sections]
+            raise _error(source, key, value, "unknown field", f"one of {allowed}")
+    for section, fields in FIELDS.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, dict):
+            raise _error(source, section, table, "wrong type", "a [table]")
+        if section:
+            for key, value in table.items():
+                if key not in fields:
+                    raise _error(source, f"{section}.{key}", value, "unknown field", f"one of {list(fields)}")
+        out[section] = {}
+        for key, spec in fields.items():
+            path = f"{section}.{key}" if section else key
+            value = table.get(key, _MISSING)
+            if value is _MISSING:
+                if spec.required:
+                    raise _error(source, path, value, "missing", spec.expected)
+                continue
+            problem = spec.check(value)
+            if problem:
+                raise _error(source, path, value, problem, spec.expected)
+            out[section][key] = value
+    return out
+
+
+def build_profile(data: dict, source: str) -> HardwareProfile:
+    """Validate parsed TOML into a HardwareProfile; raise UserError naming file, field, value."""
+    f = _read(data, source)
+    c, m, p, s, b = f["compute"], f["memory"], f["precision"], f["sparsity"], f["budget"]
+    peak = {bits: float(c[k]) for k, bits in PRECISIONS.items() if k in c}
+    if not peak:
+        raise _error(source, "compute.fp32_gops", _MISSING, "missing", f"at least one of {list(PRECISIONS)}")
+    if p["float"] == "native" and 32 not in peak:
+        raise _error(source, "compute.fp32_gops", _MISSING, "missing", "a positive number when precision.float = 'native'")
+    if p["float"] == "native" and (32 not in p["weight_bits"] or 32 not in p["act_bits"]):
+        raise _error(source, "precision.weight_bits", p["weight_bits"], "no 32", "32 in weight_bits and act_bits when precision.float = 'native'")
+    for key in ("weight_bits", "act_bits"):  # every listed width needs a kernel at least that wide
+        for bits in p[key]:
+            if bits != 32 and not any(w >= bits for w in peak):
+                raise _error(source, f"precision.{key}", p[key], f"no peak for {bits} bits", "a compute.*_gops entry at least that wide")
+    if p["float"] == "fallback":
+        for key in ("fallback_gops", "fallback_layer_us"):
+            if key not in p:
+                raise _error(source, f"precision.{key}", _MISSING, "missing", "a number when precision.float = 'fallback'")
+        if p["fallback_gops"] > min(peak.values()):  # keeps "fewer bits never slower" true
+            raise _error(source, "precision.fallback_gops", p["fallback_gops"], "out of range", f"at most the slowest peak ({min(peak.values())})")
+        if p["fallback_layer_us"] < f["overhead"]["layer_us"]:
+            raise _error(source, "precision.fallback_layer_us", p["fallback_layer_us"], "out of range", f">= overhead.layer_us ({f['overhead']['layer_us']})")
+    if ("onchip_kb" in m) != ("onchip_bandwidth_gbs" in m):
+        raise _error(source, "memory.onchip_kb", m.get("onchip_kb", _MISSING), "incomplete", "onchip_kb and onchip_bandwidth_gbs together or neither")
+    if m.get("onchip_bandwidth_gbs", math.inf) < m["bandwidth_gbs"]:
+        raise _error(source, "memory.onchip_bandwidth_gbs", m["onchip_bandwidth_gbs"], "out of range", f">= memory.bandwidth_gbs ({m['bandwidth_gbs']})")
+    if b.get("memory_kb", 0) > m["capacity_kb"]:
+        raise _error(source, "budget.memory_kb", b["memory_kb"], "out of range", f"at most memory.capacity_kb ({m['capacity_kb']})")
+    budget = Budget(*(float(b[k]) if k in b else None for k in ("latency_ms", "memory_kb", "size_kb")))
+    return HardwareProfile(
+        name=f[""]["name"],
+        kind=f[""]["kind"],
+        description=f[""]["description"],
+        peak_gops=MappingProxyType(dict(sorted(peak.items(), reverse=True))),
+        efficiency=MappingProxyType({k: float(c[f"efficiency_{k}"]) for k in LAYER_KINDS}),
+        bandwidth_gbs=float(m["bandwidth_gbs"]),
+        bandwidth_efficiency=float(m["bandwidth_efficiency"]),
+        capacity_kb=float(m["capacity_kb"]),
+        onchip_kb=float(m["onchip_kb"]) if "onchip_kb" in m else None,
+        onchip_bandwidth_gbs=float(m["onchip_bandwidth_gbs"]) if "onchip_bandwidth_gbs" in m else None,
+        layer_overhead_us=float(f["overhead"]["layer_us"]),
+        weight_bits=tuple(sorted(p["weight_bits"])),
+        act_bits=tuple(sorted(p["act_bits"])),
+        float_policy=p["float"],
+        fallback_gops=float(p["fallback_gops"]) if "fallback_gops" in p else None,
+        fallback_layer_us=float(p["fallback_layer_us"]) if "fallback_layer_us" in p else None,
+        unstructured_min_sparsity=float(s["unstructured_min_sparsity"]) if "unstructured_min_sparsity" in s else None,
+        unstructured_work_factor=float(s.get("unstructured_work_factor", 1.0)),
+        nm_patterns=tuple(tuple(x) for x in s.get("nm_patterns", [])),
+        budget=budget,
+        source=source,
+    )
