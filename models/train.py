@@ -222,3 +222,38 @@ def train_baseline(task: Task, cache_dir: str | os.PathLike = "results/cache",
     meta.pop("loaded"), meta.pop("steps_run")
     _write_cache(entry, params, meta)
     return params, info
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def user_baseline(task: Task, path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """The user's own trained weights for a zoo model (safetensors, '/'-joined names as
+    `save_params` writes them) in place of the cached baseline; checked name by name and
+    shape by shape against the model. info is shaped like train_baseline's."""
+    from safetensors import SafetensorError
+
+    from search.errors import UserError
+
+    fix = f"give the weights of {task.name} on {task.data.name} as `hwcompress train` saves them"
+    try:
+        digest = file_sha256(path)
+        params = load_params(path, jax.eval_shape(task.init_params))
+    except OSError as e:
+        raise UserError(f"--weights {path}: cannot read it ({e.strerror or e}): {fix}") from None
+    except (SafetensorError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, SafetensorError):
+            msg = f"{path}: not a safetensors file ({msg})"
+        raise UserError(f"--weights {msg}: {fix}") from None
+    return params, {
+        "cache_key": f"weights-{digest[:16]}", "cache_path": str(path), "loaded": True,
+        "val_metric": evaluate(task, params, "val"), "test_metric": evaluate(task, params, "test"),
+        "train_seconds": 0.0, "steps_run": 0, "metric_name": task.metric_name, "sha256": digest,
+    }

@@ -5,6 +5,7 @@ Pareto front out as a pandas DataFrame. `hwcompress search` and `compress()` bot
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from search import plan as P
 from search.errors import UserError
 from search.progress import SearchProgress
 from search.sensitivity import measure_sensitivity, warm_start_plans
-from search.space import Space, extreme_plans, plan_to_params, space_for_profile
+from search.space import extreme_plans, plan_to_params, space_for_profile
 from search.study import (
     BUDGET_KEYS,
     SearchContext,
@@ -130,6 +131,8 @@ def search_task(
     budget: Any = None,
     base_params: Any = None,
     train: bool = True,
+    weights: str | None = None,
+    run: bool = True,
     engine: Any = None,
     baseline_info: dict[str, Any] | None = None,
     spec: dict[str, Any] | None = None,
@@ -149,6 +152,9 @@ def search_task(
 
     With train=True the zoo baseline is trained (or read from the cache) first; otherwise
     base_params are the user's trained weights (None for an NNX module: its own weights).
+    `weights` is a safetensors file of the user's own trained weights for a zoo task (in
+    place of the cached baseline). With run=False the study is only set up (baseline,
+    sensitivity, warm-start trials), e.g. for workers to run it.
     The budget is checked against the most compressed plan before anything is trained.
     `engine` replaces the Engine built from the task (e.g. one with another config).
     """
@@ -187,15 +193,22 @@ def search_task(
         "sampler": sampler,
         "space": space.to_dict(),
     }
+    if weights is not None:  # checked before the study exists: a bad file leaves no trace
+        from models.train import user_baseline
+
+        base_params, baseline_info = user_baseline(task, weights)
+        full_spec["weights"] = {"path": str(Path(weights).resolve()), "sha256": baseline_info["sha256"]}
     name = study_name or f"{full_spec.get('model', task.name)}-{task.data.name}-{prof_name}"
     study, _ = open_study(name, storage, full_spec, directions, names, sampler, seed)
-    if train:  # after the spec check: a conflicting resume fails before any training
+    if train and weights is None:  # after the spec check: a conflicting resume fails before any training
         from models.train import train_baseline
 
         base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
     ctx.engine = engine if engine is not None else Engine(task, base_params, finetune)
     if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
+    if not run:
+        return study
     k = batch or int(getattr(ctx.engine, "k", 0) or 4)
     bar = SearchProgress(n_trials, enabled=progress, metric_name=task.metric_name)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from search import storage as storage_mod
 from search.errors import UserError
 
 DEFAULT_TRIALS = 40
@@ -45,6 +46,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
     p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (study, front)")
+    p.add_argument("--weights", default=None,
+                   help="your own trained weights for --model (safetensors, as `hwcompress train` saves them) "
+                   "instead of the cached baseline")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the trials in N local worker processes on the same storage (see `hwcompress worker`)")
     p.add_argument("--results-dir", default="results", help="where studies.db, caches and reports go")
     p.set_defaults(func=search_command)
 
@@ -60,6 +66,13 @@ def search_command(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says what matters
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1")
+    if args.workers is not None and args.storage == "memory":
+        raise UserError("--workers needs a storage the worker processes can share: drop --storage memory")
+    # only the flags given replace the profile's default budgets
+    budget = {k: v for k, v in (("latency_ms", args.latency_ms), ("memory_kb", args.memory_kb),
+                                ("size_kb", args.size_kb)) if v is not None}
     task = models.get_task(args.model, args.dataset, data_dir=args.data_dir, seed=args.seed)
     ft = dataclasses.replace(FinetuneConfig(), steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed)
     storage = open_storage(args.storage, args.results_dir)
@@ -68,7 +81,9 @@ def search_command(args: argparse.Namespace) -> int:
     study = search_task(
         task,
         profile=args.profile,
-        budget=None,
+        budget=budget,
+        weights=args.weights,
+        run=args.workers is None,
         spec=spec,
         n_trials=args.trials,
         batch=args.batch,
@@ -82,6 +97,9 @@ def search_command(args: argparse.Namespace) -> int:
         progress=not (args.quiet or args.json),
         results_dir=args.results_dir,
     )
+    if args.workers is not None:
+        _run_workers(args, study)
+        study = storage_mod.load_study(study.study_name, storage)
     front = pareto_frame(study)
     report_dir = _write_report(study, args.results_dir)
     done = _done(study)
@@ -93,6 +111,19 @@ def search_command(args: argparse.Namespace) -> int:
         _print_front(study, front)
         print(f"report: {report_dir}")
     return 0
+
+
+def _run_workers(args: argparse.Namespace, study: optuna.Study) -> None:
+    """Run the set-up study's trials in args.workers local `hwcompress worker` processes."""
+    from search.workers import run_workers
+
+    if not (args.quiet or args.json):
+        print(f"study {study.study_name}: {args.workers} workers on "
+              f"{args.storage or f'sqlite:///{args.results_dir}/studies.db'}", file=sys.stderr, flush=True)
+    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir)
+    if rc != 0:
+        raise UserError(f"a worker of study {study.study_name} exited with code {rc}; completed trials are "
+                        f"kept: run the same command again to finish the study")
 
 
 def _done(study: optuna.Study) -> int:

@@ -188,7 +188,18 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
         profile = hw_profiles.load_profile(profile_ref)
     else:  # a user's profile travels in the study as TOML text, parsed, never executed
         profile = hw_profiles.profile_from_text(profile_ref, f"profile of study {study.study_name!r}")
-    params, info = train_baseline(task, cache_dir=Path(results_dir, "cache"))
+    weights = spec.get("weights")
+    if weights:  # the user's own weights: the same file must be readable from this machine
+        from models.train import user_baseline
+
+        params, info = user_baseline(task, weights["path"])
+        if info["sha256"] != weights["sha256"]:
+            raise UserError(
+                f"{weights['path']} differs from the weights study {study.study_name!r} was started "
+                "with (SHA-256 mismatch): copy the search's weights file to this path"
+            )
+    else:
+        params, info = train_baseline(task, cache_dir=Path(results_dir, "cache"))
     want_key = (study.user_attrs.get("baseline") or {}).get("cache_key")
     if want_key and info.get("cache_key") and want_key != info["cache_key"]:
         raise UserError(

@@ -59,15 +59,6 @@ def test_unwritable_results_dir(tmp_path, make_dir, expect):
     assert "--results-dir" in _one_line(e.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_read_only_results_dir_as_user(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    with pytest.raises(UserError, match="not writable"):
-        S.open_storage(None, ro)
-
-
 def test_corrupt_sqlite_file_is_refused_and_left_alone(tmp_path):
     db = tmp_path / "studies.db"
     text = "this is a text file someone named studies.db\n" * 20
