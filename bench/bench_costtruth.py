@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "out"
-PROFILE_BASE = "xeon"  # the shipped profile whose form is fitted to this machine
 
 
 def variants(num_layers: int) -> list[tuple[str, dict]]:
@@ -122,12 +121,12 @@ def kendall_tau(a, b) -> float:
     return float(kendalltau(a, b).statistic)
 
 
-def analyze(records: list[dict]) -> dict:
-    """Fit the profile on half the variants (alternate by measured rank), test on the rest."""
+def analyze(records: list[dict], machine: dict) -> dict:
+    """Predictions of the micro-benchmark calibrated profile as it is, then of that profile
+    fitted on half the variants (alternate by measured rank), tested on the other half."""
     try:
-        import hw_profiles
         import models
-        from search.calibrate import fit_profile
+        from search.calibrate import calibrated_profile, fit_profile
         from search.cost import price
         from search.layers import discover_layers
         from search.plan import stack_plans
@@ -140,17 +139,21 @@ def analyze(records: list[dict]) -> dict:
         layers[model] = discover_layers(task.module, task.init_params(), np.zeros((1, 28, 28, 1), np.float32))
     order = sorted(range(len(records)), key=lambda i: records[i]["robust_ms"])
     fit_idx, test_idx = sorted(order[0::2]), sorted(order[1::2])
-    base = hw_profiles.load_profile(PROFILE_BASE)
+    base = calibrated_profile(machine)
     samples = [(layers[records[i]["model"]], plan_from_dict(records[i]["plan"]), records[i]["robust_ms"]) for i in fit_idx]
     profile = fit_profile(base, samples)
 
-    def predict(i):
+    def predict(prof, i):
         r = records[i]
-        return float(np.asarray(price(profile, layers[r["model"]], stack_plans([plan_from_dict(r["plan"])])).latency_ms)[0])
+        return float(np.asarray(price(prof, layers[r["model"]], stack_plans([plan_from_dict(r["plan"])])).latency_ms)[0])
 
-    out = {"profile": getattr(profile, "name", str(profile))}
-    for split, idx in (("test", test_idx), ("fit", fit_idx), ("all", list(range(len(records))))):
-        pred = np.array([predict(i) for i in idx])
+    out = {"profile": profile.name, "fitted": {"peak_gops": dict(profile.peak_gops), "efficiency": dict(profile.efficiency),
+                                               "bandwidth_gbs": profile.bandwidth_gbs, "onchip_bandwidth_gbs": profile.onchip_bandwidth_gbs,
+                                               "layer_overhead_us": profile.layer_overhead_us}}
+    every = list(range(len(records)))
+    for split, prof, idx in (("calibrated_all", base, every), ("test", profile, test_idx), ("fit", profile, fit_idx),
+                             ("all", profile, every)):
+        pred = np.array([predict(prof, i) for i in idx])
         meas = np.array([records[i]["robust_ms"] for i in idx])
         ape = np.abs(pred - meas) / meas
         out[split] = {"n": len(idx), "kendall_tau": kendall_tau(pred, meas), "mdape": float(np.median(ape)),
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model and round (default 50)")
     ap.add_argument("--analyze-only", action="store_true", help="re-analyse bench/out/costtruth.json")
+    ap.add_argument("--remeasure-machine", action="store_true", help="with --analyze-only: rerun the micro-benchmarks")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "costtruth.json"
@@ -220,15 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         data["speedup"] = speedup(args.rounds, args.runs)
         data["seconds"] = time.perf_counter() - t0
         path.write_text(json.dumps(data, indent=1))
-    data["analysis"] = analyze(data["records"])
+    if args.analyze_only and "machine" in data and not args.remeasure_machine:
+        machine = data["machine"]
+    else:
+        from search.calibrate import measure_machine
+
+        machine = data["machine"] = measure_machine(threads=1)
+    data["analysis"] = analyze(data["records"], machine)
     path.write_text(json.dumps(data, indent=1))
     a, s = data["analysis"], data["speedup"]
     if "error" in a:
         print(a["error"])
     else:
-        for split in ("test", "all"):
+        for split in ("calibrated_all", "test", "all"):
             t = a[split]
-            print(f"{split:4s} n={t['n']:2d}  Kendall tau {t['kendall_tau']:.3f} (target >= 0.9)  "
+            print(f"{split:14s} n={t['n']:2d}  Kendall tau {t['kendall_tau']:.3f} (target >= 0.9)  "
                   f"MdAPE {t['mdape'] * 100:.1f}% (target <= 15%)  within +-10%: {t['within_10pct'] * 100:.0f}%")
     if s.get("fastest_within_0.5pt"):
         b = s["fastest_within_0.5pt"]

@@ -10,9 +10,10 @@ Roofline per layer, for one example (batch 1):
   throughput is the best peak among widths >= c. No kernel wide enough: the profile's float
   policy decides (fallback to the host CPU at fallback_gops, or disallow: latency = inf).
   Codebook weights (Deep Compression) are decoded to 16-bit values before the MAC.
-- work_l, the effective MACs: channel pruning keeps (1 - ratio) of the MACs (only this layer's
-  output channels are counted; the next layer's input channels are not reduced, a documented
-  simplification: the ONNX export removes them for real); unstructured sparsity gives
+- work_l, the effective MACs: channel pruning keeps (1 - ratio) of the layer's output channels,
+  and of the next layer's input channels when that layer reads this one's output (a chain:
+  its input has this layer's channel count, or a flattened multiple of it), as the ONNX export
+  removes them for real; a depthwise layer loses those channels entirely. Unstructured sparsity gives
   macs * min(1, density * work_factor) only at or above the profile's threshold; N:M keeps
   N_kept of every M and is accelerated when the profile has a pattern that covers it.
 - bytes_l: weights as the device holds them (packed at their bit width; sparse formats only
@@ -62,6 +63,15 @@ class _LayerArrays:
     in_elems: np.ndarray
     out_elems: np.ndarray
     kind: np.ndarray  # index into _KINDS
+    chained: np.ndarray  # bool: the layer reads the previous layer's output channels
+
+
+def _reads_previous(prev: Layer, cur: Layer) -> bool:
+    """Whether `cur`'s input carries `prev`'s output channels (directly, pooled, or flattened)."""
+    c = prev.out_channels
+    if len(cur.in_shape) > 1:
+        return cur.in_shape[-1] == c
+    return cur.in_shape[0] == c or (len(prev.out_shape) > 1 and cur.in_shape[0] % c == 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,6 +82,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         bias=f(lambda l: l.out_channels if l.has_bias else 0),
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
+        chained=np.array([False] + [_reads_previous(a, b) for a, b in zip(layers, layers[1:])], bool),
     )
 
 
@@ -101,12 +112,17 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
 
     # kept fractions
     keep_ch = np.where(chan, 1.0 - r, 1.0)  # output channels kept
+    keep_in, keep_out = np.ones_like(r), keep_ch.copy()  # input channels kept; output channels left
+    for i in np.flatnonzero(la.chained):
+        keep_in[:, i] = keep_out[:, i - 1]
+        if la.kind[i] == _KINDS.index("depthwise"):  # its channels are its input's
+            keep_out[:, i] = keep_ch[:, i] * keep_in[:, i]
     pruned_nm = np.clip(np.round(r * P.NM_GROUP), 0, P.NM_GROUP - 1)
     nm_kept = P.NM_GROUP - pruned_nm
     density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
 
     # effective MACs
-    dense_work = la.macs * keep_ch
+    dense_work = la.macs * keep_ch * keep_in
     sparsity = 1.0 - density
     thr = profile.unstructured_min_sparsity
     sparse_ok = (sparsity > 0) & (thr is not None) & (sparsity >= (thr if thr is not None else 2.0))
@@ -128,9 +144,9 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
 
     # weights: values, sparse indices, codebook or per-channel scales, biases (bits). A layer
     # whose quantized form would be larger than float32 (tiny layers, huge codebooks) is kept float.
-    n_w = la.weights * keep_ch
+    n_w = la.weights * keep_ch * keep_in
     nnz = n_w * density
-    kept_ch = la.out_ch * keep_ch
+    kept_ch = la.out_ch * keep_out
     index_bits = np.where(nm, np.minimum(n_w, nnz * NM_INDEX_BITS), np.minimum(n_w, nnz * REL_INDEX_BITS))
     sparse = density < 1.0
 
@@ -139,7 +155,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
         return np.where(as_sparse, np.minimum(dense_b, nnz * value_bits + index_bits), dense_b)
 
     quant_extra = np.where(codebook, np.minimum(2.0 ** wb, n_w) * 32, np.where(wb < P.FLOAT, kept_ch * 32, 0))
-    bias_bits = la.bias * keep_ch * 32
+    bias_bits = la.bias * keep_out * 32
     size_bits = np.minimum(stored(wb, sparse) + quant_extra, stored(32, sparse)) + bias_bits
     mem_bits = np.minimum(stored(wb, runs_sparse) + quant_extra, stored(32, runs_sparse)) + bias_bits
     dense_bits = np.minimum(stored(wb, False) + quant_extra, stored(32, False))  # what the host CPU reads
@@ -148,8 +164,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     # activations: input at the width its kernel reads, output at the next layer's input width
     a_store = np.where(on_device, np.minimum(a_eff, P.FLOAT), P.FLOAT)
     out_w = np.concatenate([a_store[:, 1:], np.full_like(a_store[:, :1], P.FLOAT)], axis=1)
-    in_bytes = la.in_elems * a_store / 8
-    out_bytes = la.out_elems * keep_ch * out_w / 8
+    in_bytes = la.in_elems * keep_in * a_store / 8
+    out_bytes = la.out_elems * keep_out * out_w / 8
     act_peak = np.max(in_bytes + out_bytes, axis=1)
     memory_bytes = mem_bits.sum(axis=1) / 8 + act_peak
 

@@ -160,3 +160,19 @@ def test_price_all_covers_every_profile_and_shapes():
     for c in out.values():
         assert c.latency_ms.shape == c.memory_kb.shape == c.size_kb.shape == (5,)
         assert c.layer_latency_ms.shape == (5, 3)
+
+
+def test_channel_pruning_shrinks_the_next_layers_inputs_in_a_chain():
+    """Pruning fc0's output channels removes fc1's input rows (the ONNX export does it for
+    real); a layer that does not read fc0's channels keeps its work."""
+    toy = profile_from_text(TOY, "toy")
+    chain = (dense(0, 100, 50), dense(1, 50, 10))
+    apart = (dense(0, 100, 50), dense(1, 64, 10))  # 64 inputs: not fc0's 50 channels
+    plans = P.stack_plans([P.make_plan([r, 0.0], P.CHANNEL, 32, 32) for r in (0.0, 0.5)])
+    c = price(toy, chain, plans)
+    # fc1 at fp32: 2*500 MACs / 0.5 GOPS = 2 us; bytes 500*4 weights + 10*4 bias + 50*4 input
+    # + 10*4 output = 2280 -> 2.28 us. Half its inputs gone: 1 us; 1000 + 40 + 100 + 40 = 1180 bytes.
+    assert c.layer_latency_ms[:, 1] == pytest.approx([2.28e-3 + 1e-2, 1.18e-3 + 1e-2], rel=1e-9)
+    assert c.size_kb[1] < c.size_kb[0]
+    a = price(toy, apart, plans)
+    assert a.layer_latency_ms[0, 1] == a.layer_latency_ms[1, 1]
