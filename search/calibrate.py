@@ -29,7 +29,6 @@ MB = 1 << 20
 
 
 def _model(nodes: list, inputs: list, outputs: list, inits: list) -> bytes:
-    import onnx
     from onnx import helper
 
     graph = helper.make_graph(nodes, "calibrate", inputs, outputs, inits)
