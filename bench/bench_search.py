@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fashion-trials", type=int, default=None, help="default: --trials")
     p.add_argument("--fashion-steps", type=int, default=300)
     p.add_argument("--parts", default="digits,hv,fashion")
+    p.add_argument("--fashion-models", default="lenet300,lenet5")
     p.add_argument("--results-dir", default="results/bench_search")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     os.makedirs(args.results_dir, exist_ok=True)
     storage = f"sqlite:///{Path(args.results_dir).resolve()}/studies.db"
     tag = f"n{args.trials}-s{args.steps}"
-    out: dict = {"trials": args.trials, "steps": args.steps}
+    path = OUT / "bench_search.json"
+    out: dict = json.loads(path.read_text()) if path.is_file() else {}  # parts run separately add up
+    out.update({"trials": args.trials, "steps": args.steps})
     if parts & {"digits", "hv"}:
         st, sec = _search("lenet300", "digits", args.trials, "tpe", args.steps, ("quality", "latency", "memory"),
                           f"digits-tpe-{tag}", storage, args.results_dir)
@@ -101,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.trials} {out['hv']['random_hv']:.4f}")
     if "fashion" in parts:
         n = args.fashion_trials or args.trials
-        for model in ("lenet300", "lenet5"):
+        for model in args.fashion_models.split(","):
             st, sec = _search(model, "fashion-mnist", n, "tpe", args.fashion_steps, ("quality", "size"),
                               f"fashion-{model}-n{n}-s{args.fashion_steps}", storage, args.results_dir)
             r = best_ratio_within(st, 0.5)
-            out[f"fashion-{model}"] = {**r, "seconds": sec}
+            out[f"fashion-{model}"] = {**r, "seconds": sec, "trials": n, "steps": args.fashion_steps}
             print(f"fashion-mnist {model} {n} trials in {sec:.0f} s: best ratio within 0.5 points "
                   f"{r['ratio'] and round(r['ratio'], 1)}x (quality {r.get('quality')}, baseline {r['baseline']:.4f})")
     OUT.mkdir(exist_ok=True)
-    (OUT / "bench_search.json").write_text(json.dumps(out, indent=1, default=str))
+    path.write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 
