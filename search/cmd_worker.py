@@ -6,6 +6,7 @@ comes from the study itself, so any machine that reaches the storage can help.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from search import storage
@@ -41,5 +42,5 @@ def worker_command(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat, grace_period=args.grace,
         batch=args.batch, max_trials=args.max_trials,
     )
-    print(f"worker done: ran {ran} trials of study {args.study}")
+    print(f"worker done: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0
