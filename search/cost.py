@@ -35,7 +35,7 @@ import numpy as np
 
 from hw_profiles import HardwareProfile, list_profiles, load_profile
 from search import plan as P
-from search.layers import Layer
+from search.layers import Layer, reads_previous
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -66,14 +66,6 @@ class _LayerArrays:
     chained: np.ndarray  # bool: the layer reads the previous layer's output channels
 
 
-def _reads_previous(prev: Layer, cur: Layer) -> bool:
-    """Whether `cur`'s input carries `prev`'s output channels (directly, pooled, or flattened)."""
-    c = prev.out_channels
-    if len(cur.in_shape) > 1:
-        return cur.in_shape[-1] == c
-    return cur.in_shape[0] == c or (len(prev.out_shape) > 1 and cur.in_shape[0] % c == 0)
-
-
 @functools.lru_cache(maxsize=256)
 def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
     f = lambda g: np.array([g(l) for l in layers], np.float64)
@@ -82,7 +74,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         bias=f(lambda l: l.out_channels if l.has_bias else 0),
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
-        chained=np.array([False] + [_reads_previous(a, b) for a, b in zip(layers, layers[1:])], bool),
+        chained=np.array([False] + [reads_previous(a, b) for a, b in zip(layers, layers[1:])], bool),
     )
 
 

@@ -142,6 +142,17 @@ def _nnx_around(paths: dict[int, tuple], around: Around) -> Iterator[None]:
             cls.__call__ = orig
 
 
+def reads_previous(prev: Layer, cur: Layer) -> bool:
+    """Whether `cur`'s input carries `prev`'s output channels (directly, pooled, or flattened).
+
+    The chain rule shared by the cost model (a chained layer loses the input channels its
+    producer loses) and the size breakdown (those input rows are not stored)."""
+    c = prev.out_channels
+    if len(cur.in_shape) > 1:
+        return cur.in_shape[-1] == c
+    return cur.in_shape[0] == c or (len(prev.out_shape) > 1 and cur.in_shape[0] % c == 0)
+
+
 def get_path(tree: Any, path: tuple) -> Any:
     """tree[path[0]][path[1]]..."""
     for p in path:

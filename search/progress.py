@@ -42,14 +42,19 @@ class SearchProgress:
         self._progress = None
         self._task = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+            console = Console()
+            if not console.is_terminal:  # piped (make demo | tee): keep the whole line
+                console = Console(width=160)
             self._progress = Progress(
                 TextColumn("[bold]search"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
                 transient=False,
+                console=console,
             )
             self._task = self._progress.add_task("search", total=total, info="")
             self._progress.start()
