@@ -108,16 +108,8 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
 def _size(layers, params, masks, plan: Plan) -> dict:
     from search import size
 
-    per, other = {}, 0
-    for l in layers:
-        node = params
-        for p in l.path:
-            node = node[p]
-        bits = int(plan.weight_bits[l.index])
-        per[l.name] = size.size_breakdown(np.asarray(node["kernel"]), np.asarray(masks[l.name]) > 0, bits,
-                                          quant_mode=weight_mode(bits, int(plan.quant_mode[l.index])),
-                                          bias=np.asarray(node["bias"]) if "bias" in node else None)
-    return {"total": size.total_breakdown(per, other), "layers": per}
+    modes = [weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index])) for l in layers]
+    return size.model_breakdown(layers, params, masks, plan, modes)
 
 
 def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
