@@ -100,7 +100,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     r, g, wb, ab, qm = _plan_arrays(plans)
     weff_t, aeff_t, tput_t = _tables(profile)
     chan, unst, nm = g == P.CHANNEL, g == P.UNSTRUCTURED, g == P.NM
-    codebook = (qm == P.CODEBOOK) & (wb < P.FLOAT)
+    codebook = (qm == P.CODEBOOK) & (wb <= 8)  # wider codebooks run as uniform (compress.weight_branch)
 
     # kept fractions
     keep_ch = np.where(chan, 1.0 - r, 1.0)  # output channels kept

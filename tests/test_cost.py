@@ -176,3 +176,11 @@ def test_channel_pruning_shrinks_the_next_layers_inputs_in_a_chain():
     assert c.size_kb[1] < c.size_kb[0]
     a = price(toy, apart, plans)
     assert a.layer_latency_ms[0, 1] == a.layer_latency_ms[1, 1]
+
+
+def test_codebook_wider_than_8_bits_is_priced_as_the_uniform_kernel_it_runs():
+    layers = lenet300(64)
+    plans = P.stack_plans([P.make_plan([0.0] * 3, P.UNSTRUCTURED, 16, 16, q) for q in (P.UNIFORM, P.CODEBOOK)])
+    for name in list_profiles():
+        c = price(name, layers, plans)
+        assert c.size_kb[0] == c.size_kb[1] and c.latency_ms[0] == c.latency_ms[1], name
