@@ -40,28 +40,64 @@ def assign_nearest(values: jax.Array, centroids: jax.Array) -> jax.Array:
 def kmeans_codebook(w: jax.Array, mask: jax.Array, bits: jax.Array, iters: int = 15
                     ) -> tuple[jax.Array, jax.Array]:
     """(centroids [SLOTS], assignment int32 like w) from Lloyd's k-means on unpruned weights."""
-    v = w.ravel()
-    keep = mask.ravel() > 0
+    cents, (assign,) = kmeans_codebooks([w], [mask], jnp.reshape(bits, (1,)), iters)
+    return cents[0], assign
+
+
+def kmeans_codebooks(ws, masks, bits: jax.Array, iters: int = 15) -> tuple[jax.Array, list[jax.Array]]:
+    """`kmeans_codebook` for L kernels in one loop: (centroids [L, SLOTS], [assignment like w]).
+
+    The kernels are concatenated and every layer's codebook is a row of one [L, SLOTS] table,
+    so the compiled loop does not grow with the number of layers (one loop per layer made
+    k-means most of the engine's compile time).
+    """
+    L = len(ws)
+    v = jnp.concatenate([w.ravel() for w in ws])
+    keep = jnp.concatenate([m.ravel() for m in masks]) > 0
+    seg = jnp.concatenate([jnp.full((w.size,), i, jnp.int32) for i, w in enumerate(ws)])
     weight = keep.astype(v.dtype)
-    n = active_slots(bits)
-    slot = jnp.arange(SLOTS)
-    active = slot < n
-    lo = jnp.min(jnp.where(keep, v, jnp.inf))
-    hi = jnp.max(jnp.where(keep, v, -jnp.inf))
-    lo, hi = jnp.where(jnp.any(keep), lo, 0.0), jnp.where(jnp.any(keep), hi, 0.0)
+    n = active_slots(bits)  # [L]
+    active = jnp.arange(SLOTS)[None, :] < n[:, None]  # [L, SLOTS]
+    lo, hi = [], []
+    for w, m in zip(ws, masks):
+        k = m > 0
+        lo.append(jnp.where(jnp.any(k), jnp.min(jnp.where(k, w, jnp.inf)), 0.0))
+        hi.append(jnp.where(jnp.any(k), jnp.max(jnp.where(k, w, -jnp.inf)), 0.0))
+    lo, hi = jnp.stack(lo).astype(v.dtype), jnp.stack(hi).astype(v.dtype)
     step = (hi - lo) / jnp.maximum(n - 1, 1).astype(v.dtype)
-    c0 = jnp.where(active, lo + step * slot, jnp.inf)
+    c0 = jnp.where(active, lo[:, None] + step[:, None] * jnp.arange(SLOTS), jnp.inf)
+    base = seg * SLOTS
 
-    def lloyd(_, c):
-        a = assign_nearest(v, c)
-        sums = jax.ops.segment_sum(v * weight, a, SLOTS)
-        counts = jax.ops.segment_sum(weight, a, SLOTS)
-        c = jnp.where(active & (counts > 0), sums / jnp.maximum(counts, 1.0), c)
-        return jnp.sort(c)
+    def assign(c):
+        mid = 0.5 * (c[:, :-1] + c[:, 1:])
+        mid = jnp.concatenate([mid, jnp.full((L, 1), jnp.inf, mid.dtype)], axis=1).ravel()
+        return base + _search(mid, base, v)
 
-    c = jax.lax.fori_loop(0, iters, lloyd, c0)
-    assign = assign_nearest(v, c).reshape(w.shape)
-    return jnp.where(active, c, 0.0), assign
+    def lloyd(i, carry):
+        c, _ = carry
+        a = assign(c)
+        sums = jax.ops.segment_sum(v * weight, a, L * SLOTS).reshape(L, SLOTS)
+        counts = jax.ops.segment_sum(weight, a, L * SLOTS).reshape(L, SLOTS)
+        new = jnp.sort(jnp.where(active & (counts > 0), sums / jnp.maximum(counts, 1.0), c), axis=1)
+        return jnp.where(i < iters, new, c), a  # the last pass only assigns
+
+    c, a = jax.lax.fori_loop(0, iters + 1, lloyd, (c0, jnp.zeros(v.shape, jnp.int32)))
+    a = a - base
+    out, start = [], 0
+    for w in ws:
+        out.append(a[start:start + w.size].reshape(w.shape))
+        start += w.size
+    return jnp.where(active, c, 0.0), out
+
+
+def _search(mid: jax.Array, base: jax.Array, values: jax.Array) -> jax.Array:
+    """Branchless binary search of each value in its own row (offset `base`) of SLOTS midpoints."""
+    idx = jnp.zeros(values.shape, jnp.int32)
+    step = SLOTS // 2
+    while step:
+        idx = jnp.where(mid[base + idx + step - 1] < values, idx + step, idx)
+        step //= 2
+    return idx
 
 
 def codebook_weight(centroids: jax.Array, assign: jax.Array, mask: jax.Array) -> jax.Array:

@@ -153,14 +153,16 @@ class Engine:
 
         def prepare_one(plan, base, calib):
             masks = masks_lib.compute_masks(base, layers, plan)
-            cents, assign = {}, {}
-            for l in layers:
-                w = _node(base, l)["kernel"]
-                use = (plan.quant_mode[l.index] == CODEBOOK) & (plan.weight_bits[l.index] <= 8)
-                cents[l.name], assign[l.name] = jax.lax.cond(
-                    use, lambda w, m, b: codebook.kmeans_codebook(w, m, b),
-                    lambda w, m, b: (jnp.zeros(codebook.SLOTS, w.dtype), jnp.zeros(w.shape, jnp.int32)),
-                    w, masks[l.name], plan.weight_bits[l.index])
+            # one k-means loop for every layer, skipped (K = 1) when no layer uses a codebook
+            ws = [_node(base, l)["kernel"] for l in layers]
+            ms = [masks[l.name] for l in layers]
+            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
+            c_all, a_all = jax.lax.cond(
+                jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
+                lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
+                         [jnp.zeros(w.shape, jnp.int32) for w in ws]))
+            cents = {l.name: jnp.where(use[l.index], c_all[l.index], 0.0) for l in layers}
+            assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
             params = base
             for l in layers:
                 node = _node(params, l)
@@ -202,8 +204,14 @@ class Engine:
             return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher), t + 1
 
         def evaluate_one(trainable, frozen, plan, x, y):
-            out = forward(trainable, frozen, plan, x)
-            return task.metric(out, y)
+            # also the effective params and whether every trained value is finite, so that
+            # return_models and the NaN check need no compiles of their own
+            eff = compress.effective_params(trainable["params"], frozen["masks"], trainable["centroids"],
+                                            frozen["q"], layers, plan)
+            q = frozen["q"]
+            out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(trainable)]))
+            return task.metric(out, y), eff, ok
 
         fns = (
             jax.jit(_over_plans(prepare_one, k, (0, None, None))),
@@ -283,28 +291,25 @@ class Engine:
         x, y = self._split(split)
         b = self._eval_batch
         total = np.zeros(self.k)
+        eff = leaves_ok = None
         for s in range(0, len(x), b):
             xb, yb = x[s:s + b], y[s:s + b]
             n = len(xb)
             if n < b:  # pad to the compiled shape, drop the padding after
                 xb = np.concatenate([xb, np.repeat(xb[-1:], b - n, 0)])
                 yb = np.concatenate([yb, np.repeat(yb[-1:], b - n, 0)])
-            per = evaluate(trainable, frozen, group, jnp.asarray(xb, jnp.float32), jnp.asarray(yb))
+            per, eff, leaves_ok = evaluate(trainable, frozen, group, jnp.asarray(xb, jnp.float32), jnp.asarray(yb))
             total += np.asarray(per, np.float64)[:, :n].sum(axis=1)
         metric = total / len(x)
-        leaves_ok = jax.tree.leaves(jax.tree.map(lambda a: jnp.all(jnp.isfinite(a), axis=tuple(range(1, a.ndim))),
-                                                 trainable))
-        ok = np.asarray(finite) & np.all(np.stack([np.asarray(v) for v in leaves_ok]), axis=0)
+        ok = np.asarray(finite) & np.asarray(leaves_ok)
         ok &= np.isfinite(metric)
-        return metric, ok, trainable, frozen
+        return metric, ok, eff, frozen
 
-    def _models(self, group: Plan, trainable, frozen, metric, finite, n: int) -> list[CompressedModel]:
-        effective = _effective_fn(self.layers)
-        trainable, frozen = jax.tree.map(np.asarray, (trainable, frozen))
+    def _models(self, group: Plan, effective, frozen, metric, finite, n: int) -> list[CompressedModel]:
+        effective, frozen = jax.tree.map(np.asarray, (effective, frozen))
         out = []
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
-            tr, fr = jax.tree.map(lambda a: a[i], (trainable, frozen))
-            eff = jax.tree.map(np.asarray, effective(tr, fr, plan))
+            eff, fr = jax.tree.map(lambda a: a[i], (effective, frozen))
             lo, hi = fr["q"].act_lo, fr["q"].act_hi
             out.append(CompressedModel(
                 params=eff, masks=fr["masks"],
@@ -370,17 +375,6 @@ def _write_k_file(data: dict) -> None:
         os.replace(tmp, K_FILE)
     except OSError:
         pass
-
-
-_EFFECTIVE: dict[tuple, Any] = {}
-
-
-def _effective_fn(layers: tuple[Layer, ...]):
-    """Jitted (trainable, frozen, plan) -> effective params for one plan, one per layer list."""
-    if layers not in _EFFECTIVE:
-        _EFFECTIVE[layers] = jax.jit(lambda tr, fr, plan: compress.effective_params(
-            tr["params"], fr["masks"], tr["centroids"], fr["q"], layers, plan))
-    return _EFFECTIVE[layers]
 
 
 def _node(tree, layer: Layer):

@@ -33,6 +33,15 @@ def _ranks(v: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.argsort(order, axis=axis, stable=True)
 
 
+def _small_ranks(a: jax.Array) -> jax.Array:
+    """`_ranks(a, axis=-1)` for a short last axis by pairwise comparisons: elementwise code
+    that fuses, where two argsorts per layer compiled as sorts."""
+    m = a.shape[-1]
+    ai, aj = a[..., :, None], a[..., None, :]
+    before = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # [i, j]: j comes before i
+    return jnp.sum((aj < ai) | ((aj == ai) & before), axis=-1)
+
+
 def unstructured_mask(w: jax.Array, ratio: jax.Array) -> jax.Array:
     """Keep all but the round(ratio * n) smallest-magnitude weights (exact count)."""
     ranks = _ranks(jnp.abs(w).ravel()).reshape(w.shape)
@@ -57,7 +66,7 @@ def nm_mask(w: jax.Array, ratio: jax.Array, m: int = NM_GROUP) -> jax.Array:
     fan_in = a.shape[1]
     pad = (-fan_in) % m
     a = jnp.pad(a, ((0, 0), (0, pad)), constant_values=jnp.inf).reshape(out, -1, m)
-    keep = _ranks(a, axis=-1) >= _count(ratio, m)
+    keep = _small_ranks(a) >= _count(ratio, m)
     keep = keep.reshape(out, -1)[:, :fan_in].T.reshape(w.shape)
     return keep.astype(w.dtype)
 
