@@ -3,9 +3,10 @@
 Three jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
 optimizer state for K plans), `step` (one fine-tune step of K plans, driven from Python: on
 this CPU a `lax.scan` of conv backward passes was 10-20x slower) and `evaluate` (the metric
-of K plans on one chunk of a split). Plans are arrays passed in, so new plans never
-recompile. With K = 1 the functions are not vmapped at all, so `lax.switch` really skips
-the transforms a plan does not use.
+of K plans on one chunk of a split, with their effective params and a finiteness flag, so
+nothing else compiles). Plans are arrays passed in, so new plans never recompile. With
+K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, codebook
+kernels) really skips what a plan does not use.
 """
 from __future__ import annotations
 

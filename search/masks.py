@@ -78,11 +78,42 @@ def layer_mask(w: jax.Array, ratio: jax.Array, granularity: jax.Array) -> jax.Ar
 
 
 def compute_masks(params: Any, layers: Sequence[Layer], plan: Plan) -> dict[str, jax.Array]:
-    """{layer.name: 0/1 mask shaped like its kernel} for one plan of shape [L]."""
-    return {
-        l.name: layer_mask(get_path(params, l.path)["kernel"], plan.ratio[l.index], plan.granularity[l.index])
-        for l in layers
-    }
+    """{layer.name: 0/1 mask shaped like its kernel} for one plan of shape [L].
+
+    The same masks as `layer_mask` per layer, but the unstructured and channel ranks of all
+    layers come from one sort each (keyed by layer, then magnitude; stable, so ties go by
+    position as in `_ranks`): two argsorts per layer and granularity made most of the
+    compiled code.
+    """
+    ws = [get_path(params, l.path)["kernel"] for l in layers]
+    ratios = [plan.ratio[l.index] for l in layers]
+    unstructured = _grouped_keep([jnp.abs(w).ravel() for w in ws], ratios)
+    norms = [jnp.abs(w).reshape(-1, w.shape[-1]).sum(axis=0) for w in ws]
+    channels = _grouped_keep(norms, ratios)
+    out = {}
+    for l, w, r, u, c in zip(layers, ws, ratios, unstructured, channels):
+        u = u.reshape(w.shape).astype(w.dtype)
+        c = jnp.broadcast_to(c, w.shape).astype(w.dtype)
+        g = plan.granularity[l.index]
+        out[l.name] = jnp.where(g == CHANNEL, c, jnp.where(g == NM, nm_mask(w, r), u))
+    return out
+
+
+def _grouped_keep(values: Sequence[jax.Array], ratios: Sequence[jax.Array]) -> list[jax.Array]:
+    """For each 1-d array, `_ranks(v) >= _count(ratio, v.size)`, from one sort of them all."""
+    sizes = [int(v.size) for v in values]
+    group = jnp.concatenate([jnp.full((n,), i, jnp.int32) for i, n in enumerate(sizes)])
+    start = jnp.concatenate([jnp.full((n,), sum(sizes[:i]), jnp.int32) for i, n in enumerate(sizes)])
+    count = jnp.concatenate([jnp.full((n,), _count(r, n)) for r, n in zip(ratios, sizes)])
+    pos = jnp.arange(sum(sizes), dtype=jnp.int32)
+    _, _, order = jax.lax.sort((group, jnp.concatenate(values), pos), num_keys=2, is_stable=True)
+    # sorted by group first, so sorted position p belongs to the group laid out at p
+    keep = jnp.zeros(pos.shape, bool).at[order].set(pos - start >= count, unique_indices=True)
+    out, at = [], 0
+    for n in sizes:
+        out.append(keep[at:at + n])
+        at += n
+    return out
 
 
 def pruned_counts(layers: Sequence[Layer], plan: Plan) -> np.ndarray:
