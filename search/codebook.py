@@ -58,12 +58,9 @@ def kmeans_codebooks(ws, masks, bits: jax.Array, iters: int = 15) -> tuple[jax.A
     weight = keep.astype(v.dtype)
     n = active_slots(bits)  # [L]
     active = jnp.arange(SLOTS)[None, :] < n[:, None]  # [L, SLOTS]
-    lo, hi = [], []
-    for w, m in zip(ws, masks):
-        k = m > 0
-        lo.append(jnp.where(jnp.any(k), jnp.min(jnp.where(k, w, jnp.inf)), 0.0))
-        hi.append(jnp.where(jnp.any(k), jnp.max(jnp.where(k, w, -jnp.inf)), 0.0))
-    lo, hi = jnp.stack(lo).astype(v.dtype), jnp.stack(hi).astype(v.dtype)
+    has = jax.ops.segment_sum(weight, seg, L) > 0  # a layer with every weight pruned: range [0, 0]
+    lo = jnp.where(has, jax.ops.segment_min(jnp.where(keep, v, jnp.inf), seg, L), 0.0)
+    hi = jnp.where(has, jax.ops.segment_max(jnp.where(keep, v, -jnp.inf), seg, L), 0.0)
     step = (hi - lo) / jnp.maximum(n - 1, 1).astype(v.dtype)
     c0 = jnp.where(active, lo[:, None] + step[:, None] * jnp.arange(SLOTS), jnp.inf)
     base = seg * SLOTS
