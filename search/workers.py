@@ -23,6 +23,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # seconds a worker gets to finish its trial after SIGINT before it is terminated
 STOP_GRACE = 60.0
+IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks again while others still train
 
 
 def worker_command(
@@ -311,7 +312,9 @@ def run_worker(
                       f"({counts['trained']} trained, {counts['infeasible']} over budget, "
                       f"{counts['failed']} failed)", file=sys.stderr, flush=True)
         elif running:  # others are still training: their trials may die and come back to us
-            time.sleep(heartbeat_interval)
+            # poll often: waiting a whole heartbeat interval kept a finished study's workers
+            # alive up to 30 s after the last trial ended
+            time.sleep(min(IDLE_POLL_S, heartbeat_interval))
         else:
             break
     return ran
