@@ -158,7 +158,7 @@ def search_task(
     The budget is checked against the most compressed plan before anything is trained.
     `engine` replaces the Engine built from the task (e.g. one with another config).
     """
-    from search.engine import Engine, FinetuneConfig
+    from search.engine import K_FILE_NAME, Engine, FinetuneConfig
     from search.layers import discover_layers
 
     if n_trials < 1:
@@ -204,7 +204,8 @@ def search_task(
         from models.train import train_baseline
 
         base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
-    ctx.engine = engine if engine is not None else Engine(task, base_params, finetune)
+    ctx.engine = engine if engine is not None else Engine(
+        task, base_params, finetune, k_file=Path(results_dir, "cache", K_FILE_NAME))
     if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
     if not run:

@@ -113,9 +113,13 @@ _FN_CACHE_SIZE = 16
 class Engine:
     """Compress and fine-tune plans for one task; see the module docstring."""
 
-    def __init__(self, task: Task, base_params: Any = None, config: FinetuneConfig = FinetuneConfig()):
+    def __init__(self, task: Task, base_params: Any = None, config: FinetuneConfig = FinetuneConfig(),
+                 k_file: str | os.PathLike | None = None):
+        """`k_file`: a JSON file that remembers the measured K per machine and task (e.g.
+        results/cache/engine_k.json); None measures once per process."""
         config.check()
         self.task, self.config = task, config
+        self._k_file = Path(k_file) if k_file is not None else None
         self.model = Model(task.module)
         if base_params is None:
             base_params = self.model.initial_params() if self.model.kind == "nnx" else None
@@ -321,14 +325,14 @@ class Engine:
     def _choose_k(self) -> int:
         """Measure seconds per plan-step for a few K on this backend and keep the fastest.
 
-        The choice is remembered per process and in results/cache/engine_k.json per machine.
+        The choice is remembered per process and, with a k_file, per machine.
         """
         backend = jax.default_backend()
         key = (backend, jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
                self.config.batch_size, self.config.distill, tuple(l.kernel_shape for l in self.layers))
         if key in _K_CACHE:
             return _K_CACHE[key]
-        disk = _read_k_file()
+        disk = _read_k_file(self._k_file)
         if repr(key) in disk:
             _K_CACHE[key] = int(disk[repr(key)]["k"])
             return _K_CACHE[key]
@@ -353,27 +357,31 @@ class Engine:
         best = min(self.k_timings, key=self.k_timings.get)
         _K_CACHE[key] = best
         disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
-        _write_k_file(disk)
+        _write_k_file(self._k_file, disk)
         return best
 
 
-K_FILE = Path("results/cache/engine_k.json")  # K measured per machine, backend and task
+K_FILE_NAME = "engine_k.json"  # in a results directory's cache/: K per machine, backend and task
 
 
-def _read_k_file() -> dict:
+def _read_k_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
     try:
-        return json.loads(K_FILE.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_k_file(data: dict) -> None:
+def _write_k_file(path: Path | None, data: dict) -> None:
     """Best effort: a read-only results/ only means measuring again next time."""
+    if path is None:
+        return
     try:
-        K_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = K_FILE.with_suffix(f".{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, K_FILE)
+        os.replace(tmp, path)
     except OSError:
         pass
 

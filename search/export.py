@@ -141,7 +141,7 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
                      finetune=engine.config.steps > 0)
     cm = res.models[0]
     if not cm.finite:
-        raise UserError(f"fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
+        raise UserError("fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
     params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks)
     cm = dataclasses.replace(cm, params=params)
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
@@ -227,7 +227,7 @@ def export_trial(study: Any, trial_number: int, out_dir: str | Path, *, finetune
     import hw_profiles
     import models
     from models.train import train_baseline
-    from search.engine import Engine, FinetuneConfig
+    from search.engine import FinetuneConfig
     from search.space import plan_from_dict
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from search.layers import Layer, get_path
-from search.plan import CHANNEL, NM, NM_GROUP, UNSTRUCTURED, Plan
+from search.plan import CHANNEL, NM, NM_GROUP, Plan
 
 
 def _count(ratio: jax.Array, n: int) -> jax.Array:

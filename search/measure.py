@@ -103,7 +103,7 @@ def _predict(config: dict, profile: str) -> float | None:
         import models
         from search.cost import price
         from search.layers import discover_layers
-        from search.plan import GRANULARITIES, QUANT_MODES, make_plan, stack_plans
+        from search.plan import QUANT_MODES, make_plan, stack_plans
     except ImportError:
         return None
     prof = hw_profiles.load_profile(profile)

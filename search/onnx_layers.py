@@ -119,7 +119,6 @@ class LayerRules:
         cin = x.shape[-1]
         qfull = spec.q if spec is not None and spec.weight == "int" else None
         x = self._quant_input(self.nchw(x), spec, qfull is not None)
-        padded = any(int(a) or int(b) for a, b in p["padding"])
         w2 = w.reshape(-1, w.shape[-1])
         if groups == 1:
             keep = self._out_keep(name, spec, w2)

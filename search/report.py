@@ -326,11 +326,11 @@ def markdown(view: StudyView) -> str:
     lines = [f"# Study {view.name}: Pareto report", "",
              f"- model: {view.spec.get('model', '?')} on {view.spec.get('dataset', '?')}",
              f"- profile: {view.profile}" + (" (re-priced from stored costs, no retraining)" if view.repriced else ""),
-             f"- budget: {budget}", f"- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
+             f"- budget: {budget}", "- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.baseline:
         lines.append(f"- quality is {view.baseline.get('metric_name', 'the task metric')} on the validation split")
-        lines.append(f"- baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
+        lines.append("- baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
     hv = view.trials["hypervolume"]
     lines += [f"- hypervolume (normalised): {fmt(float(hv.iloc[-1]) if len(hv) else 0.0)}", "", "## Pareto front", ""]
     if view.front.empty:

@@ -168,7 +168,7 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     import hw_profiles
     import models
     from models.train import train_baseline
-    from search.engine import Engine, FinetuneConfig
+    from search.engine import K_FILE_NAME, Engine, FinetuneConfig
     from search.errors import UserError
     from search.layers import discover_layers
     from search.space import Space
@@ -221,7 +221,8 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     )
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
-    engine = Engine(task, params, finetune)  # K: the spec's, else measured once per machine
+    # K: the spec's, else measured once per machine (and remembered under results/cache)
+    engine = Engine(task, params, finetune, k_file=Path(results_dir, "cache", K_FILE_NAME))
     return SearchContext(
         engine=engine,
         layers=layers,

@@ -10,8 +10,8 @@ from flax import linen as nn
 from flax import nnx
 
 import models
-from models.metrics import accuracy, cross_entropy
-from models.task import Task, TrainConfig
+from models.metrics import accuracy
+from models.task import TrainConfig
 from models.train import evaluate, fit
 from search.compiles import count_compiles
 from search.engine import Engine, FinetuneConfig
@@ -95,6 +95,21 @@ def test_k_vmapped_equals_separate_runs(lenet300, engine):
     for ma, mb in zip(a.models, b.models):
         for l in engine.layers:
             np.testing.assert_allclose(ma.params[l.name]["kernel"], mb.params[l.name]["kernel"], atol=2e-4)
+
+
+def test_measured_k_is_kept_in_the_k_file(lenet300, engine, tmp_path):
+    """K measured once per machine lands in the k_file given (a results dir's cache), and a
+    later process reads it instead of timing again."""
+    from search import engine as engine_mod
+
+    task, params = lenet300
+    k_file = tmp_path / "cache" / engine_mod.K_FILE_NAME
+    first = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
+    assert set(first.k_timings) == {1, 4} and first.k == min(first.k_timings, key=first.k_timings.get)
+    assert k_file.is_file()
+    engine_mod._K_CACHE.clear()  # as in a new process
+    again = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
+    assert again.k == first.k and again.k_timings == {}
 
 
 def test_distillation_runs_and_changes_the_result(lenet300, engine):

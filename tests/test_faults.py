@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
