@@ -99,29 +99,18 @@ def check_budget_reachable(ctx: SearchContext) -> dict[str, float]:
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
-    """The feasible Pareto front as a DataFrame, best quality first, with the per-layer plan."""
-    rows = []
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    front = study.best_trials if trials else []
-    spec = study.user_attrs.get("spec", {})
-    target = spec.get("profile_name")
-    for t in front:
-        costs = t.user_attrs.get("costs", {})
-        c = costs.get(target) if target in costs else next(iter(costs.values()), {})
-        rows.append(
-            {
-                "trial": t.number,
-                "quality": t.user_attrs.get("quality"),
-                "latency_ms": c.get("latency_ms"),
-                "memory_kb": c.get("memory_kb"),
-                "size_kb": c.get("size_kb"),
-                "compression_ratio": t.user_attrs.get("compression_ratio"),
-                "feasible": bool(t.user_attrs.get("feasible", True)),
-                "plan": t.user_attrs.get("plan"),
-            }
-        )
-    df = pd.DataFrame(rows, columns=[*FRONT_COLUMNS, "plan"])
-    return df.sort_values(["quality", "trial"], ascending=[False, True], ignore_index=True)
+    """The feasible Pareto front as a DataFrame, best quality first, with the per-layer plan:
+    the front `hwcompress report` shows (search.report.read_study), on the study's own profile."""
+    from search.report import read_study
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return pd.DataFrame(columns=[*FRONT_COLUMNS, "plan"])
+    front = read_study(study).front
+    plans = {t.number: t.user_attrs.get("plan") for t in study.get_trials(deepcopy=False)}
+    df = front[list(FRONT_COLUMNS)].copy()
+    df["feasible"] = df["feasible"].astype(bool)
+    df["plan"] = [plans[n] for n in df["trial"]]
+    return df.reset_index(drop=True)
 
 
 def search_task(
