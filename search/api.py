@@ -103,10 +103,11 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     the front `hwcompress report` shows (search.report.read_study), on the study's own profile."""
     from search.report import read_study
 
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
         return pd.DataFrame(columns=[*FRONT_COLUMNS, "plan"])
     front = read_study(study).front
-    plans = {t.number: t.user_attrs.get("plan") for t in study.get_trials(deepcopy=False)}
+    plans = {t.number: t.user_attrs.get("plan") for t in trials}
     df = front[list(FRONT_COLUMNS)].copy()
     df["feasible"] = df["feasible"].astype(bool)
     df["plan"] = [plans[n] for n in df["trial"]]
@@ -147,7 +148,7 @@ def search_task(
     The budget is checked against the most compressed plan before anything is trained.
     `engine` replaces the Engine built from the task (e.g. one with another config).
     """
-    from search.engine import K_FILE_NAME, Engine, FinetuneConfig
+    from search.engine import Engine, FinetuneConfig, k_file_in
     from search.layers import discover_layers
 
     if n_trials < 1:
@@ -193,8 +194,7 @@ def search_task(
         from models.train import train_baseline
 
         base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
-    ctx.engine = engine if engine is not None else Engine(
-        task, base_params, finetune, k_file=Path(results_dir, "cache", K_FILE_NAME))
+    ctx.engine = engine if engine is not None else Engine(task, base_params, finetune, k_file=k_file_in(results_dir))
     if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
     if not run:

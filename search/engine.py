@@ -364,6 +364,11 @@ class Engine:
 K_FILE_NAME = "engine_k.json"  # in a results directory's cache/: K per machine, backend and task
 
 
+def k_file_in(results_dir: str | os.PathLike) -> Path:
+    """Where a results directory keeps the measured K (beside the baseline cache)."""
+    return Path(results_dir, "cache", K_FILE_NAME)
+
+
 def _read_k_file(path: Path | None) -> dict:
     if path is None:
         return {}

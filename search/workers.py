@@ -168,7 +168,7 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     import hw_profiles
     import models
     from models.train import train_baseline
-    from search.engine import K_FILE_NAME, Engine, FinetuneConfig
+    from search.engine import Engine, FinetuneConfig, k_file_in
     from search.errors import UserError
     from search.layers import discover_layers
     from search.space import Space
@@ -222,7 +222,7 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
     # K: the spec's, else measured once per machine (and remembered under results/cache)
-    engine = Engine(task, params, finetune, k_file=Path(results_dir, "cache", K_FILE_NAME))
+    engine = Engine(task, params, finetune, k_file=k_file_in(results_dir))
     return SearchContext(
         engine=engine,
         layers=layers,

@@ -103,7 +103,7 @@ def test_measured_k_is_kept_in_the_k_file(lenet300, engine, tmp_path):
     from search import engine as engine_mod
 
     task, params = lenet300
-    k_file = tmp_path / "cache" / engine_mod.K_FILE_NAME
+    k_file = engine_mod.k_file_in(tmp_path)
     first = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
     assert set(first.k_timings) == {1, 4} and first.k == min(first.k_timings, key=first.k_timings.get)
     assert k_file.is_file()
