@@ -167,8 +167,9 @@ def step_costs(model: str, dataset: str, batch: int, plan_args: dict) -> dict:
         state = [(tr, os_, fin), jnp.int32(0)]
         fixed = (fr, group, eng.base_params, eng._x, eng._y, eng._table)
 
-        def run_c():
-            state[0], _ = step(state[0], jnp.int32(0), *fixed)
+        def run_c():  # as Engine.run drives it: the step counter stays on the device (a fresh
+            # host scalar per call made each dispatch wait for the step before it)
+            state[0], state[1] = step(state[0], state[1], *fixed)
             return state[0]
 
         run_c()
