@@ -83,16 +83,38 @@ class EngineResult:
     seconds: float = 0.0  # wall time of the call
 
 
-def _over_plans(f, k: int, in_axes: tuple):
-    """vmap f over the plan axis; for k == 1 squeeze it instead (no batching rules at all)."""
+def _over_plans(f, k: int, in_axes: tuple, single_in: tuple = (), single_out: bool = False):
+    """vmap f over the plan axis of the arguments with in_axes 0.
+
+    For k == 1 nothing is vmapped (no batching rules at all): plan-axis arguments are
+    squeezed, and those numbered in single_in (and the outputs, with single_out) are kept as
+    one plan's values with no plan axis. The fine-tuning state lives that way between steps:
+    a state squeezed and re-expanded inside the step kept XLA from updating the donated
+    buffers in place, and it copied the Adam moments and the kernels every step.
+    """
     if k > 1:
         return jax.vmap(f, in_axes=in_axes)
 
     def g(*args):
-        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
-        return jax.tree.map(lambda a: a[None], f(*args))
+        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 and i not in single_in else x
+                for i, (x, ax) in enumerate(zip(args, in_axes))]
+        out = f(*args)
+        return out if single_out else jax.tree.map(lambda a: a[None], out)
 
     return g
+
+
+def _once_per_trial_options() -> dict | None:
+    """XLA options for prepare and evaluate, which run once per trial (evaluate once per
+    chunk of the split). On CPU, XLA's older loop emitters compile them in about two thirds
+    of the time of its MLIR fusion emitters. Not for the step, which runs hundreds of times
+    per trial: its update and activation fusions ran slower with them (lenet300/Fashion-MNIST
+    batch 256: 1.24x a plain step instead of 1.14x). Prepare also compiles at LLVM -O1
+    (lenet5: 1.5 s instead of 1.9 s), which made its sorts and k-means no slower; evaluate
+    ran 25% slower at -O1, so it keeps the default."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_use_fusion_emitters": False}
+    return None
 
 
 def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
@@ -125,14 +147,17 @@ class Engine:
             base_params = self.model.initial_params() if self.model.kind == "nnx" else None
         if base_params is None:
             raise UserError("Engine needs the trained params; pass base_params (see models.train.train_baseline)")
-        self.base_params = jax.tree.map(jnp.asarray, base_params)
+        # jax arrays as they are, host arrays by device_put: jnp.asarray compiled a small XLA
+        # program per leaf (a tenth of a second per study, all told, with the data below)
+        self.base_params = jax.tree.map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a)), base_params)
         data = task.data
         self.layers: tuple[Layer, ...] = discover_layers(
             self.model, self.base_params, jax.ShapeDtypeStruct((1, *data.input_shape), jnp.float32))
-        self._x = jnp.asarray(data.x_train, jnp.float32)
-        self._y = jnp.asarray(data.y_train)
-        self._calib = self._x[: min(config.calib_examples, len(data.x_train))]
-        self._table = jnp.asarray(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
+        self._x = jax.device_put(np.asarray(data.x_train, np.float32))
+        self._y = jax.device_put(np.asarray(data.y_train))
+        self._calib = jax.device_put(np.asarray(data.x_train[: min(config.calib_examples, len(data.x_train))], np.float32))
+        self._table = jax.device_put(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
         self._eval_batch = min(config.eval_batch, len(data.x_val))
         self._opt = optax.adam(config.learning_rate)
         self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
@@ -166,18 +191,16 @@ class Engine:
                 jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
                 lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
                          [jnp.zeros(w.shape, jnp.int32) for w in ws]))
-            cents = {l.name: jnp.where(use[l.index], c_all[l.index], 0.0) for l in layers}
+            cents = jnp.where(use[:, None], c_all, 0.0)  # [L, SLOTS], one table for all layers
             assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
-            params = base
-            for l in layers:
-                node = _node(params, l)
-                params = _set(params, l, {**node, "kernel": node["kernel"] * masks[l.name]})
+            params = _masked(base, masks, layers)
             L = len(layers)
-            q0 = compress.QuantState(assign, jnp.zeros(L), jnp.zeros(L))
+            bscale = dict(zip((l.name for l in layers), compress.binary_scales([_node(params, l)["kernel"] for l in layers])))
+            q0 = compress.QuantState(assign, bscale, jnp.zeros(L), jnp.zeros(L))
             eff = compress.effective_params(params, masks, cents, q0, layers, plan)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
             trainable = {"params": params, "centroids": cents}
-            frozen = {"masks": masks, "q": compress.QuantState(assign, lo, hi)}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, bscale, lo, hi)}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
         def forward(trainable, frozen, plan, x):
@@ -197,9 +220,14 @@ class Engine:
             loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher)
             updates, opt_state = opt.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
+            # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
+            # Adam's moments may move them): one read of each mask per step, fused with the update
+            trainable = {**trainable, "params": _masked(trainable["params"], frozen["masks"], layers)}
             return trainable, opt_state, finite & jnp.isfinite(loss)
 
-        step_k = _over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None))
+        # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
+        step_k = _over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
+                             single_out=True)
 
         def step(state, t, frozen, plans, base, xs, ys, table):
             idx = table[t]
@@ -218,10 +246,12 @@ class Engine:
             ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
             return task.metric(out, y), eff, ok
 
+        once = _once_per_trial_options()
         fns = (
-            jax.jit(_over_plans(prepare_one, k, (0, None, None))),
+            jax.jit(_over_plans(prepare_one, k, (0, None, None), single_out=True),
+                    compiler_options=once and {**once, "xla_backend_optimization_level": 1}),
             jax.jit(step, donate_argnums=(0,)),
-            jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None))),
+            jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
         )
         self._fns[k] = fns
         if len(_FN_CACHE) >= _FN_CACHE_SIZE:
@@ -239,7 +269,7 @@ class Engine:
         p = plans.batch_shape[0]
         for start in range(0, p, self.k):
             idx = np.minimum(np.arange(start, start + self.k), p - 1)  # pad by repeating the last plan
-            group = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[idx]), plans)
+            group = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], plans))
             m, f, trained, frozen = self._run_group(group, finetune, split)
             n = min(self.k, p - start)
             metrics.append(m[:n])
@@ -289,7 +319,7 @@ class Engine:
         prepare, step, evaluate = self._functions(self.k)
         trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib)
         if finetune and self.config.steps > 0:
-            state, t = (trainable, opt_state, finite), jnp.int32(0)
+            state, t = (trainable, opt_state, finite), jax.device_put(np.int32(0))
             for _ in range(self.config.steps):
                 state, t = step(state, t, frozen, group, self.base_params, self._x, self._y, self._table)
             trainable, _, finite = state
@@ -303,7 +333,8 @@ class Engine:
             if n < b:  # pad to the compiled shape, drop the padding after
                 xb = np.concatenate([xb, np.repeat(xb[-1:], b - n, 0)])
                 yb = np.concatenate([yb, np.repeat(yb[-1:], b - n, 0)])
-            per, eff, leaves_ok = evaluate(trainable, frozen, group, jnp.asarray(xb, jnp.float32), jnp.asarray(yb))
+            per, eff, leaves_ok = evaluate(trainable, frozen, group, jax.device_put(np.asarray(xb, np.float32)),
+                                           jax.device_put(np.asarray(yb)))
             total += np.asarray(per, np.float64)[:, :n].sum(axis=1)
         metric = total / len(x)
         ok = np.asarray(finite) & np.asarray(leaves_ok)
@@ -312,6 +343,8 @@ class Engine:
 
     def _models(self, group: Plan, effective, frozen, metric, finite, n: int) -> list[CompressedModel]:
         effective, frozen = jax.tree.map(np.asarray, (effective, frozen))
+        if self.k == 1:  # the state of one plan has no plan axis (see _over_plans)
+            frozen = jax.tree.map(lambda a: a[None], frozen)
         out = []
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
             eff, fr = jax.tree.map(lambda a: a[i], (effective, frozen))
@@ -389,6 +422,14 @@ def _write_k_file(path: Path | None, data: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _masked(params, masks: dict, layers: Sequence[Layer]):
+    """params with every layer's kernel multiplied by its mask."""
+    for l in layers:
+        node = _node(params, l)
+        params = _set(params, l, {**node, "kernel": node["kernel"] * masks[l.name]})
+    return params
 
 
 def _node(tree, layer: Layer):

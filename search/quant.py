@@ -3,6 +3,8 @@
 Weights: symmetric, one scale per output channel (the last kernel axis).
   b >= 2: qmax = 2**(b-1) - 1, scale = max|w| / qmax, q = clip(round(w / scale), -qmax, qmax);
   b == 1: w_hat = sign(w) * mean|w| over the channel's non-zero weights (pruned ones stay 0);
+          the engine takes that mean from the pretrained kernel and keeps it while fine-tuning
+          (compress.binary_scales), so re-quantizing its result gives it back;
   b == 32 (FLOAT): untouched.
 Activations (per tensor, the input of a layer), from a calibrated range [lo, hi]:
   lo = min(lo, 0), hi = max(hi, 0), s = (hi - lo) / (2**b - 1), z = round(-lo / s),
@@ -92,5 +94,25 @@ def act_qparams(lo, hi, bits):
 def fake_quant_act(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
     """Quantize-dequantize an activation tensor (FLOAT = untouched), with STE."""
     s, z, levels = act_qparams(lo, hi, bits)
+    return fake_quant_act_grid(x, s, z, levels, jnp.asarray(bits) >= FLOAT)
+
+
+@jax.custom_vjp
+def fake_quant_act_grid(x: jax.Array, s: jax.Array, z: jax.Array, levels: jax.Array,
+                        is_float: jax.Array) -> jax.Array:
+    """`fake_quant_act` on a grid from `act_qparams` (so a model's layers can share one
+    vectorized computation of their grids). The gradient passes to x unchanged, as a custom
+    VJP: no rounding arithmetic is differentiated or compiled in the backward pass."""
     x_hat = (jnp.clip(jnp.round(x / s) + z, 0.0, levels) - z) * s
-    return ste(x, jnp.where(jnp.asarray(bits) >= FLOAT, x, x_hat))
+    return jnp.where(is_float, x, x_hat)
+
+
+def _act_fwd(x, s, z, levels, is_float):
+    return fake_quant_act_grid(x, s, z, levels, is_float), (s, z, levels)
+
+
+def _act_bwd(res, g):
+    return (g, *(jnp.zeros_like(a) for a in res), None)
+
+
+fake_quant_act_grid.defvjp(_act_fwd, _act_bwd)
