@@ -2,8 +2,8 @@
 plus the activation quantization that runs on the input of every Dense/Conv.
 
 Per-layer choices are read from the plan arrays inside the trace (`jnp.where` between float,
-uniform and 1-bit kernels, a `lax.cond` for the codebook; the gradient is a straight-through
-custom VJP), so a single compiled function serves every plan.
+uniform, 1-bit and codebook kernels; the gradient is a straight-through custom VJP), so a
+single compiled function serves every plan.
 """
 from __future__ import annotations
 
@@ -57,75 +57,76 @@ def binary_scales(ws: Sequence[jax.Array]) -> list[jax.Array]:
     return [scale[o:o + c] for c, o in zip(chans, offset)]
 
 
-def _kernel_forward(w, mask, centroids, assign, bin_scale, bits, mode) -> jax.Array:
-    """The value of the effective kernel. w is already masked; only the codebook, whose
-    centroids are not zero, needs the mask. Float, uniform and 1-bit are one elementwise
-    expression (and the uniform scale's reduction); the codebook's gather sits behind a
-    `lax.cond`, so a layer runs only one of the two."""
-    def direct(w, mask, centroids, assign, bin_scale, bits):
-        u = quant.uniform_weight(w, bits)
-        return jnp.where(bits >= FLOAT, w, jnp.where(bits == 1, jnp.sign(w) * bin_scale, u))
-
-    def shared(w, mask, centroids, assign, bin_scale, bits):
-        return codebook.codebook_weight(centroids, assign, mask)
-
-    return jax.lax.cond(weight_branch(bits, mode) == W_CODEBOOK, shared, direct,
-                        w, mask, centroids, assign, bin_scale, bits)
+def _kernel_forward(w, bin_scale, bits, mode) -> jax.Array:
+    """The value of the effective kernel (w already masked): one elementwise expression and
+    the uniform scale's reduction. A codebook layer's kernel already holds its centroids
+    (see `effective_kernels`), so it computes with w as a float layer does."""
+    u = quant.uniform_weight(w, bits)
+    keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)
+    return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * bin_scale, u))
 
 
 @jax.custom_vjp
-def effective_kernels(ws, masks, centroids, assigns, bin_scales, bits, mode) -> list[jax.Array]:
-    """The kernels the layers compute with (lists over layers; centroids [L, SLOTS], bits and
-    mode [L]), quantized as the plan says. The kernels ws must already be masked (pruned
-    weights exactly 0): the engine masks them once per trial and again after every optimizer
-    update, so the hot path reads each mask once per step instead of once per use.
+def effective_kernels(ws, masks, assigns, bin_scales, bits, mode) -> list[jax.Array]:
+    """The kernels the layers compute with (lists over layers; bits and mode [L]), quantized
+    as the plan says. The kernels ws must already be masked (pruned weights exactly 0): the
+    engine masks them once per trial and again after every optimizer update, so the hot path
+    reads each mask once per step instead of once per use.
+
+    A codebook layer keeps its codebook in the kernel itself: the engine sets every weight to
+    its centroid once per trial, and the gradient below gives every weight of a cluster the
+    sum of the cluster's gradients (Deep Compression's centroid gradient). The optimizer is
+    elementwise, so equal weights with equal gradients stay equal: the kernel remains
+    2**bits shared values and each cluster moves exactly as its centroid would. The forward
+    pass then needs no gather and no branch, only plans with a codebook pay for one.
 
     Gradients are the straight-through estimator's, written out as a custom VJP: a kernel gets
-    its output gradient as is (zero for a codebook layer; the engine's re-masking keeps pruned
-    weights at 0), a codebook's centroids get the sum of their unpruned weights' gradients
-    (Deep Compression), for all layers in one scatter behind one `lax.cond` that plans
-    without a codebook skip. Differentiating through the branches instead made JAX carry
-    every branch's residuals through a conditional per layer and direction, which cost more
-    per step than the quantization itself.
+    its output gradient as is (the re-masking keeps pruned weights at 0); codebook layers get
+    their cluster sums, for all layers in one scatter and gather behind one `lax.cond` that
+    plans without a codebook skip. Differentiating through per-layer branches instead made
+    JAX carry every branch's residuals through a conditional per layer and direction, which
+    cost more per step than the quantization itself.
     """
-    return [_kernel_forward(w, m, centroids[i], a, s, bits[i], mode[i])
-            for i, (w, m, a, s) in enumerate(zip(ws, masks, assigns, bin_scales))]
+    return [_kernel_forward(w, s, bits[i], mode[i]) for i, (w, s) in enumerate(zip(ws, bin_scales))]
 
 
-def _kernels_fwd(ws, masks, centroids, assigns, bin_scales, bits, mode):
-    out = effective_kernels(ws, masks, centroids, assigns, bin_scales, bits, mode)
-    return out, (masks, assigns, bits, mode, centroids.shape)
+def _kernels_fwd(ws, masks, assigns, bin_scales, bits, mode):
+    return effective_kernels(ws, masks, assigns, bin_scales, bits, mode), (masks, assigns, bits, mode)
 
 
-def _centroid_grads(gs, masks, assigns, is_cb, shape):
-    """[L, SLOTS]: per layer, the sum of the masked gradients of the weights at each slot."""
-    n, slots = shape
+def _cluster_grads(gs, masks, assigns, is_cb):
+    """Per kernel: for a codebook layer, each unpruned weight's cluster sum of the masked
+    gradients (one scatter-add into an [L * SLOTS] table and one gather back); else as is."""
+    slots = codebook.SLOTS
+    at = [a + i * slots for i, a in enumerate(assigns)]
     g = jnp.concatenate([(g * m).ravel() for g, m in zip(gs, masks)])
-    at = jnp.concatenate([(a + i * slots).ravel() for i, a in enumerate(assigns)])
-    table = jnp.zeros(n * slots, g.dtype).at[at].add(g).reshape(n, slots)
-    return jnp.where(is_cb[:, None], table, 0.0)
+    table = jnp.zeros(len(gs) * slots, g.dtype).at[jnp.concatenate([a.ravel() for a in at])].add(g)
+    return [jnp.where(is_cb[i], table[a] * m, g) for i, (g, m, a) in enumerate(zip(gs, masks, at))]
 
 
 def _kernels_bwd(res, gs):
-    masks, assigns, bits, mode, shape = res
+    masks, assigns, bits, mode = res
     is_cb = weight_branch(bits, mode) == W_CODEBOOK  # [L]
-    # the masked products are formed inside the cond, not before it: an operand of the cond
-    # would be written out in full, where the kernels' gradients fuse into the optimizer
-    g_cent = jax.lax.cond(jnp.any(is_cb), lambda gs, ms, as_: _centroid_grads(gs, ms, as_, is_cb, shape),
-                          lambda gs, ms, as_: jnp.zeros(shape, gs[0].dtype), list(gs), list(masks), list(assigns))
-    g_ws = [jnp.where(is_cb[i], 0.0, g) for i, g in enumerate(gs)]
-    return g_ws, None, g_cent, None, None, None, None
+    g_ws = jax.lax.cond(jnp.any(is_cb), lambda gs, ms, as_: _cluster_grads(gs, ms, as_, is_cb),
+                        lambda gs, ms, as_: gs, list(gs), list(masks), list(assigns))
+    return g_ws, None, None, None, None, None
 
 
 effective_kernels.defvjp(_kernels_fwd, _kernels_bwd)
 
 
-def effective_params(params: Any, masks: dict, centroids: jax.Array, qstate: QuantState,
-                     layers: Sequence[Layer], plan: Plan) -> Any:
-    """The params tree with every kernel replaced by its compressed version (plan of shape
-    [L], centroids [L, SLOTS] in layer order)."""
+def codebook_kernels(ws, masks, centroids: jax.Array, assigns, use: jax.Array) -> list[jax.Array]:
+    """The kernels with every codebook layer's weights set to their centroids (centroids
+    [L, SLOTS], use [L]: the layers that use a codebook), pruned weights 0."""
+    return [jnp.where(use[i], codebook.codebook_weight(centroids[i], a, m), w)
+            for i, (w, m, a) in enumerate(zip(ws, masks, assigns))]
+
+
+def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Sequence[Layer],
+                     plan: Plan) -> Any:
+    """The params tree with every kernel replaced by its compressed version (plan of shape [L])."""
     nodes = [get_path(params, l.path) for l in layers]
-    ks = effective_kernels([n["kernel"] for n in nodes], [masks[l.name] for l in layers], centroids,
+    ks = effective_kernels([n["kernel"] for n in nodes], [masks[l.name] for l in layers],
                            [qstate.assign[l.name] for l in layers], [qstate.bin_scale[l.name] for l in layers],
                            plan.weight_bits, plan.quant_mode)
     out = params

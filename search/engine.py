@@ -5,8 +5,9 @@ optimizer state for K plans), `step` (one fine-tune step of K plans, driven from
 this CPU a `lax.scan` of conv backward passes was 10-20x slower) and `evaluate` (the metric
 of K plans on one chunk of a split, with their effective params and a finiteness flag, so
 nothing else compiles). Plans are arrays passed in, so new plans never recompile. With
-K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, codebook
-kernels) really skips what a plan does not use.
+K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, the codebook
+gradient) really skips what a plan does not use, and the fine-tuning state carries no plan
+axis between steps.
 """
 from __future__ import annotations
 
@@ -191,21 +192,24 @@ class Engine:
                 jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
                 lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
                          [jnp.zeros(w.shape, jnp.int32) for w in ws]))
-            cents = jnp.where(use[:, None], c_all, 0.0)  # [L, SLOTS], one table for all layers
             assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
             params = _masked(base, masks, layers)
             L = len(layers)
             bscale = dict(zip((l.name for l in layers), compress.binary_scales([_node(params, l)["kernel"] for l in layers])))
+            # a codebook layer's kernel holds its centroids from here on (compress.effective_kernels)
+            ks = compress.codebook_kernels([_node(params, l)["kernel"] for l in layers], ms, c_all,
+                                           [assign[l.name] for l in layers], use)
+            for l, k in zip(layers, ks):
+                params = _set(params, l, {**_node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, bscale, jnp.zeros(L), jnp.zeros(L))
-            eff = compress.effective_params(params, masks, cents, q0, layers, plan)
+            eff = compress.effective_params(params, masks, q0, layers, plan)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
-            trainable = {"params": params, "centroids": cents}
+            trainable = {"params": params}
             frozen = {"masks": masks, "q": compress.QuantState(assign, bscale, lo, hi)}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
         def forward(trainable, frozen, plan, x):
-            eff = compress.effective_params(trainable["params"], frozen["masks"], trainable["centroids"],
-                                            frozen["q"], layers, plan)
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
             q = frozen["q"]
             return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
 
@@ -239,8 +243,7 @@ class Engine:
         def evaluate_one(trainable, frozen, plan, x, y):
             # also the effective params and whether every trained value is finite, so that
             # return_models and the NaN check need no compiles of their own
-            eff = compress.effective_params(trainable["params"], frozen["masks"], trainable["centroids"],
-                                            frozen["q"], layers, plan)
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
             q = frozen["q"]
             out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
             ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
