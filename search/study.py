@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -228,6 +230,49 @@ def _tell_values(ctx: SearchContext, quality: float, cost: dict[str, float]) -> 
     return [quality if n == "quality" else cost[n] for n in ctx.objectives]
 
 
+class _CtrlC:
+    """Ctrl-C held back while the storage is written, delivered at the next safe point.
+
+    A KeyboardInterrupt raised inside a SQLite commit left that connection holding the write
+    lock, so failing the open trials afterwards hit "database is locked" and the search ended
+    with an internal error instead of exit code 130. Only the main thread receives signals;
+    elsewhere this does nothing.
+    """
+
+    def __enter__(self):
+        self.pending = False
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    def __exit__(self, kind, value, tb):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.pending and kind is None:
+                signal.raise_signal(signal.SIGINT)  # now, with the handler the caller had
+        return False
+
+    @contextlib.contextmanager
+    def allowed(self) -> Iterator[None]:
+        """Ctrl-C acts at once inside (the long fine-tuning), and one held back acts here."""
+        if not self.active:
+            yield
+            return
+        signal.signal(signal.SIGINT, self.previous)
+        try:
+            if self.pending:
+                self.pending = False
+                signal.raise_signal(signal.SIGINT)
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._hold)
+
+
 def run_batch(
     study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence[optuna.Trial] | None = None
 ) -> dict[str, int]:
@@ -236,7 +281,15 @@ def run_batch(
     `trials`: already asked (search.workers claims them under a lock so that concurrent
     workers never overshoot the study's trial budget); k is then len(trials).
     The caller then owns their heartbeats. Returns counts {"asked", "infeasible", "trained", "failed"}.
+    Ctrl-C interrupts the fine-tuning at once; while the storage is written it waits for the
+    write to finish (`_CtrlC`).
     """
+    with _CtrlC() as ctrl_c:
+        return _run_batch(study, ctx, k, trials, ctrl_c)
+
+
+def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence[optuna.Trial] | None,
+               ctrl_c: _CtrlC) -> dict[str, int]:
     own = trials is None
     if own:
         if _heartbeat_enabled(study):
@@ -279,7 +332,8 @@ def run_batch(
             batch = P.stack_plans([plans[i] for i in feasible_idx])
             beats = _heartbeats(study, [trials[i] for i in feasible_idx]) if own else contextlib.nullcontext()
             with beats:
-                result = ctx.engine.run(batch)
+                with ctrl_c.allowed():
+                    result = ctx.engine.run(batch)
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
