@@ -22,6 +22,7 @@ from search.space import extreme_plans, plan_to_params, space_for_profile
 from search.study import (
     BUDGET_KEYS,
     SearchContext,
+    ask_batch,
     layers_attr,
     metric_names,
     open_study,
@@ -199,7 +200,7 @@ def search_task(
         _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
     if not run:
         return study
-    k = batch or int(getattr(ctx.engine, "k", 0) or 4)
+    k = ask_batch(getattr(ctx.engine, "k", None), batch)
     bar = SearchProgress(n_trials, enabled=progress, metric_name=task.metric_name)
     try:
         run_trials(study, ctx, n_trials, k, bar)

@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--memory-kb", type=float, default=None, help="peak memory budget (profile default otherwise)")
     p.add_argument("--size-kb", type=float, default=None, help="model size budget (profile default otherwise)")
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"total trials in the study (default {DEFAULT_TRIALS})")
-    p.add_argument("--batch", type=int, default=None, help="trials asked and fine-tuned together (default: the engine's K)")
+    p.add_argument("--batch", type=int, default=None, help="trials asked and fine-tuned together (default: the larger of 4 and the engine's K)")
     p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")

@@ -360,6 +360,19 @@ def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence
         raise
 
 
+ASK_BATCH = 4  # trials asked at once unless the engine fine-tunes more in one call (K)
+
+
+def ask_batch(engine_k: int | None, batch: int | None = None) -> int:
+    """Trials asked, fine-tuned and told together: `batch` if given, else max(ASK_BATCH, K).
+
+    Not K itself: K is measured on the machine (1 or 4 on a CPU, and a noisy machine flips
+    between them), and TPE's proposals follow the batches, so the same command with the same
+    seed found different fronts. With K <= 4 the engine runs the batch in groups of K.
+    """
+    return int(batch) if batch else max(ASK_BATCH, int(engine_k or 1))
+
+
 def run_trials(
     study: optuna.Study,
     ctx: SearchContext,
