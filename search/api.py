@@ -149,7 +149,8 @@ def search_task(
     The budget is checked against the most compressed plan before anything is trained.
     `engine` replaces the Engine built from the task (e.g. one with another config).
     """
-    from search.engine import Engine, FinetuneConfig, k_file_in
+    from search.engine import Engine, FinetuneConfig
+    from search.k_file import k_file_in
     from search.layers import discover_layers
 
     if n_trials < 1:

@@ -57,12 +57,11 @@ def binary_scales(ws: Sequence[jax.Array]) -> list[jax.Array]:
     return [scale[o:o + c] for c, o in zip(chans, offset)]
 
 
-def _kernel_forward(w, bin_scale, bits, mode) -> jax.Array:
+def _kernel_forward(w, bin_scale, bits, keep) -> jax.Array:
     """The value of the effective kernel (w already masked): one elementwise expression and
-    the uniform scale's reduction. A codebook layer's kernel already holds its centroids
-    (see `effective_kernels`), so it computes with w as a float layer does."""
+    the uniform scale's reduction. `keep`: float, or a codebook layer, whose kernel already
+    holds its centroids (see `effective_kernels`) and so computes with w as a float one does."""
     u = quant.uniform_weight(w, bits)
-    keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)
     return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * bin_scale, u))
 
 
@@ -87,7 +86,8 @@ def effective_kernels(ws, masks, assigns, bin_scales, bits, mode) -> list[jax.Ar
     JAX carry every branch's residuals through a conditional per layer and direction, which
     cost more per step than the quantization itself.
     """
-    return [_kernel_forward(w, s, bits[i], mode[i]) for i, (w, s) in enumerate(zip(ws, bin_scales))]
+    keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)  # [L], for all layers at once
+    return [_kernel_forward(w, s, bits[i], keep[i]) for i, (w, s) in enumerate(zip(ws, bin_scales))]
 
 
 def _kernels_fwd(ws, masks, assigns, bin_scales, bits, mode):

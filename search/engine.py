@@ -11,7 +11,6 @@ axis between steps.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import optax
 from models.task import Task
 from search import codebook, compress, masks as masks_lib
 from search.errors import UserError
+from search.k_file import k_file_in, read_k_file, write_k_file  # noqa: F401 (k_file_in: kept public here)
 from search.layers import Layer, Model, discover_layers, get_path, set_path
 from search.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
 
@@ -193,12 +193,12 @@ class Engine:
                 lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
                          [jnp.zeros(w.shape, jnp.int32) for w in ws]))
             assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
-            params = _masked(base, masks, layers)
+            masked = [w * m for w, m in zip(ws, ms)]
             L = len(layers)
-            bscale = dict(zip((l.name for l in layers), compress.binary_scales([_node(params, l)["kernel"] for l in layers])))
+            bscale = dict(zip((l.name for l in layers), compress.binary_scales(masked)))
             # a codebook layer's kernel holds its centroids from here on (compress.effective_kernels)
-            ks = compress.codebook_kernels([_node(params, l)["kernel"] for l in layers], ms, c_all,
-                                           [assign[l.name] for l in layers], use)
+            ks = compress.codebook_kernels(masked, ms, c_all, [assign[l.name] for l in layers], use)
+            params = base
             for l, k in zip(layers, ks):
                 params = _set(params, l, {**_node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, bscale, jnp.zeros(L), jnp.zeros(L))
@@ -368,7 +368,7 @@ class Engine:
                self.config.batch_size, self.config.distill, tuple(l.kernel_shape for l in self.layers))
         if key in _K_CACHE:
             return _K_CACHE[key]
-        disk = _read_k_file(self._k_file)
+        disk = read_k_file(self._k_file)
         if repr(key) in disk:
             _K_CACHE[key] = int(disk[repr(key)]["k"])
             return _K_CACHE[key]
@@ -393,38 +393,8 @@ class Engine:
         best = min(self.k_timings, key=self.k_timings.get)
         _K_CACHE[key] = best
         disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
-        _write_k_file(self._k_file, disk)
+        write_k_file(self._k_file, disk)
         return best
-
-
-K_FILE_NAME = "engine_k.json"  # in a results directory's cache/: K per machine, backend and task
-
-
-def k_file_in(results_dir: str | os.PathLike) -> Path:
-    """Where a results directory keeps the measured K (beside the baseline cache)."""
-    return Path(results_dir, "cache", K_FILE_NAME)
-
-
-def _read_k_file(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_k_file(path: Path | None, data: dict) -> None:
-    """Best effort: a read-only results/ only means measuring again next time."""
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def _masked(params, masks: dict, layers: Sequence[Layer]):

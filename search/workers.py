@@ -168,7 +168,8 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
     import hw_profiles
     import models
     from models.train import train_baseline
-    from search.engine import Engine, FinetuneConfig, k_file_in
+    from search.engine import Engine, FinetuneConfig
+    from search.k_file import k_file_in
     from search.errors import UserError
     from search.layers import discover_layers
     from search.space import Space
