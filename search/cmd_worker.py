@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--storage", default=None,
                    help="storage URL, e.g. postgresql://user:pass@host:5432/db (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="where the baseline cache lives (default results)")
-    p.add_argument("--batch", type=int, default=None, help="trials fine-tuned together (default: the larger of 4 and the engine's K)")
+    p.add_argument("--batch", type=int, default=None, help="trials claimed and fine-tuned together (default: the engine's K)")
     p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials from this worker")
     p.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_INTERVAL,
                    help=f"seconds between heartbeats of a running trial (default {storage.HEARTBEAT_INTERVAL})")

@@ -277,7 +277,7 @@ def run_worker(
     import warnings
 
     from search.errors import UserError
-    from search.study import ask_batch, make_sampler, run_batch
+    from search.study import make_sampler, run_batch
 
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
@@ -297,7 +297,9 @@ def run_worker(
     # every worker its own sampler stream: two workers must not propose the same plans
     sampler = make_sampler(spec.get("sampler", "tpe"), int(spec.get("seed", 0)) + os.getpid(), len(study.trials))
     study = storage_mod.load_study(study_name, storage, sampler=sampler)
-    k = ask_batch(getattr(ctx.engine, "k", None), batch)
+    # K, not study.ask_batch: a worker claims only what it fine-tunes in one call, so a killed
+    # worker loses the fewest trials (several workers are not reproducible run to run anyway)
+    k = batch or int(getattr(ctx.engine, "k", 0) or 4)
     ran = 0
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     while max_trials is None or ran < max_trials:
