@@ -198,7 +198,7 @@ def step_costs(model: str, dataset: str, batch: int, plan_args: dict) -> dict:
             "compile_s_prepare_and_step": cc.seconds}
 
 
-def compile_time(model: str, dataset: str, repeats: int = 3) -> dict:
+def compile_time(model: str, dataset: str, repeats: int = 5) -> dict:
     """The compiles of a study's first Engine.run in a process (median of `repeats` fresh starts). The engine shares compiled
     functions across Engines, and step_costs has already compiled this model's prepare: forget
     them, or the figure leaves out the largest compile."""

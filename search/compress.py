@@ -28,7 +28,7 @@ class QuantState:
     """What a trial fixes before fine-tuning, besides the masks."""
 
     assign: dict[str, jax.Array]  # codebook index per weight (int32, like the kernel)
-    bin_scale: dict[str, jax.Array]  # [C] scale of a 1-bit kernel per output channel (`binary_scales`)
+    w_scale: dict[str, jax.Array]  # [C] weight scale per output channel, fixed per trial (`weight_scales`)
     act_lo: jax.Array  # [L] calibrated minimum of each layer's input
     act_hi: jax.Array  # [L] calibrated maximum of each layer's input
 
@@ -39,34 +39,44 @@ def weight_branch(bits: jax.Array, mode: jax.Array) -> jax.Array:
         (mode == CODEBOOK) & (bits <= 8), W_CODEBOOK, jnp.where(bits == 1, W_BINARY, W_UNIFORM)))
 
 
-def binary_scales(ws: Sequence[jax.Array]) -> list[jax.Array]:
-    """[C] per kernel: the mean |w| of each output channel's non-zero weights (1-bit weights).
+def weight_scales(ws: Sequence[jax.Array], bits: jax.Array) -> list[jax.Array]:
+    """[C] per kernel: the scale of each output channel's quantization grid, fixed for a trial.
 
-    Computed once per trial from the masked pretrained kernels and fixed while fine-tuning,
-    so the step's 1-bit kernel is one elementwise sign; for all layers in one pass over the
-    concatenated kernels (a reduction per layer was a sizeable part of the engine's compile).
+    Uniform b >= 2: max|w| / (2**(b-1) - 1), as `quant.uniform_weight`; 1 bit: the mean |w|
+    of the channel's non-zero weights, as `quant.binary_weight`; float and codebook layers
+    do not use it. Computed once per trial from the masked pretrained kernels, for all layers
+    in one pass over the concatenated kernels, and kept while fine-tuning (static encodings,
+    as AIMET's quantization-aware training keeps them): the step then quantizes a kernel with
+    one elementwise expression, where a reduction and a scale per layer and step were a fifth
+    of its compiled kernels. A fine-tuned weight beyond the grid clips to its end; the
+    exporter packs with these scales (`CompressedModel.weight_scales`).
     """
     chans = [w.shape[-1] for w in ws]
     offset = np.cumsum([0] + chans[:-1])
     v = jnp.concatenate([jnp.abs(w).ravel() for w in ws])
     seg = jnp.concatenate([jnp.broadcast_to(jnp.arange(c) + o, w.shape).ravel()
                            for w, c, o in zip(ws, chans, offset)])
-    total = jax.ops.segment_sum(v, seg, sum(chans))
-    count = jax.ops.segment_sum((v != 0).astype(v.dtype), seg, sum(chans))
-    scale = total / jnp.maximum(count, 1.0)
+    n = sum(chans)
+    total = jax.ops.segment_sum(v, seg, n)
+    count = jax.ops.segment_sum((v != 0).astype(v.dtype), seg, n)
+    amax = jax.ops.segment_max(v, seg, n)
+    b = jnp.concatenate([jnp.full((c,), bits[i]) for i, c in enumerate(chans)])
+    qmax = quant.pow2(b - 1) - 1.0
+    scale = jnp.where(b == 1, total / jnp.maximum(count, 1.0),
+                      jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0))
     return [scale[o:o + c] for c, o in zip(chans, offset)]
 
 
-def _kernel_forward(w, bin_scale, bits, keep) -> jax.Array:
-    """The value of the effective kernel (w already masked): one elementwise expression and
-    the uniform scale's reduction. `keep`: float, or a codebook layer, whose kernel already
-    holds its centroids (see `effective_kernels`) and so computes with w as a float one does."""
-    u = quant.uniform_weight(w, bits)
-    return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * bin_scale, u))
+def _kernel_forward(w, scale, qmax, bits, keep) -> jax.Array:
+    """The value of the effective kernel (w already masked), one elementwise expression on
+    the trial's fixed scale. `keep`: float, or a codebook layer, whose kernel already holds
+    its centroids (see `effective_kernels`) and so computes with w as a float one does."""
+    u = jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
+    return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * scale, u))
 
 
 @jax.custom_vjp
-def effective_kernels(ws, masks, assigns, bin_scales, bits, mode) -> list[jax.Array]:
+def effective_kernels(ws, masks, assigns, scales, bits, mode) -> list[jax.Array]:
     """The kernels the layers compute with (lists over layers; bits and mode [L]), quantized
     as the plan says. The kernels ws must already be masked (pruned weights exactly 0): the
     engine masks them once per trial and again after every optimizer update, so the hot path
@@ -87,11 +97,12 @@ def effective_kernels(ws, masks, assigns, bin_scales, bits, mode) -> list[jax.Ar
     cost more per step than the quantization itself.
     """
     keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)  # [L], for all layers at once
-    return [_kernel_forward(w, s, bits[i], keep[i]) for i, (w, s) in enumerate(zip(ws, bin_scales))]
+    qmax = quant.pow2(bits - 1) - 1.0
+    return [_kernel_forward(w, s, qmax[i], bits[i], keep[i]) for i, (w, s) in enumerate(zip(ws, scales))]
 
 
-def _kernels_fwd(ws, masks, assigns, bin_scales, bits, mode):
-    return effective_kernels(ws, masks, assigns, bin_scales, bits, mode), (masks, assigns, bits, mode)
+def _kernels_fwd(ws, masks, assigns, scales, bits, mode):
+    return effective_kernels(ws, masks, assigns, scales, bits, mode), (masks, assigns, bits, mode)
 
 
 def _cluster_grads(gs, masks, assigns, is_cb):
@@ -127,7 +138,7 @@ def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Seque
     """The params tree with every kernel replaced by its compressed version (plan of shape [L])."""
     nodes = [get_path(params, l.path) for l in layers]
     ks = effective_kernels([n["kernel"] for n in nodes], [masks[l.name] for l in layers],
-                           [qstate.assign[l.name] for l in layers], [qstate.bin_scale[l.name] for l in layers],
+                           [qstate.assign[l.name] for l in layers], [qstate.w_scale[l.name] for l in layers],
                            plan.weight_bits, plan.quant_mode)
     out = params
     for l, node, k in zip(layers, nodes, ks):

@@ -68,6 +68,7 @@ class CompressedModel:
     params: Any  # effective params (numpy): kernels masked and fake-quantized, as computed
     masks: dict[str, np.ndarray]  # {layer name: 0/1 mask like the kernel}
     act_ranges: dict[str, tuple[float, float]]  # {layer name: calibrated (lo, hi) of its input}
+    weight_scales: dict[str, np.ndarray]  # {layer name: [C] grid scale per output channel (fixed per trial)}
     plan: Plan  # the plan, arrays of shape [L]
     metric: float  # validation metric after fine-tuning
     finite: bool  # False when fine-tuning produced NaN/inf
@@ -108,13 +109,14 @@ def _over_plans(f, k: int, in_axes: tuple, single_in: tuple = (), single_out: bo
 def _once_per_trial_options() -> dict | None:
     """XLA options for prepare and evaluate, which run once per trial (evaluate once per
     chunk of the split). On CPU, XLA's older loop emitters compile them in about two thirds
-    of the time of its MLIR fusion emitters. Not for the step, which runs hundreds of times
-    per trial: its update and activation fusions ran slower with them (lenet300/Fashion-MNIST
-    batch 256: 1.24x a plain step instead of 1.14x). Prepare also compiles at LLVM -O1
-    (lenet5: 1.5 s instead of 1.9 s), which made its sorts and k-means no slower; evaluate
-    ran 25% slower at -O1, so it keeps the default."""
+    of the time of its MLIR fusion emitters, and LLVM -O1 takes off another part (lenet5:
+    prepare 1.5 s instead of 1.9 s, evaluate 0.4 s instead of 0.8 s); neither made them
+    measurably slower (evaluating 5000 Fashion-MNIST images: lenet5 0.97 s against 1.02 s,
+    lenet300 0.24 s either way). Not for the step, which runs hundreds of times per trial:
+    its update and activation fusions ran slower with the old emitters (lenet300/Fashion-MNIST
+    batch 256: 1.24x a plain step instead of 1.14x) and lenet5's at -O1 (1.35x)."""
     if jax.default_backend() == "cpu":
-        return {"xla_cpu_use_fusion_emitters": False}
+        return {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
     return None
 
 
@@ -195,17 +197,17 @@ class Engine:
             assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
             masked = [w * m for w, m in zip(ws, ms)]
             L = len(layers)
-            bscale = dict(zip((l.name for l in layers), compress.binary_scales(masked)))
+            wscale = dict(zip((l.name for l in layers), compress.weight_scales(masked, plan.weight_bits)))
             # a codebook layer's kernel holds its centroids from here on (compress.effective_kernels)
             ks = compress.codebook_kernels(masked, ms, c_all, [assign[l.name] for l in layers], use)
             params = base
             for l, k in zip(layers, ks):
                 params = _set(params, l, {**_node(params, l), "kernel": k})
-            q0 = compress.QuantState(assign, bscale, jnp.zeros(L), jnp.zeros(L))
+            q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
             eff = compress.effective_params(params, masks, q0, layers, plan)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
             trainable = {"params": params}
-            frozen = {"masks": masks, "q": compress.QuantState(assign, bscale, lo, hi)}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi)}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
         def forward(trainable, frozen, plan, x):
@@ -251,8 +253,7 @@ class Engine:
 
         once = _once_per_trial_options()
         fns = (
-            jax.jit(_over_plans(prepare_one, k, (0, None, None), single_out=True),
-                    compiler_options=once and {**once, "xla_backend_optimization_level": 1}),
+            jax.jit(_over_plans(prepare_one, k, (0, None, None), single_out=True), compiler_options=once),
             jax.jit(step, donate_argnums=(0,)),
             jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
         )
@@ -355,6 +356,7 @@ class Engine:
             out.append(CompressedModel(
                 params=eff, masks=fr["masks"],
                 act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
+                weight_scales={l.name: fr["q"].w_scale[l.name] for l in self.layers},
                 plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
         return out
 

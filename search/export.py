@@ -67,8 +67,9 @@ def weight_mode(bits: int, mode: int) -> str:
     return "codebook" if mode == CODEBOOK and bits <= 8 else "uniform"
 
 
-def snap_params(params: Any, layers, plan: Plan, masks) -> tuple[dict, dict, dict]:
-    """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer."""
+def snap_params(params: Any, layers, plan: Plan, masks, scales=None) -> tuple[dict, dict, dict]:
+    """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer.
+    scales: {layer name: [out]} uniform grid scales (`CompressedModel.weight_scales`)."""
     out = jax.tree.map(lambda a: np.array(a, np.float32), params)
     tensors, infos = {}, {}
     for l in layers:
@@ -76,7 +77,7 @@ def snap_params(params: Any, layers, plan: Plan, masks) -> tuple[dict, dict, dic
         node = out
         for p in l.path:
             node = node[p]
-        t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode)
+        t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode, (scales or {}).get(l.name))
         node["kernel"] = pack.decode_layer(t, info)
         tensors[l.name], infos[l.name] = t, info
     return out, tensors, infos
@@ -105,11 +106,11 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
     return out
 
 
-def _size(layers, params, masks, plan: Plan) -> dict:
+def _size(layers, params, masks, plan: Plan, scales) -> dict:
     from search import size
 
     modes = [weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index])) for l in layers]
-    return size.model_breakdown(layers, params, masks, plan, modes)
+    return size.model_breakdown(layers, params, masks, plan, modes, scales=scales)
 
 
 def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
@@ -142,7 +143,7 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     cm = res.models[0]
     if not cm.finite:
         raise UserError("fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
-    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks)
+    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks, cm.weight_scales)
     cm = dataclasses.replace(cm, params=params)
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
     x, y = task.data.x_test, task.data.y_test
@@ -151,7 +152,8 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     wpath = out_dir / "weights.safetensors"
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
     pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
-                      [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra)
+                      [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra,
+                      scales=cm.weight_scales)
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = _metric(task, predict, back, x, y)
 
@@ -166,7 +168,7 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     diff = float(np.max(np.abs(onnx_out - flax_out)))
     agree = float(np.mean(np.argmax(onnx_out, -1) == np.argmax(flax_out, -1))) if task.data.kind == "classification" else float("nan")
 
-    size = _size(layers, params, cm.masks, cm.plan)
+    size = _size(layers, params, cm.masks, cm.plan, cm.weight_scales)
     (out_dir / "size.json").write_text(json.dumps(size, indent=1, default=_json))
     if costs is None and profile is not None:
         costs = _price(profile, layers, cm.plan)

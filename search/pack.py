@@ -73,16 +73,27 @@ def _channel_index(shape: Sequence[int]) -> np.ndarray:
     return np.arange(int(np.prod(shape)), dtype=np.int64) % out
 
 
-def _uniform_codes(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _uniform_codes(w: np.ndarray, mask: np.ndarray, bits: int, scale: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Integers q and per-channel float32 scales with q * scale ~= w on the mask.
 
     The effective kernels sit on this grid up to float rounding (a straight-through
-    estimator adds and subtracts w), so q is exact and q * scale is the grid point.
+    estimator adds and subtracts w), so q is exact and q * scale is the grid point. `scale`
+    ([out]): the grid's scales as the engine fixed them (`CompressedModel.weight_scales`);
+    None infers them from the kernel (max |w| / qmax, the median magnitude at 1 bit), which
+    is the grid only when some weight of every channel sits at its end.
     """
     out = w.shape[-1]
     w2, m2 = w.reshape(-1, out), mask.reshape(-1, out)
     a = np.where(m2, np.abs(w2), 0).astype(np.float32)
-    if bits == 1:  # sign(w) * mean|w|: all kept magnitudes equal up to rounding; the median is one
+    if scale is not None:
+        scales = np.asarray(scale, np.float32).reshape(out)
+        scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+        qmax = 1 if bits == 1 else (1 << (bits - 1)) - 1
+        q = np.clip(np.round(w2 / scales), -qmax, qmax).astype(np.int64)
+        if bits == 1:
+            q = np.where(w2 >= 0, 1, -1).astype(np.int64)
+    elif bits == 1:  # sign(w) * mean|w|: all kept magnitudes equal up to rounding; the median is one
         scales = np.array([np.median(a[m2[:, c], c]) if m2[:, c].any() else 1.0 for c in range(out)], np.float32)
         q = np.where(w2 >= 0, 1, -1).astype(np.int64)
     else:
@@ -105,8 +116,10 @@ def _codebook(kept: np.ndarray, bits: int) -> np.ndarray:
     return np.array([g.mean() for g in groups if g.size], np.float32)
 
 
-def encode_layer(kernel: np.ndarray, mask: np.ndarray | None, bits: int, mode: str) -> tuple[dict, dict]:
-    """Encode one effective kernel -> (tensors, info). mode: "uniform" or "codebook".
+def encode_layer(kernel: np.ndarray, mask: np.ndarray | None, bits: int, mode: str,
+                 scale: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Encode one effective kernel -> (tensors, info). mode: "uniform" or "codebook";
+    scale: the uniform grid's [out] scales (`_uniform_codes`).
 
     info["storage"] says what was stored: "int" (packed q + scales), "codebook" (packed
     indices + codebook) or "float" (float32 values, 32-bit layers). The stored kernel is
@@ -132,7 +145,7 @@ def encode_layer(kernel: np.ndarray, mask: np.ndarray | None, bits: int, mode: s
         tensors["codebook"] = book
         info["storage"] = "codebook"
     elif bits < FLOAT_BITS:
-        q, scales = _uniform_codes(w, m, bits)
+        q, scales = _uniform_codes(w, m, bits, scale)
         tensors["q"] = pack_int(q.ravel()[m.ravel()], bits)
         tensors["scale"] = scales
         info["storage"] = "int"
@@ -200,11 +213,13 @@ def _digest(tensors: Mapping[str, np.ndarray]) -> str:
 def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[Any],
                  bits: Sequence[int], modes: Sequence[str],
                  masks: Mapping[str, np.ndarray] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, dict]:
+                 extra: Mapping[str, Any] | None = None,
+                 scales: Mapping[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Write effective params as packed weights; returns per-layer info (storage, notes).
 
     `layers` are search.layers.Layer (only .name and .path are used); other leaves (biases)
     are stored as float32. `extra` goes into the metadata as JSON (e.g. activation ranges).
+    `scales`: {layer name: [out] uniform grid scales} (`encode_layer`).
     """
     from safetensors.numpy import save_file
 
@@ -216,7 +231,7 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
         key = "/".join(layer.path) + "/kernel"
         kernel_keys.add(key)
         mask = None if masks is None or layer.name not in masks else np.asarray(masks[layer.name])
-        t, info = encode_layer(flat[key], mask, int(b), mode)
+        t, info = encode_layer(flat[key], mask, int(b), mode, (scales or {}).get(layer.name))
         info["param"] = key
         infos[layer.name] = info
         tensors.update({f"layer:{layer.name}:{k}": v for k, v in t.items()})

@@ -3,8 +3,9 @@
 Weights: symmetric, one scale per output channel (the last kernel axis).
   b >= 2: qmax = 2**(b-1) - 1, scale = max|w| / qmax, q = clip(round(w / scale), -qmax, qmax);
   b == 1: w_hat = sign(w) * mean|w| over the channel's non-zero weights (pruned ones stay 0);
-          the engine takes that mean from the pretrained kernel and keeps it while fine-tuning
-          (compress.binary_scales), so re-quantizing its result gives it back;
+  the engine computes these scales once per trial from the pretrained kernel and keeps them
+  while fine-tuning (compress.weight_scales; a weight that grows past the grid clips), and
+  the exporter packs with the engine's scales;
   b == 32 (FLOAT): untouched.
 Activations (per tensor, the input of a layer), from a calibrated range [lo, hi]:
   lo = min(lo, 0), hi = max(hi, 0), s = (hi - lo) / (2**b - 1), z = round(-lo / s),

@@ -94,11 +94,11 @@ def relative_gaps(flat_mask: np.ndarray, index_bits: int) -> tuple[np.ndarray, i
 
 
 def quantized_codes(values: np.ndarray, bits: int, quant_mode: str = "uniform",
-                    mask: np.ndarray | None = None) -> np.ndarray:
+                    mask: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:
     """Integer codes [out, fan_in] of a fake-quantized kernel given as [out, fan_in] floats.
 
-    Uniform b >= 2: q = round(w / scale), scale = max|w| / (2**(b-1) - 1) per output row
-    (a pruned weight is q = 0); b == 1: the sign; codebook: the index of each kept value among
+    Uniform b >= 2: q = round(w / scale), scale = max|w| / (2**(b-1) - 1) per output row, or
+    the given `scale` [out] (the grid the engine fixed; a pruned weight is q = 0); b == 1: the sign; codebook: the index of each kept value among
     the layer's distinct kept values, pruned weights one extra code. Raises ValueError when
     the kernel is not quantized at `bits` (more distinct values than allowed).
     """
@@ -114,7 +114,10 @@ def quantized_codes(values: np.ndarray, bits: int, quant_mode: str = "uniform",
     if bits == 1:
         return np.sign(w).astype(np.int64)
     qmax = 2 ** (bits - 1) - 1
-    scale = np.abs(w).max(axis=1, keepdims=True) / qmax
+    if scale is None:
+        scale = np.abs(w).max(axis=1, keepdims=True) / qmax
+    else:  # the grid the engine fixed (its largest code need not be used)
+        scale = np.asarray(scale, np.float64).reshape(-1, 1)
     q = np.round(np.divide(w, scale, out=np.zeros_like(w), where=scale > 0))
     if np.abs(w - q * scale).max(initial=0.0) > 1e-4 * max(float(np.abs(w).max(initial=0.0)), 1e-12):
         raise ValueError(f"kernel is not {bits}-bit uniform quantized per output channel")
@@ -136,7 +139,8 @@ def _cheapest(options: dict[str, tuple[int, int]]) -> tuple[str, int, int]:
 def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int, *,
                    quant_mode: str = "uniform", index_bits: int | None = None,
                    bias: np.ndarray | None = None, out_keep: np.ndarray | None = None,
-                   in_keep: np.ndarray | None = None, nm_group: int | None = None) -> dict:
+                   in_keep: np.ndarray | None = None, nm_group: int | None = None,
+                   scale: np.ndarray | None = None) -> dict:
     """Deep Compression size breakdown of one layer.
 
     kernel_values: the effective kernel (masked and fake-quantized, Flax layout [..., out]);
@@ -146,6 +150,7 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
     removed fan-in rows (inputs from a producer's removed channels) store nothing. The dense
     stage is the whole original layer. nm_group: the layer is N:M pruned in groups of this
     many fan-in weights, which offers the "nm" format (log2(M) bits per kept weight).
+    scale: [out] scales of a uniform grid (`quantized_codes`), None to infer them.
     Returns per-stage bits/bytes, their parts (values, index, codebook, tables), the index
     format chosen at each stage and the ratio dense / stage.
     """
@@ -188,7 +193,8 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
         if q_val + q_idx + book > p_val + p_idx:  # larger than float32 (tiny layers): stored float
             q_fmt, q_val, q_idx, book = p_fmt + " (float32, smaller than quantized)", p_val, p_idx, 0
         else:  # codes from whole rows (a row's scale is its max over the full fan-in)
-            codes = quantized_codes(w_all[ok], bits, quant_mode, m_all[ok])[:, ik]
+            codes = quantized_codes(w_all[ok], bits, quant_mode, m_all[ok],
+                                    None if scale is None else np.asarray(scale).ravel()[ok])[:, ik]
 
     # Huffman: value codes (kept weights, plus padding zeros in the relative format) and gaps
     if codes is None:
@@ -306,10 +312,12 @@ def held_channels(layers: Sequence, masks: Mapping[str, np.ndarray],
 
 
 def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.ndarray], plan,
-                    quant_modes: Sequence[str], *, index_bits: int | None = None) -> dict:
+                    quant_modes: Sequence[str], *, index_bits: int | None = None,
+                    scales: Mapping[str, np.ndarray] | None = None) -> dict:
     """{"total", "layers"} of a compressed model: every layer's `size_breakdown` with the
     channels and fan-in rows it holds (`held_channels`). `plan` is a search.plan.Plan [L];
-    quant_modes the weight transform per layer ("uniform", "codebook" or "float"). Indices
+    quant_modes the weight transform per layer ("uniform", "codebook" or "float"); scales
+    {layer name: [out]} the uniform grids (`CompressedModel.weight_scales`). Indices
     default to the cost model's width (5 bits, search.cost.REL_INDEX_BITS) for every kind, so
     the quantized stage is what search.cost prices as size_kb (see ARCHITECTURE.md)."""
     from search.cost import REL_INDEX_BITS
@@ -326,5 +334,6 @@ def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.nd
             np.asarray(node["kernel"]), np.asarray(masks[l.name]) != 0, bits, quant_mode=quant_modes[l.index],
             index_bits=REL_INDEX_BITS if index_bits is None else index_bits,
             bias=np.asarray(node["bias"]) if node.get("bias") is not None else None,
-            out_keep=ok, in_keep=ik, nm_group=NM_GROUP if g == NM else None)
+            out_keep=ok, in_keep=ik, nm_group=NM_GROUP if g == NM else None,
+            scale=(scales or {}).get(l.name))
     return {"total": total_breakdown(per), "layers": per}

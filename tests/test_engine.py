@@ -64,6 +64,11 @@ def test_properties_after_finetuning(engine):
             k = cm.params[l.name]["kernel"]
             assert (k[cm.masks[l.name] == 0] == 0).all()  # pruned weights exactly zero
             bits = int(cm.plan.weight_bits[l.index])
+            if 2 <= bits < FLOAT and int(cm.plan.quant_mode[l.index]) == UNIFORM:
+                # on the grid of the trial's fixed scales, which the exporter packs with
+                q = k / cm.weight_scales[l.name]
+                np.testing.assert_allclose(q, np.round(q), atol=1e-3)
+                assert np.abs(np.round(q)).max() <= 2 ** (bits - 1) - 1
             if bits < FLOAT:
                 for c in range(k.shape[-1]):
                     col = k[..., c].ravel()

@@ -50,6 +50,26 @@ def _effective(w, bits, mask):
     return np.asarray(quant.fake_quant_weight(w, bits))
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_uniform_layer_packs_on_the_engines_fixed_grid(bits):
+    """The engine keeps a trial's scales while fine-tuning, so a channel whose weights shrank
+    no longer reaches the end of its grid: packing with the engine's scales is exact, and
+    inferring the scale from the kernel (max |w| / qmax) would not be."""
+    rng = np.random.default_rng(bits)
+    qmax = 2 ** (bits - 1) - 1
+    scale = rng.uniform(0.01, 0.1, size=5).astype(np.float32)
+    q = rng.integers(-qmax, qmax + 1, size=(7, 5))
+    q[:, 1] = np.clip(q[:, 1], -(qmax // 2), qmax // 2)  # channel 1 uses half its grid
+    q[0, 1], q[1, 1] = qmax // 2, qmax // 2 - 1  # its largest code and one not a multiple of it
+    eff = (q * scale).astype(np.float32)
+    mask = np.ones(eff.shape, np.float32)
+    tensors, info = encode_layer(eff, mask, bits, "uniform", scale)
+    np.testing.assert_array_equal(tensors["scale"], scale)
+    np.testing.assert_allclose(decode_layer(tensors, info), eff, rtol=1e-6, atol=1e-8)
+    _, guessed = encode_layer(eff, mask, bits, "uniform")
+    assert guessed["max_abs_change"] > 1e-4 * float(np.abs(eff).max())
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 16])
 def test_uniform_layer_is_the_engines_grid_and_reloads_exactly(bits):
     rng = np.random.default_rng(bits)
