@@ -179,7 +179,9 @@ def search_task(
         "profile": prof_toml if prof_toml is not None else prof_name,
         "profile_name": prof_name,
         "budget": budget_d,
-        "finetune": dataclasses.asdict(finetune),
+        # K is how this machine runs the trials, not what the study is: a study resumes, and
+        # its workers run, with whatever K they are given or measure
+        "finetune": {**dataclasses.asdict(finetune), "k": None},
         "objectives": names,
         "n_trials": n_trials,
         "sampler": sampler,
@@ -254,6 +256,7 @@ def compress(
     sampler: str = "tpe",
     finetune_steps: int | None = None,
     distill: bool = False,
+    k: int | None = None,
     seed: int = 0,
     study_name: str | None = None,
     storage: Any = "memory",
@@ -267,6 +270,7 @@ def compress(
     targets)` a per-example quality (higher is better); `profile` a shipped name, a TOML path
     or a HardwareProfile; `budget` a dict such as {"latency_ms": 1.0} (profile defaults
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
+    `k`: plans fine-tuned together in one vmapped step (None: the fastest measured here).
     """
     from search.engine import FinetuneConfig
 
@@ -278,7 +282,7 @@ def compress(
         metric=metric,
         metric_name=metric_name,
     )
-    ft = FinetuneConfig(seed=seed, distill=distill)
+    ft = FinetuneConfig(seed=seed, distill=distill, k=k)
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))
     spec = {"model": task.name, "dataset": data.name, "data_dir": None, "hparams": {}}

@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size-kb", type=float, default=None, help="model size budget (profile default otherwise)")
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"total trials in the study (default {DEFAULT_TRIALS})")
     p.add_argument("--batch", type=int, default=None, help="trials asked and fine-tuned together (default: the larger of 4 and the engine's K)")
+    p.add_argument("--k", type=int, default=None,
+                   help="plans fine-tuned together in one vmapped step (default: the fastest measured on this "
+                        "machine, remembered in <results-dir>/cache/engine_k.json)")
     p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")
@@ -66,6 +69,8 @@ def search_command(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says what matters
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k {args.k} must be at least 1 (or leave it out to measure the fastest K here)")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1")
     if args.workers is not None and args.storage == "memory":
@@ -74,7 +79,8 @@ def search_command(args: argparse.Namespace) -> int:
     budget = {k: v for k, v in (("latency_ms", args.latency_ms), ("memory_kb", args.memory_kb),
                                 ("size_kb", args.size_kb)) if v is not None}
     task = models.get_task(args.model, args.dataset, data_dir=args.data_dir, seed=args.seed)
-    ft = dataclasses.replace(FinetuneConfig(), steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed)
+    ft = dataclasses.replace(FinetuneConfig(), steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed,
+                             k=args.k)
     storage = open_storage(args.storage, args.results_dir)
     spec = {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "hparams": dict(task.hparams)}
     objectives = [o for o in args.objectives.split(",") if o.strip()]
@@ -120,7 +126,7 @@ def _run_workers(args: argparse.Namespace, study: optuna.Study) -> None:
     if not (args.quiet or args.json):
         print(f"study {study.study_name}: {args.workers} workers on "
               f"{args.storage or f'sqlite:///{args.results_dir}/studies.db'}", file=sys.stderr, flush=True)
-    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir)
+    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k)
     if rc != 0:
         raise UserError(f"a worker of study {study.study_name} exited with code {rc}; completed trials are "
                         f"kept: run the same command again to finish the study")

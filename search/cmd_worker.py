@@ -25,6 +25,8 @@ def register(subparsers: Any) -> None:
                    help="storage URL, e.g. postgresql://user:pass@host:5432/db (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="where the baseline cache lives (default results)")
     p.add_argument("--batch", type=int, default=None, help="trials claimed and fine-tuned together (default: the engine's K)")
+    p.add_argument("--k", type=int, default=None,
+                   help="plans fine-tuned together in one vmapped step (default: the fastest measured on this machine)")
     p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials from this worker")
     p.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_INTERVAL,
                    help=f"seconds between heartbeats of a running trial (default {storage.HEARTBEAT_INTERVAL})")
@@ -40,7 +42,7 @@ def worker_command(args: argparse.Namespace) -> int:
     ran = run_worker(
         args.study, args.storage, args.results_dir,
         heartbeat_interval=args.heartbeat, grace_period=args.grace,
-        batch=args.batch, max_trials=args.max_trials,
+        batch=args.batch, k=args.k, max_trials=args.max_trials,
     )
     print(f"worker done: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0

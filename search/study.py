@@ -347,6 +347,8 @@ def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence
                     failed += 1
                 else:
                     t.set_user_attr("quality", q)
+                    # which K fine-tuned it: K vmapped plans and K separate runs differ by float rounding
+                    t.set_user_attr("engine_k", int(getattr(ctx.engine, "k", 1) or 1))
                     study.tell(t, _tell_values(ctx, q, costs_dict(target, i)))
                 told.add(i)
         return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed}

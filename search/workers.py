@@ -34,6 +34,7 @@ def worker_command(
     heartbeat_interval: int = storage_mod.HEARTBEAT_INTERVAL,
     grace_period: int = storage_mod.GRACE_PERIOD,
     max_trials: int | None = None,
+    k: int | None = None,
 ) -> list[str]:
     """The argv of one worker process: `python -m search.cli worker ...`."""
     cmd = [
@@ -46,6 +47,8 @@ def worker_command(
     ]
     if max_trials is not None:
         cmd += ["--max-trials", str(max_trials)]
+    if k is not None:
+        cmd += ["--k", str(k)]
     return cmd
 
 
@@ -68,6 +71,7 @@ def spawn_workers(
     heartbeat_interval: int = storage_mod.HEARTBEAT_INTERVAL,
     grace_period: int = storage_mod.GRACE_PERIOD,
     max_trials: int | None = None,
+    k: int | None = None,
     env: dict[str, str] | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> list[subprocess.Popen]:
@@ -86,7 +90,7 @@ def spawn_workers(
     env = {**xla, **(env or {})}
     cmd = worker_command(
         study, url, results_dir,
-        heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_trials=max_trials,
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_trials=max_trials, k=k,
     )
     procs = []
     for i in range(n):
@@ -158,9 +162,10 @@ def run_workers(
 # one worker: join a study, rebuild what it needs from the study's spec, run its trials
 
 
-def context_from_study(study, results_dir: str | os.PathLike = "results"):
+def context_from_study(study, results_dir: str | os.PathLike = "results", k: int | None = None):
     """Rebuild a SearchContext from what the study stores (its "spec" and "layers"), so a
-    worker on any machine runs exactly the search that `hwcompress search` started."""
+    worker on any machine runs exactly the search that `hwcompress search` started; `k`
+    (plans per vmapped step) is this machine's choice, None to measure it."""
     import dataclasses
 
     import numpy as np
@@ -221,8 +226,10 @@ def context_from_study(study, results_dir: str | os.PathLike = "results"):
         tuple(space_d["quant_modes"]), float(space_d["max_ratio"]), float(space_d["ratio_step"]),
     )
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    finetune = FinetuneConfig(**{k: v for k, v in (spec.get("finetune") or {}).items() if k in fields})
-    # K: the spec's, else measured once per machine (and remembered under results/cache)
+    finetune = FinetuneConfig(**{f: v for f, v in (spec.get("finetune") or {}).items() if f in fields})
+    if k is not None:
+        finetune = dataclasses.replace(finetune, k=int(k))
+    # K: the worker's --k, else measured once per machine (and remembered under results/cache)
     engine = Engine(task, params, finetune, k_file=k_file_in(results_dir))
     return SearchContext(
         engine=engine,
@@ -269,6 +276,7 @@ def run_worker(
     heartbeat_interval: int = storage_mod.HEARTBEAT_INTERVAL,
     grace_period: int = storage_mod.GRACE_PERIOD,
     batch: int | None = None,
+    k: int | None = None,
     max_trials: int | None = None,
     log: bool = True,
 ) -> int:
@@ -283,12 +291,14 @@ def run_worker(
         raise UserError(f"--batch {batch} must be at least 1")
     if max_trials is not None and max_trials < 1:
         raise UserError(f"--max-trials {max_trials} must be at least 1")
+    if k is not None and k < 1:
+        raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
     t0 = time.monotonic()
     storage = storage_mod.open_storage(
         storage_url, results_dir, heartbeat_interval=heartbeat_interval, grace_period=grace_period
     )
     study = storage_mod.load_study(study_name, storage)
-    ctx = context_from_study(study, results_dir)
+    ctx = context_from_study(study, results_dir, k=k)
     if log:
         print(f"worker {WORKER_ID}: joined study {study_name} in {time.monotonic() - t0:.1f} s "
               f"(K={getattr(ctx.engine, 'k', '?')})", file=sys.stderr, flush=True)

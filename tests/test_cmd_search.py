@@ -23,6 +23,17 @@ def test_budget_flags_replace_the_profile_defaults_and_keep_the_others(tmp_path)
     assert budget["memory_kb"] == 65536.0  # mobile-cpu's default stays
 
 
+def test_k_flag_sets_plans_per_step_and_a_study_resumes_with_another(tmp_path):
+    """--k is how this machine fine-tunes, not part of the study: each trial records the K
+    that fine-tuned it, and the study resumes with a different one."""
+    results = results_dir(tmp_path)
+    assert start_search(results, "k", 1, "--k", "2") == 0
+    assert start_search(results, "k", 2, "--k", "1") == 0
+    st = _study(results, "k")
+    assert [t.user_attrs.get("engine_k") for t in st.trials] == [2, 1]
+    assert st.user_attrs["spec"]["finetune"]["k"] is None
+
+
 def test_search_on_the_users_own_weights(tmp_path):
     """The cached baseline's file passed as --weights: same layers, the study records the file's
     hash and evaluates those weights; a changed file is refused on resume, nothing added."""
@@ -45,14 +56,18 @@ def test_search_on_the_users_own_weights(tmp_path):
     assert len(_study(results, "mine").trials) == 1
 
 
-def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capsys):
+def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capfd):
     from search import cli
 
     results = results_dir(tmp_path)
     argv = ["search", *[a for a in SEARCH if a != "--quiet"], "--study", "w", "--trials", "2",
-            "--results-dir", str(results), "--workers", "1", "--json"]
+            "--results-dir", str(results), "--workers", "1", "--k", "2", "--json"]
     assert cli.main(argv) == 0
-    out = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON object, workers or not
-    assert out["study"] == "w" and out["trials_done"] == 2
-    workers = {t.user_attrs.get("worker") for t in _study(results, "w").trials}
+    out = capfd.readouterr()
+    summary = json.loads(out.out)  # --json: stdout is one JSON object, workers or not
+    assert summary["study"] == "w" and summary["trials_done"] == 2
+    assert "(K=2)" in out.err  # the worker process was given --k (a CPU measures 1 or 4)
+    trials = _study(results, "w").trials
+    workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) == 1 and None not in workers  # run by the worker process, not in-process
+    assert {t.user_attrs.get("engine_k") for t in trials} == {2}
