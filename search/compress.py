@@ -61,9 +61,7 @@ def weight_scales(ws: Sequence[jax.Array], bits: jax.Array) -> list[jax.Array]:
     count = jax.ops.segment_sum((v != 0).astype(v.dtype), seg, n)
     amax = jax.ops.segment_max(v, seg, n)
     b = jnp.concatenate([jnp.full((c,), bits[i]) for i, c in enumerate(chans)])
-    qmax = quant.pow2(b - 1) - 1.0
-    scale = jnp.where(b == 1, total / jnp.maximum(count, 1.0),
-                      jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0))
+    scale = jnp.where(b == 1, total / jnp.maximum(count, 1.0), quant.scale_from_amax(amax, quant.weight_qmax(b)))
     return [scale[o:o + c] for c, o in zip(chans, offset)]
 
 
@@ -71,8 +69,7 @@ def _kernel_forward(w, scale, qmax, bits, keep) -> jax.Array:
     """The value of the effective kernel (w already masked), one elementwise expression on
     the trial's fixed scale. `keep`: float, or a codebook layer, whose kernel already holds
     its centroids (see `effective_kernels`) and so computes with w as a float one does."""
-    u = jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
-    return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * scale, u))
+    return jnp.where(keep, w, jnp.where(bits == 1, jnp.sign(w) * scale, quant.on_grid(w, scale, qmax)))
 
 
 @jax.custom_vjp
@@ -97,7 +94,7 @@ def effective_kernels(ws, masks, assigns, scales, bits, mode) -> list[jax.Array]
     cost more per step than the quantization itself.
     """
     keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)  # [L], for all layers at once
-    qmax = quant.pow2(bits - 1) - 1.0
+    qmax = quant.weight_qmax(bits)
     return [_kernel_forward(w, s, qmax[i], bits[i], keep[i]) for i, (w, s) in enumerate(zip(ws, scales))]
 
 

@@ -89,10 +89,11 @@ def _uniform_codes(w: np.ndarray, mask: np.ndarray, bits: int, scale: np.ndarray
     if scale is not None:
         scales = np.asarray(scale, np.float32).reshape(out)
         scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
-        qmax = 1 if bits == 1 else (1 << (bits - 1)) - 1
-        q = np.clip(np.round(w2 / scales), -qmax, qmax).astype(np.int64)
         if bits == 1:
             q = np.where(w2 >= 0, 1, -1).astype(np.int64)
+        else:
+            qmax = (1 << (bits - 1)) - 1
+            q = np.clip(np.round(w2 / scales), -qmax, qmax).astype(np.int64)
     elif bits == 1:  # sign(w) * mean|w|: all kept magnitudes equal up to rounding; the median is one
         scales = np.array([np.median(a[m2[:, c], c]) if m2[:, c].any() else 1.0 for c in range(out)], np.float32)
         q = np.where(w2 >= 0, 1, -1).astype(np.int64)

@@ -3,10 +3,10 @@
 Weights: symmetric, one scale per output channel (the last kernel axis).
   b >= 2: qmax = 2**(b-1) - 1, scale = max|w| / qmax, q = clip(round(w / scale), -qmax, qmax);
   b == 1: w_hat = sign(w) * mean|w| over the channel's non-zero weights (pruned ones stay 0);
-  the engine computes these scales once per trial from the pretrained kernel and keeps them
-  while fine-tuning (compress.weight_scales; a weight that grows past the grid clips), and
-  the exporter packs with the engine's scales;
   b == 32 (FLOAT): untouched.
+  The engine computes these scales once per trial from the pretrained kernel and keeps them
+  while fine-tuning (compress.weight_scales; a weight that grows past the grid clips), and
+  the exporter packs with the engine's scales.
 Activations (per tensor, the input of a layer), from a calibrated range [lo, hi]:
   lo = min(lo, 0), hi = max(hi, 0), s = (hi - lo) / (2**b - 1), z = round(-lo / s),
   x_q = clip(round(x / s) + z, 0, 2**b - 1), x_hat = (x_q - z) * s.
@@ -37,17 +37,30 @@ def _reduce_axes(w: jax.Array) -> tuple[int, ...]:
     return tuple(range(w.ndim - 1))
 
 
+def weight_qmax(bits) -> jax.Array:
+    """Largest symmetric weight code at a traced bit width: 2**(b-1) - 1."""
+    return pow2(jnp.asarray(bits) - 1) - 1.0
+
+
+def scale_from_amax(amax: jax.Array, qmax: jax.Array) -> jax.Array:
+    """The uniform grid's scale, max|w| / qmax (1 for an all-zero channel)."""
+    return jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0)
+
+
+def on_grid(w: jax.Array, scale: jax.Array, qmax: jax.Array) -> jax.Array:
+    """w rounded to the nearest point of the grid scale * {-qmax..qmax}."""
+    return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
+
+
 def _uniform_scale(w: jax.Array, bits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    qmax = pow2(jnp.asarray(bits) - 1) - 1.0
-    amax = jnp.max(jnp.abs(w), axis=_reduce_axes(w), keepdims=True)
-    scale = jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0)
-    return scale, qmax
+    qmax = weight_qmax(bits)
+    return scale_from_amax(jnp.max(jnp.abs(w), axis=_reduce_axes(w), keepdims=True), qmax), qmax
 
 
 def uniform_weight(w: jax.Array, bits: jax.Array) -> jax.Array:
     """Symmetric per-output-channel quantize-dequantize (b >= 2), no STE."""
     scale, qmax = _uniform_scale(w, bits)
-    return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
+    return on_grid(w, scale, qmax)
 
 
 def _binary_scale(w: jax.Array) -> jax.Array:

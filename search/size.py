@@ -98,8 +98,9 @@ def quantized_codes(values: np.ndarray, bits: int, quant_mode: str = "uniform",
     """Integer codes [out, fan_in] of a fake-quantized kernel given as [out, fan_in] floats.
 
     Uniform b >= 2: q = round(w / scale), scale = max|w| / (2**(b-1) - 1) per output row, or
-    the given `scale` [out] (the grid the engine fixed; a pruned weight is q = 0); b == 1: the sign; codebook: the index of each kept value among
-    the layer's distinct kept values, pruned weights one extra code. Raises ValueError when
+    the given `scale` [out] (the grid the engine fixed); a pruned weight is q = 0. b == 1: the
+    sign; codebook: the index of each kept value among the layer's distinct kept values,
+    pruned weights one extra code. Raises ValueError when
     the kernel is not quantized at `bits` (more distinct values than allowed).
     """
     w = np.asarray(values, np.float64)

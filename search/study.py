@@ -337,6 +337,8 @@ def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
+            # which K fine-tuned them: K vmapped plans and K separate runs differ by float rounding
+            engine_k = int(getattr(ctx.engine, "k", 1) or 1)
             for j, i in enumerate(feasible_idx):
                 t = trials[i]
                 q = float(metric[j])
@@ -347,8 +349,7 @@ def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence
                     failed += 1
                 else:
                     t.set_user_attr("quality", q)
-                    # which K fine-tuned it: K vmapped plans and K separate runs differ by float rounding
-                    t.set_user_attr("engine_k", int(getattr(ctx.engine, "k", 1) or 1))
+                    t.set_user_attr("engine_k", engine_k)
                     study.tell(t, _tell_values(ctx, q, costs_dict(target, i)))
                 told.add(i)
         return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed}
