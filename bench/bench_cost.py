@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from hw_profiles import list_profiles, load_profile
-from search import plan as P
-from search.cost import price
-from search.layers import Layer
+from search.compression import plan as P
+from search.cost.roofline import price
+from search.compression.layers import Layer
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -64,7 +64,7 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]
     Other processes share this machine, and contention only ever slows a run down, so the
     estimate is the fastest round's median ("robust_ms"); the median over all runs is kept too.
     """
-    from search.measure import session, summarize, time_session
+    from search.cost.measure import session, summarize, time_session
 
     sessions, inputs = [], []
     for p in paths:
@@ -86,10 +86,11 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]
 def collect(rounds: int, runs: int) -> list[dict]:
     """Part A: export and time every variant of both models (fashion-mnist shape, init params)."""
     import models
-    from search.engine import Engine, FinetuneConfig
-    from search.export import export_plan
-    from search.plan import make_plan
-    from search.space import plan_to_dict
+    from search.engine.config import FinetuneConfig
+    from search.engine.finetune import Engine
+    from search.export.exporter import export_plan
+    from search.compression.plan import make_plan
+    from search.study.space import plan_to_dict
 
     records, paths = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,11 +127,11 @@ def analyze(records: list[dict], machine: dict) -> dict:
     fitted on half the variants (alternate by measured rank), tested on the other half."""
     try:
         import models
-        from search.calibrate import calibrated_profile, fit_profile
-        from search.cost import price
-        from search.layers import discover_layers
-        from search.plan import stack_plans
-        from search.space import plan_from_dict
+        from search.cost.calibrate import calibrated_profile, fit_profile
+        from search.cost.roofline import price
+        from search.compression.layers import discover_layers
+        from search.compression.plan import stack_plans
+        from search.study.space import plan_from_dict
     except ImportError as e:
         return {"error": f"{e}: measurements saved, analysis skipped (rerun with --analyze-only)"}
     layers = {}
@@ -167,9 +168,10 @@ def speedup(rounds: int, runs: int) -> dict:
     """Part B: the fastest lenet5 (digits) within 0.5 points of the baseline, over fp32 ONNX."""
     import models
     from models.train import train_baseline
-    from search.engine import Engine, FinetuneConfig
-    from search.export import export_plan
-    from search.plan import make_plan
+    from search.engine.config import FinetuneConfig
+    from search.engine.finetune import Engine
+    from search.export.exporter import export_plan
+    from search.compression.plan import make_plan
 
     task = models.get_task("lenet5", "digits")
     params, info = train_baseline(task, cache_dir="results/cache")
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyze_only and "machine" in data and not args.remeasure_machine:
         machine = data["machine"]
     else:
-        from search.calibrate import measure_machine
+        from search.cost.calibrate import measure_machine
 
         machine = data["machine"] = measure_machine(threads=1)
     data["analysis"] = analyze(data["records"], machine)

@@ -21,12 +21,14 @@ import numpy as np
 import optax
 
 import models
-from models.train import _train_step, fit
-from search import masks as masks_lib, quant
-from search.compiles import count_compiles
-from search import engine as engine_mod
-from search.engine import Engine, FinetuneConfig
-from search.plan import CHANNEL, NM, UNIFORM, UNSTRUCTURED, make_plan
+from models.train import train_step, fit
+from search.compression import masks as masks_lib
+from search.compression import quant
+from search.engine.compiles import count_compiles
+from search.engine import finetune as engine_mod
+from search.engine.config import FinetuneConfig
+from search.engine.finetune import Engine
+from search.compression.plan import CHANNEL, NM, UNIFORM, UNSTRUCTURED, make_plan
 
 OUT = Path(__file__).parent / "out"
 
@@ -174,7 +176,7 @@ def step_costs(model: str, dataset: str, batch: int, plan_args: dict) -> dict:
 
         run_c()
     tx = optax.adam(1e-3)
-    plain = _train_step(task.module, task.loss, tx)
+    plain = train_step(task.module, task.loss, tx)
     pstate = [jax.tree.map(jnp.asarray, params), None]
     pstate[1] = tx.init(pstate[0])
     xs, ys = eng._x, eng._y

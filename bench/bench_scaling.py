@@ -23,12 +23,12 @@ OUT = ROOT / "bench" / "out"
 
 
 def _create(url: str, name: str, results: str, steps: int, trials: int) -> None:
-    from search import storage as S
+    from search.study import storage as S
 
     cmd = [sys.executable, "-m", "search.cli", "search", "--model", "lenet300", "--dataset", "digits",
            "--profile", "mobile-cpu", "--finetune-steps", str(steps), "--no-warm-start", "--quiet",
            "--study", name, "--storage", url, "--trials", "1", "--results-dir", results]
-    from search.workers import worker_env
+    from search.study.workers import worker_env
 
     subprocess.run(cmd, check=True, env=worker_env(), cwd=ROOT)
     study = S.load_study(name, S.open_storage(url))
@@ -39,8 +39,8 @@ def measure(url: str, workers: int, trials: int, steps: int, results: str) -> di
     """Run `trials` trials with `workers` local workers; rates in trials per hour."""
     from optuna.trial import TrialState
 
-    from search import storage as S
-    from search import workers as W
+    from search.study import storage as S
+    from search.study import workers as W
 
     name = f"scaling-{workers}w-{int(time.time())}"
     _create(url, name, results, steps, trials)

@@ -27,17 +27,13 @@ OUT = Path(__file__).parent / "out"
 
 def _search(model: str, dataset: str, trials: int, sampler: str, steps: int, objectives, study: str,
             storage: str, results_dir: str, seed: int = 0, warm: bool = True) -> tuple[optuna.Study, float]:
-    import models
-    from search.api import search_task
-    from search.engine import FinetuneConfig
+    from search.api import make_spec, search
+    from search.engine.config import FinetuneConfig
 
-    task = models.get_task(model, dataset, seed=seed)
-    spec = {"model": model, "dataset": dataset, "data_dir": None, "hparams": dict(task.hparams)}
+    spec = make_spec(model=model, dataset=dataset, profile="mobile-cpu", n_trials=trials, objectives=objectives,
+                     sampler=sampler, seed=seed, finetune=FinetuneConfig(steps=steps, seed=seed))
     t0 = time.perf_counter()
-    st = search_task(task, profile="mobile-cpu", spec=spec, n_trials=trials, objectives=objectives,
-                     sampler=sampler, study_name=study, storage=storage, seed=seed,
-                     finetune=FinetuneConfig(steps=steps, seed=seed), warm_start=warm,
-                     progress=False, results_dir=results_dir)
+    st = search(spec, storage, results_dir, study_name=study, warm_start=warm)
     return st, time.perf_counter() - t0
 
 
@@ -68,7 +64,7 @@ def deep_compression_stages(study: optuna.Study, trial: int, results_dir: str) -
     Compression reports them (its 40x / 39x are after Huffman), and the exported test quality."""
     import tempfile
 
-    from search.export import export_trial
+    from search.export.exporter import export_trial
 
     with tempfile.TemporaryDirectory() as tmp:
         res = export_trial(study, trial, Path(tmp, "export"), results_dir=results_dir)
@@ -85,7 +81,7 @@ def _losses(study: optuna.Study, first: int | None = None) -> np.ndarray:
 
 def hypervolumes(tpe: optuna.Study, n_tpe: int, rnd: optuna.Study) -> dict:
     """HV of TPE's first n_tpe trials and of all random trials in one normalised box."""
-    from search import pareto
+    from search.report import pareto
 
     a, b = _losses(tpe, n_tpe), _losses(rnd)
     both = np.concatenate([a, b])

@@ -6,10 +6,9 @@ import functools
 import tomllib
 from pathlib import Path
 
-from hw_profiles.schema import FIELDS, PRECISIONS, Budget, HardwareProfile, build_profile
-from search.errors import UserError
+from hw_profiles.schema import FIELDS, PRECISIONS, Budget, HardwareProfile, ProfileError, build_profile
 
-__all__ = ["Budget", "HardwareProfile", "load_profile", "list_profiles", "profile_from_text", "dump_profile"]
+__all__ = ["Budget", "HardwareProfile", "ProfileError", "load_profile", "list_profiles", "profile_from_text", "dump_profile"]
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
@@ -24,7 +23,7 @@ def profile_from_text(text: str, source: str = "<profile text>") -> HardwareProf
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source}: malformed TOML ({e}); fix the syntax at that line") from None
+        raise ProfileError(f"{source}: malformed TOML ({e}); fix the syntax at that line") from None
     return build_profile(data, source)
 
 
@@ -33,7 +32,7 @@ def _load_file(path: str, mtime: float) -> HardwareProfile:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read profile ({e}); pass a readable TOML file") from None
+        raise ProfileError(f"{path}: cannot read profile ({e}); pass a readable TOML file") from None
     return profile_from_text(text, path)
 
 
@@ -47,7 +46,7 @@ def load_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
     else:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise UserError(
+            raise ProfileError(
                 f"unknown profile {text!r}: not a shipped name and no such file; "
                 f"use one of {list_profiles()} or the path of a TOML profile"
             )

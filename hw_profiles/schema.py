@@ -2,7 +2,7 @@
 
 Every field of the TOML file is declared once in `FIELDS` (section, key, what is expected);
 `build_profile` walks that table, so a missing field, a wrong type, an out-of-range value and
-an unknown key (a typo) all produce the same one-line UserError naming the file, the field,
+an unknown key (a typo) all produce the same one-line ProfileError naming the file, the field,
 the value and what was expected.
 """
 from __future__ import annotations
@@ -12,13 +12,20 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from search.errors import UserError
-
 KINDS = ("cpu", "gpu", "mobile", "npu", "mcu")
 LAYER_KINDS = ("dense", "conv", "depthwise")
 FLOAT_POLICIES = ("native", "fallback", "disallow")
 PRECISIONS = {"fp32_gops": 32, "fp16_gops": 16, "int8_gops": 8, "int4_gops": 4}
 BIT_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+class ProfileError(ValueError):
+    """Bad input about a hardware profile: an unknown name, an unreadable or malformed file,
+    or a field that is missing, of the wrong type or out of range.
+
+    The message is one line naming the file or profile, the field, its value and the fix.
+    The CLI prints `error: <message>` and exits 2.
+    """
 
 
 @dataclass(frozen=True)
@@ -157,9 +164,9 @@ FIELDS: dict[str, dict[str, _Field]] = {
 _MISSING = object()
 
 
-def _error(source: str, field: str, value: Any, problem: str, expected: str) -> UserError:
+def _error(source: str, field: str, value: Any, problem: str, expected: str) -> ProfileError:
     shown = "<missing>" if value is _MISSING else repr(value)
-    return UserError(f"{source}: field '{field}' = {shown} ({problem}); expected {expected}")
+    return ProfileError(f"{source}: field '{field}' = {shown} ({problem}); expected {expected}")
 
 
 def _read(data: dict, source: str) -> dict[str, dict[str, Any]]:
@@ -194,7 +201,7 @@ def _read(data: dict, source: str) -> dict[str, dict[str, Any]]:
 
 
 def build_profile(data: dict, source: str) -> HardwareProfile:
-    """Validate parsed TOML into a HardwareProfile; raise UserError naming file, field, value."""
+    """Validate parsed TOML into a HardwareProfile; raise ProfileError naming file, field, value."""
     f = _read(data, source)
     c, m, p, s, b = f["compute"], f["memory"], f["precision"], f["sparsity"], f["budget"]
     peak = {bits: float(c[k]) for k, bits in PRECISIONS.items() if k in c}

@@ -14,8 +14,13 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from models import metrics
+from models.data import load_digits, load_fashion_mnist
+from models.data_sr import load_sr_images
+from models.lenet import LeNet5, LeNet300
+from models.mobilenet import MobileNet
+from models.vdsr import VDSR
+from models.errors import ModelError
 from models.task import Dataset, Task, TrainConfig
-from search.errors import UserError
 
 __all__ = ["get_task", "list_models", "list_datasets", "load_dataset", "Task", "Dataset",
            "TrainConfig"]
@@ -31,33 +36,25 @@ class _ModelSpec:
 
 
 def _lenet300(d: Dataset, hidden: tuple[int, ...] = (300, 100)) -> nn.Module:
-    from models.lenet import LeNet300
-
     return LeNet300(num_classes=d.num_classes, hidden=tuple(int(h) for h in hidden))
 
 
 def _lenet5(d: Dataset, padding: str = "VALID") -> nn.Module:
-    from models.lenet import LeNet5
-
     if padding not in ("VALID", "SAME"):
-        raise UserError(f"lenet5 padding={padding!r} is not valid: use 'VALID' or 'SAME'")
+        raise ModelError(f"lenet5 padding={padding!r} is not valid: use 'VALID' or 'SAME'")
     return LeNet5(num_classes=d.num_classes, padding=padding)
 
 
 def _mobilenet(d: Dataset, stem: int = 16, stem_stride: int = 1,
                blocks: tuple = ((32, 1), (64, 2), (128, 2))) -> nn.Module:
-    from models.mobilenet import MobileNet
-
     blocks = tuple((int(f), int(s)) for f, s in blocks)
     return MobileNet(num_classes=d.num_classes, stem=int(stem), stem_stride=int(stem_stride),
                      blocks=blocks)
 
 
 def _vdsr(d: Dataset, depth: int = 8, width: int = 32) -> nn.Module:
-    from models.vdsr import VDSR
-
     if int(depth) < 2 or int(width) < 1:
-        raise UserError(f"vdsr depth={depth}, width={width} is too small: use depth >= 2, width >= 1")
+        raise ModelError(f"vdsr depth={depth}, width={width} is too small: use depth >= 2, width >= 1")
     return VDSR(depth=int(depth), width=int(width))
 
 
@@ -106,15 +103,9 @@ def valid_pairs() -> list[str]:
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: str | None, seed: int) -> Dataset:
     if name == "digits":
-        from models.data import load_digits
-
         return load_digits(seed)
     if name == "fashion-mnist":
-        from models.data import load_fashion_mnist
-
         return load_fashion_mnist(data_dir, seed)
-    from models.data_sr import load_sr_images
-
     return load_sr_images(seed)
 
 
@@ -122,8 +113,30 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None,
                  seed: int = 0) -> Dataset:
     """The splits of a registered data set (loaded once per process; arrays are read-only)."""
     if name not in _DATASET_KIND:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(list_datasets())}")
+        raise ModelError(f"unknown dataset {name!r}: choose one of {', '.join(list_datasets())}")
     return _load_cached(name, None if data_dir is None else str(data_dir), int(seed))
+
+
+def task_hparams(model: str, dataset: str, **hparams: Any) -> dict[str, Any]:
+    """The model's full hyper-parameters on a data set: its defaults, replaced by `hparams`.
+
+    Raises ModelError for an unknown model, data set, pair or option (the valid ones listed).
+    """
+    if model not in _MODELS:
+        raise ModelError(f"unknown model {model!r}: choose one of {', '.join(list_models())}")
+    if dataset not in _DATASET_KIND:
+        raise ModelError(f"unknown dataset {dataset!r}: choose one of {', '.join(list_datasets())}")
+    spec = _MODELS[model]
+    if spec.kind != _DATASET_KIND[dataset]:
+        raise ModelError(f"model {model!r} does not fit dataset {dataset!r}: valid pairs are "
+                         f"{', '.join(valid_pairs())}")
+    full = spec.defaults(dataset)
+    unknown = sorted(set(hparams) - set(full))
+    if unknown:
+        raise ModelError(f"unknown option {unknown[0]!r} for model {model!r}: valid options are "
+                         f"{', '.join(sorted(full))}")
+    full.update(hparams)
+    return full
 
 
 def get_task(model: str, dataset: str, *, data_dir: str | os.PathLike | None = None,
@@ -132,20 +145,8 @@ def get_task(model: str, dataset: str, *, data_dir: str | os.PathLike | None = N
 
     `seed` draws the data splits and seeds the baseline's init and batch order.
     """
-    if model not in _MODELS:
-        raise UserError(f"unknown model {model!r}: choose one of {', '.join(list_models())}")
-    if dataset not in _DATASET_KIND:
-        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(list_datasets())}")
+    full = task_hparams(model, dataset, **hparams)
     spec = _MODELS[model]
-    if spec.kind != _DATASET_KIND[dataset]:
-        raise UserError(f"model {model!r} does not fit dataset {dataset!r}: valid pairs are "
-                        f"{', '.join(valid_pairs())}")
-    full = spec.defaults(dataset)
-    unknown = sorted(set(hparams) - set(full))
-    if unknown:
-        raise UserError(f"unknown option {unknown[0]!r} for model {model!r}: valid options are "
-                        f"{', '.join(sorted(full))}")
-    full.update(hparams)
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
     module = spec.build(data, **full)
     train = _TRAIN.get((model, dataset), TrainConfig())

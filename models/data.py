@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import ModelError
 from models.task import Dataset
-from search.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package puts it
 FASHION_MNIST_FILES = {
@@ -66,13 +66,13 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an unsigned-byte IDX file: reinstall dataset-fashion-mnist")
+        raise ModelError(f"{path} is not an unsigned-byte IDX file: reinstall dataset-fashion-mnist")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated ({data.size} bytes, expected {int(np.prod(dims))}): "
-                        "reinstall dataset-fashion-mnist")
+        raise ModelError(f"{path} is truncated ({data.size} bytes, expected {int(np.prod(dims))}): "
+                         "reinstall dataset-fashion-mnist")
     return data.reshape(dims)
 
 
@@ -83,7 +83,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, seed: int = 0)
     paths = {k: _idx_path(root, stem) for k, stem in FASHION_MNIST_FILES.items()}
     missing = [FASHION_MNIST_FILES[k] + ".gz" for k, p in paths.items() if p is None]
     if missing:
-        raise UserError(
+        raise ModelError(
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): install the "
             f"Debian package dataset-fashion-mnist or pass --data-dir DIR with the IDX files")
     arr = {k: read_idx(p) for k, p in paths.items()}

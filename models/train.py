@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from models.errors import ModelError
 from models.task import Task, TrainConfig
 
 PARAMS_FILE = "params.safetensors"
@@ -58,7 +59,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def _train_step(module: nn.Module, loss_fn, tx: optax.GradientTransformation):
+def train_step(module: nn.Module, loss_fn, tx: optax.GradientTransformation):
+    """A jitted step(params, opt_state, x_all, y_all, idx) -> (params, opt_state, loss) of plain
+    training on the examples `idx` (the baseline's, and the reference step bench_engine times)."""
     @jax.jit
     def step(params, opt_state, x_all, y_all, idx):
         x, y = x_all[idx], y_all[idx]
@@ -90,7 +93,7 @@ def fit(task: Task, params: Any = None, log_every: int = 0) -> tuple[Any, dict[s
     params = task.init_params() if params is None else params
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
-    step = _train_step(task.module, task.loss, tx)
+    step = train_step(task.module, task.loss, tx)
     x_all, y_all = jnp.asarray(task.data.x_train), jnp.asarray(task.data.y_train)
     order = batch_order(len(task.data.x_train), cfg.batch_size, cfg.steps, cfg.seed)
     t0 = time.perf_counter()
@@ -132,9 +135,7 @@ def per_example_metric(task: Task, params: Any, x: np.ndarray, y: np.ndarray) ->
 def evaluate(task: Task, params: Any, split: str = "test") -> float:
     """Mean of task.metric over a split: "train", "val" or "test"."""
     if split not in ("train", "val", "test"):
-        from search.errors import UserError
-
-        raise UserError(f"unknown split {split!r}: choose train, val or test")
+        raise ModelError(f"unknown split {split!r}: choose train, val or test")
     x, y = getattr(task.data, f"x_{split}"), getattr(task.data, f"y_{split}")
     return float(per_example_metric(task, params, x, y).mean())
 
@@ -239,19 +240,17 @@ def user_baseline(task: Task, path: str | os.PathLike) -> tuple[Any, dict[str, A
     shape by shape against the model. info is shaped like train_baseline's."""
     from safetensors import SafetensorError
 
-    from search.errors import UserError
-
     fix = f"give the weights of {task.name} on {task.data.name} as `hwcompress train` saves them"
     try:
         digest = file_sha256(path)
         params = load_params(path, jax.eval_shape(task.init_params))
     except OSError as e:
-        raise UserError(f"--weights {path}: cannot read it ({e.strerror or e}): {fix}") from None
+        raise ModelError(f"--weights {path}: cannot read it ({e.strerror or e}): {fix}") from None
     except (SafetensorError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, SafetensorError):
             msg = f"{path}: not a safetensors file ({msg})"
-        raise UserError(f"--weights {msg}: {fix}") from None
+        raise ModelError(f"--weights {msg}: {fix}") from None
     return params, {
         "cache_key": f"weights-{digest[:16]}", "cache_path": str(path), "loaded": True,
         "val_metric": evaluate(task, params, "val"), "test_metric": evaluate(task, params, "test"),

@@ -1,226 +1,142 @@
-"""The search as a Python function: a Flax model, its data, a profile and a budget in, the
-Pareto front out as a pandas DataFrame. `hwcompress search` and `compress()` both end in
-`search_task`, which prices, warm-starts and runs the Optuna study.
+"""The search as Python functions, in the manner of the Flax examples' `train_and_evaluate(
+config, workdir)`: `search(spec, storage, results_dir)` runs (or resumes) the study a record
+describes, and `compress()` builds the record for a user's own Flax model and returns the
+Pareto front as a pandas DataFrame. `hwcompress search` builds its record with `make_spec`.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import flax.linen as nn
 import optuna
 import pandas as pd
 
+import models
+from hw_profiles import Budget, HardwareProfile
 from models.task import Dataset, LossFn, MetricFn, Task
-from search import plan as P
+from search.compression import plan as P
+from search.cost import budget as B
+from search.engine.config import FinetuneConfig
+from search.engine.finetune import Engine
 from search.errors import UserError
-from search.progress import SearchProgress
-from search.sensitivity import measure_sensitivity, warm_start_plans
-from search.space import extreme_plans, plan_to_params, space_for_profile
-from search.study import (
-    BUDGET_KEYS,
-    SearchContext,
-    ask_batch,
-    layers_attr,
-    metric_names,
-    open_study,
-    run_trials,
-)
+from search.report.view import pareto_frame
+from search.study.context import SearchContext, load_context
+from search.study.create import check_sampler, layers_attr, metric_names, open_study
+from search.study.loop import ask_batch, run_trials
+from search.study.progress import SearchProgress
+from search.study.sensitivity import measure_sensitivity, warm_start_plans
+from search.study.space import extreme_plans, plan_to_params, space_for_profile
+from search.study.spec import StudySpec, WeightsSource, profile_reference
+from search.study.storage import open_storage
 
 DEFAULT_OBJECTIVES = ("quality", "latency", "memory")
-FRONT_COLUMNS = ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "feasible")
 
 
-def open_storage(url: str | None, results_dir: str = "results") -> Any:
-    """The study storage (search.storage.open_storage); "memory" keeps the study in memory."""
-    if url == "memory":
-        return optuna.storages.InMemoryStorage()
-    from search.storage import open_storage as _open
+def make_spec(*, model: str, dataset: str, profile: str | Path | HardwareProfile,
+              budget: Budget | Mapping[str, float | None] | None = None, data_dir: str | None = None,
+              hparams: Mapping[str, Any] | None = None, seed: int = 0, weights: str | Path | None = None,
+              objectives: Sequence[str] = DEFAULT_OBJECTIVES, sampler: str = "tpe",
+              finetune: FinetuneConfig | None = None, n_trials: int = 40) -> StudySpec:
+    """The record of a search on a zoo model (models.list_models) from what a user gives.
 
-    return _open(url, results_dir=results_dir)
-
-
-def load_profile(profile: Any) -> tuple[Any, str, str | None]:
-    """(profile object, name, TOML text when it is not a shipped profile) from a name, path or object."""
-    import hw_profiles
-
-    if isinstance(profile, str):
-        obj = hw_profiles.load_profile(profile)
-        toml_text = None
-        if profile not in set(hw_profiles.list_profiles()):
-            with open(profile, encoding="utf-8") as f:
-                toml_text = f.read()
-        return obj, obj.name, toml_text
-    return profile, profile.name, None
-
-
-def resolve_budget(profile: Any, budget: Any = None, **overrides: float | None) -> dict[str, float | None]:
-    """Budget dict: the profile's defaults, replaced by `budget` (dict or Budget), then by overrides."""
-    out = {k: None for k in BUDGET_KEYS}
-    base = getattr(profile, "budget", None)
-    for src in (base, budget):
-        if src is None:
-            continue
-        for k in BUDGET_KEYS:
-            v = src.get(k) if isinstance(src, dict) else getattr(src, k, None)
-            if v is not None or (isinstance(src, dict) and k in src):
-                out[k] = v
-    for k, v in overrides.items():
-        if v is not None:
-            out[k] = v
-    for k, v in out.items():
-        if v is not None and not (float(v) > 0):
-            raise UserError(f"budget {k}={v} must be a positive number (or leave it out for no bound)")
-        out[k] = None if v is None else float(v)
-    return out
-
-
-def check_budget_reachable(ctx: SearchContext) -> dict[str, float]:
-    """Raise UserError before any training when even the most compressed plan breaks a budget.
-
-    Returns the smallest achievable latency, memory and size on the target profile.
+    `profile` is a shipped name, a TOML path or a HardwareProfile; `budget` replaces the
+    profile's default bounds it names; `weights` is the user's own trained weights file
+    (safetensors) in place of the cached baseline; `objectives` are command-line names
+    (quality, latency, memory, size). Raises UserError (or a models/hw_profiles error) naming
+    the first bad value.
     """
-    from search.study import _price
-
-    plans = extreme_plans(len(ctx.layers), ctx.space)
-    target, _ = _price(ctx, plans)
-    best = {k: float(np.min(np.asarray(getattr(target, k)))) for k in BUDGET_KEYS}
-    broken = [k for k in BUDGET_KEYS if ctx.budget.get(k) is not None and best[k] > ctx.budget[k]]
-    if broken:
-        want = ", ".join(f"{k} <= {ctx.budget[k]:.4g}" for k in broken)
-        can = ", ".join(f"{k} {best[k]:.4g}" for k in broken)
-        flags = " ".join(f"--{k.replace('_', '-')} {best[k] * 1.05:.4g}" for k in broken)
-        raise UserError(
-            f"budget cannot be met on {ctx.profile_name}: {want} asked, but the most compressed plan "
-            f"reaches only {can}; relax it (e.g. {flags})"
-        )
-    return best
+    full_hparams = models.task_hparams(model, dataset, **dict(hparams or {}))
+    return _spec(model=model, dataset=dataset, data_dir=data_dir, hparams=full_hparams, seed=seed, profile=profile,
+                 budget=budget, weights=None if weights is None else WeightsSource.of(weights),
+                 objectives=objectives, sampler=sampler, finetune=finetune, n_trials=n_trials)
 
 
-def pareto_frame(study: optuna.Study) -> pd.DataFrame:
-    """The feasible Pareto front as a DataFrame, best quality first, with the per-layer plan:
-    the front `hwcompress report` shows (search.report.read_study), on the study's own profile."""
-    from search.report import read_study
-
-    trials = study.get_trials(deepcopy=False)
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
-        return pd.DataFrame(columns=[*FRONT_COLUMNS, "plan"])
-    front = read_study(study).front
-    plans = {t.number: t.user_attrs.get("plan") for t in trials}
-    df = front[list(FRONT_COLUMNS)].copy()
-    df["feasible"] = df["feasible"].astype(bool)
-    df["plan"] = [plans[n] for n in df["trial"]]
-    return df.reset_index(drop=True)
-
-
-def search_task(
-    task: Task,
-    *,
-    profile: Any,
-    budget: Any = None,
-    base_params: Any = None,
-    train: bool = True,
-    weights: str | None = None,
-    run: bool = True,
-    engine: Any = None,
-    baseline_info: dict[str, Any] | None = None,
-    spec: dict[str, Any] | None = None,
-    n_trials: int = 40,
-    batch: int | None = None,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-    sampler: str = "tpe",
-    study_name: str | None = None,
-    storage: Any = None,
-    seed: int = 0,
-    finetune: Any = None,
-    warm_start: bool = True,
-    progress: bool = False,
-    results_dir: str = "results",
-) -> optuna.Study:
-    """Run (or resume) a search on a task and return the Optuna study.
-
-    With train=True the zoo baseline is trained (or read from the cache) first; otherwise
-    base_params are the user's trained weights (None for an NNX module: its own weights).
-    `weights` is a safetensors file of the user's own trained weights for a zoo task (in
-    place of the cached baseline). With run=False the study is only set up (baseline,
-    sensitivity, warm-start trials), e.g. for workers to run it.
-    The budget is checked against the most compressed plan before anything is trained.
-    `engine` replaces the Engine built from the task (e.g. one with another config).
-    """
-    from search.engine import Engine, FinetuneConfig
-    from search.k_file import k_file_in
-    from search.layers import discover_layers
-
+def _spec(*, profile: Any, budget: Any, objectives: Sequence[str], finetune: FinetuneConfig | None,
+          sampler: str, n_trials: int, **fields: Any) -> StudySpec:
     if n_trials < 1:
         raise UserError(f"--trials {n_trials} must be at least 1")
+    prof, reference = profile_reference(profile)
+    finetune = finetune if finetune is not None else FinetuneConfig()
+    finetune.check()
+    return StudySpec(profile=reference, profile_name=prof.name, budget=B.resolve_budget(prof, budget),
+                     space=space_for_profile(prof), finetune=finetune, objectives=metric_names(objectives),
+                     sampler=check_sampler(sampler), n_trials=int(n_trials), **fields)
+
+
+def default_study_name(spec: StudySpec) -> str:
+    """<model>-<dataset>-<profile>, the study name when none is given."""
+    return f"{spec.model}-{spec.dataset}-{spec.profile_name}"
+
+
+def search(
+    spec: StudySpec,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    results_dir: str | Path = "results",
+    *,
+    study_name: str | None = None,
+    task: Task | None = None,
+    params: Any = None,
+    baseline: Mapping[str, Any] | None = None,
+    engine: Engine | None = None,
+    k: int | None = None,
+    batch: int | None = None,
+    run: bool = True,
+    warm_start: bool = True,
+    progress: bool = False,
+) -> optuna.Study:
+    """Run (or resume) the study a record describes and return the Optuna study.
+
+    `storage`: a URL (None: SQLite under results_dir, "memory": this process only) or an
+    opened storage. The zoo task and its baseline are rebuilt from the record (trained once
+    and cached under results_dir/cache, or the record's weights file); compress() passes its
+    own `task`, `params` and `baseline` info instead. Before anything is trained the budget is
+    checked against the smallest cost any plan reaches, and a resume against the stored record.
+    `engine` replaces the Engine built from the record (e.g. one with another config); `k`
+    plans per vmapped step (None: measured here); `batch` trials asked together; run=False
+    only sets the study up (baseline, sensitivity, warm-start trials), e.g. for workers.
+    """
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
-    names, directions = metric_names(objectives)
-    prof, prof_name, prof_toml = load_profile(profile)
-    space = space_for_profile(prof)
-    sample = np.asarray(task.data.x_train[:1])
-    probe_params = base_params
-    if probe_params is None and isinstance(task.module, nn.Module):
-        probe_params = task.init_params()
-    layers = tuple(discover_layers(task.module, probe_params, sample))
-    budget_d = resolve_budget(prof, budget)
-    dense_bytes = int(sum(layer.params for layer in layers) * 4)
-    ctx = SearchContext(None, layers, prof, prof_name, budget_d, tuple(names), space, dense_bytes)
-    min_costs = check_budget_reachable(ctx)
-
-    finetune = finetune if finetune is not None else FinetuneConfig()
+    if k is not None and k < 1:
+        raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
+    ctx = load_context(spec, results_dir, task=task, params=params, baseline=baseline)
+    extremes = extreme_plans(len(ctx.layers), spec.space)
+    min_costs = B.check_reachable(ctx.profile, ctx.layers, spec.budget, extremes)
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = open_storage(storage, results_dir)
-    full_spec = {
-        **(spec or {}),
-        "seed": seed,
-        "profile": prof_toml if prof_toml is not None else prof_name,
-        "profile_name": prof_name,
-        "budget": budget_d,
-        # K is how this machine runs the trials, not what the study is: a study resumes, and
-        # its workers run, with whatever K they are given or measure
-        "finetune": {**dataclasses.asdict(finetune), "k": None},
-        "objectives": names,
-        "n_trials": n_trials,
-        "sampler": sampler,
-        "space": space.to_dict(),
-    }
-    if weights is not None:  # checked before the study exists: a bad file leaves no trace
-        from models.train import user_baseline
-
-        base_params, baseline_info = user_baseline(task, weights)
-        full_spec["weights"] = {"path": str(Path(weights).resolve()), "sha256": baseline_info["sha256"]}
-    name = study_name or f"{full_spec.get('model', task.name)}-{task.data.name}-{prof_name}"
-    study, _ = open_study(name, storage, full_spec, directions, names, sampler, seed)
-    if train and weights is None:  # after the spec check: a conflicting resume fails before any training
-        from models.train import train_baseline
-
-        base_params, baseline_info = train_baseline(task, cache_dir=f"{results_dir}/cache")
-    ctx.engine = engine if engine is not None else Engine(task, base_params, finetune, k_file=k_file_in(results_dir))
+    if spec.weights is not None:  # a bad or changed weights file fails before the study exists
+        _ = ctx.baseline
+    study, _ = open_study(study_name or default_study_name(spec), storage, spec)
+    # the baseline is trained (or read) only now: a conflicting resume has failed before
+    sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
     if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
-        _initialize(study, ctx, task, baseline_info, min_costs, warm_start)
+        seeds = B.seed_plans(ctx.profile, ctx.layers, spec.budget, extremes)
+        _initialize(study, sctx, min_costs, seeds, warm_start)
     if not run:
         return study
-    k = ask_batch(getattr(ctx.engine, "k", None), batch)
-    bar = SearchProgress(n_trials, enabled=progress, metric_name=task.metric_name)
+    bar = SearchProgress(spec.n_trials, enabled=progress, metric_name=ctx.task.metric_name)
     try:
-        run_trials(study, ctx, n_trials, k, bar)
+        run_trials(study, sctx, spec.n_trials, ask_batch(sctx.engine.k, batch), bar)
     finally:
         bar.close()
     return study
 
 
-def _initialize(study: optuna.Study, ctx: SearchContext, task: Task, info: dict | None, min_costs: dict, warm: bool) -> None:
-    """New study: store layers, baseline and sensitivity; enqueue the warm-start trials."""
-    info = dict(info or {})
+def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float], seeds: Sequence[P.Plan],
+                warm: bool) -> None:
+    """New study: store layers, baseline and sensitivity; enqueue the budget's seed plans
+    (search.cost.budget.seed_plans) and the warm-start trials."""
+    info = dict(ctx.study.baseline)
     if info.get("val_metric") is None:
         dense = P.stack_plans([P.dense_plan(len(ctx.layers))])
-        res = ctx.engine.evaluate(dense, split="val")
-        info["val_metric"] = float(np.asarray(getattr(res, "metric", res))[0])
+        info["val_metric"] = float(np.asarray(ctx.engine.evaluate(dense, split="val").metric)[0])
     study.set_user_attr("layers", layers_attr(ctx.layers))
     study.set_user_attr("min_costs", min_costs)
+    if not study.get_trials(deepcopy=False):  # a set-up interrupted after enqueueing does not enqueue twice
+        for plan in seeds:
+            study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"budget_seed": True})
     if warm and "sensitivity" not in study.user_attrs:
         sens = measure_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]))
         study.set_user_attr("sensitivity", sens)
@@ -230,7 +146,7 @@ def _initialize(study: optuna.Study, ctx: SearchContext, task: Task, info: dict 
     study.set_user_attr(
         "baseline",
         {
-            "metric_name": task.metric_name,
+            "metric_name": ctx.study.task.metric_name,
             "val_metric": info.get("val_metric"),
             "test_metric": info.get("test_metric"),
             "cache_key": info.get("cache_key"),
@@ -246,8 +162,8 @@ def compress(
     data: Dataset,
     loss: LossFn,
     metric: MetricFn,
-    profile: Any,
-    budget: Any = None,
+    profile: str | Path | HardwareProfile,
+    budget: Budget | Mapping[str, float | None] | None = None,
     *,
     metric_name: str = "quality",
     n_trials: int = 40,
@@ -259,7 +175,7 @@ def compress(
     k: int | None = None,
     seed: int = 0,
     study_name: str | None = None,
-    storage: Any = "memory",
+    storage: str | optuna.storages.BaseStorage = "memory",
     results_dir: str = "results",
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -271,37 +187,18 @@ def compress(
     or a HardwareProfile; `budget` a dict such as {"latency_ms": 1.0} (profile defaults
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
     `k`: plans fine-tuned together in one vmapped step (None: the fastest measured here).
+    Columns of the front: trial, quality, latency_ms, memory_kb, size_kb, compression_ratio,
+    feasible, plan (per-layer lists).
     """
-    from search.engine import FinetuneConfig
-
-    task = Task(
-        name=f"custom-{type(module).__name__.lower()}",
-        module=module,
-        data=data,
-        loss=loss,
-        metric=metric,
-        metric_name=metric_name,
-    )
-    ft = FinetuneConfig(seed=seed, distill=distill, k=k)
+    task = Task(name=f"custom-{type(module).__name__.lower()}", module=module, data=data, loss=loss,
+                metric=metric, metric_name=metric_name)
+    ft = FinetuneConfig(seed=seed, distill=distill)
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))
-    spec = {"model": task.name, "dataset": data.name, "data_dir": None, "hparams": {}}
-    study = search_task(
-        task,
-        profile=profile,
-        budget=budget,
-        base_params=params,
-        train=False,
-        spec=spec,
-        n_trials=n_trials,
-        batch=batch,
-        objectives=objectives,
-        sampler=sampler,
-        study_name=study_name,
-        storage=storage,
-        seed=seed,
-        finetune=ft,
-        progress=progress,
-        results_dir=results_dir,
-    )
+    spec = _spec(model=task.name, dataset=data.name, seed=seed, profile=profile, budget=budget,
+                 objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials)
+    study = search(spec, storage, results_dir, study_name=study_name, task=task, params=params, k=k,
+                   batch=batch, progress=progress)
     return pareto_frame(study)
+
+

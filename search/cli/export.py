@@ -1,0 +1,48 @@
+"""`hwcompress export`: write a chosen trial as packed weights, config, size breakdown and ONNX."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("export", help="export a trial: packed safetensors, config.json, size breakdown, model.onnx",
+                              description="Re-create trial N of a study (optionally with a longer final fine-tune), "
+                              "and write OUT/config.json, OUT/weights.safetensors (integers packed at their bit width), "
+                              "OUT/size.json (Deep Compression breakdown) and OUT/model.onnx (pruned channels removed, "
+                              "int8 QDQ layers), checked against the Flax model.")
+    p.add_argument("--study", required=True, help="study name (see `hwcompress studies`)")
+    p.add_argument("--trial", required=True, type=int, help="trial number (see `hwcompress report`)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--finetune-steps", type=int, default=None, help="final fine-tune steps (default: the study's)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
+    p.add_argument("--results-dir", default="results", help="results root: studies.db and the baseline cache (default results)")
+    p.set_defaults(func=export_command)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from search.export.exporter import export_trial
+    from search.study.storage import load_study, open_storage
+
+    study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
+    r = export_trial(study, args.trial, args.out, finetune_steps=args.finetune_steps, force=args.force,
+                     results_dir=args.results_dir)
+    c = r.config
+    size = c["size"]
+    print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
+    print(f"  {c['model']['metric']}: Flax {r.quality:.4f}, reloaded {r.reload_quality:.4f}, ONNX {r.onnx_quality:.4f} "
+          f"(max |ONNX - Flax| {r.onnx_max_abs_diff:.2e}, same predictions {r.onnx_agreement:.2%})")
+    from search.export.exporter import ONNX_MIN_AGREEMENT
+
+    if r.onnx_agreement < ONNX_MIN_AGREEMENT:
+        print(f"  warning: ONNX and Flax predictions agree on only {r.onnx_agreement:.2%} of the test set")
+    print("  size: " + ", ".join(f"{k} {size['bytes_by_stage'][k] / 1024:.1f} KB ({size['ratio'][k]:.1f}x)"
+                                 for k in ("dense", "pruned", "quantized", "huffman")))
+    for l in c["layers"]:
+        print(f"  {l['name']:12s} {l['out_channels']:4d} -> {l['onnx_out_channels']:4d} ch, w{l['weight_bits']} a{l['act_bits']} "
+              f"{l['quant_mode']:8s} onnx {l['onnx_form']}")
+    for name, pred in (c.get("predicted") or {}).items():
+        if name == c.get("profile"):
+            print(f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, {pred.get('memory_kb', float('nan')):.1f} KB memory")
+    return 0

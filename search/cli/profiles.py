@@ -1,0 +1,99 @@
+"""`hwcompress profiles list|show|calibrate`: the hardware profiles the cost model prices on."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from search.errors import UserError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("profiles", help="list, show or calibrate hardware profiles",
+                              description="Hardware profiles: what a device accelerates and how fast.")
+    sub = p.add_subparsers(dest="profiles_command", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="the shipped profiles")
+    ls.add_argument("--json", action="store_true", help="one JSON list for scripts")
+    ls.set_defaults(func=list_command)
+    show = sub.add_parser("show", help="one profile, with the sources of its numbers")
+    show.add_argument("name", help="shipped profile name or TOML path")
+    show.add_argument("--json", action="store_true", help="the parsed profile as JSON")
+    show.set_defaults(func=show_command)
+    cal = sub.add_parser("calibrate", help="measure this machine in onnxruntime and write a profile",
+                         description="Micro-benchmark this machine with onnxruntime (fp32 and int8 matmul, conv "
+                         "and depthwise throughput, memory bandwidth, per-operator overhead) and write a profile "
+                         "TOML that --profile accepts.")
+    cal.add_argument("--out", required=True, help="TOML file to write")
+    cal.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
+    cal.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, as `measure --threads` (default 1)")
+    cal.add_argument("--seconds", type=float, default=0.3, help="timing per micro-benchmark (default 0.3)")
+    cal.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    cal.set_defaults(func=calibrate_command)
+
+
+def profile_dict(profile: Any) -> dict[str, Any]:
+    """A HardwareProfile as plain JSON-able values."""
+    import dataclasses
+
+    d = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile)}
+    d["budget"] = dataclasses.asdict(profile.budget)
+    d["peak_gops"] = {str(k): v for k, v in profile.peak_gops.items()}
+    d["efficiency"] = dict(profile.efficiency)
+    d["nm_patterns"] = [list(x) for x in profile.nm_patterns]
+    return d
+
+
+def list_command(args: argparse.Namespace) -> int:
+    import hw_profiles
+
+    profiles = [hw_profiles.load_profile(n) for n in hw_profiles.list_profiles()]
+    if args.json:
+        print(json.dumps([profile_dict(p) for p in profiles], indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="hardware profiles (hwcompress profiles show NAME for sources)")
+    for col in ("name", "kind", "peak GOPS (bits)", "GB/s", "weight bits", "budget", "description"):
+        table.add_column(col)
+    for p in profiles:
+        b = p.budget
+        budget = ", ".join(f"{v:g} {u}" for v, u in ((b.latency_ms, "ms"), (b.memory_kb, "KB"), (b.size_kb, "KB size")) if v)
+        table.add_row(p.name, p.kind, " ".join(f"{g:g}@{w}" for w, g in p.peak_gops.items()), f"{p.bandwidth_gbs:g}",
+                      ",".join(map(str, p.weight_bits)), budget or "-", p.description)
+    Console(width=200).print(table)
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    import hw_profiles
+
+    profile = hw_profiles.load_profile(args.name)
+    if args.json:
+        print(json.dumps(profile_dict(profile), indent=1))
+    else:  # the file itself: every number with its source comment
+        print(Path(profile.source).read_text(encoding="utf-8") if profile.source else hw_profiles.dump_profile(profile))
+    return 0
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    import hw_profiles
+    from search.cost.calibrate import calibrated_profile, measure_machine, profile_toml
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists: pass --force to overwrite it, or another --out")
+    if args.threads < 1 or args.seconds <= 0:
+        raise UserError(f"--threads {args.threads} must be >= 1 and --seconds {args.seconds} > 0")
+    if not out.parent.is_dir():
+        raise UserError(f"directory {out.parent} of --out does not exist: create it or pick another --out")
+    m = measure_machine(threads=args.threads, min_s=args.seconds)
+    profile = calibrated_profile(m, name=args.name)
+    text = profile_toml(profile, m)
+    hw_profiles.profile_from_text(text, str(out))  # what we write must load like the others
+    out.write_text(text, encoding="utf-8")
+    print(f"fp32 {m['fp32_gops']:.1f} GOPS, int8 {m['int8_gops']:.1f} GOPS, DRAM {m['dram_gbs']:.1f} GB/s, "
+          f"cached {m['cache_gbs']:.1f} GB/s, {m['op_overhead_us']:.2f} us per op")
+    print(f"wrote {out}: use it as --profile {out}")
+    return 0

@@ -1,0 +1,152 @@
+"""`hwcompress search`: find the Pareto-optimal compressed configs under a device's budgets.
+
+Parses flags, builds the study record (search.api.make_spec) and calls search.api.search.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from search.errors import UserError
+
+DEFAULT_TRIALS = 40
+DEFAULT_FINETUNE_STEPS = 150
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search per-layer pruning and bit widths under a device's budgets",
+        description="Search per-layer pruning ratios and bit widths with Optuna; every candidate is "
+        "priced on the hardware profile (over-budget ones are never trained), fine-tuned, and stored. "
+        "Running the same command again resumes the study.",
+    )
+    p.add_argument("--model", default="lenet300", help="zoo model (default lenet300)")
+    p.add_argument("--dataset", default="digits", help="data set (default digits)")
+    p.add_argument("--data-dir", default=None, help="where the data set lives, when not the default")
+    p.add_argument("--profile", default="mobile-cpu", help="shipped profile name or TOML path (default mobile-cpu)")
+    p.add_argument("--latency-ms", type=float, default=None, help="latency budget (profile default otherwise)")
+    p.add_argument("--memory-kb", type=float, default=None, help="peak memory budget (profile default otherwise)")
+    p.add_argument("--size-kb", type=float, default=None, help="model size budget (profile default otherwise)")
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"total trials in the study (default {DEFAULT_TRIALS})")
+    p.add_argument("--batch", type=int, default=None, help="trials asked and fine-tuned together (default: the larger of 4 and the engine's K)")
+    p.add_argument("--k", type=int, default=None,
+                   help="plans fine-tuned together in one vmapped step (default: the fastest measured on this "
+                        "machine, remembered in <results-dir>/cache/engine_k.json)")
+    p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
+    p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
+    p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed")
+    p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help="fine-tuning steps per trial")
+    p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
+    p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
+    p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end (study, front)")
+    p.add_argument("--weights", default=None,
+                   help="your own trained weights for --model (safetensors, as `hwcompress train` saves them) "
+                   "instead of the cached baseline")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the trials in N local worker processes on the same storage (see `hwcompress worker`)")
+    p.add_argument("--results-dir", default="results", help="where studies.db, caches and reports go")
+    p.set_defaults(func=search_command)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Run the search the flags describe, then print the front (table, JSON or one line)."""
+    # imported here, not at the top: `hwcompress --help` stays fast (no JAX)
+    from search.api import make_spec, search
+    from search.engine.config import FinetuneConfig
+    from search.report.files import write_report
+    from search.report.view import pareto_frame, read_study
+    from search.study.create import finished_count
+    from search.study.storage import default_url, load_study, open_storage
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says what matters
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1")
+    if args.workers is not None and args.storage == "memory":
+        raise UserError("--workers needs a storage the worker processes can share: drop --storage memory")
+    # only the flags given replace the profile's default budgets
+    budget = {k: v for k, v in (("latency_ms", args.latency_ms), ("memory_kb", args.memory_kb),
+                                ("size_kb", args.size_kb)) if v is not None}
+    spec = make_spec(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, profile=args.profile,
+        budget=budget, weights=args.weights, objectives=[o for o in args.objectives.split(",") if o.strip()],
+        sampler=args.sampler, n_trials=args.trials,
+        finetune=FinetuneConfig(steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed),
+    )
+    storage = open_storage(args.storage, args.results_dir)
+    study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, batch=args.batch,
+                   run=args.workers is None, warm_start=not args.no_warm_start,
+                   progress=not (args.quiet or args.json))
+    if args.workers is not None:
+        _run_workers(args, study)
+        study = load_study(study.study_name, storage)
+    front = pareto_frame(study)
+    report_dir = str(write_report(study, Path(args.results_dir) / study.study_name).out_dir)
+    done = finished_count(study.get_trials(deepcopy=False))
+    if args.json:
+        url = args.storage or default_url(args.results_dir)
+        print(json.dumps(json_summary(study, url, done, front, report_dir)))
+    elif args.quiet:
+        print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {report_dir}")
+    else:
+        _print_front(read_study(study))
+        print(f"report: {report_dir}")
+    return 0
+
+
+def _run_workers(args: argparse.Namespace, study: Any) -> None:
+    """Run the set-up study's trials in args.workers local `hwcompress worker` processes."""
+    from search.study.workers import run_workers
+
+    if not (args.quiet or args.json):
+        print(f"study {study.study_name}: {args.workers} workers on "
+              f"{args.storage or f'sqlite:///{args.results_dir}/studies.db'}", file=sys.stderr, flush=True)
+    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k)
+    if rc != 0:
+        raise UserError(f"a worker of study {study.study_name} exited with code {rc}; completed trials are "
+                        f"kept: run the same command again to finish the study")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def json_summary(study: Any, storage_url: str, done: int, front: Any, report_dir: str | None) -> dict[str, Any]:
+    """The --json object: study, storage, trials done, baseline, the front as rows, report folder."""
+    rows = [{k: _clean(v) for k, v in r.items() if k != "plan"} for r in front.to_dict("records")]
+    for r in rows:
+        r["trial"] = int(r["trial"])
+        r["feasible"] = bool(r["feasible"])
+    return {
+        "study": study.study_name,
+        "storage": storage_url,
+        "trials_done": done,
+        "baseline": study.user_attrs.get("baseline"),
+        "pareto": rows,
+        "report": report_dir,
+    }
+
+
+def _print_front(view: Any) -> None:
+    """The front as the report's terminal table (search.report.text.front_table)."""
+    from rich.console import Console
+
+    from search.report.text import front_table
+
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:  # piped: do not squeeze the plan column into 80 columns
+        console = Console(file=sys.stdout, width=160)
+    console.print(front_table(view))

@@ -1,0 +1,132 @@
+"""Fake quantization with traced bit widths and a straight-through estimator.
+
+Weights: symmetric, one scale per output channel (the last kernel axis).
+  b >= 2: qmax = 2**(b-1) - 1, scale = max|w| / qmax, q = clip(round(w / scale), -qmax, qmax);
+  b == 1: w_hat = sign(w) * mean|w| over the channel's non-zero weights (pruned ones stay 0);
+  b == 32 (FLOAT): untouched.
+  The engine computes these scales once per trial from the pretrained kernel and keeps them
+  while fine-tuning (compress.weight_scales; a weight that grows past the grid clips), and
+  the exporter packs with the engine's scales.
+Activations (per tensor, the input of a layer), from a calibrated range [lo, hi]:
+  lo = min(lo, 0), hi = max(hi, 0), s = (hi - lo) / (2**b - 1), z = round(-lo / s),
+  x_q = clip(round(x / s) + z, 0, 2**b - 1), x_hat = (x_q - z) * s.
+The exporter packs integers with exactly these formulas (`quantize_weight`, `act_qparams`).
+Quantizing an already fake-quantized tensor gives it back (to float rounding).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from search.compression.plan import FLOAT
+
+
+def ste(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """Exactly x_hat in the forward pass (x - x is 0), identity gradient in the backward pass."""
+    return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
+
+
+def pow2(bits) -> jax.Array:
+    """2**bits as an exact float32 (XLA's exp2 is an approximation), for traced int bits."""
+    b = jnp.clip(jnp.asarray(bits, jnp.int32), 0, 30)
+    return jnp.left_shift(jnp.int32(1), b).astype(jnp.float32)
+
+
+def _reduce_axes(w: jax.Array) -> tuple[int, ...]:
+    return tuple(range(w.ndim - 1))
+
+
+def weight_qmax(bits) -> jax.Array:
+    """Largest symmetric weight code at a traced bit width: 2**(b-1) - 1."""
+    return pow2(jnp.asarray(bits) - 1) - 1.0
+
+
+def scale_from_amax(amax: jax.Array, qmax: jax.Array) -> jax.Array:
+    """The uniform grid's scale, max|w| / qmax (1 for an all-zero channel)."""
+    return jnp.where(amax > 0, amax / jnp.maximum(qmax, 1.0), 1.0)
+
+
+def on_grid(w: jax.Array, scale: jax.Array, qmax: jax.Array) -> jax.Array:
+    """w rounded to the nearest point of the grid scale * {-qmax..qmax}."""
+    return jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale
+
+
+def _uniform_scale(w: jax.Array, bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    qmax = weight_qmax(bits)
+    return scale_from_amax(jnp.max(jnp.abs(w), axis=_reduce_axes(w), keepdims=True), qmax), qmax
+
+
+def uniform_weight(w: jax.Array, bits: jax.Array) -> jax.Array:
+    """Symmetric per-output-channel quantize-dequantize (b >= 2), no STE."""
+    scale, qmax = _uniform_scale(w, bits)
+    return on_grid(w, scale, qmax)
+
+
+def _binary_scale(w: jax.Array) -> jax.Array:
+    axes = _reduce_axes(w)
+    nz = jnp.sum((w != 0).astype(w.dtype), axis=axes, keepdims=True)
+    return jnp.sum(jnp.abs(w), axis=axes, keepdims=True) / jnp.maximum(nz, 1.0)
+
+
+def binary_weight(w: jax.Array) -> jax.Array:
+    """1 bit: sign(w) times the mean magnitude of the channel's non-zero weights, no STE."""
+    return jnp.sign(w) * _binary_scale(w)
+
+
+def fake_quant_weight(w: jax.Array, bits: jax.Array) -> jax.Array:
+    """Quantize-dequantize a kernel at a traced bit width (FLOAT = untouched), with STE."""
+    bits = jnp.asarray(bits)
+    w_hat = jnp.where(bits >= FLOAT, w, jnp.where(bits == 1, binary_weight(w), uniform_weight(w, bits)))
+    return ste(w, w_hat)
+
+
+def quantize_weight(w, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integers and per-output-channel scales for packing: w ~= q * scale[out]."""
+    w = np.asarray(w, np.float32)
+    if not 1 <= int(bits) < FLOAT:
+        raise ValueError(f"quantize_weight needs 1 <= bits < {FLOAT}, got {bits}")
+    if int(bits) == 1:
+        scale = np.asarray(_binary_scale(jnp.asarray(w)))
+        return np.sign(w).astype(np.int32), scale.reshape(-1)
+    scale, qmax = _uniform_scale(jnp.asarray(w), jnp.asarray(bits))
+    scale = np.asarray(scale)
+    q = np.clip(np.round(w / scale), -float(qmax), float(qmax)).astype(np.int32)
+    return q, scale.reshape(-1)
+
+
+def act_qparams(lo, hi, bits):
+    """(scale, zero point, levels) of the asymmetric activation grid for a range [lo, hi]."""
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    levels = pow2(bits) - 1.0
+    s = (hi - lo) / levels
+    s = jnp.where(s > 0, s, 1.0)
+    return s, jnp.round(-lo / s), levels
+
+
+def fake_quant_act(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """Quantize-dequantize an activation tensor (FLOAT = untouched), with STE."""
+    s, z, levels = act_qparams(lo, hi, bits)
+    return fake_quant_act_grid(x, s, z, levels, jnp.asarray(bits) >= FLOAT)
+
+
+@jax.custom_vjp
+def fake_quant_act_grid(x: jax.Array, s: jax.Array, z: jax.Array, levels: jax.Array,
+                        is_float: jax.Array) -> jax.Array:
+    """`fake_quant_act` on a grid from `act_qparams` (so a model's layers can share one
+    vectorized computation of their grids). The gradient passes to x unchanged, as a custom
+    VJP: no rounding arithmetic is differentiated or compiled in the backward pass."""
+    x_hat = (jnp.clip(jnp.round(x / s) + z, 0.0, levels) - z) * s
+    return jnp.where(is_float, x, x_hat)
+
+
+def _act_fwd(x, s, z, levels, is_float):
+    return fake_quant_act_grid(x, s, z, levels, is_float), None
+
+
+def _act_bwd(res, g):
+    return g, None, None, None, None  # the grid is calibrated, not trained
+
+
+fake_quant_act_grid.defvjp(_act_fwd, _act_bwd)

@@ -1,0 +1,114 @@
+"""Measure an exported model in onnxruntime on this machine, beside the predicted latency.
+
+Batch 1 (the latency the cost model predicts), random input of the exported shape, warm-up
+runs, then `runs` timed runs; median and spread. onnxruntime is pinned to `threads` intra-op
+threads (default 1) so numbers are repeatable on a shared machine.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import hw_profiles
+import models
+from search.compression.layers import discover_layers
+from search.compression.plan import QUANT_MODES, make_plan, stack_plans
+from search.cost.roofline import price
+from search.errors import UserError
+
+EXPORT_FORMAT = "hwcompress-export/1"
+
+
+def read_config(export_dir: str | Path) -> dict:
+    """config.json of an export; UserError when the directory is not an hwcompress export."""
+    d = Path(export_dir)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise UserError(f"export directory {d} does not exist; create it with `hwcompress export --out {d} ...`")
+    if not path.is_file():
+        raise UserError(f"{d} has no config.json: it is not an hwcompress export (run `hwcompress export` first)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); re-export with `hwcompress export --force`") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path} is not an hwcompress export config (no format '{EXPORT_FORMAT}'); pass a directory written by `hwcompress export`")
+    return config
+
+
+def session(model_path: str | Path, threads: int = 1) -> Any:
+    """An onnxruntime CPU session with full graph optimisation and `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile types
+        raise UserError(f"{model_path} is corrupt or not an ONNX model ({str(e).splitlines()[0][:160]}); re-export it") from None
+
+
+def time_session(sess: Any, x: np.ndarray, runs: int, warmup: int) -> np.ndarray:
+    """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    out = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out[i] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def summarize(ms: np.ndarray) -> dict:
+    """Median and spread (p10, p90, IQR, min) of run times in ms."""
+    q10, q25, q50, q75, q90 = np.percentile(ms, [10, 25, 50, 75, 90])
+    return {"median_ms": float(q50), "p10_ms": float(q10), "p90_ms": float(q90),
+            "iqr_ms": float(q75 - q25), "min_ms": float(ms.min()), "runs": int(ms.size)}
+
+
+def measure(export_dir: str | Path, runs: int = 200, warmup: int = 20, *, profile: str | None = None,
+            threads: int = 1, seed: int = 0) -> dict:
+    """Measured latency of model.onnx (batch 1) and the predicted one for `profile`
+    (default: the profile named in config.json); returns a dict for printing or JSON."""
+    if runs < 1 or warmup < 0:
+        raise UserError(f"--runs {runs} must be >= 1 and --warmup {warmup} >= 0")
+    if threads < 1:
+        raise UserError(f"--threads {threads} must be >= 1")
+    config = read_config(export_dir)
+    model_path = Path(export_dir) / "model.onnx"
+    if not model_path.is_file():
+        raise UserError(f"{export_dir} has no model.onnx; re-export it with `hwcompress export --force`")
+    sess = session(model_path, threads)
+    shape = (1, *config["model"]["input_shape"])
+    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    stats = summarize(time_session(sess, x, runs, warmup))
+    name = profile or config.get("profile")
+    predicted = (config.get("predicted") or {}).get(name or "", {}).get("latency_ms")
+    if predicted is None and name:
+        predicted = _predict(config, name)
+    return {"dir": str(export_dir), "threads": threads, "batch": 1, **stats, "profile": name,
+            "predicted_ms": predicted,
+            "measured_over_predicted": None if not predicted else stats["median_ms"] / predicted}
+
+
+def _predict(config: dict, profile: str) -> float | None:
+    """Price the exported plan on a profile not stored in config.json (needs search.cost)."""
+    prof = hw_profiles.load_profile(profile)
+    m = config["model"]
+    task = models.get_task(m["name"], m["dataset"], **dict(m.get("hparams") or {}))
+    layers = discover_layers(task.module, task.init_params(), np.zeros((1, *m["input_shape"]), np.float32))
+    ls = config["layers"]
+    mode = [QUANT_MODES.get(l["quant_mode"], 0) for l in ls]
+    plan = make_plan([l["ratio"] for l in ls], [l["granularity"] for l in ls], [l["weight_bits"] for l in ls],
+                     [l["act_bits"] for l in ls], mode)
+    return float(np.asarray(price(prof, layers, stack_plans([plan])).latency_ms)[0])

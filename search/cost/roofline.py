@@ -1,0 +1,239 @@
+"""The analytic cost model: latency, memory and size of K plans on one hardware profile.
+
+Roofline per layer, for one example (batch 1):
+
+    latency_l = max(2 * work_l / (peak[c_l] * 1e9 * efficiency[kind_l]),
+                    bytes_l / (bandwidth * 1e9 * bandwidth_efficiency)) + layer_overhead
+
+- c_l, the compute width: weights and activations each round UP to the next width the profile
+  has kernels for (an unsupported width gives no compute speedup); c = the wider of the two; the
+  throughput is the best peak among widths >= c. No kernel wide enough: the profile's float
+  policy decides (fallback to the host CPU at fallback_gops, or disallow: latency = inf).
+  Codebook weights (Deep Compression) are decoded to 16-bit values before the MAC.
+- work_l, the effective MACs: channel pruning keeps (1 - ratio) of the layer's output channels,
+  and of the next layer's input channels when that layer reads this one's output (a chain:
+  its input has this layer's channel count, or a flattened multiple of it), as the ONNX export
+  removes them for real; a depthwise layer loses those channels entirely. Unstructured sparsity gives
+  macs * min(1, density * work_factor) only at or above the profile's threshold; N:M keeps
+  N_kept of every M and is accelerated when the profile has a pattern that covers it.
+- bytes_l: weights as the device holds them (packed at their bit width; sparse formats only
+  where the device runs sparse kernels) + biases and scales + input and output activations at
+  the width the kernels use. A model whose whole memory fits on chip uses onchip bandwidth.
+
+memory = weights in memory + peak over layers of (input + output activation) bytes.
+size = packed model: values at their bit width, sparse index overhead (the smaller of a bitmask
+and 5-bit relative indices as in Deep Compression; 2 bits per kept weight for N:M), per-channel
+float32 scales, float32 biases, codebooks. KiB = 1024 bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from hw_profiles import HardwareProfile, list_profiles, load_profile
+from search.compression import plan as P
+from search.compression.layers import Layer, reads_previous
+
+REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
+NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
+CODEBOOK_COMPUTE_BITS = 16  # codebook weights are looked up into 16-bit values
+_UNSUPPORTED = 64  # sentinel width: no kernel is wide enough
+_KINDS = ("dense", "conv", "depthwise")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Predicted costs of K plans on one profile (arrays [K], per-layer [K, L])."""
+
+    latency_ms: np.ndarray  # one forward pass, batch 1
+    memory_kb: np.ndarray  # packed weights in memory + peak activations, KiB
+    size_kb: np.ndarray  # packed model size, KiB
+    layer_latency_ms: np.ndarray  # [K, L]
+
+
+@dataclass(frozen=True)
+class _LayerArrays:
+    macs: np.ndarray
+    weights: np.ndarray
+    out_ch: np.ndarray
+    bias: np.ndarray
+    in_elems: np.ndarray
+    out_elems: np.ndarray
+    kind: np.ndarray  # index into _KINDS
+    chained: np.ndarray  # bool: the layer reads the previous layer's output channels
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
+    f = lambda g: np.array([g(l) for l in layers], np.float64)
+    return _LayerArrays(
+        macs=f(lambda l: l.macs), weights=f(lambda l: l.weight_count), out_ch=f(lambda l: l.out_channels),
+        bias=f(lambda l: l.out_channels if l.has_bias else 0),
+        in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
+        kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
+        chained=np.array([False] + [reads_previous(a, b) for a, b in zip(layers, layers[1:])], bool),
+    )
+
+
+def _tables(profile: HardwareProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup tables indexed by bit width 0..64: effective weight width, activation width,
+    and throughput (GOPS) of a compute width (0 when no kernel is wide enough)."""
+    def eff(supported: tuple[int, ...]) -> np.ndarray:
+        return np.array([min([s for s in supported if s >= b], default=_UNSUPPORTED) for b in range(_UNSUPPORTED + 1)])
+
+    tput = np.array([max([g for w, g in profile.peak_gops.items() if w >= c], default=0.0) for c in range(_UNSUPPORTED + 1)])
+    return eff(profile.weight_bits), eff(profile.act_bits), tput
+
+
+def _plan_arrays(plans: P.Plan) -> tuple[np.ndarray, ...]:
+    r = np.atleast_2d(np.asarray(plans.ratio, np.float64))
+    g, wb, ab, qm = (np.atleast_2d(np.asarray(getattr(plans, k), np.int64)) for k in ("granularity", "weight_bits", "act_bits", "quant_mode"))
+    return r, g, wb, ab, qm
+
+
+def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> dict[str, np.ndarray]:
+    """Per-layer pieces [K, L]: latency (s), weight memory bits, weight size bits, act bytes."""
+    la = _layer_arrays(tuple(layers))
+    r, g, wb, ab, qm = _plan_arrays(plans)
+    weff_t, aeff_t, tput_t = _tables(profile)
+    chan, unst, nm = g == P.CHANNEL, g == P.UNSTRUCTURED, g == P.NM
+    codebook = (qm == P.CODEBOOK) & (wb <= 8)  # wider codebooks run as uniform (compress.weight_branch)
+
+    # kept fractions
+    keep_ch = np.where(chan, 1.0 - r, 1.0)  # output channels kept
+    keep_in, keep_out = np.ones_like(r), keep_ch.copy()  # input channels kept; output channels left
+    for i in np.flatnonzero(la.chained):
+        keep_in[:, i] = keep_out[:, i - 1]
+        if la.kind[i] == _KINDS.index("depthwise"):  # its channels are its input's
+            keep_out[:, i] = keep_ch[:, i] * keep_in[:, i]
+    pruned_nm = np.clip(np.round(r * P.NM_GROUP), 0, P.NM_GROUP - 1)
+    nm_kept = P.NM_GROUP - pruned_nm
+    density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
+
+    # effective MACs
+    dense_work = la.macs * keep_ch * keep_in
+    sparsity = 1.0 - density
+    thr = profile.unstructured_min_sparsity
+    sparse_ok = (sparsity > 0) & (thr is not None) & (sparsity >= (thr if thr is not None else 2.0))
+    frac = np.where(sparse_ok, np.minimum(1.0, density * profile.unstructured_work_factor), 1.0)
+    nm_frac = np.ones_like(r)
+    for n, m in profile.nm_patterns:
+        if m == P.NM_GROUP:
+            nm_frac = np.where(nm & (nm_kept <= n), np.minimum(nm_frac, n / m), nm_frac)
+    nm_ok = nm_frac < 1.0
+    frac = np.minimum(frac, nm_frac)
+    work = dense_work * frac
+    runs_sparse = (sparse_ok | nm_ok) & (frac < 1.0)
+
+    # precision
+    w_need = np.where(codebook, np.maximum(CODEBOOK_COMPUTE_BITS, wb), wb)
+    w_eff, a_eff = weff_t[w_need], aeff_t[ab]
+    tput = tput_t[np.maximum(w_eff, a_eff)]
+    on_device = tput > 0
+
+    # weights: values, sparse indices, codebook or per-channel scales, biases (bits). A layer
+    # whose quantized form would be larger than float32 (tiny layers, huge codebooks) is kept float.
+    n_w = la.weights * keep_ch * keep_in
+    nnz = n_w * density
+    kept_ch = la.out_ch * keep_out
+    index_bits = np.where(nm, np.minimum(n_w, nnz * NM_INDEX_BITS), np.minimum(n_w, nnz * REL_INDEX_BITS))
+    sparse = density < 1.0
+
+    def stored(value_bits: np.ndarray, as_sparse: np.ndarray) -> np.ndarray:
+        dense_b = n_w * value_bits
+        return np.where(as_sparse, np.minimum(dense_b, nnz * value_bits + index_bits), dense_b)
+
+    quant_extra = np.where(codebook, np.minimum(2.0 ** wb, n_w) * 32, np.where(wb < P.FLOAT, kept_ch * 32, 0))
+    bias_bits = la.bias * keep_out * 32
+    size_bits = np.minimum(stored(wb, sparse) + quant_extra, stored(32, sparse)) + bias_bits
+    mem_bits = np.minimum(stored(wb, runs_sparse) + quant_extra, stored(32, runs_sparse)) + bias_bits
+    dense_bits = np.minimum(stored(wb, False) + quant_extra, stored(32, False))  # what the host CPU reads
+    extra = bias_bits
+
+    # activations: input at the width its kernel reads, output at the next layer's input width
+    a_store = np.where(on_device, np.minimum(a_eff, P.FLOAT), P.FLOAT)
+    out_w = np.concatenate([a_store[:, 1:], np.full_like(a_store[:, :1], P.FLOAT)], axis=1)
+    in_bytes = la.in_elems * keep_in * a_store / 8
+    out_bytes = la.out_elems * keep_out * out_w / 8
+    act_peak = np.max(in_bytes + out_bytes, axis=1)
+    memory_bytes = mem_bits.sum(axis=1) / 8 + act_peak
+
+    # latency
+    bw = np.full(r.shape[0], profile.bandwidth_gbs)
+    if profile.onchip_kb is not None:
+        bw = np.where(memory_bytes <= profile.onchip_kb * 1024, profile.onchip_bandwidth_gbs, bw)
+    eff = np.array([profile.efficiency[k] for k in _KINDS])[la.kind]
+    moved = mem_bits / 8 + in_bytes + out_bytes
+    t_mem = moved / (bw[:, None] * 1e9 * profile.bandwidth_efficiency)
+    with np.errstate(divide="ignore"):
+        t_dev = np.maximum(2 * work / (tput * 1e9 * eff), t_mem) + profile.layer_overhead_us * 1e-6
+    if profile.float_policy == "fallback":
+        host_bw = profile.bandwidth_gbs * 1e9 * profile.bandwidth_efficiency
+        fb = 2 * dense_work / (profile.fallback_gops * 1e9 * eff)  # the host has no sparse kernels
+        t_host = np.maximum(fb, (dense_bits + extra) / 8 / host_bw + (in_bytes + out_bytes) / host_bw) + profile.fallback_layer_us * 1e-6
+    else:
+        t_host = np.inf
+    lat = np.where(on_device, t_dev, t_host)
+    return {"lat": lat, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
+
+
+def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> Costs:
+    """Costs of plans ([L] or [K, L]) on a profile (object, shipped name or TOML path)."""
+    profile = load_profile(profile)
+    parts = _parts(profile, layers, plans)
+    lat_ms = parts["lat"] * 1e3
+    return Costs(
+        latency_ms=lat_ms.sum(axis=1),
+        memory_kb=parts["memory_bytes"] / 1024,
+        size_kb=parts["size_bits"].sum(axis=1) / 8 / 1024,
+        layer_latency_ms=lat_ms,
+    )
+
+
+def price_all(layers: Sequence[Layer], plans: P.Plan) -> dict[str, Costs]:
+    """Costs of the plans on every shipped profile, by profile name."""
+    return {name: price(name, layers, plans) for name in list_profiles()}
+
+
+def min_costs(
+    profile: HardwareProfile | str,
+    layers: Sequence[Layer],
+    candidates: P.Plan | None = None,
+    *,
+    max_ratio: float = P.MAX_RATIO,
+    weight_bits: Sequence[int] = P.WEIGHT_BITS,
+    act_bits: Sequence[int] = P.ACT_BITS,
+    granularities: Sequence[int] = tuple(P.GRANULARITIES.values()),
+) -> dict[str, float]:
+    """Lower bounds on latency_ms, memory_kb and size_kb over plans whose every layer takes one
+    of the candidate plans' choices for that layer (`candidates` [K, L]; None: every uniform
+    plan at `max_ratio` over the given widths, granularities and both quant modes). Each layer's
+    cheapest candidate is summed, so a budget below these is infeasible before any training,
+    and one that a plan with per-layer choices meets is not refused."""
+    if candidates is None:
+        L = len(layers)
+        candidates = P.stack_plans([P.make_plan(np.full(L, max_ratio), g, w, a, q)
+                                    for g in granularities for w in weight_bits for a in act_bits
+                                    for q in P.QUANT_MODES.values()])
+    parts = _parts(load_profile(profile), layers, candidates)
+    return {
+        "latency_ms": float(parts["lat"].min(axis=0).sum() * 1e3),
+        "memory_kb": float((parts["mem_bits"].min(axis=0).sum() / 8 + parts["act_peak"].min()) / 1024),
+        "size_kb": float(parts["size_bits"].min(axis=0).sum() / 8 / 1024),
+    }
+
+
+def cheapest_plan(profile: HardwareProfile | str, layers: Sequence[Layer], candidates: P.Plan, key: str) -> P.Plan:
+    """The plan [L] whose every layer takes the candidate choice (a row of `candidates` [K, L])
+    that is cheapest for that layer in `key` (latency_ms, memory_kb or size_kb): the per-layer
+    plan behind `min_costs`. A layer's cost also depends on its producer's kept channels, so
+    this plan's total is close to, not always equal to, min_costs[key]."""
+    parts = _parts(load_profile(profile), layers, candidates)
+    per_layer = {"latency_ms": parts["lat"], "memory_kb": parts["mem_bits"], "size_kb": parts["size_bits"]}[key]
+    rows = np.argmin(per_layer, axis=0)  # [L]: the best candidate of each layer
+    cols = np.arange(len(layers))
+    return P.Plan(*(np.asarray(getattr(candidates, f.name))[rows, cols] for f in dataclasses.fields(P.Plan)))

@@ -1,0 +1,37 @@
+"""How each candidate is fine-tuned: one frozen value, stored in a study's record."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from search.errors import UserError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How each candidate is fine-tuned after compression."""
+
+    steps: int = 200  # optimizer steps per plan (0: compress only)
+    batch_size: int = 128  # examples per step
+    learning_rate: float = 5e-4  # Adam learning rate
+    distill: bool = False  # add Hinton distillation from the dense baseline
+    temperature: float = 4.0  # distillation temperature T
+    alpha: float = 0.5  # weight of the distillation term (1 - alpha on the task loss)
+    seed: int = 0  # batch order
+    k: int | None = None  # plans per vmapped step; None = measure what is fastest here
+    calib_examples: int = 512  # training examples used to calibrate activation ranges
+    eval_batch: int = 1024  # examples per evaluation chunk
+
+    def check(self) -> None:
+        """Raise UserError naming the first field that is out of range."""
+        for name, ok, want in (
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            ("k", self.k is None or self.k >= 1, "None or >= 1"),
+            ("calib_examples", self.calib_examples >= 1, ">= 1"),
+            ("eval_batch", self.eval_batch >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")

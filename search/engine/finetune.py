@@ -1,0 +1,398 @@
+"""Fine-tune and evaluate K compression plans at once, with one compile per (task, K).
+
+Three jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
+optimizer state for K plans), `step` (one fine-tune step of K plans, driven from Python: on
+this CPU a `lax.scan` of conv backward passes was 10-20x slower) and `evaluate` (the metric
+of K plans on one chunk of a split, with their effective params and a finiteness flag, so
+nothing else compiles). Plans are arrays passed in, so new plans never recompile. With
+K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, the codebook
+gradient) really skips what a plan does not use, and the fine-tuning state carries no plan
+axis between steps.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models.task import Task
+from search.compression import codebook
+from search.compression import compress
+from search.compression import masks as masks_lib
+from search.errors import UserError
+from search.engine.config import FinetuneConfig
+from search.engine.k_file import read_k_file, write_k_file
+from search.compression.layers import Layer, Model, discover_layers, get_path, set_path
+from search.compression.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
+
+
+@dataclass(frozen=True)
+class CompressedModel:
+    """One compressed candidate, everything the exporter needs to pack it."""
+
+    params: Any  # effective params (numpy): kernels masked and fake-quantized, as computed
+    masks: dict[str, np.ndarray]  # {layer name: 0/1 mask like the kernel}
+    act_ranges: dict[str, tuple[float, float]]  # {layer name: calibrated (lo, hi) of its input}
+    weight_scales: dict[str, np.ndarray]  # {layer name: [C] grid scale per output channel (fixed per trial)}
+    plan: Plan  # the plan, arrays of shape [L]
+    metric: float  # validation metric after fine-tuning
+    finite: bool  # False when fine-tuning produced NaN/inf
+
+
+@dataclass
+class EngineResult:
+    """Per-plan outcome of `Engine.run` / `Engine.evaluate`, arrays of shape [P]."""
+
+    metric: np.ndarray  # task metric on the split (NaN when not finite)
+    finite: np.ndarray  # bool: False when fine-tuning hit NaN/inf
+    reason: list[str | None]  # why a plan failed, None when it did not
+    models: list[CompressedModel] | None = None  # when return_models=True
+    seconds: float = 0.0  # wall time of the call
+
+
+def _over_plans(f, k: int, in_axes: tuple, single_in: tuple = (), single_out: bool = False):
+    """vmap f over the plan axis of the arguments with in_axes 0.
+
+    For k == 1 nothing is vmapped (no batching rules at all): plan-axis arguments are
+    squeezed, and those numbered in single_in (and the outputs, with single_out) are kept as
+    one plan's values with no plan axis. The fine-tuning state lives that way between steps:
+    a state squeezed and re-expanded inside the step kept XLA from updating the donated
+    buffers in place, and it copied the Adam moments and the kernels every step.
+    """
+    if k > 1:
+        return jax.vmap(f, in_axes=in_axes)
+
+    def g(*args):
+        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 and i not in single_in else x
+                for i, (x, ax) in enumerate(zip(args, in_axes))]
+        out = f(*args)
+        return out if single_out else jax.tree.map(lambda a: a[None], out)
+
+    return g
+
+
+def _once_per_trial_options() -> dict | None:
+    """XLA options for prepare and evaluate, which run once per trial (evaluate once per
+    chunk of the split). On CPU, XLA's older loop emitters compile them in about two thirds
+    of the time of its MLIR fusion emitters, and LLVM -O1 takes off another part (lenet5:
+    prepare 1.5 s instead of 1.9 s, evaluate 0.4 s instead of 0.8 s); neither made them
+    measurably slower (evaluating 5000 Fashion-MNIST images: lenet5 0.97 s against 1.02 s,
+    lenet300 0.24 s either way). Not for the step, which runs hundreds of times per trial:
+    its update and activation fusions ran slower with the old emitters (lenet300/Fashion-MNIST
+    batch 256: 1.24x a plain step instead of 1.14x) and lenet5's at -O1 (1.35x)."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
+    return None
+
+
+def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch] training indices: shuffled epochs, concatenated."""
+    need = max(steps, 1) * batch
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
+    return idx[:need].reshape(max(steps, 1), batch).astype(np.int32)
+
+
+_K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
+# jitted functions shared by every Engine of the same model, loss, metric, config and K, so a
+# study that builds a new Engine per batch of trials still compiles once
+_FN_CACHE: dict[tuple, tuple] = {}
+_FN_CACHE_SIZE = 16
+
+
+class Engine:
+    """Compress and fine-tune plans for one task; see the module docstring."""
+
+    def __init__(self, task: Task, base_params: Any = None, config: FinetuneConfig = FinetuneConfig(),
+                 k_file: str | os.PathLike | None = None):
+        """`k_file`: a JSON file that remembers the measured K per machine and task (e.g.
+        results/cache/engine_k.json); None measures once per process."""
+        config.check()
+        self.task, self.config = task, config
+        self._k_file = Path(k_file) if k_file is not None else None
+        self.model = Model(task.module)
+        if base_params is None:
+            base_params = self.model.initial_params() if self.model.kind == "nnx" else None
+        if base_params is None:
+            raise UserError("Engine needs the trained params; pass base_params (see models.train.train_baseline)")
+        # jax arrays as they are, host arrays by device_put: jnp.asarray compiled a small XLA
+        # program per leaf (a tenth of a second per study, all told, with the data below)
+        self.base_params = jax.tree.map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a)), base_params)
+        data = task.data
+        self.layers: tuple[Layer, ...] = discover_layers(
+            self.model, self.base_params, jax.ShapeDtypeStruct((1, *data.input_shape), jnp.float32))
+        self._x = jax.device_put(np.asarray(data.x_train, np.float32))
+        self._y = jax.device_put(np.asarray(data.y_train))
+        self._calib = jax.device_put(np.asarray(data.x_train[: min(config.calib_examples, len(data.x_train))], np.float32))
+        self._table = jax.device_put(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
+        self._eval_batch = min(config.eval_batch, len(data.x_val))
+        self._opt = optax.adam(config.learning_rate)
+        self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
+        self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
+        self.k = config.k if config.k is not None else self._choose_k()
+
+    # ---- the three jitted functions, built once per K ----------------------------------
+    def _cache_key(self, k: int) -> tuple:
+        m = self.model
+        ident = m._graphdef if m.kind == "nnx" else m.source
+        c = self.config
+        return (m.kind, ident, self.layers, self.task.loss, self.task.metric, self.task.data.kind,
+                c.learning_rate, c.distill, c.temperature, c.alpha, k)
+
+    def _functions(self, k: int) -> tuple:
+        if k in self._fns:
+            return self._fns[k]
+        key = self._cache_key(k)
+        if key in _FN_CACHE:
+            self._fns[k] = _FN_CACHE[key]
+            return self._fns[k]
+        model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
+
+        def prepare_one(plan, base, calib):
+            masks = masks_lib.compute_masks(base, layers, plan)
+            # one k-means loop for every layer, skipped (K = 1) when no layer uses a codebook
+            ws = [_node(base, l)["kernel"] for l in layers]
+            ms = [masks[l.name] for l in layers]
+            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
+            c_all, a_all = jax.lax.cond(
+                jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
+                lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
+                         [jnp.zeros(w.shape, jnp.int32) for w in ws]))
+            assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
+            masked = [w * m for w, m in zip(ws, ms)]
+            L = len(layers)
+            wscale = dict(zip((l.name for l in layers), compress.weight_scales(masked, plan.weight_bits)))
+            # a codebook layer's kernel holds its centroids from here on (compress.effective_kernels)
+            ks = compress.codebook_kernels(masked, ms, c_all, [assign[l.name] for l in layers], use)
+            params = base
+            for l, k in zip(layers, ks):
+                params = _set(params, l, {**_node(params, l), "kernel": k})
+            q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
+            eff = compress.effective_params(params, masks, q0, layers, plan)
+            lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
+            trainable = {"params": params}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi)}
+            return trainable, opt.init(trainable), frozen, jnp.array(True)
+
+        def forward(trainable, frozen, plan, x):
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
+            q = frozen["q"]
+            return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+
+        def loss_one(trainable, frozen, plan, x, y, teacher):
+            out = forward(trainable, frozen, plan, x)
+            loss = task.loss(out, y)
+            if cfg.distill:
+                loss = (1 - cfg.alpha) * loss + cfg.alpha * _distill_loss(out, teacher, cfg.temperature, task)
+            return loss
+
+        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher):
+            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher)
+            updates, opt_state = opt.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
+            # Adam's moments may move them): one read of each mask per step, fused with the update
+            trainable = {**trainable, "params": _masked(trainable["params"], frozen["masks"], layers)}
+            return trainable, opt_state, finite & jnp.isfinite(loss)
+
+        # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
+        step_k = _over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
+                             single_out=True)
+
+        def step(state, t, frozen, plans, base, xs, ys, table):
+            idx = table[t]
+            x, y = xs[idx], ys[idx]
+            teacher = model.apply(base, x) if cfg.distill else None
+            trainable, opt_state, finite = state
+            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher), t + 1
+
+        def evaluate_one(trainable, frozen, plan, x, y):
+            # also the effective params and whether every trained value is finite, so that
+            # return_models and the NaN check need no compiles of their own
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
+            q = frozen["q"]
+            out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+            ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
+            return task.metric(out, y), eff, ok
+
+        once = _once_per_trial_options()
+        fns = (
+            jax.jit(_over_plans(prepare_one, k, (0, None, None), single_out=True), compiler_options=once),
+            jax.jit(step, donate_argnums=(0,)),
+            jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
+        )
+        self._fns[k] = fns
+        if len(_FN_CACHE) >= _FN_CACHE_SIZE:
+            _FN_CACHE.pop(next(iter(_FN_CACHE)))
+        _FN_CACHE[key] = fns
+        return fns
+
+    # ---- public API ----------------------------------------------------------------------
+    def run(self, plans: Plan | Sequence[Plan], return_models: bool = False, split: str = "val",
+            finetune: bool = True) -> EngineResult:
+        """Compress, fine-tune (config.steps) and evaluate every plan, K at a time."""
+        plans = self._check_plans(plans)
+        t0 = time.perf_counter()
+        metrics, finite, models = [], [], []
+        p = plans.batch_shape[0]
+        for start in range(0, p, self.k):
+            idx = np.minimum(np.arange(start, start + self.k), p - 1)  # pad by repeating the last plan
+            group = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], plans))
+            m, f, trained, frozen = self._run_group(group, finetune, split)
+            n = min(self.k, p - start)
+            metrics.append(m[:n])
+            finite.append(f[:n])
+            if return_models:
+                models += self._models(group, trained, frozen, m, f, n)
+        metric = np.concatenate(metrics)
+        ok = np.concatenate(finite)
+        metric = np.where(ok, metric, np.nan)
+        reason = [None if f else "fine-tuning diverged: loss or weights became NaN/inf" for f in ok]
+        return EngineResult(metric, ok, reason, models if return_models else None, time.perf_counter() - t0)
+
+    def evaluate(self, plans: Plan | Sequence[Plan], split: str = "val", return_models: bool = False
+                 ) -> EngineResult:
+        """Compress without fine-tuning and evaluate on a split ("val" or "test")."""
+        return self.run(plans, return_models=return_models, split=split, finetune=False)
+
+    def predict(self, cm: CompressedModel, x: Any) -> jax.Array:
+        """Outputs of a compressed model (effective params + activation quantization) on x."""
+        lo = jnp.array([cm.act_ranges[l.name][0] for l in self.layers])
+        hi = jnp.array([cm.act_ranges[l.name][1] for l in self.layers])
+        return compress.quantized_apply(self.model, self.layers, jax.tree.map(jnp.asarray, cm.params),
+                                        lo, hi, jnp.asarray(cm.plan.act_bits), jnp.asarray(x, jnp.float32))
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_plans(self, plans) -> Plan:
+        if not isinstance(plans, Plan):
+            plans = stack_plans(list(plans))
+        if plans.batch_shape == ():
+            plans = stack_plans([plans])
+        if plans.num_layers != len(self.layers):
+            raise UserError(f"plan has {plans.num_layers} layers but the model has {len(self.layers)} "
+                            f"({', '.join(l.name for l in self.layers)}); build plans from engine.layers")
+        try:
+            validate_plan(plans)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return plans
+
+    def _split(self, split: str):
+        d = self.task.data
+        if split not in ("val", "test"):
+            raise UserError(f"split={split!r} is unknown: use 'val' or 'test'")
+        return (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
+
+    def _run_group(self, group: Plan, finetune: bool, split: str):
+        prepare, step, evaluate = self._functions(self.k)
+        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib)
+        if finetune and self.config.steps > 0:
+            state, t = (trainable, opt_state, finite), jax.device_put(np.int32(0))
+            for _ in range(self.config.steps):
+                state, t = step(state, t, frozen, group, self.base_params, self._x, self._y, self._table)
+            trainable, _, finite = state
+        x, y = self._split(split)
+        b = self._eval_batch
+        total = np.zeros(self.k)
+        eff = leaves_ok = None
+        for s in range(0, len(x), b):
+            xb, yb = x[s:s + b], y[s:s + b]
+            n = len(xb)
+            if n < b:  # pad to the compiled shape, drop the padding after
+                xb = np.concatenate([xb, np.repeat(xb[-1:], b - n, 0)])
+                yb = np.concatenate([yb, np.repeat(yb[-1:], b - n, 0)])
+            per, eff, leaves_ok = evaluate(trainable, frozen, group, jax.device_put(np.asarray(xb, np.float32)),
+                                           jax.device_put(np.asarray(yb)))
+            total += np.asarray(per, np.float64)[:, :n].sum(axis=1)
+        metric = total / len(x)
+        ok = np.asarray(finite) & np.asarray(leaves_ok)
+        ok &= np.isfinite(metric)
+        return metric, ok, eff, frozen
+
+    def _models(self, group: Plan, effective, frozen, metric, finite, n: int) -> list[CompressedModel]:
+        effective, frozen = jax.tree.map(np.asarray, (effective, frozen))
+        if self.k == 1:  # the state of one plan has no plan axis (see _over_plans)
+            frozen = jax.tree.map(lambda a: a[None], frozen)
+        out = []
+        for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
+            eff, fr = jax.tree.map(lambda a: a[i], (effective, frozen))
+            lo, hi = fr["q"].act_lo, fr["q"].act_hi
+            out.append(CompressedModel(
+                params=eff, masks=fr["masks"],
+                act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
+                weight_scales={l.name: fr["q"].w_scale[l.name] for l in self.layers},
+                plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
+        return out
+
+    def _choose_k(self) -> int:
+        """Measure seconds per plan-step for a few K on this backend and keep the fastest.
+
+        The choice is remembered per process and, with a k_file, per machine.
+        """
+        backend = jax.default_backend()
+        key = (backend, jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
+               self.config.batch_size, self.config.distill, tuple(l.kernel_shape for l in self.layers))
+        if key in _K_CACHE:
+            return _K_CACHE[key]
+        disk = read_k_file(self._k_file)
+        if repr(key) in disk:
+            _K_CACHE[key] = int(disk[repr(key)]["k"])
+            return _K_CACHE[key]
+        candidates = (1, 4) if backend == "cpu" else (1, 2, 4, 8, 16)
+        for k in candidates:
+            _, step, _ = self._functions(k)
+            prepare = self._fns[k][0]
+            group = stack_plans([dense_plan(len(self.layers))] * k)
+            group = jax.tree.map(jnp.asarray, group)
+            tr, os_, fr, fin = prepare(group, self.base_params, self._calib)
+            state, t = (tr, os_, fin), jnp.int32(0)
+            state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+            jax.block_until_ready(state)
+            best = np.inf
+            for _ in range(3):  # best of 3: other processes may share the CPU
+                t0 = time.perf_counter()
+                for _ in range(5):  # t may run past the table: indices are clamped, fine for timing
+                    state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+                jax.block_until_ready(state)
+                best = min(best, (time.perf_counter() - t0) / (5 * k))
+            self.k_timings[k] = best
+        best = min(self.k_timings, key=self.k_timings.get)
+        _K_CACHE[key] = best
+        disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
+        write_k_file(self._k_file, disk)
+        return best
+
+
+def _masked(params, masks: dict, layers: Sequence[Layer]):
+    """params with every layer's kernel multiplied by its mask."""
+    for l in layers:
+        node = _node(params, l)
+        params = _set(params, l, {**node, "kernel": node["kernel"] * masks[l.name]})
+    return params
+
+
+def _node(tree, layer: Layer):
+    return get_path(tree, layer.path)
+
+
+def _set(tree, layer: Layer, value):
+    return set_path(tree, layer.path, value)
+
+
+def _distill_loss(out: jax.Array, teacher: jax.Array, temperature: float, task: Task) -> jax.Array:
+    """Hinton: T^2 * KL(softmax(teacher/T) || softmax(out/T)); MSE to the teacher for regression."""
+    if task.data.kind == "regression":
+        return jnp.mean(jnp.square(out - teacher))
+    t = temperature
+    p = jax.nn.softmax(teacher / t, axis=-1)
+    logq = jax.nn.log_softmax(out / t, axis=-1)
+    logp = jax.nn.log_softmax(teacher / t, axis=-1)
+    return (t * t) * jnp.mean(jnp.sum(p * (logp - logq), axis=-1))

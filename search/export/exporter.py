@@ -1,0 +1,249 @@
+"""Export one compressed configuration as files that really run smaller and faster.
+
+`export_plan` (a task, its trained params and a plan) and `export_trial` (a trial of a study)
+write into one directory:
+  config.json          every layer's plan, kept channels, the profile, predicted costs,
+                       measured quality (Flax, reloaded Flax, ONNX), ONNX agreement
+  weights.safetensors  packed integers at their bit width, scales, codebooks, masks (search.pack)
+  size.json            Deep Compression size breakdown (search.size): dense, pruned, quantized, Huffman
+  model.onnx           pruned channels removed, int8 QDQ layers, float layers float (search.onnx_export)
+The exported weights are the grid points of the engine's effective kernels (pack snaps float
+rounding away), so the reloaded Flax model reproduces the exported quality exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optuna
+from optuna.trial import TrialState
+
+from hw_profiles import HardwareProfile, load_profile
+from search.compression import quant
+from search.compression.plan import CODEBOOK, FLOAT, Plan, stack_plans
+from search.cost.budget import costs_at
+from search.cost.roofline import price
+from search.engine.config import FinetuneConfig
+from search.engine.finetune import Engine
+from search.errors import UserError
+from search.export import pack, size
+from search.export.onnx.convert import LayerExport, to_onnx
+from search.study.context import load_context
+from search.study.space import plan_from_dict
+from search.study.spec import StudySpec
+
+# Documented ONNX tolerance. Float layers agree with Flax to float rounding (~1e-6). Integer
+# layers are exact but for the bias: QLinearConv/QGemm take it as int32 on the s_x * s_w grid,
+# as every int8 runtime does, so an activation within s_x * s_w / 2 of a rounding boundary may
+# land one level away. Exports report the max |ONNX - Flax| output difference and the share of
+# test examples with the same prediction; tests require >= 99% agreement.
+ONNX_MIN_AGREEMENT = 0.99
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how well the files agree with the model."""
+
+    out_dir: Path  # the export directory
+    quality: float  # test metric of the exported (packed) weights in Flax
+    reload_quality: float  # the same after reading weights.safetensors back: equal to quality
+    onnx_quality: float  # test metric of model.onnx in onnxruntime
+    onnx_max_abs_diff: float  # max |ONNX output - Flax output| over the test set
+    onnx_agreement: float  # share of test examples with the same prediction (classification)
+    config: dict  # the contents of config.json
+
+
+def prepare_dir(out_dir: Path, force: bool) -> None:
+    """Make an empty export directory; UserError when it holds files and force is False."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not force:
+            raise UserError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it or choose another --out")
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        else:
+            out_dir.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def weight_mode(bits: int, mode: int) -> str:
+    """The weight transform the engine applies (search.compress.weight_branch), by name."""
+    if bits >= FLOAT:
+        return "float"
+    return "codebook" if mode == CODEBOOK and bits <= 8 else "uniform"
+
+
+def snap_params(params: Any, layers, plan: Plan, masks, scales=None) -> tuple[dict, dict, dict]:
+    """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer.
+    scales: {layer name: [out]} uniform grid scales (`CompressedModel.weight_scales`)."""
+    out = jax.tree.map(lambda a: np.array(a, np.float32), params)
+    tensors, infos = {}, {}
+    for l in layers:
+        bits, mode = int(plan.weight_bits[l.index]), weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index]))
+        node = out
+        for p in l.path:
+            node = node[p]
+        t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode, (scales or {}).get(l.name))
+        node["kernel"] = pack.decode_layer(t, info)
+        tensors[l.name], infos[l.name] = t, info
+    return out, tensors, infos
+
+
+def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
+    out = {}
+    for l in layers:
+        wb, ab, info = int(plan.weight_bits[l.index]), int(plan.act_bits[l.index]), infos[l.name]
+        act = None
+        if ab < FLOAT:
+            lo, hi = act_ranges[l.name]
+            s, z, _ = quant.act_qparams(jnp.float32(lo), jnp.float32(hi), ab)
+            act = (float(np.float32(s)), int(z), ab)
+        if info["storage"] == "int" and wb <= 8:
+            n = int(np.prod(info["shape"]))
+            m = pack.unpack_uint(tensors[l.name]["mask"], 1, n).astype(bool) if "mask" in tensors[l.name] else np.ones(n, bool)
+            q = np.zeros(n, np.int64)
+            q[m] = pack.unpack_int(tensors[l.name]["q"], wb, int(m.sum()))
+            out[l.name] = LayerExport(l.name, "int", q.reshape(info["shape"]), tensors[l.name]["scale"], act)
+        else:
+            out[l.name] = LayerExport(l.name, "float", act=act)
+    return out
+
+
+def _size(layers, params, masks, plan: Plan, scales) -> dict:
+    modes = [weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index])) for l in layers]
+    return size.model_breakdown(layers, params, masks, plan, modes, scales=scales)
+
+
+def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
+    outs = [np.asarray(predict(params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
+    out = np.concatenate(outs)
+    return float(np.mean(np.asarray(task.metric(jnp.asarray(out), jnp.asarray(y))))), out
+
+
+def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,
+                profile: Any = None, costs: dict | None = None, force: bool = False,
+                source: dict | None = None, engine: Any = None) -> ExportResult:
+    """Fine-tune (finetune.steps, 0 = compress only) a plan [L] and export it to out_dir.
+
+    `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
+    (the stored {profile: costs}) is given; `source` is recorded (study, trial).
+    """
+    import onnx
+    import onnxruntime as ort
+
+
+    out_dir = Path(out_dir)
+    prepare_dir(out_dir, force)
+    t0 = time.perf_counter()
+    engine = engine or Engine(task, base_params, finetune or FinetuneConfig(steps=0, k=1))
+    layers = engine.layers
+    res = engine.run(stack_plans([plan]), return_models=True, split="val",
+                     finetune=engine.config.steps > 0)
+    cm = res.models[0]
+    if not cm.finite:
+        raise UserError("fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
+    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks, cm.weight_scales)
+    cm = dataclasses.replace(cm, params=params)
+    predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
+    x, y = task.data.x_test, task.data.y_test
+    quality, flax_out = _metric(task, predict, params, x, y)
+
+    wpath = out_dir / "weights.safetensors"
+    extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
+    pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
+                      [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra,
+                      scales=cm.weight_scales)
+    back, _ = pack.load_weights(wpath, template=params)
+    reload_quality, _ = _metric(task, predict, back, x, y)
+
+    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
+    model, oinfo = to_onnx(engine.model.apply, params, task.data.input_shape, exports,
+                           {"/".join(l.path) + "/kernel": l.name for l in layers})
+    onnx.save(model, str(out_dir / "model.onnx"))
+    sess = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = np.concatenate([sess.run(None, {"input": np.asarray(x[i:i + 512], np.float32)})[0]
+                               for i in range(0, len(x), 512)])
+    onnx_quality = float(np.mean(np.asarray(task.metric(jnp.asarray(onnx_out), jnp.asarray(y)))))
+    diff = float(np.max(np.abs(onnx_out - flax_out)))
+    agree = float(np.mean(np.argmax(onnx_out, -1) == np.argmax(flax_out, -1))) if task.data.kind == "classification" else float("nan")
+
+    breakdown = _size(layers, params, cm.masks, cm.plan, cm.weight_scales)
+    (out_dir / "size.json").write_text(json.dumps(breakdown, indent=1, default=_json))
+    if costs is None and profile is not None:
+        costs = _price(profile, layers, cm.plan)
+    config = {
+        "format": "hwcompress-export/1",
+        "source": source or {},
+        "model": {"name": task.name, "hparams": task.hparams, "dataset": task.data.name,
+                  "input_shape": list(task.data.input_shape), "metric": task.metric_name},
+        "profile": getattr(profile, "name", profile),
+        "predicted": costs or {},
+        "quality": {"test": quality, "test_reloaded": reload_quality, "test_onnx": onnx_quality,
+                    "val_after_finetune": float(cm.metric), "onnx_max_abs_diff": diff,
+                    "onnx_agreement": agree, "onnx_min_agreement": ONNX_MIN_AGREEMENT},
+        "finetune": dataclasses.asdict(engine.config),
+        "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
+                    "ratio": float(cm.plan.ratio[l.index]), "granularity": int(cm.plan.granularity[l.index]),
+                    "weight_bits": int(cm.plan.weight_bits[l.index]), "act_bits": int(cm.plan.act_bits[l.index]),
+                    "quant_mode": infos[l.name]["mode"], "storage": infos[l.name]["storage"],
+                    "kept_weights": infos[l.name]["kept"], "out_channels": l.out_channels,
+                    "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
+                    "onnx_weight": exports[l.name].weight,
+                    "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name])}
+                   for l in layers],
+        "onnx_kept_back": oinfo["kept_back"],
+        "size": breakdown["total"],
+        "export_seconds": time.perf_counter() - t0,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=_json))
+    return ExportResult(out_dir, quality, reload_quality, onnx_quality, diff, agree, config)
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _price(profile: HardwareProfile | str | Path, layers, plan: Plan) -> dict:
+    """Predicted costs of one plan on a profile: {name: {latency_ms, memory_kb, size_kb}}."""
+    prof = load_profile(profile)
+    return {prof.name: costs_at(price(prof, layers, stack_plans([plan])), 0)}
+
+
+def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *, finetune_steps: int | None = None,
+                 force: bool = False, results_dir: str | Path = "results") -> ExportResult:
+    """Export trial `trial_number` of a study (optionally with a longer final fine-tune).
+
+    Task, profile and baseline are rebuilt from the study's record (search.study.context),
+    the same way its workers rebuilt them: the user's weights file for a `--weights` study.
+    Raises UserError for a trial that is missing or not complete.
+    """
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        done = [n for n, t in trials.items() if t.state == TrialState.COMPLETE]
+        raise UserError(f"study {study.study_name!r} has no trial {trial_number}; complete trials: {done[:20]} (see `hwcompress report --study {study.study_name}`)")
+    trial = trials[trial_number]
+    if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        raise UserError(f"trial {trial_number} of study {study.study_name!r} is {trial.state.name.lower()}, not complete; export a complete trial from the Pareto report")
+    if finetune_steps is not None and finetune_steps < 0:
+        raise UserError(f"--finetune-steps {finetune_steps} must be >= 0")
+    ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
+    ft = dataclasses.replace(ctx.spec.finetune, k=1)
+    if finetune_steps is not None:
+        ft = dataclasses.replace(ft, steps=finetune_steps)
+    plan = plan_from_dict(trial.user_attrs["plan"])
+    return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=ft, profile=ctx.profile,
+                       costs=trial.user_attrs.get("costs"), force=force,
+                       source={"study": study.study_name, "trial": trial_number,
+                               "search_quality": trial.user_attrs.get("quality")})

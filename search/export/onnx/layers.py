@@ -1,0 +1,177 @@
+"""How the ONNX converter writes a Dense/Conv layer: its input quantization, its kernel (float,
+or integers + DequantizeLinear), removed output channels, and the constant contribution of the
+input channels its producer removed (a bias, or a bias map after a padded conv)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from search.export.onnx.graph import NHWC_TO_NCHW, Act, Const, Drop, Keep, LayerExport, Sel, fake_quant_np
+
+
+class LayerRules:
+    """Mixin of convert._Converter: the rules for dot_general and conv_general_dilated."""
+
+    def _layer(self, rhs: Const) -> tuple[str | None, LayerExport | None]:
+        name = self.layer_of_path.get(rhs.tag or "")
+        if name is None:
+            return None, None
+        return name, self.exports.get(name, LayerExport(name))
+
+    def _quant_input(self, x: Act, spec: LayerExport | None, int_weights: bool) -> Act:
+        """The layer's input activation quantization: Q/DQ (uint8 grid) or float emulation."""
+        if spec is None or spec.act is None:
+            return x
+        s, z, bits = spec.act
+        g = self.g
+        sel = x.sel
+        if sel is not None:
+            with np.errstate(invalid="ignore"):
+                sel = Sel(sel.keep, np.where(np.isnan(sel.fill), np.nan, fake_quant_np(np.nan_to_num(sel.fill), s, z, bits)), sel.producer)
+        name = x.name
+        if bits <= 8 and int_weights:  # int8 x int8: onnxruntime fuses this into integer kernels
+            if bits < 8:  # the b-bit grid is a sub-range of uint8: clip to it first
+                lo, hi = np.float32((0 - z) * s), np.float32(((1 << bits) - 1 - z) * s)
+                name = g.node("Clip", [name, g.const(lo), g.const(hi)])
+            sc, zp = g.const(np.float32(s), "act_scale"), g.const(np.uint8(z), "act_zp")
+            name = g.node("DequantizeLinear", [g.node("QuantizeLinear", [name, sc, zp]), sc, zp])
+        else:  # float weights (or 16 bits): the same rounding in float ops, as the model does
+            sc, zc = g.const(np.float32(s)), g.const(np.float32(z))
+            r = g.node("Add", [g.node("Round", [g.node("Div", [name, sc])]), zc])
+            r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(2.0**bits - 1))])
+            name = g.node("Mul", [g.node("Sub", [r, zc]), sc])
+        return Act(name, x.shape, x.nchw, sel, x.src)
+
+    def _out_keep(self, name: str | None, spec: LayerExport | None, w2: np.ndarray) -> np.ndarray:
+        """Output channels to materialise: all-zero kernel columns go (when allowed)."""
+        live = np.any(w2 != 0, axis=0)
+        if name is None or spec is None or not spec.prune:
+            return np.arange(w2.shape[1])
+        live[list(spec.drop)] = False
+        return np.flatnonzero(live) if live.any() else np.arange(1)
+
+    def _weight(self, spec: LayerExport | None, w: np.ndarray, q: np.ndarray | None,
+                scale: np.ndarray | None, axis: int) -> str:
+        """The kernel tensor (already cut and in ONNX layout): float, or int8 + DequantizeLinear."""
+        g = self.g
+        if q is None or spec is None or spec.act is None or spec.act[2] > 8:
+            return g.const(w.astype(np.float32), "w")
+        # the same weights on a finer grid (q * k, scale / k): the int32 bias, rounded to
+        # s_x * scale, then loses next to nothing even for 1- to 4-bit weights
+        amax = np.abs(q.reshape(q.shape[0], -1) if axis == 0 else q).max(axis=tuple(i for i in range(q.ndim) if i != axis) if axis else 1)
+        k = np.maximum(63 // np.maximum(amax, 1), 1)
+        kb = k.reshape((-1,) + (1,) * (q.ndim - 1)) if axis == 0 else k
+        q, scale = q * kb, (scale / k).astype(np.float32)
+        if np.abs(q).max(initial=0) <= 63:  # int8: onnxruntime's fast u8s8 kernels cannot overflow
+            wq, zp = q.astype(np.int8), np.zeros(scale.shape, np.int8)
+        else:  # 8-bit weights: u8s8 on AVX2 saturates int16 pair sums (VPMADDUBSW); u8u8 is exact
+            wq, zp = (q + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
+        dq = [g.const(wq, "wq"), g.const(scale.astype(np.float32), "w_scale"), g.const(zp, "w_zp")]
+        return g.node("DequantizeLinear", dq, name="w_dq", axis=axis)
+
+    def op_dot_general(self, eqn, x, rhs):
+        ((lc, rc), (lb, rb)) = eqn.params["dimension_numbers"]
+        if not isinstance(rhs, Const) or len(x.shape) != 2 or tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb:
+            raise NotImplementedError("dot_general other than [B, in] @ [in, out] const")
+        name, spec = self._layer(rhs)
+        w = rhs.value
+        qfull = spec.q if spec is not None and spec.weight == "int" else None
+        x = self._quant_input(x, spec, qfull is not None)
+        rows, fill = np.arange(w.shape[0]), None
+        if x.sel is not None:
+            absent = np.setdiff1d(np.arange(w.shape[0]), x.sel.keep)
+            fa = x.sel.fill[absent]
+            used = np.any(w[absent] != 0, axis=1)
+            if np.any(np.isnan(fa) & used):
+                raise Keep(x.sel.producer, f"{name} reads a removed channel")
+            fill = np.where(np.isnan(fa), 0, fa) @ w[absent]
+            rows = x.sel.keep
+        keep = self._out_keep(name, spec, w)
+        wc = w[np.ix_(rows, keep)]
+        qc = None if qfull is None else qfull[np.ix_(rows, keep)]
+        scale = None if qfull is None else spec.scale[keep]
+        out = self.g.node("MatMul", [x.name, self._weight(spec, wc, qc, scale, axis=1)], name=name)
+        if fill is not None and np.any(fill[keep] != 0):
+            out = self.g.node("Add", [out, self.g.const(fill[keep].astype(np.float32))])
+        return self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), False, keep, w.shape[1])
+
+    def _layer_out(self, name, out, shape, nchw, keep, c):
+        if name is not None:
+            self.kept[name] = int(keep.size)
+        sel = None
+        if keep.size != c:
+            fill = np.zeros(shape[1:], np.float32)
+            spec = self.exports.get(name)
+            if spec is not None and spec.drop:
+                fill[..., np.setdiff1d(list(spec.drop), keep)] = np.nan  # dropped: never read
+            sel = Sel(keep, fill, name)
+        return Act(out, shape, nchw, sel, name)
+
+    def op_conv_general_dilated(self, eqn, x, rhs):
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        if not isinstance(rhs, Const) or tuple(dn.lhs_spec) != (0, 3, 1, 2) or tuple(dn.rhs_spec) != (3, 2, 0, 1) \
+                or any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
+            raise NotImplementedError("conv other than NHWC x HWIO with a const kernel")
+        name, spec = self._layer(rhs)
+        w = rhs.value  # [kh, kw, cin/g, cout]
+        groups = groups_in = int(p["feature_group_count"])
+        cin = x.shape[-1]
+        qfull = spec.q if spec is not None and spec.weight == "int" else None
+        x = self._quant_input(self.nchw(x), spec, qfull is not None)
+        w2 = w.reshape(-1, w.shape[-1])
+        if groups == 1:
+            keep = self._out_keep(name, spec, w2)
+            rows, bias = np.arange(cin), None
+            if x.sel is not None:
+                absent = np.setdiff1d(np.arange(cin), x.sel.keep)
+                fa = x.sel.fill[..., absent]
+                used = np.any(w[:, :, absent, :] != 0, axis=(0, 1, 3))
+                if np.any(np.isnan(fa[..., used])):
+                    raise Keep(x.sel.producer, f"{name} reads a removed channel")
+                if np.any(fa[..., used] != 0):  # input-independent channels: their exact contribution map
+                    img = np.zeros((1, *x.shape[1:]), np.float32)
+                    img[0][..., absent] = np.nan_to_num(fa)
+                    bias = np.asarray(eqn.primitive.bind(jnp.asarray(img), jnp.asarray(w), **p))
+                rows = x.sel.keep
+            wc = w[:, :, rows][..., keep]
+            out_sel_c = w.shape[-1]
+        elif groups == cin and w.shape[2] == 1 and w.shape[3] == cin:  # depthwise
+            keep = np.arange(cin) if x.sel is None else x.sel.keep
+            zero = ~np.any(w2 != 0, axis=0)  # pruned filters: their input channel is never read
+            src_spec = self.exports.get(x.src or "", LayerExport(x.src or "")) if x.src else None
+            if spec is not None and spec.prune and src_spec is not None and src_spec.prune \
+                    and np.any(zero[keep]) and src_spec.name != name:
+                raise Drop(x.src, keep[zero[keep]])
+            bias = None
+            if x.sel is not None:  # absent channels stay absent: their fill goes through the conv
+                dead = np.isnan(x.sel.fill).any(axis=(0, 1)) & ~zero
+                img = np.nan_to_num(x.sel.fill)[None]
+                bias = np.array(eqn.primitive.bind(jnp.asarray(img), jnp.asarray(w), **p))[0]
+                bias[..., dead] = np.nan
+            wc = w[..., keep]
+            groups = int(keep.size)
+            out_sel_c = cin
+        else:
+            raise NotImplementedError(f"grouped conv with {groups} groups")
+        qc, scale = None, None
+        if qfull is not None:
+            qc = qfull[:, :, rows][..., keep] if p["feature_group_count"] == 1 else qfull[..., keep]
+            qc, scale = qc.transpose(3, 2, 0, 1), spec.scale[keep]
+        wname = self._weight(spec, wc.transpose(3, 2, 0, 1), qc, scale, axis=0)
+        pads = [int(p["padding"][0][0]), int(p["padding"][1][0]), int(p["padding"][0][1]), int(p["padding"][1][1])]
+        out = self.g.node("Conv", [x.name, wname], name=name, kernel_shape=[int(w.shape[0]), int(w.shape[1])],
+                          strides=[int(s) for s in p["window_strides"]], pads=pads,
+                          dilations=[int(d) for d in p["rhs_dilation"]], group=groups)
+        res = self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), True, keep, out_sel_c)
+        if bias is not None and groups_in == 1:  # [1, H, W, O] map from constant channels
+            b = bias[..., keep].transpose(NHWC_TO_NCHW)
+            if np.all(b == b[:, :, :1, :1]):
+                b = b[:, :, :1, :1]
+            if np.any(b != 0):
+                res = Act(self.g.node("Add", [res.name, self.g.const(b.astype(np.float32))]), res.shape, True, res.sel, res.src)
+        elif bias is not None and res.sel is not None:  # depthwise: absent channels' new values
+            res.sel.fill = bias.astype(np.float32)
+        if x.sel is not None and p["feature_group_count"] != 1 and res.sel is not None:
+            res.sel.producer = x.sel.producer
+        return res

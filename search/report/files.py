@@ -1,0 +1,45 @@
+"""Writing a report's files: report.html, report.md, pareto.csv and the PNG plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from search.errors import UserError
+from search.report import html as report_html
+from search.report import plots as report_plots
+from search.report.text import csv_frame, markdown
+from search.report.view import StudyView, read_study
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Files written by write_report."""
+
+    out_dir: Path
+    html: Path
+    markdown: Path
+    csv: Path
+    pngs: tuple[Path, ...]
+
+
+
+def write_report(study: optuna.Study, out_dir: str | Path, profile: str | None = None) -> ReportPaths:
+    """Write report.html, report.md, pareto.csv and the PNG plots of `study` under `out_dir`."""
+    return write_view(read_study(study, profile), out_dir)
+
+
+def write_view(view: StudyView, out_dir: str | Path) -> ReportPaths:
+    """Write the report files of an already read study view under `out_dir`."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create report directory {str(out)!r} ({e.strerror}); pass a writable --results-dir") from None
+    csv, md, html = out / "pareto.csv", out / "report.md", out / "report.html"
+    csv_frame(view).to_csv(csv, index=False)
+    md.write_text(markdown(view))
+    html.write_text(report_html.render(view), encoding="utf-8")
+    pngs = report_plots.write_all(view, out)
+    return ReportPaths(out, html, md, csv, tuple(pngs))

@@ -1,0 +1,118 @@
+"""Static PNG plots of a report (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from search.report.view import StudyView, cost_objectives, heat_data, sensitivity_frame  # noqa: E402
+
+LABELS = {"latency_ms": "latency (ms)", "memory_kb": "memory (KB)", "size_kb": "size (KB)"}
+
+
+def pareto_scatter(view: StudyView, path: Path) -> Path:
+    """Quality against each cost objective: infeasible x, feasible dots, the front as a step line."""
+    costs = cost_objectives(view)
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
+    t = view.trials
+    bad = t[t["trained"] & ~t["feasible"]]
+    ok = t[t["feasible"] & ~t["pareto"]]
+    front = view.front
+    for ax, c in zip(axes[0], costs):
+        ax.scatter(bad[c], bad["quality"], marker="x", color="0.6", label=f"infeasible, trained ({len(bad)})")
+        ax.scatter(ok[c], ok["quality"], s=18, color="tab:blue", alpha=0.7, label=f"feasible ({len(ok)})")
+        f = front.sort_values(c)
+        ax.scatter(f[c], f["quality"], s=40, color="tab:red", zorder=3, label=f"Pareto front ({len(f)})")
+        for _, r in f.head(30).iterrows():  # label at most 30 front points
+            ax.annotate(f"#{r['trial']}", (r[c], r["quality"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        limit = view.budget.get(c)
+        if limit is not None:
+            ax.axvline(limit, color="tab:orange", ls="--", lw=1, label=f"budget {limit:g}")
+        ax.set_xlabel(LABELS.get(c, c))
+        ax.set_ylabel(view.baseline.get("metric_name", "quality"))
+        ax.grid(alpha=0.3)
+        if c != "latency_ms" and len(t) and np.nanmax(t[c]) / max(np.nanmin(t[c]), 1e-12) > 50:
+            ax.set_xscale("log")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    untrained = int((~t["trained"]).sum())
+    fig.suptitle(f"{view.name} on {view.profile}{' (re-priced)' if view.repriced else ''}"
+                 + (f"; {untrained} trials never trained (over budget or failed) not shown" if untrained else ""), fontsize=10)
+    return _save(fig, path)
+
+
+def layer_heatmap(view: StudyView, path: Path) -> Path:
+    """Weight bits (log2 colour scale) and prune ratio per layer (rows) across the front
+    (columns, best quality first, labelled with trial and quality)."""
+    bits, ratio = heat_data(view)
+    labels = [f"#{t}\n{q:.3g}" for t, q in zip(view.front["trial"], view.front["quality"])]
+    w = min(14.0, max(4.0, 0.5 * bits.shape[1] + 2.5))
+    h = max(2.5, 0.4 * bits.shape[0] + 1.6)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * w, h), squeeze=False)
+    panels = ((axes[0][0], np.log2(bits.to_numpy(float)), bits.to_numpy(float), "weight bits", "viridis", (0, 5), "{:.0f}"),
+              (axes[0][1], ratio.to_numpy(float), ratio.to_numpy(float), "prune ratio", "magma_r", (0, 1), "{:.2f}"))
+    for ax, colour, text, title, cmap, (lo, hi), fmt in panels:
+        im = ax.imshow(colour, aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
+        ax.set_yticks(range(len(bits.index)), bits.index)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        if text.size <= 400:
+            for (i, j), v in np.ndenumerate(text):
+                dark = (colour[i, j] - lo) / (hi - lo) < 0.5 if cmap == "viridis" else (colour[i, j] - lo) / (hi - lo) > 0.5
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        ax.set_title(f"{title} across the front (columns: trial, quality)", fontsize=9)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        if title == "weight bits":
+            bar.set_ticks(range(6), labels=[str(2**k) for k in range(6)])
+    return _save(fig, path)
+
+
+def hypervolume_curve(view: StudyView, path: Path) -> Path:
+    """Normalised hypervolume of the feasible front after each trial."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    t = view.trials
+    ax.step(t["trial"], t["hypervolume"], where="post", color="tab:green")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume (normalised)")
+    ax.set_ylim(0, max(1e-3, float(t["hypervolume"].max()) * 1.1))
+    ax.grid(alpha=0.3)
+    ax.set_title(f"hypervolume over trials ({' / '.join(view.objectives)})", fontsize=9)
+    return _save(fig, path)
+
+
+def sensitivity_bars(view: StudyView, path: Path) -> Path | None:
+    """Quality lost by each layer alone under each probe; None when the study has no analysis."""
+    s = sensitivity_frame(view.sensitivity)
+    if s.empty:
+        return None
+    layers, probes = list(dict.fromkeys(s["layer"])), list(dict.fromkeys(s["probe"]))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(layers) + 2), 3.5))
+    width = 0.8 / len(probes)
+    for k, p in enumerate(probes):
+        v = s[s["probe"] == p].set_index("layer").reindex(layers)["loss"].to_numpy(float)
+        ax.bar(np.arange(len(layers)) + k * width - 0.4 + width / 2, np.where(np.isfinite(v), v, np.nan), width, label=p)
+    ax.set_xticks(range(len(layers)), layers, rotation=30 if len(layers) > 6 else 0)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("quality lost")
+    ax.set_title("layer sensitivity (one layer at a time, no fine-tuning)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def write_all(view: StudyView, out_dir: Path) -> list[Path]:
+    """All PNGs of a report; returns the paths written."""
+    out = [pareto_scatter(view, out_dir / "pareto.png"), hypervolume_curve(view, out_dir / "hypervolume.png")]
+    if not view.front.empty:
+        out.append(layer_heatmap(view, out_dir / "layers.png"))
+    s = sensitivity_bars(view, out_dir / "sensitivity.png")
+    return out + ([s] if s else [])
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,198 @@
+"""The per-layer search space: what Optuna samples for each layer, and how a trial becomes a Plan.
+
+Per layer: prune ratio, granularity, weight bits, activation bits and quantization mode.
+The choices come from the hardware profile (granularities and activation widths that have
+real kernels there) so the sampler never spends trials on what the device cannot run.
+Weight widths below the narrowest kernel stay allowed: they compute at the next wider
+kernel but are stored packed, which is what the size budget and the compression ratio see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+
+from search.compression import plan as P
+from search.compression.layers import Layer
+
+RATIO_STEP = 0.02  # prune-ratio grid: fine enough for the 90-98% regime of Deep Compression
+MAX_SEARCH_RATIO = 0.98  # the largest ratio the sampler proposes (plan.MAX_RATIO is 0.99)
+STORAGE_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # packed storage widths, kernels or not
+GRAN_NAMES = {v: k for k, v in P.GRANULARITIES.items()}
+MODE_NAMES = {v: k for k, v in P.QUANT_MODES.items()}
+
+
+@dataclass(frozen=True)
+class Space:
+    """The choices offered for every layer (the same for all layers)."""
+
+    granularities: tuple[str, ...]  # names from plan.GRANULARITIES
+    weight_bits: tuple[int, ...]  # allowed weight widths, FLOAT included
+    act_bits: tuple[int, ...]  # allowed activation widths, FLOAT included
+    quant_modes: tuple[str, ...]  # names from plan.QUANT_MODES
+    max_ratio: float = MAX_SEARCH_RATIO  # largest prune ratio proposed
+    ratio_step: float = RATIO_STEP  # grid of the prune ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "granularities": list(self.granularities),
+            "weight_bits": list(self.weight_bits),
+            "act_bits": list(self.act_bits),
+            "quant_modes": list(self.quant_modes),
+            "max_ratio": self.max_ratio,
+            "ratio_step": self.ratio_step,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Space:
+        """The inverse of to_dict (a study record's "space")."""
+        return cls(tuple(d["granularities"]), tuple(int(b) for b in d["weight_bits"]),
+                   tuple(int(b) for b in d["act_bits"]), tuple(d["quant_modes"]),
+                   float(d["max_ratio"]), float(d["ratio_step"]))
+
+
+def _bits_of(profile: Any, *names: str) -> tuple[int, ...]:
+    """The first attribute of `profile` among `names` that holds a sequence of bit widths."""
+    for name in names:
+        value = getattr(profile, name, None)
+        if value is None:
+            continue
+        if isinstance(value, dict):  # e.g. {8: ops_per_s, 16: ...}
+            value = value.keys()
+        try:
+            return tuple(sorted({int(v) for v in value}))
+        except (TypeError, ValueError):
+            continue
+    return ()
+
+
+def _has_nm(profile: Any) -> bool:
+    """Whether the profile accelerates an N:M pattern with M = plan.NM_GROUP."""
+    return any(int(m) == P.NM_GROUP for _, m in (getattr(profile, "nm_patterns", None) or ()))
+
+
+def space_for_profile(profile: Any) -> Space:
+    """The per-layer choices for a hardware profile (all choices when profile is None).
+
+    Activations get only the widths with kernels (plus float unless the profile disallows
+    float); weights also get packed storage widths below the widest kernel.
+    """
+    if profile is None:
+        return Space(("unstructured", "channel", "nm"), P.WEIGHT_BITS, P.ACT_BITS, ("uniform", "codebook"))
+    grans = ["unstructured", "channel"] + (["nm"] if _has_nm(profile) else [])
+    kernel_w = _bits_of(profile, "weight_bits")
+    kernel_a = _bits_of(profile, "act_bits")
+    no_float = getattr(profile, "float_policy", "native") == "disallow"
+    widest_w = max(kernel_w) if kernel_w else P.FLOAT
+    weight = {*kernel_w, *(b for b in STORAGE_WEIGHT_BITS if b <= widest_w)}
+    act = set(kernel_a)
+    if not no_float:
+        weight.add(P.FLOAT)
+        act.add(P.FLOAT)
+    weight_bits = sorted(b for b in weight if b in P.WEIGHT_BITS)
+    act_bits = sorted(b for b in act if b in P.ACT_BITS) or [P.FLOAT]
+    return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"))
+
+
+def param_names(layer: Layer) -> dict[str, str]:
+    """Optuna parameter names for one layer, e.g. {"ratio": "fc1.ratio", ...}."""
+    return {f: f"{layer.name}.{f}" for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")}
+
+
+def _ratio_grid_top(space: Space) -> float:
+    """The largest grid point <= max_ratio (Optuna needs (high - low) divisible by step)."""
+    n = int(np.floor(space.max_ratio / space.ratio_step + 1e-9))
+    return round(n * space.ratio_step, 6)
+
+
+def snap_ratio(ratio: float, space: Space) -> float:
+    """A ratio on the sampler's grid, clipped to [0, max_ratio]."""
+    top = _ratio_grid_top(space)
+    r = round(round(float(ratio) / space.ratio_step) * space.ratio_step, 6)
+    return float(min(max(r, 0.0), top))
+
+
+def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: Space) -> P.Plan:
+    """Sample one plan [L] through the trial (fixed params of enqueued trials are honoured)."""
+    top = _ratio_grid_top(space)
+    cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": []}
+    for layer in layers:
+        n = param_names(layer)
+        cols["ratio"].append(trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step))
+        cols["granularity"].append(P.GRANULARITIES[trial.suggest_categorical(n["granularity"], space.granularities)])
+        cols["weight_bits"].append(trial.suggest_categorical(n["weight_bits"], space.weight_bits))
+        cols["act_bits"].append(trial.suggest_categorical(n["act_bits"], space.act_bits))
+        cols["quant_mode"].append(P.QUANT_MODES[trial.suggest_categorical(n["quant_mode"], space.quant_modes)])
+    return P.make_plan(cols["ratio"], cols["granularity"], cols["weight_bits"], cols["act_bits"], cols["quant_mode"])
+
+
+def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[str, Any]:
+    """The Optuna params that reproduce a plan [L] (for enqueue_trial); values snap to the space."""
+    out: dict[str, Any] = {}
+    for i, layer in enumerate(layers):
+        n = param_names(layer)
+        out[n["ratio"]] = snap_ratio(float(plan.ratio[i]), space)
+        out[n["granularity"]] = _nearest_name(GRAN_NAMES[int(plan.granularity[i])], space.granularities)
+        out[n["weight_bits"]] = nearest_bits(int(plan.weight_bits[i]), space.weight_bits)
+        out[n["act_bits"]] = nearest_bits(int(plan.act_bits[i]), space.act_bits)
+        out[n["quant_mode"]] = _nearest_name(MODE_NAMES[int(plan.quant_mode[i])], space.quant_modes)
+    return out
+
+
+def nearest_bits(bits: int, allowed: Sequence[int]) -> int:
+    """The narrowest allowed width >= bits (the widest allowed when none is wide enough)."""
+    wider = [b for b in allowed if b >= bits]
+    return int(min(wider)) if wider else int(max(allowed))
+
+
+def _nearest_name(name: str, allowed: Sequence[str]) -> str:
+    return name if name in allowed else allowed[0]
+
+
+def plan_to_dict(plan: P.Plan) -> dict[str, list]:
+    """A plan [L] as the JSON-able dict stored in trial user attrs "plan"."""
+    return {
+        "ratio": [round(float(r), 6) for r in np.asarray(plan.ratio)],
+        "granularity": [GRAN_NAMES[int(g)] for g in np.asarray(plan.granularity)],
+        "weight_bits": [int(b) for b in np.asarray(plan.weight_bits)],
+        "act_bits": [int(b) for b in np.asarray(plan.act_bits)],
+        "quant_mode": [MODE_NAMES[int(m)] for m in np.asarray(plan.quant_mode)],
+    }
+
+
+def plan_from_dict(d: dict[str, list]) -> P.Plan:
+    """Inverse of plan_to_dict (reports and exports rebuild plans from storage with it)."""
+    return P.make_plan(
+        d["ratio"],
+        [P.GRANULARITIES[g] for g in d["granularity"]],
+        d["weight_bits"],
+        d["act_bits"],
+        [P.QUANT_MODES[m] for m in d["quant_mode"]],
+    )
+
+
+def extreme_plans(num_layers: int, space: Space) -> P.Plan:
+    """Uniform plans [K, L] at the largest ratio for every combination of discrete choices.
+
+    Their per-metric minimum is the smallest latency, memory and size the space can reach,
+    used to reject an impossible budget before any training.
+    """
+    top = _ratio_grid_top(space)
+    rows = []
+    for g in space.granularities:
+        for wb in space.weight_bits:
+            for ab in space.act_bits:
+                for m in space.quant_modes:
+                    rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m]))
+    k = len(rows)
+    arr = np.asarray(rows, np.int32)
+    ones = np.ones((k, num_layers), np.int32)
+    return P.Plan(
+        np.full((k, num_layers), top, np.float32),
+        ones * arr[:, :1],
+        ones * arr[:, 1:2],
+        ones * arr[:, 2:3],
+        ones * arr[:, 3:4],
+    )

@@ -1,0 +1,344 @@
+"""Where studies live: SQLite under results/ by default, PostgreSQL for many workers.
+
+Every check a user can fail (results directory not writable, database unreachable, a file
+that is not a database, a URL we do not know) is made here, up front, so a search never
+trains for minutes and then dies on its first write. Heartbeats are on for every storage:
+a worker that dies mid-trial (SIGKILL, a lost machine) has its trial failed once the grace
+period passes and re-queued, with the same plan, for whichever worker asks next.
+
+This is the one module that touches Optuna's private modules and attributes (heartbeats, a
+study's storage and ids); everything else goes through the functions here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna._hypervolume import compute_hypervolume
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+
+from search.errors import UserError
+
+# a worker records a heartbeat this often (seconds) while it trains a trial ...
+HEARTBEAT_INTERVAL = 30
+# ... and a RUNNING trial with no heartbeat for this long belongs to a dead worker
+GRACE_PERIOD = 120
+# a trial whose worker died is re-queued this many times at most
+MAX_RETRY = 3
+# how long to wait for a database server before calling it unreachable (seconds)
+CONNECT_TIMEOUT = 10
+# how long an SQLite writer waits for another worker's lock (seconds)
+SQLITE_BUSY_TIMEOUT = 60
+
+DB_NAME = "studies.db"
+
+
+def default_url(results_dir: str | os.PathLike = "results") -> str:
+    """The SQLite URL of the default storage, results/studies.db (absolute, so workers
+    started elsewhere find the same file)."""
+    return "sqlite:///" + str(Path(results_dir, DB_NAME).resolve())
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def open_storage(
+    url: str | None,
+    results_dir: str | os.PathLike = "results",
+    *,
+    create: bool = True,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+) -> BaseStorage:
+    """Open the study storage named by `url`.
+
+    None -> SQLite at `results_dir`/studies.db; `sqlite:///path` -> that SQLite file;
+    `postgresql://user:pass@host:port/db` -> the PostgreSQL database, shared by workers;
+    "memory" -> a study in this process only. With create=False (reports, exports, listing)
+    a missing SQLite file is an error instead of a new, empty database.
+    Raises UserError, before anything is trained, when the storage cannot be used.
+    """
+    if heartbeat_interval < 1 or grace_period <= heartbeat_interval:
+        raise UserError(
+            f"heartbeat interval {heartbeat_interval} s and grace period {grace_period} s: "
+            "need interval >= 1 and grace period > interval"
+        )
+    if url is not None and str(url).strip() == "memory":
+        return optuna.storages.InMemoryStorage()
+    if not create:
+        _check_exists(url, results_dir)
+    if url is None or not str(url).strip():
+        _check_results_dir(Path(results_dir))
+        url = default_url(results_dir)
+    url = str(url).strip()
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        sql_url, engine_kwargs = _sqlite(url)
+    elif scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+        sql_url, engine_kwargs = _postgres(url)
+    else:
+        raise UserError(
+            f"storage URL {redact(url)!r} is not supported: use postgresql://user:pass@host:port/db, "
+            "sqlite:///path/to/studies.db, or leave --storage out for results/studies.db"
+        )
+    try:
+        return _rdb(sql_url, engine_kwargs, heartbeat_interval, grace_period)
+    except RuntimeError as e:  # optuna: schema written by another Optuna version
+        raise UserError(
+            f"storage {redact(url)!r} was written by another Optuna version ({_first_line(e)}): "
+            f"run `optuna storage upgrade --storage URL` or use a new storage"
+        ) from None
+    except Exception as e:  # sqlalchemy errors after our checks: still one line
+        raise UserError(f"cannot open storage {redact(url)!r}: {_first_line(e)}") from None
+
+
+def _check_exists(url: str | None, results_dir: str | os.PathLike) -> None:
+    """Reading never creates a database: a missing SQLite file is a UserError."""
+    path = Path(results_dir, DB_NAME) if url is None or not str(url).strip() else None
+    if path is None and str(url).strip().lower().startswith("sqlite:///"):
+        path = Path(str(url).strip()[len("sqlite:///"):])
+    if path is not None and str(path) != ":memory:" and not path.expanduser().exists():
+        raise UserError(f"no study storage at {str(path)!r}: run `hwcompress search` first, "
+                        "or pass --storage URL / --results-dir DIR where the studies are")
+
+
+def _rdb(sql_url: str, engine_kwargs: dict, heartbeat_interval: int, grace_period: int) -> RDBStorage:
+    """RDBStorage with heartbeats. Two processes that create the same new database at once
+    race on Optuna's schema tables (a unique-key error in one): the loser tries again and
+    finds the schema the winner wrote."""
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    sql_url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY
+                    ),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_results_dir(path: Path) -> None:
+    """Create the results directory and prove we can write in it (os.access lies to root)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"results directory {str(path)!r} is not writable ({e.strerror or e}): "
+            "pass --results-dir with a writable directory, or fix its permissions"
+        ) from None
+
+
+def _sqlite(url: str) -> tuple[str, dict]:
+    """Check an SQLite URL's file: its directory is writable, and it is a database."""
+    path_text = url.split("://", 1)[1]
+    if not path_text.startswith("/") or path_text in ("/", "/:memory:"):
+        raise UserError(
+            f"storage URL {url!r} names no SQLite file: use sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    path = Path(path_text[1:]).expanduser()  # sqlite:///x.db -> x.db, sqlite:////a/x.db -> /a/x.db
+    _check_results_dir(path.parent)
+    if path.is_dir():
+        raise UserError(f"SQLite storage {str(path)!r} is a directory: name a file instead")
+    if path.exists():
+        _check_sqlite_file(path)
+    return "sqlite:///" + str(path.resolve()), {
+        "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT},
+    }
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Fail with one line when `path` is not a readable, writable SQLite database."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
+        try:
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            ok = con.execute("PRAGMA quick_check").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise UserError(
+            f"storage file {str(path)!r} is not a usable SQLite database ({e}): "
+            "move it aside or pass --storage with another file"
+        ) from None
+    if not ok or ok[0] != "ok":
+        raise UserError(
+            f"storage file {str(path)!r} is a damaged SQLite database ({ok[0] if ok else '?'}): "
+            "restore it from a backup or move it aside"
+        )
+
+
+def _postgres(url: str) -> tuple[str, dict]:
+    """Normalise a PostgreSQL URL and prove the server answers, with a short timeout."""
+    scheme, rest = url.split("://", 1)
+    sql_url = "postgresql+psycopg2://" + rest
+    try:
+        import psycopg2  # noqa: F401  (the driver SQLAlchemy will use)
+    except ImportError:
+        raise UserError(
+            "PostgreSQL storage needs the psycopg2 driver: pip install 'hwcompress[postgres]'"
+        ) from None
+    parts = urlsplit(sql_url)
+    if not parts.path.strip("/"):
+        raise UserError(
+            f"storage URL {redact(url)!r} names no database: use postgresql://user:pass@host:port/DBNAME"
+        )
+    engine_kwargs = {
+        "pool_pre_ping": True,  # a worker that idled past a server restart reconnects
+        "connect_args": {"connect_timeout": CONNECT_TIMEOUT},
+    }
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sql_url, **engine_kwargs)
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as e:
+        reason = _first_line(getattr(e, "orig", None) or e)
+        host = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        raise UserError(
+            f"cannot reach PostgreSQL storage {redact(url)!r} at {host} ({reason}): "
+            "start the server, or check host, port, user, password and database name"
+        ) from None
+    finally:
+        engine.dispose()
+    return sql_url, engine_kwargs
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    """Names of every study in the storage, sorted."""
+    return sorted(s.study_name for s in storage.get_all_studies())
+
+
+def load_study(
+    name: str, storage: BaseStorage, *, sampler: optuna.samplers.BaseSampler | None = None
+) -> optuna.Study:
+    """Load an existing study by name; UserError listing the studies there when unknown."""
+    names = study_names(storage)
+    if name not in names:
+        known = ", ".join(names) if names else "none yet"
+        raise UserError(
+            f"unknown study {name!r}; studies in this storage: {known} "
+            "(start one with `hwcompress search --study NAME ...`)"
+        )
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials of workers that stopped sending heartbeats, and re-queue them.
+
+    `study.optimize` does this itself; an ask/tell loop calls it before each `ask`.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def exact_hypervolume(loss: np.ndarray, reference: np.ndarray) -> float:
+    """The volume dominated by loss rows [n, m] up to `reference` [m]: Optuna's exact WFG
+    algorithm (2-D/3-D fast paths), which has no public API, so it is reached only here."""
+    return float(compute_hypervolume(loss, reference))
+
+
+def heartbeat_enabled(study: optuna.Study) -> bool:
+    """Whether the study's storage records heartbeats (RDB storage with an interval)."""
+    return is_heartbeat_enabled(study._storage)
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
+    """Send heartbeats for `trials` while the block runs (ask/tell loops; `optimize` does
+    it itself), so other workers know they are alive. Nothing when the storage has none.
+
+    A worker that dies stops beating; the next batch of any worker fails its trials
+    (fail_stale_trials) and the storage's retry callback enqueues them again.
+    """
+    if not heartbeat_enabled(study):
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for t in trials:
+            stack.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+        yield
+
+
+def record_heartbeat(study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+    """One heartbeat for each trial now: a trial with none can never go stale."""
+    for t in trials:
+        study._storage.record_heartbeat(t._trial_id)
+
+
+def trial_states(storage: BaseStorage, study: optuna.study.StudySummary | optuna.study.FrozenStudy) -> list:
+    """The TrialState of every trial of a study listed by storage.get_all_studies()."""
+    return [t.state for t in storage.get_all_trials(study._study_id, deepcopy=False)]
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
+    """Hold a lock that every worker of this study takes around "count trials, then ask".
+
+    Without it two workers that both see one trial left would both ask one, and the study
+    would end with more trials than asked. PostgreSQL: a session advisory lock (released by
+    the server if the worker dies); SQLite: an flock on a file next to the database.
+    """
+    backend = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wraps RDBStorage
+    url = str(getattr(backend, "url", ""))
+    key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        with backend.engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            con.commit()
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                con.commit()
+    elif url.startswith("sqlite:///"):
+        import fcntl
+
+        lock_path = f"{url[len('sqlite:///'):]}.{key & 0xFFFFFFFF:08x}.lock"  # one per study
+        with open(lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:  # in-memory or foreign storage: one process, nothing to coordinate
+        yield

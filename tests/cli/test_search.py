@@ -1,0 +1,73 @@
+"""`hwcompress search` flags end to end: budgets from the flags reach the study, --weights
+searches the user's own weights, --workers runs the trials in worker processes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from search.study import storage as S
+from tests.support import SEARCH, results_dir, start_search
+
+
+def _study(results, name):
+    return S.load_study(name, S.open_storage(None, results))
+
+
+def test_budget_flags_replace_the_profile_defaults_and_keep_the_others(tmp_path):
+    results = results_dir(tmp_path)
+    assert start_search(results, "b", 1, "--latency-ms", "0.5") == 0
+    budget = _study(results, "b").user_attrs["spec"]["budget"]
+    assert budget["latency_ms"] == 0.5
+    assert budget["memory_kb"] == 65536.0  # mobile-cpu's default stays
+
+
+def test_k_flag_sets_plans_per_step_and_a_study_resumes_with_another(tmp_path):
+    """--k is how this machine fine-tunes, not part of the study: each trial records the K
+    that fine-tuned it, and the study resumes with a different one."""
+    results = results_dir(tmp_path)
+    assert start_search(results, "k", 1, "--k", "2") == 0
+    assert start_search(results, "k", 2, "--k", "1") == 0
+    st = _study(results, "k")
+    assert [t.user_attrs.get("engine_k") for t in st.trials] == [2, 1]
+    assert st.user_attrs["spec"]["finetune"]["k"] is None
+
+
+def test_search_on_the_users_own_weights(tmp_path):
+    """The cached baseline's file passed as --weights: same layers, the study records the file's
+    hash and evaluates those weights; a changed file is refused on resume, nothing added."""
+    results = results_dir(tmp_path)
+    assert start_search(results, "base", 1) == 0
+    cached = next((results / "cache").glob("*/params.safetensors"))
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(cached, mine)
+    assert start_search(results, "mine", 1, "--weights", str(mine)) == 0
+    st = _study(results, "mine")
+    assert st.user_attrs["spec"]["weights"]["path"] == str(mine.resolve())
+    base = _study(results, "base").user_attrs["baseline"]
+    assert st.user_attrs["baseline"]["val_metric"] == base["val_metric"]  # the same weights
+    from models.train import save_params
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(mine))
+    save_params({k: v * np.float32(0.5) for k, v in flat.items()}, mine)  # other weights, same shapes
+    assert start_search(results, "mine", 2, "--weights", str(mine)) == 2
+    assert len(_study(results, "mine").trials) == 1
+
+
+def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capfd):
+    from search import cli
+
+    results = results_dir(tmp_path)
+    argv = ["search", *[a for a in SEARCH if a != "--quiet"], "--study", "w", "--trials", "2",
+            "--results-dir", str(results), "--workers", "1", "--k", "2", "--json"]
+    assert cli.main(argv) == 0
+    out = capfd.readouterr()
+    summary = json.loads(out.out)  # --json: stdout is one JSON object, workers or not
+    assert summary["study"] == "w" and summary["trials_done"] == 2
+    assert "(K=2)" in out.err  # the worker process was given --k (a CPU measures 1 or 4)
+    trials = _study(results, "w").trials
+    workers = {t.user_attrs.get("worker") for t in trials}
+    assert len(workers) == 1 and None not in workers  # run by the worker process, not in-process
+    assert {t.user_attrs.get("engine_k") for t in trials} == {2}

@@ -1,0 +1,72 @@
+"""Budgets: resolved from the profile, checked against the smallest cost any plan reaches
+(per-layer minimum costs, not uniform plans), and a budget only a per-layer plan meets is
+seeded so the search finds a feasible plan for it."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hw_profiles import Budget, load_profile
+from search.api import make_spec
+from search.cost import budget as B
+from search.cost.roofline import price
+from search.errors import UserError
+from search.study.context import StudyContext
+from search.study.space import extreme_plans
+from tests.support import results_dir, start_search
+
+
+def _extremes(model: str, profile: str):
+    spec = make_spec(model=model, dataset="digits", profile=profile)
+    ctx = StudyContext(spec)  # layers come from shapes: nothing is trained
+    return ctx, extreme_plans(len(ctx.layers), spec.space)
+
+
+def test_resolve_budget_replaces_only_the_bounds_given():
+    mcu = load_profile("mcu")
+    b = B.resolve_budget(mcu, {"size_kb": 50.0, "latency_ms": None})
+    assert b == Budget(latency_ms=None, memory_kb=mcu.budget.memory_kb, size_kb=50.0)
+    with pytest.raises(UserError, match="budget size_kb=-1 must be a positive number"):
+        B.resolve_budget(mcu, {"size_kb": -1})
+    with pytest.raises(UserError, match="unknown budget 'size'"):
+        B.resolve_budget(mcu, {"size": 1.0})
+
+
+def test_a_budget_a_per_layer_plan_meets_is_not_refused():
+    """The issue's case: lenet5/digits on mcu with --size-kb 0.09 was refused ("the most
+    compressed plan reaches only size_kb 0.1058", from uniform plans); mixing per-layer choices
+    (here a codebook in one layer) reaches about 0.083 KB."""
+    ctx, extremes = _extremes("lenet5", "mcu")
+    uniform_best = float(price(ctx.profile, ctx.layers, extremes).size_kb.min())
+    best = B.check_reachable(ctx.profile, ctx.layers, Budget(size_kb=0.09), extremes)
+    assert best["size_kb"] < 0.09 < uniform_best
+    seeds = B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=0.09), extremes)
+    assert len(seeds) == 1 and float(price(ctx.profile, ctx.layers, seeds[0]).size_kb[0]) <= 0.09
+    assert not B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=uniform_best * 2), extremes)
+    with pytest.raises(UserError, match=r"smallest any plan reaches is size_kb 0\.08.*--size-kb 0\.08"):
+        B.check_reachable(ctx.profile, ctx.layers, Budget(size_kb=0.05), extremes)
+
+
+def test_search_finds_a_plan_for_a_budget_only_per_layer_choices_meet(tmp_path):
+    ctx, extremes = _extremes("lenet300", "mobile-cpu")
+    best = B.smallest_reachable(ctx.profile, ctx.layers, extremes)["size_kb"]
+    uniform_best = float(price(ctx.profile, ctx.layers, extremes).size_kb.min())
+    bound = (best + uniform_best) / 2  # below every uniform plan, above the per-layer minimum
+    results = results_dir(tmp_path)
+    assert start_search(results, "tight", 1, "--size-kb", f"{bound:.6f}") == 0
+    study = optuna.load_study(study_name="tight", storage=f"sqlite:///{results / 'studies.db'}")
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["feasible"]
+    assert trial.user_attrs["costs"]["mobile-cpu"]["size_kb"] <= bound
+
+
+def test_search_below_every_plan_is_refused_before_training(tmp_path, capsys):
+    ctx, extremes = _extremes("lenet300", "mobile-cpu")
+    best = B.smallest_reachable(ctx.profile, ctx.layers, extremes)["size_kb"]
+    results = tmp_path / "results"
+    results.mkdir()
+    assert start_search(results, "never", 1, "--size-kb", f"{best / 2:.6f}") == 2
+    err = capsys.readouterr().err
+    assert f"smallest any plan reaches is size_kb {best:.4g}" in err and "--size-kb" in err
+    assert not (results / "cache").exists()  # nothing was trained

@@ -1,0 +1,156 @@
+"""The cost model: a hand-computed example, monotonicity properties, sparsity and width rules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hw_profiles import list_profiles, load_profile, profile_from_text
+from search.compression import plan as P
+from search.cost.roofline import min_costs, price, price_all
+from search.compression.layers import Layer
+from tests.support import TOY, dense
+
+
+def lenet300(n_in: int) -> tuple[Layer, ...]:
+    return (dense(0, n_in, 300), dense(1, 300, 100), dense(2, 100, 10))
+
+
+# 64*300+300 + 300*100+100 + 100*10+10 = 50,610 params on 8x8 digits (the brief said 50,890,
+# an arithmetic slip); 784*300+300 + 30,100 + 1,010 = 266,610 on 28x28
+def test_lenet300_param_counts():
+    assert sum(l.params for l in lenet300(64)) == 50_610
+    assert sum(l.params for l in lenet300(784)) == 266_610
+
+
+def test_two_layer_example_by_hand():
+    toy = profile_from_text(TOY, "toy")
+    layers = (dense(0, 100, 50), dense(1, 50, 10))
+    plan = P.make_plan([0.0, 0.5], [P.UNSTRUCTURED, P.CHANNEL], [32, 8], [32, 8])
+    c = price(toy, layers, P.stack_plans([plan]))
+    # layer 0: fp32, 5000 MACs -> 2*5000 / (1e9 * 0.5) = 20 us compute.
+    #   bytes: 5000*4 weights + 50*4 bias + 100*4 input + 50*1 output (next layer reads int8) = 20650 -> 20.65 us.
+    l0 = max(20e-6, 20650e-9) + 10e-6
+    # layer 1: channel 50% -> 5 of 10 outputs, 250 MACs at int8: 2*250/(4e9*0.5) = 0.25 us.
+    #   bytes: 250 weights + 5*4 bias + 5*4 scales + 50 input + 5*4 output (float logits) = 360 -> 0.36 us.
+    l1 = max(0.25e-6, 360e-9) + 10e-6
+    assert c.layer_latency_ms[0] == pytest.approx([l0 * 1e3, l1 * 1e3], rel=1e-12)
+    assert c.latency_ms[0] == pytest.approx((l0 + l1) * 1e3, rel=1e-12)
+    weights = 20000 + 200 + 250 + 20 + 20  # bytes
+    act_peak = max(400 + 50, 50 + 20)
+    assert c.memory_kb[0] == pytest.approx((weights + act_peak) / 1024, rel=1e-12)
+    assert c.size_kb[0] == pytest.approx(weights / 1024, rel=1e-12)
+
+
+def random_plans(rng, k: int, n_layers: int) -> P.Plan:
+    return P.Plan(
+        ratio=rng.uniform(0, P.MAX_RATIO, (k, n_layers)).astype(np.float32),
+        granularity=rng.integers(0, 3, (k, n_layers)).astype(np.int32),
+        weight_bits=rng.choice(P.WEIGHT_BITS, (k, n_layers)).astype(np.int32),
+        act_bits=rng.choice(P.ACT_BITS, (k, n_layers)).astype(np.int32),
+        quant_mode=rng.integers(0, 2, (k, n_layers)).astype(np.int32),
+    )
+
+
+def fewer(rng, plans: P.Plan) -> P.Plan:
+    """Each layer: more pruning (same granularity) and narrower or equal bit widths."""
+    narrow = lambda allowed, bits: np.array([[rng.choice([b for b in allowed if b <= x]) for x in row] for row in bits], np.int32)
+    return P.Plan(
+        ratio=np.minimum(plans.ratio + rng.uniform(0, 0.5, plans.ratio.shape), P.MAX_RATIO).astype(np.float32),
+        granularity=plans.granularity,
+        weight_bits=narrow(P.WEIGHT_BITS, plans.weight_bits),
+        act_bits=narrow(P.ACT_BITS, plans.act_bits),
+        quant_mode=plans.quant_mode,
+    )
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_more_compression_never_costs_more(name):
+    rng = np.random.default_rng(0)
+    layers = lenet300(784)
+    a = random_plans(rng, 300, len(layers))
+    b = fewer(rng, a)
+    ca, cb = price(name, layers, a), price(name, layers, b)
+    for key in ("latency_ms", "memory_kb", "size_kb"):
+        assert np.all(getattr(cb, key) <= getattr(ca, key) * (1 + 1e-12)), key
+    assert np.all(cb.layer_latency_ms <= ca.layer_latency_ms * (1 + 1e-12))
+
+
+def test_unsupported_width_gives_no_compute_speedup():
+    layers = lenet300(784)
+    xeon = load_profile("xeon")  # kernels: 8, 16, 32
+    c = {b: price(xeon, layers, P.make_plan(np.zeros(3), P.UNSTRUCTURED, b, 8)) for b in (4, 5, 8)}
+    # 4- and 5-bit weights compute as int8: the same compute; only bytes (packed) shrink.
+    huge = profile_from_text(TOY.replace("bandwidth_gbs = 1.0", "bandwidth_gbs = 1e9"), "fast-memory")
+    t = {b: price(huge, layers, P.make_plan(np.zeros(3), P.UNSTRUCTURED, b, 8)).latency_ms[0] for b in (2, 5, 8)}
+    assert t[2] == t[5] == t[8]
+    assert c[4].size_kb[0] < c[5].size_kb[0] < c[8].size_kb[0]
+
+
+def test_unstructured_below_threshold_gives_no_speedup():
+    toy = profile_from_text(TOY.replace("bandwidth_gbs = 1.0", "bandwidth_gbs = 1e9"), "toy")  # compute bound
+    layers = lenet300(784)
+    lat = lambda r, g=P.UNSTRUCTURED: price(toy, layers, P.make_plan(np.full(3, r), g, 32, 32)).latency_ms[0]
+    assert lat(0.0) == lat(0.3) == lat(0.49)
+    assert lat(0.9) < lat(0.0)  # 10% density x work factor 2 = 20% of the work
+    assert lat(0.3, P.CHANNEL) < lat(0.0)  # channel pruning always shrinks the work
+    gpu = load_profile("gpu-h100")  # never speeds up unstructured sparsity, but 2:4 does
+    big = (Layer(0, "c", ("c",), "conv", (3, 3, 256, 256), (64, 64, 256), (64, 64, 256), 1, True, 64 * 64 * 9 * 256 * 256, 0),)
+    g = lambda r, gr: price(gpu, big, P.make_plan([r], gr, 16, 16)).layer_latency_ms[0, 0]
+    assert g(0.9, P.UNSTRUCTURED) == g(0.0, P.UNSTRUCTURED)
+    assert g(0.5, P.NM) < g(0.0, P.NM)
+
+
+def test_mcu_budget_breaks_dense_and_compressed_plans_meet_it():
+    mcu = load_profile("mcu")
+    for n_in in (64, 784):
+        layers = lenet300(n_in)
+        d = price(mcu, layers, P.stack_plans([P.dense_plan(3)]))
+        b = mcu.budget
+        assert d.memory_kb[0] > b.memory_kb
+        small = price(mcu, layers, P.make_plan(np.full(3, 0.5), P.CHANNEL, 4, 8))
+        assert small.memory_kb[0] <= b.memory_kb and small.size_kb[0] <= b.size_kb and small.latency_ms[0] <= b.latency_ms
+        m = min_costs(mcu, layers)
+        assert m["memory_kb"] <= small.memory_kb[0] and m["size_kb"] <= small.size_kb[0] and m["latency_ms"] <= small.latency_ms[0]
+
+
+def test_npu_float_layers_fall_back_or_are_disallowed():
+    layers = lenet300(64)
+    npu = load_profile("mobile-npu")
+    f, q = (price(npu, layers, P.make_plan(np.zeros(3), P.UNSTRUCTURED, b, b)).latency_ms[0] for b in (32, 8))
+    assert np.isfinite(f) and f > 5 * q
+    strict = profile_from_text(open(npu.source).read().replace('float = "fallback"', 'float = "disallow"'), "strict")
+    assert np.isinf(price(strict, layers, P.make_plan(np.zeros(3), P.UNSTRUCTURED, 32, 32)).latency_ms[0])
+
+
+def test_price_all_covers_every_profile_and_shapes():
+    layers = lenet300(64)
+    plans = random_plans(np.random.default_rng(1), 5, 3)
+    out = price_all(layers, plans)
+    assert sorted(out) == list_profiles()
+    for c in out.values():
+        assert c.latency_ms.shape == c.memory_kb.shape == c.size_kb.shape == (5,)
+        assert c.layer_latency_ms.shape == (5, 3)
+
+
+def test_channel_pruning_shrinks_the_next_layers_inputs_in_a_chain():
+    """Pruning fc0's output channels removes fc1's input rows (the ONNX export does it for
+    real); a layer that does not read fc0's channels keeps its work."""
+    toy = profile_from_text(TOY, "toy")
+    chain = (dense(0, 100, 50), dense(1, 50, 10))
+    apart = (dense(0, 100, 50), dense(1, 64, 10))  # 64 inputs: not fc0's 50 channels
+    plans = P.stack_plans([P.make_plan([r, 0.0], P.CHANNEL, 32, 32) for r in (0.0, 0.5)])
+    c = price(toy, chain, plans)
+    # fc1 at fp32: 2*500 MACs / 0.5 GOPS = 2 us; bytes 500*4 weights + 10*4 bias + 50*4 input
+    # + 10*4 output = 2280 -> 2.28 us. Half its inputs gone: 1 us; 1000 + 40 + 100 + 40 = 1180 bytes.
+    assert c.layer_latency_ms[:, 1] == pytest.approx([2.28e-3 + 1e-2, 1.18e-3 + 1e-2], rel=1e-9)
+    assert c.size_kb[1] < c.size_kb[0]
+    a = price(toy, apart, plans)
+    assert a.layer_latency_ms[0, 1] == a.layer_latency_ms[1, 1]
+
+
+def test_codebook_wider_than_8_bits_is_priced_as_the_uniform_kernel_it_runs():
+    layers = lenet300(64)
+    plans = P.stack_plans([P.make_plan([0.0] * 3, P.UNSTRUCTURED, 16, 16, q) for q in (P.UNIFORM, P.CODEBOOK)])
+    for name in list_profiles():
+        c = price(name, layers, plans)
+        assert c.size_kb[0] == c.size_kb[1] and c.latency_ms[0] == c.latency_ms[1], name

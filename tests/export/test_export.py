@@ -1,0 +1,180 @@
+"""`hwcompress export` and `measure` end to end on a tiny real study (lenet300 on digits):
+the files are there, weights reload into Flax with exactly the exported quality, the ONNX model
+agrees with Flax and really has the smaller matrices; bad input gives one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import optuna
+import pytest
+
+import models
+from models.train import save_params, train_baseline
+from search import cli
+from search.api import make_spec
+from search.engine.config import FinetuneConfig
+from search.errors import UserError
+from tests.support import results_dir, start_search
+
+
+@pytest.fixture(scope="module")
+def study_env(tmp_path_factory):
+    """A study as `hwcompress search` stores it (spec, layers, a complete trial with its plan,
+    quality and costs, a failed trial), written directly so this test needs no search."""
+    from search.compression.plan import CHANNEL, make_plan
+    from search.study.space import plan_to_dict
+
+    results = results_dir(tmp_path_factory.mktemp("export"))
+    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{results / 'studies.db'}",
+                                directions=["maximize", "minimize", "minimize"])
+    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu",
+                     finetune=FinetuneConfig(steps=2, batch_size=64, learning_rate=5e-4))
+    study.set_user_attr("spec", spec.to_attrs())
+    plan = plan_to_dict(make_plan([0.5, 0.25, 0.0], CHANNEL, [8, 4, 8], [8, 8, 8]))
+    costs = {"mobile-cpu": {"latency_ms": 0.05, "memory_kb": 100.0, "size_kb": 40.0}}
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 0.05, 100.0], user_attrs={
+        "plan": plan, "quality": 0.9, "costs": costs, "feasible": True}))
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # an incomplete trial to refuse
+    return results, study, 0
+
+
+def _export(results, out, *extra):
+    return cli.main(["export", "--study", "exp", "--results-dir", str(results), "--out", str(out), *extra])
+
+
+def test_export_trial_files_reload_and_onnx(study_env, tmp_path, capsys):
+    results, study, trial = study_env
+    out = tmp_path / "out"
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "2") == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "weights.safetensors", "size.json", "model.onnx"}
+    c = json.loads((out / "config.json").read_text())
+    q = c["quality"]
+    assert q["test"] == q["test_reloaded"]  # exact: packed weights are the exported weights
+    assert q["onnx_agreement"] >= 0.99 and q["onnx_max_abs_diff"] < 0.1  # logits of size ~10: int32-bias tolerance
+    assert abs(q["test_onnx"] - q["test"]) <= 0.01
+    assert c["source"] == {"study": "exp", "trial": trial, "search_quality": study.trials[trial].user_attrs["quality"]}
+    assert c["profile"] == "mobile-cpu" and c["predicted"]["mobile-cpu"]["latency_ms"] == 0.05
+    assert [l["onnx_out_channels"] for l in c["layers"]] == [150, 75, 10]  # channels really removed
+    assert set(c["size"]["ratio"]) == {"dense", "pruned", "quantized", "huffman"}
+    plan = study.trials[trial].user_attrs["plan"]
+    assert [l["weight_bits"] for l in c["layers"]] == plan["weight_bits"]
+    # the ONNX matrices have the exported channel counts
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    mats = [n for n in model.graph.node if n.op_type == "MatMul"]
+    for layer, node in zip(c["layers"], mats):
+        src = next(n for n in model.graph.node if node.input[1] in n.output) if node.input[1] not in inits else None
+        dims = inits[node.input[1] if src is None else src.input[0]]
+        assert dims[-1] == layer["onnx_out_channels"], (layer, dims)
+    # nothing is pickled: the weights file is safetensors (8-byte header length, then JSON)
+    raw = (out / "weights.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + n])["__metadata__"]["hwcompress"]
+    # measure: runs, prints the measured and the predicted latency
+    capsys.readouterr()
+    assert cli.main(["measure", str(out), "--runs", "5", "--warmup", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "measured" in text and "predicted" in text and "mobile-cpu" in text
+    # an existing output directory is refused without --force, accepted with it
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0") == 2
+    assert "--force" in capsys.readouterr().err
+    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0", "--force") == 0
+
+
+def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
+    import models
+    from models.train import train_baseline
+    from search.engine.config import FinetuneConfig
+    from search.engine.finetune import Engine
+    from search.export.pack import load_weights
+    from search.export.exporter import export_plan
+    from search.compression.plan import CHANNEL, make_plan
+
+    task = models.get_task("lenet300", "digits")
+    params, _ = train_baseline(task, cache_dir=Path(results_dir(tmp_path) / "cache"))
+    plan = make_plan([0.5, 0.5, 0.0], [CHANNEL, CHANNEL, 0], [4, 1, 3], [8, 8, 6], [1, 0, 0])  # codebook, binary, uniform
+    eng = Engine(task, params, FinetuneConfig(steps=2, k=1))  # one compile serves export and check
+    r = export_plan(task, params, plan, tmp_path / "e", engine=eng)
+    assert r.quality == r.reload_quality and r.onnx_agreement >= 0.99
+    layers = {l["name"]: l for l in r.config["layers"]}
+    assert layers["fc1"]["onnx_out_channels"] == 150 and layers["fc2"]["onnx_out_channels"] == 50
+    assert layers["fc1"]["storage"] == "codebook" and layers["fc2"]["storage"] == "int"
+    back, meta = load_weights(tmp_path / "e" / "weights.safetensors", template=params)
+    assert len(np.unique(back["fc1"]["kernel"])) <= 2**4 + 1  # 16 shared values and the pruned zeros
+    assert len(np.unique(np.abs(back["fc2"]["kernel"][:, 0]))) <= 2  # 1 bit: +-a and 0
+    # the reloaded weights really give the exported quality in Flax (exact, not approximate)
+    res = eng.run(plan, return_models=True, finetune=False)
+    import dataclasses
+    cm = dataclasses.replace(res.models[0], params=back, act_ranges={k: tuple(v) for k, v in meta["extra"]["act_ranges"].items()})
+    pred = np.asarray(eng.predict(cm, task.data.x_test))
+    acc = float(np.mean(np.asarray(task.metric(jnp.asarray(pred), jnp.asarray(task.data.y_test)))))
+    assert acc == pytest.approx(r.quality, abs=1e-6)
+    # measure works on an export without a profile too (predicted: n/a)
+    assert cli.main(["measure", str(tmp_path / "e"), "--runs", "3", "--warmup", "1"]) == 0
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path):
+    from search.export.exporter import prepare_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        prepare_dir(tmp_path / "out", force=False)
+    prepare_dir(tmp_path / "out", force=True)
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_errors_are_one_line(study_env, tmp_path, capsys):
+    results, study, trial = study_env
+    failed = [t.number for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL][0]
+    cases = [
+        (["export", "--study", "nope", "--trial", "0"], "unknown study"),
+        (["export", "--study", "exp", "--trial", "999"], "no trial 999"),
+        (["export", "--study", "exp", "--trial", str(failed)], "not complete"),
+    ]
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert cli.main([*argv, "--results-dir", str(results), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err
+
+
+def test_measure_errors_are_one_line(tmp_path, capsys):
+    # not an export, a corrupt config, a corrupt model, no directory
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"hello": 1}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"format": "hwcompress-export/1", "model": {"input_shape": [8, 8, 1]}}')
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not a model")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text("{oops")
+    for d, msg in (("foreign", "not an hwcompress export"), ("broken", "corrupt"), ("junk", "corrupt"),
+                   ("missing", "does not exist")):
+        capsys.readouterr()
+        assert cli.main(["measure", str(tmp_path / d), "--runs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
+
+
+def test_export_of_a_weights_study_reproduces_the_searched_quality(tmp_path):
+    """Regression: a study searched on the user's own weights (--weights) exported with the
+    zoo baseline's cache key check and failed ("the cached baseline differs"); the export must
+    rebuild the same baseline as the search and give back the quality the trial stored."""
+    results = results_dir(tmp_path)
+    task = models.get_task("lenet300", "digits")
+    params, _ = train_baseline(task, cache_dir=results / "cache")
+    mine = tmp_path / "mine.safetensors"
+    save_params(params, mine)
+    assert start_search(results, "mine", 1, "--weights", str(mine), "--k", "1") == 0
+    study = optuna.load_study(study_name="mine", storage=f"sqlite:///{results / 'studies.db'}")
+    trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    out = tmp_path / "out"
+    assert cli.main(["export", "--study", "mine", "--trial", str(trial.number), "--results-dir", str(results),
+                     "--out", str(out)]) == 0
+    q = json.loads((out / "config.json").read_text())["quality"]
+    # same baseline, plan, fine-tuning (K=1, same seed and steps) and split as the search
+    assert q["val_after_finetune"] == pytest.approx(trial.user_attrs["quality"], abs=1e-6)

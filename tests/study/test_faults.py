@@ -1,0 +1,124 @@
+"""Faults lose nothing: Ctrl-C keeps every completed trial and the same command resumes;
+a fine-tune that diverges fails only its own trial, with the reason; a storage that cannot
+be used is reported before anything is trained."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from search import cli
+from search.study import storage as S
+from search.study.loop import finished_count
+from tests.support import SEARCH, results_dir, start_search
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 240  # seconds: a generous bound on a loaded 2-core machine, never hit
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_sigint_keeps_completed_trials_and_same_command_resumes(tmp_path, capsys):
+    """Ctrl-C in the middle of `hwcompress search` (a real SIGINT to this process, sent once
+    two trials are complete), then the same command again."""
+    results = results_dir(tmp_path)
+    n = 8
+    argv = ["search", *SEARCH, "--study", "intr", "--trials", str(n), "--results-dir", str(results)]
+    seen: dict[int, list[float]] = {}
+    searching = threading.Event()
+
+    def on_sigint(signum, frame):  # only while the search runs: never interrupt pytest itself
+        if searching.is_set():
+            raise KeyboardInterrupt
+
+    def interrupt_after_two_trials() -> None:
+        deadline = time.monotonic() + WAIT
+        storage = None
+        while searching.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if storage is None and not (results / "studies.db").exists():
+                continue
+            storage = storage or S.open_storage(None, results)
+            if "intr" not in S.study_names(storage):
+                continue
+            trials = S.load_study("intr", storage).get_trials()
+            done = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
+            if len(done) >= 2:
+                seen.update(done)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    searching.set()
+    helper = threading.Thread(target=interrupt_after_two_trials, daemon=True)
+    helper.start()
+    try:
+        rc = cli.main(argv)
+    finally:
+        searching.clear()
+        signal.signal(signal.SIGINT, old)
+        helper.join()
+    err = capsys.readouterr().err
+    assert len(seen) >= 2, "the search ended before two trials were complete"
+    assert rc == 130, err[-3000:]
+    assert "interrupted" in err and "Traceback" not in err
+    after = S.load_study("intr", S.open_storage(None, results)).get_trials()
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    kept = {t.number: t.values for t in after if t.state == TrialState.COMPLETE}
+    for number, values in seen.items():  # every trial completed before Ctrl-C is still there
+        assert kept[number] == values
+    for t in after:  # trials cut short are failed as interrupted and do not count
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs.get("interrupted") and t.user_attrs.get("fail_reason") == "interrupted"
+    assert finished_count(after) < n
+    # the same command again: it resumes and stops at n counted trials
+    assert cli.main(argv) == 0
+    final = S.load_study("intr", S.open_storage(None, results)).get_trials()
+    assert finished_count(final) == n
+    for number, values in kept.items():
+        assert final[number].state == TrialState.COMPLETE and final[number].values == values
+
+
+def test_diverging_finetune_fails_its_trial_with_reason_and_search_goes_on(tmp_path):
+    from search.api import make_spec, search
+    from search.engine.config import FinetuneConfig
+
+    results = results_dir(tmp_path)
+    # Adam steps of 1e38: the weights overflow to inf within the three steps
+    ft = FinetuneConfig(steps=3, learning_rate=1e38)
+    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu", n_trials=3, finetune=ft)
+    study = search(spec, None, str(results), batch=1, study_name="nan", warm_start=False)
+    trials = study.get_trials()
+    trained = [t for t in trials if t.state != TrialState.PRUNED]  # over-budget plans are not trained
+    assert trained, "every plan was over budget: nothing was fine-tuned"
+    for t in trained:
+        assert t.state == TrialState.FAIL
+        assert "nan" in t.user_attrs["fail_reason"].lower() or "inf" in t.user_attrs["fail_reason"].lower()
+    assert finished_count(trials) == 3  # the search went on past the first failure
+
+
+def test_unwritable_results_dir_is_reported_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = start_search(tmp_path / "file" / "results", "w")
+    assert rc == 2
+    assert "not writable" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pw@127.0.0.1:1/studies", "mysql://u@localhost/db"])
+def test_bad_storage_is_reported_before_training(tmp_path, capsys, url):
+    results = tmp_path / "results"  # a fresh dir: a trained baseline would land in cache/
+    rc = start_search(results, "w", 1, "--storage", url)
+    assert rc == 2
+    err = _one_line_error(capsys)
+    assert "pw" not in err
+    assert not (results / "cache").exists()

@@ -1,0 +1,71 @@
+"""Shared helpers of the tests (fixtures live in conftest.py).
+
+The set-up of the tests that run real searches: tiny trials, and one baseline cache
+for the whole pytest session (results dirs are fresh per test module, the trained baseline is
+not: its cache key covers model, data and training config, so sharing it is exact)."""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+from search import cli
+from search.compression.layers import Layer
+
+# tiny trials: lenet300 on digits, three fine-tuning steps, one trial per batch
+SEARCH = ["--model", "lenet300", "--dataset", "digits", "--profile", "mobile-cpu",
+          "--finetune-steps", "3", "--no-warm-start", "--quiet", "--batch", "1"]
+
+_cache: Path | None = None
+
+
+def results_dir(parent: Path) -> Path:
+    """A new results dir under `parent` whose cache/ is the session's shared baseline cache."""
+    global _cache
+    if _cache is None:
+        _cache = Path(tempfile.mkdtemp(prefix="hwcompress-test-cache-"))
+        atexit.register(shutil.rmtree, _cache, True)
+    results = parent / "results"
+    results.mkdir(parents=True)
+    (results / "cache").symlink_to(_cache, target_is_directory=True)
+    return results
+
+
+def start_search(results: Path, study: str, trials: int = 1, *extra: str) -> int:
+    """`hwcompress search` with tiny trials into `results` (in-process); returns the exit code."""
+    return cli.main(["search", *SEARCH, "--study", study, "--trials", str(trials),
+                     "--results-dir", str(results), *extra])
+
+
+# a hand-checkable device for the cost model's worked examples
+TOY = """
+name = "toy"
+kind = "cpu"
+description = "hand-checkable device"
+[compute]
+fp32_gops = 1.0
+int8_gops = 4.0
+efficiency_dense = 0.5
+efficiency_conv = 1.0
+efficiency_depthwise = 1.0
+[memory]
+bandwidth_gbs = 1.0
+bandwidth_efficiency = 1.0
+capacity_kb = 1000.0
+[overhead]
+layer_us = 10.0
+[precision]
+weight_bits = [8, 32]
+act_bits = [8, 32]
+float = "native"
+[sparsity]
+unstructured_min_sparsity = 0.5
+unstructured_work_factor = 2.0
+"""
+
+
+def dense(index: int, n_in: int, n_out: int) -> Layer:
+    """A Dense layer record fc<index> with n_in inputs and n_out outputs (bias included)."""
+    return Layer(index, f"fc{index}", (f"fc{index}",), "dense", (n_in, n_out), (n_in,), (n_out,), 1, True,
+                 n_in * n_out, n_in * n_out + n_out)
