@@ -101,6 +101,13 @@ def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
 
 
 _K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
+
+
+def forget_measured_k() -> None:
+    """Forget the K this process measured (as a new process would); the k_file keeps its own."""
+    _K_CACHE.clear()
+
+
 # jitted functions shared by every Engine of the same model, loss, metric, config and K, so a
 # study that builds a new Engine per batch of trials still compiles once
 _FN_CACHE: dict[tuple, tuple] = {}

@@ -88,6 +88,7 @@ class StudySpec:
     schema: int = SCHEMA
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", jsonable(dict(self.hparams)))  # as storage gives it back
         if self.finetune.k is not None:  # K vmapped plans is how a machine runs, not what the study is
             object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, k=None))
 

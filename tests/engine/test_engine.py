@@ -106,14 +106,15 @@ def test_k_vmapped_equals_separate_runs(lenet300, engine):
 def test_measured_k_is_kept_in_the_k_file(lenet300, engine, tmp_path):
     """K measured once per machine lands in the k_file given (a results dir's cache), and a
     later process reads it instead of timing again."""
-    from search.engine import finetune as engine_mod
+    from search.engine.finetune import forget_measured_k
+    from search.engine.k_file import k_file_in
 
     task, params = lenet300
-    k_file = engine_mod.k_file_in(tmp_path)
+    k_file = k_file_in(tmp_path)
     first = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
     assert set(first.k_timings) == {1, 4} and first.k == min(first.k_timings, key=first.k_timings.get)
     assert k_file.is_file()
-    engine_mod._K_CACHE.clear()  # as in a new process
+    forget_measured_k()  # as in a new process
     again = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
     assert again.k == first.k and again.k_timings == {}
 
