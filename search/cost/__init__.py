@@ -1,0 +1,1 @@
+"""Pricing: the roofline cost model, budgets, calibration, and timing an export in onnxruntime."""
