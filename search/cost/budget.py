@@ -3,7 +3,7 @@
 One home for the budget's keys, resolving it from a profile and the user's overrides, the
 constraint values a trial stores (feasible when every value is <= 0, Optuna's rule), the
 over-budget message, and the smallest latency, memory and size any plan can reach (from the
-cost model's per-layer minimum costs), which refuses an impossible budget before training.
+cost model's per-layer minimum costs, roofline.min_costs), which refuses an impossible budget before training.
 """
 from __future__ import annotations
 
@@ -83,20 +83,6 @@ def violation_message(cost: Mapping[str, float], budget: Budget) -> str:
     return "over budget: " + ", ".join(broken_bounds(cost, budget))
 
 
-def constraint_matrix(costs: Mapping[str, np.ndarray], budget: Budget) -> np.ndarray:
-    """[N, C] constraint values (cost - bound) for the bounded keys; NaN cost counts as broken."""
-    cols = [np.nan_to_num(np.asarray(costs[k], float) - getattr(budget, k), nan=np.inf)
-            for k in BUDGET_KEYS if getattr(budget, k) is not None]
-    n = len(next(iter(costs.values()))) if costs else 0
-    return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
-
-
-def smallest_reachable(profile: HardwareProfile, layers: Sequence[Layer], candidates: P.Plan) -> dict[str, float]:
-    """The smallest latency_ms, memory_kb and size_kb any plan can reach when each layer takes
-    any of the candidate plans' choices (search.cost.roofline.min_costs: per-layer minimum costs)."""
-    return min_costs(profile, layers, candidates)
-
-
 def check_reachable(profile: HardwareProfile, layers: Sequence[Layer], budget: Budget,
                     candidates: P.Plan) -> dict[str, float]:
     """Raise UserError, before any training, when a bound is below every plan's cost.
@@ -106,7 +92,7 @@ def check_reachable(profile: HardwareProfile, layers: Sequence[Layer], budget: B
     neighbours, so what one plan with per-layer choices reaches is accepted. Returns the
     smallest reachable values (stored with the study as "min_costs").
     """
-    best = smallest_reachable(profile, layers, candidates)
+    best = min_costs(profile, layers, candidates)
     broken = [k for k in BUDGET_KEYS if getattr(budget, k) is not None and best[k] > getattr(budget, k)]
     if broken:
         want = ", ".join(f"{k} <= {getattr(budget, k):.4g}" for k in broken)

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from hw_profiles import Budget, load_profile
 from search.api import make_spec
 from search.cost import budget as B
-from search.cost.roofline import price
+from search.cost.roofline import min_costs, price
 from search.errors import UserError
 from search.study.context import StudyContext
 from search.study.space import extreme_plans
@@ -50,7 +50,7 @@ def test_a_budget_a_per_layer_plan_meets_is_not_refused():
 
 def test_search_finds_a_plan_for_a_budget_only_per_layer_choices_meet(tmp_path):
     ctx, extremes = _extremes("lenet300", "mobile-cpu")
-    best = B.smallest_reachable(ctx.profile, ctx.layers, extremes)["size_kb"]
+    best = min_costs(ctx.profile, ctx.layers, extremes)["size_kb"]
     uniform_best = float(price(ctx.profile, ctx.layers, extremes).size_kb.min())
     bound = (best + uniform_best) / 2  # below every uniform plan, above the per-layer minimum
     results = results_dir(tmp_path)
@@ -63,7 +63,7 @@ def test_search_finds_a_plan_for_a_budget_only_per_layer_choices_meet(tmp_path):
 
 def test_search_below_every_plan_is_refused_before_training(tmp_path, capsys):
     ctx, extremes = _extremes("lenet300", "mobile-cpu")
-    best = B.smallest_reachable(ctx.profile, ctx.layers, extremes)["size_kb"]
+    best = min_costs(ctx.profile, ctx.layers, extremes)["size_kb"]
     results = tmp_path / "results"
     results.mkdir()
     assert start_search(results, "never", 1, "--size-kb", f"{best / 2:.6f}") == 2
