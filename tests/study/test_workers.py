@@ -38,10 +38,7 @@ def _start_study(url: str, name: str, results, n_trials: int) -> optuna.Study:
     trial budget to n_trials, as a resumed `search --trials n_trials` would."""
     assert start_search(results, name, 1, "--storage", url) == 0
     study = S.load_study(name, S.open_storage(url, **HEARTBEAT))
-    spec = study.user_attrs["spec"]
-    # K=1 plan per step, as if the search had been started with FinetuneConfig(k=1): spares
-    # each worker process the minute it takes to measure the best K on this CPU
-    study.set_user_attr("spec", {**spec, "n_trials": n_trials, "finetune": {**spec["finetune"], "k": 1}})
+    study.set_user_attr("spec", {**study.user_attrs["spec"], "n_trials": n_trials})
     return study
 
 
@@ -63,7 +60,9 @@ def test_two_workers_share_one_study_and_survive_a_sigkill(pg_url, results):
     again, and the study ends with exactly the trials asked, each stored once."""
     n = 16
     study = _start_study(pg_url, "two", results, n)
-    procs = W.spawn_workers(2, "two", pg_url, results, log_dir=results / "logs-two", **HEARTBEAT)
+    # K=1 plan per step (a machine's choice, not the study's): a kill then takes exactly one
+    # trial with it, and no worker spends a minute measuring the best K on this CPU
+    procs = W.spawn_workers(2, "two", pg_url, results, k=1, log_dir=results / "logs-two", **HEARTBEAT)
     try:
         for p in procs:  # both share the study ...
             _wait_trials_by(study, _worker_id(p), 1, p)
