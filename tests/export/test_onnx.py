@@ -9,11 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models.lenet import LeNet300, LeNet5
+from models.lenet import LeNet5, LeNet300
 from models.mobilenet import MobileNet
 from models.vdsr import VDSR
-from search.compression import compress
-from search.compression import quant
+from search.compression import compress, quant
 from search.compression.layers import Model, discover_layers
 from search.export.onnx.convert import LayerExport, to_onnx
 from search.export.pack import decode_layer, encode_layer
@@ -82,7 +81,7 @@ def _node(p, path):
 
 
 def test_lenet5_smaller_matrices_in_the_graph():
-    p, x = _setup(LeNet5(), (28, 28, 1), ["conv1", "conv2", "fc1"])
+    p, _x = _setup(LeNet5(), (28, 28, 1), ["conv1", "conv2", "fc1"])
     model, _ = to_onnx(LeNet5(), p, (28, 28, 1))
     shapes = _kernel_shapes(model)
     # conv1 [20 -> 10 out], conv2 [10 in (conv1's kept), 25 out], fc1 [4*4*25 rows, 250], fc2 [250, 10]
@@ -139,13 +138,13 @@ def test_quantized_layers_match_fake_quant_and_use_int8_qdq(wbits, abits, bias):
     if wbits <= 8 and abits <= 8:
         ints = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
                 and len(i.dims) >= 2]
-        n_float = 1 if bias else 0  # conv2 below
-        assert len(ints) == len(layers) - n_float  # integer kernels (8 bits as uint8 + 128: exact u8u8 on AVX2)
+        assert len(ints) == len(layers)  # integer kernels (8 bits as uint8 + 128: exact u8u8 on AVX2)
         # conv1 -> relu -> pool -> conv2 is an integer chain that onnxruntime fuses into
         # QLinearConv; conv2 reads conv1's removed channels through a SAME-padded bias map
-        # (when biases are not zero), which has no per-channel int32 form, so it runs in float;
+        # (when biases are not zero), which has no per-channel int32 form, so it runs as
+        # ConvInteger with the map added in float after it;
         # fc1 -> fc2 fuse to QGemm; the logits layer has no next quantizer: exact MatMulInteger
-        conv2 = "float" if bias else "QLinearConv"
+        conv2 = "ConvInteger" if bias else "QLinearConv"
         assert info["forms"] == {"conv1": "QLinearConv", "conv2": conv2, "fc1": "QLinearGemm", "fc2": "MatMulInteger"}
         assert "QuantizeLinear" in ops and "MatMulInteger" in ops
     scale = max(1.0, float(np.abs(want).max()))

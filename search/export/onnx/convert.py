@@ -14,12 +14,16 @@ one example's shape: a constant such as relu(bias), or a spatial map after a pad
 dead, never read). Elementwise ops, pooling and reductions update `fill` in numpy, the consuming
 Dense/Conv slices its input axis and folds the fill's contribution into a bias (a bias map
 for a padded conv). Where that is impossible (a residual add of tensors with different
-channels) the producer is re-emitted unpruned (`Keep`, a retry).
+channels) the producer is re-emitted unpruned (`Keep`, a retry). Concatenations, splits and
+slices carry the kept channels along (channels.py).
+Per-channel affine ops right after a layer (an eval-mode BatchNorm) are folded into it
+(fold.py).
 Inputs and outputs are NHWC like the Flax model; convolutions run NCHW inside.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,8 +33,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from search.export.onnx.graph import (NCHW_TO_NHWC, NHWC_TO_NCHW, OPSET, Act, Const, Drop, GraphBuilder, Keep,
-                                      LayerExport, Sel, fake_quant_np)
+from search.export.onnx.channels import ChannelRules
+from search.export.onnx.fold import fold_affine
+from search.export.onnx.graph import (
+    NCHW_TO_NHWC,
+    NHWC_TO_NCHW,
+    OPSET,
+    Act,
+    Const,
+    Drop,
+    GraphBuilder,
+    Keep,
+    LayerExport,
+    Sel,
+    fake_quant_np,
+)
 from search.export.onnx.layers import LayerRules
 from search.export.onnx.qdq import integer_kernels
 
@@ -60,6 +77,7 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
         try:
             conv = _Converter(exports, layer_of_path)
             model = conv.build(closed, keys, leaves, input_shape)
+            fold_affine(model)  # BN folding
             forms = integer_kernels(model)  # shape the QDQ layers for onnxruntime's integer kernels
             return model, {"kept": conv.kept, "kept_back": kept_back, "forms": forms}
         except Keep as k:
@@ -68,16 +86,16 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
             exports[k.layer] = LayerExport(**{**e.__dict__, "prune": False})
         except Drop as d:
             e = exports.get(d.layer, LayerExport(d.layer))
-            drop = tuple(sorted(set(e.drop) | set(int(c) for c in d.channels)))
+            drop = tuple(sorted(set(e.drop) | {int(c) for c in d.channels}))
             exports[d.layer] = LayerExport(**{**e.__dict__, "drop": drop})
     raise RuntimeError(f"channel removal did not settle: {kept_back}")
 
 
-class _Converter(LayerRules):
+class _Converter(LayerRules, ChannelRules):
     def __init__(self, exports: Mapping[str, LayerExport], layer_of_path: Mapping[str, str]):
         self.exports, self.layer_of_path = exports, layer_of_path
         self.g = GraphBuilder()
-        self.kept: dict[str, int] = {}
+        self.kept: dict[str, int] = {}  # layer -> output channels in the graph
 
     # ------------------------------------------------------------ driver
     def build(self, closed, keys, leaves, input_shape) -> onnx.ModelProto:
@@ -129,7 +147,8 @@ class _Converter(LayerRules):
                 fn = getattr(self, f"op_{eqn.primitive.name}", None)
                 if fn is None:
                     raise NotImplementedError(f"ONNX export has no rule for primitive {eqn.primitive.name!r}")
-                outs = [fn(eqn, *ins)]
+                res = fn(eqn, *ins)
+                outs = res if eqn.primitive.multiple_results else [res]
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
         return [self.read(env, a) for a in jaxpr.outvars]
@@ -173,9 +192,9 @@ class _Converter(LayerRules):
     # ------------------------------------------------------------ elementwise
     def _binary(self, op: str, np_op: Callable, eqn, x, y):
         if isinstance(x, Act) and isinstance(y, Act):
-            if x.sel is not None or y.sel is not None:
-                if x.sel is None or y.sel is None or not np.array_equal(x.sel.keep, y.sel.keep):
-                    raise Keep((x.sel or y.sel).producer, f"{op} of two tensors with different channels")
+            differ = x.sel is None or y.sel is None or not np.array_equal(x.sel.keep, y.sel.keep)
+            if (x.sel is not None or y.sel is not None) and differ:
+                raise Keep((x.sel or y.sel).producer, f"{op} of two tensors with different channels")
             if x.nchw != y.nchw:
                 x, y = self.logical(x), self.logical(y)
             sel = None if x.sel is None else Sel(x.sel.keep, np_op(x.sel.fill, y.sel.fill), x.sel.producer)

@@ -6,7 +6,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from search.export.onnx.graph import NHWC_TO_NCHW, Act, Const, Drop, Keep, LayerExport, Sel, fake_quant_np
+from search.export.onnx.graph import (
+    NHWC_TO_NCHW,
+    Act,
+    Const,
+    Drop,
+    Keep,
+    LayerExport,
+    Sel,
+    fake_quant_np,
+)
 
 
 class LayerRules:
