@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 
 import models
+from models.user import is_reference, load_reference, normalise
 from hw_profiles import Budget, HardwareProfile
 from models.task import Dataset, LossFn, MetricFn, Task
 from search.compression import plan as P
@@ -34,12 +35,14 @@ from search.study.storage import open_storage
 DEFAULT_OBJECTIVES = ("quality", "latency", "memory")
 
 
-def make_spec(*, model: str, dataset: str, profile: str | Path | HardwareProfile,
+def make_spec(*, model: str, dataset: str | None, profile: str | Path | HardwareProfile,
               budget: Budget | Mapping[str, float | None] | None = None, data_dir: str | None = None,
               hparams: Mapping[str, Any] | None = None, seed: int = 0, weights: str | Path | None = None,
               objectives: Sequence[str] = DEFAULT_OBJECTIVES, sampler: str = "tpe",
               finetune: FinetuneConfig | None = None, n_trials: int = 40) -> StudySpec:
-    """The record of a search on a zoo model (models.list_models) from what a user gives.
+    """The record of a search on a zoo model (models.list_models), or on the user's own model
+    (`model` "path/file.py:build" or "package.module:build", models.user: its task brings its
+    data set, so `dataset` is None or that data set's name), from what a user gives.
 
     `profile` is a shipped name, a TOML path or a HardwareProfile; `budget` replaces the
     profile's default bounds it names; `weights` is the user's own trained weights file
@@ -47,6 +50,19 @@ def make_spec(*, model: str, dataset: str, profile: str | Path | HardwareProfile
     (quality, latency, memory, size). Raises UserError (or a models/hw_profiles error) naming
     the first bad value.
     """
+    if is_reference(model):
+        if weights is not None or hparams:
+            raise UserError(f"--model {model}: --weights and model options are for zoo models; return "
+                            "(task, variables) from your builder to search your own trained weights")
+        ref = normalise(model)
+        task, _ = load_reference(ref)
+        if dataset is not None and dataset != task.data.name:
+            raise UserError(f"--dataset {dataset}: the model {model} brings its own data set "
+                            f"{task.data.name!r}; leave --dataset out")
+        return _spec(model=ref, dataset=task.data.name, data_dir=None, hparams={}, seed=seed, profile=profile,
+                     budget=budget, weights=None, objectives=objectives, sampler=sampler, finetune=finetune,
+                     n_trials=n_trials)
+    dataset = dataset or "digits"
     full_hparams = models.task_hparams(model, dataset, **dict(hparams or {}))
     return _spec(model=model, dataset=dataset, data_dir=data_dir, hparams=full_hparams, seed=seed, profile=profile,
                  budget=budget, weights=None if weights is None else WeightsSource.of(weights),
@@ -66,8 +82,13 @@ def _spec(*, profile: Any, budget: Any, objectives: Sequence[str], finetune: Fin
 
 
 def default_study_name(spec: StudySpec) -> str:
-    """<model>-<dataset>-<profile>, the study name when none is given."""
-    return f"{spec.model}-{spec.dataset}-{spec.profile_name}"
+    """<model>-<dataset>-<profile>, the study name when none is given (for the user's own
+    model, <file or module>-<function>: no path in a study name)."""
+    model = spec.model
+    if is_reference(model):
+        target, _, func = model.rpartition(":")
+        model = f"{Path(target).stem if target.endswith('.py') else target.rpartition('.')[2]}-{func}"
+    return f"{model}-{spec.dataset}-{spec.profile_name}"
 
 
 def search(
@@ -178,11 +199,16 @@ def compress(
     storage: str | optuna.storages.BaseStorage = "memory",
     results_dir: str = "results",
     progress: bool = False,
+    apply_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Search compressed versions of your own Flax model; returns the Pareto front.
 
-    `module` is a Linen module with `params` its trained weights, or an NNX module (params
-    None: its own weights are used); `loss(outputs, targets)` a scalar, `metric(outputs,
+    `module` is a Linen module with `params` its trained variables (`module.init`'s dict:
+    params and any other collections such as batch_stats, or the bare params), or an NNX
+    module (params None: its own weights, run in eval mode). Only params are compressed and
+    fine-tuned; other collections are used as they are. `apply_kwargs` are the call
+    arguments of an evaluation (e.g. {"train": False} for BatchNorm on running statistics,
+    {"deterministic": True} for Dropout off). `loss(outputs, targets)` a scalar, `metric(outputs,
     targets)` a per-example quality (higher is better); `profile` a shipped name, a TOML path
     or a HardwareProfile; `budget` a dict such as {"latency_ms": 1.0} (profile defaults
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
@@ -191,7 +217,7 @@ def compress(
     feasible, plan (per-layer lists).
     """
     task = Task(name=f"custom-{type(module).__name__.lower()}", module=module, data=data, loss=loss,
-                metric=metric, metric_name=metric_name)
+                metric=metric, metric_name=metric_name, eval_kwargs=dict(apply_kwargs or {}))
     ft = FinetuneConfig(seed=seed, distill=distill)
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))

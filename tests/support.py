@@ -65,7 +65,9 @@ unstructured_work_factor = 2.0
 """
 
 
-def dense(index: int, n_in: int, n_out: int) -> Layer:
-    """A Dense layer record fc<index> with n_in inputs and n_out outputs (bias included)."""
+def dense(index: int, n_in: int, n_out: int, src: int | None = None) -> Layer:
+    """A Dense layer record fc<index> with n_in inputs and n_out outputs (bias included),
+    reading layer `src`'s channels (None: the previous layer's, an MLP; -1: not a layer's)."""
+    src = index - 1 if src is None else src
     return Layer(index, f"fc{index}", (f"fc{index}",), "dense", (n_in, n_out), (n_in,), (n_out,), 1, True,
-                 n_in * n_out, n_in * n_out + n_out)
+                 n_in * n_out, n_in * n_out + n_out, reads=((src, n_in),))

@@ -25,8 +25,10 @@ def register(subparsers: Any) -> None:
         "priced on the hardware profile (over-budget ones are never trained), fine-tuned, and stored. "
         "Running the same command again resumes the study.",
     )
-    p.add_argument("--model", default="lenet300", help="zoo model (default lenet300)")
-    p.add_argument("--dataset", default="digits", help="data set (default digits)")
+    p.add_argument("--model", default="lenet300",
+                   help="zoo model (default lenet300), or your own: path/to/file.py:build or package.module:build, "
+                        "where build() returns a models.Task, or (task, trained variables)")
+    p.add_argument("--dataset", default=None, help="data set of a zoo model (default digits)")
     p.add_argument("--data-dir", default=None, help="where the data set lives, when not the default")
     p.add_argument("--profile", default="mobile-cpu", help="shipped profile name or TOML path (default mobile-cpu)")
     p.add_argument("--latency-ms", type=float, default=None, help="latency budget (profile default otherwise)")

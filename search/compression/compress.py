@@ -145,8 +145,9 @@ def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Seque
 
 
 def quantized_apply(model: Model, layers: Sequence[Layer], params: Any, act_lo: jax.Array,
-                    act_hi: jax.Array, act_bits: jax.Array, x: jax.Array) -> jax.Array:
-    """Run the model with the input of every layer fake-quantized to its act_bits."""
+                    act_hi: jax.Array, act_bits: jax.Array, x: jax.Array, bn: Any = None) -> jax.Array:
+    """Run the model with the input of every layer fake-quantized to its act_bits (`bn`: the
+    BatchNorm statistics to use, Model.apply)."""
     index = {l.path: l.index for l in layers}
     # every layer's grid at once ([L] each): per-layer scalar arithmetic compiled as a small
     # kernel of its own per layer
@@ -161,10 +162,10 @@ def quantized_apply(model: Model, layers: Sequence[Layer], params: Any, act_lo: 
         # quantization fuses with its neighbours instead of compiling branches
         return call(quant.fake_quant_act_grid(v, s[i], z[i], levels[i], is_float[i]))
 
-    return model.apply(params, x, around)
+    return model.apply(params, x, around, bn=bn)
 
 
-def calibrate_ranges(model: Model, layers: Sequence[Layer], params: Any, x: jax.Array
+def calibrate_ranges(model: Model, layers: Sequence[Layer], params: Any, x: jax.Array, bn: Any = None
                      ) -> tuple[jax.Array, jax.Array]:
     """([L] min, [L] max) of every layer's input over the batch x (float activations)."""
     index = {l.path: l.index for l in layers}
@@ -178,5 +179,5 @@ def calibrate_ranges(model: Model, layers: Sequence[Layer], params: Any, x: jax.
             hi[i] = jnp.maximum(hi[i], jnp.max(v))
         return call(v)
 
-    model.apply(params, x, around)
+    model.apply(params, x, around, bn=bn)
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in lo]), jnp.stack([jnp.asarray(v, jnp.float32) for v in hi])

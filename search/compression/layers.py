@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
+import flax
+import flax.errors
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.task import split_variables
+from search.compression.graph import trace_coupling
 from search.errors import UserError
 
 # around(path, call, x) -> y: runs a Dense/Conv; `call(x)` is the layer itself, so a hook
@@ -37,8 +43,19 @@ class Layer:
     out_shape: tuple[int, ...]  # output activation shape of one example
     groups: int  # feature_group_count (1 for Dense)
     has_bias: bool  # whether a bias follows the kernel
-    macs: int  # multiply-accumulates for one example
+    macs: int  # multiply-accumulates for one example (all calls of a layer called more than once)
     params: int  # kernel + bias parameter count
+    # channel dependencies traced from the graph (search.compression.graph); the defaults are
+    # what a study stored before they existed: every layer alone, inputs read in full
+    leader: int = -1  # the layer whose pruning decision removes this layer's output channels (-1: itself)
+    fixed: str | None = None  # why this layer's output channels cannot be removed (None: they can)
+    reads: tuple[tuple[int, int], ...] = ()  # fan-in channels at one position: (leader or -1, count)
+    in_repeat: int = 1  # times `reads` repeats along the fan-in (H*W for a Dense after a flatten)
+
+    @property
+    def group(self) -> int:
+        """Index of the layer that decides this layer's channels (its group's leader)."""
+        return self.index if self.leader < 0 else self.leader
 
     @property
     def out_channels(self) -> int:
@@ -66,10 +83,19 @@ class Model:
 
     Accepts a Linen module, an nnx.Module (its nnx.Param leaves become the params dict), or
     a function `apply(params, x)` that calls Linen modules inside.
+
+    Only `params` is compressed and fine-tuned. A Linen model's other variable collections
+    (`state`, e.g. {"batch_stats": ...}) are passed to every call unchanged, and `kwargs` are
+    its call arguments (e.g. {"train": False}, {"deterministic": True}). An NNX model runs in
+    eval mode (`Module.eval()`: BatchNorm on its running statistics, Dropout off), on a copy,
+    so the caller's module is not changed.
     """
 
-    def __init__(self, module_or_apply: Any):
+    def __init__(self, module_or_apply: Any, state: Mapping[str, Any] | None = None,
+                 kwargs: Mapping[str, Any] | None = None):
         self.source = module_or_apply
+        self.state = dict(state or {})  # the other collections (Linen), fixed
+        self.kwargs = dict(kwargs or {})  # call arguments of every forward pass
         self.kind: Literal["linen", "nnx", "function"]
         if isinstance(module_or_apply, nn.Module):
             self.kind = "linen"
@@ -83,6 +109,9 @@ class Model:
                 f"cannot compress {type(module_or_apply).__name__}: pass a Flax Linen module, "
                 "an nnx.Module, or a function apply(params, x)"
             )
+        if self.kind != "linen" and self.state:
+            raise UserError(f"variable collections {sorted(self.state)} were given for a {self.kind} model: "
+                            "only a Linen module takes them (an NNX module holds its own state)")
 
     def initial_params(self) -> Any:
         """The params dict of an NNX module (Linen params live outside the module)."""
@@ -90,23 +119,120 @@ class Model:
             raise UserError("initial_params() is only defined for NNX modules; pass params explicitly")
         return nnx.to_pure_dict(self._param_state)
 
-    def apply(self, params: Any, x: jax.Array, around: Around | None = None) -> jax.Array:
-        """Run the model; `around(path, call, x)` wraps every Dense/Conv call."""
-        if self.kind == "nnx":
-            state = jax.tree.map(lambda a: a, self._param_state)  # a copy we may fill
-            nnx.replace_by_pure_dict(state, params)
-            model = nnx.merge(self._graphdef, state, self._rest)
+    def apply(self, params: Any, x: jax.Array, around: Around | None = None,
+              bn: Mapping[str, tuple[jax.Array, jax.Array]] | None = None) -> jax.Array:
+        """Run the model; `around(path, call, x)` wraps every Dense/Conv call; `bn` replaces
+        the running statistics of the BatchNorms it names ({"/".join(path): (mean [C], var
+        [C])}, as `bn_statistics` returns them: adaptive BN)."""
+        if not bn:
+            return self._run(params, x, around, None)
+        return self._run(params, x, around, lambda path, m, v: bn.get(path))
+
+    def bn_statistics(self, params: Any, x: jax.Array, around: Around | None = None
+                      ) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """Adaptive BN (Li et al., EagleEye, ECCV 2020): every BatchNorm re-estimates its
+        statistics on the batch x (a forward pass in which each normalises with the batch's
+        mean and variance over all axes but the feature axis, the way training does), so that
+        pruned and quantized layers are judged with statistics that fit them. Returns
+        {"/".join(module path): (mean [C], var [C])}; {} for a model without BatchNorm."""
+        found: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+        def batch_stats(path, m, v):
+            axes = tuple(range(v.ndim - 1))
+            mean = jnp.mean(v, axis=axes)
+            var = jnp.maximum(jnp.mean(jnp.square(v), axis=axes) - jnp.square(mean), 0.0)
+            found[path] = (mean, var)
+            return mean, var
+
+        self._run(params, x, around, batch_stats)
+        return found
+
+    def _run(self, params, x, around, stats) -> jax.Array:
+        """The forward pass; stats(path, module, input) -> (mean, var) or None picks the
+        statistics of every BatchNorm over the last axis (None: its own)."""
+        with _bn_override(stats):
+            if self.kind == "nnx":
+                state = jax.tree.map(lambda a: a, self._param_state)  # a copy we may fill
+                nnx.replace_by_pure_dict(state, params)
+                model = nnx.merge(self._graphdef, state, self._rest)
+                model.eval()  # running BatchNorm statistics, no Dropout: nothing is mutated in the trace
+                names = {id(m): "/".join(str(q) for q in p) for p, m in nnx.iter_modules(model)}
+                with _nnx_names(names):
+                    if around is None:
+                        return model(x, **self.kwargs)
+                    paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, _NNX_TYPES)}
+                    with _nnx_around(paths, around):
+                        return model(x, **self.kwargs)
+            if self.kind == "linen":
+                run = lambda: self.source.apply({"params": params, **self.state}, x, **self.kwargs)
+            else:
+                run = lambda: self.source(params, x, **self.kwargs)
             if around is None:
-                return model(x)
-            paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, _NNX_TYPES)}
-            with _nnx_around(paths, around):
-                return model(x)
-        run = (lambda: self.source.apply({"params": params}, x)) if self.kind == "linen" else (
-            lambda: self.source(params, x))
-        if around is None:
-            return run()
-        with nn.intercept_methods(_linen_interceptor(around)):
-            return run()
+                return run()
+            with nn.intercept_methods(_linen_interceptor(around)):
+                return run()
+
+
+_BN_STATS: list = []  # the active statistics override of _bn_override (a stack)
+_NNX_NAMES: list = []  # {id(module): path} of the NNX model being run
+
+
+@contextlib.contextmanager
+def _bn_override(stats) -> Iterator[None]:
+    """While tracing, BatchNorms over the last axis normalise with stats(path, module, x)."""
+    if stats is None:
+        yield
+        return
+    _BN_STATS.append(stats)
+    orig = nnx.BatchNorm.__call__
+
+    def linen(next_fun, args, kwargs, context):
+        m = context.module
+        if not (isinstance(m, nn.BatchNorm) and context.method_name == "__call__" and args
+                and m.axis in (-1, args[0].ndim - 1) and m.axis_name is None):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        got = stats("/".join(m.path), m, x)
+        if got is None:
+            return next_fun(*args, **kwargs)
+        p = m.variables.get("params", {})
+        return _normalise(x, *got, p.get("scale") if m.use_scale else None, p.get("bias") if m.use_bias else None,
+                          m.epsilon)
+
+    def nnx_call(self, x, *args, **kwargs):
+        name = _NNX_NAMES[-1].get(id(self)) if _NNX_NAMES else None
+        axis = getattr(self, "feature_axis", -1)
+        got = None if name is None or axis not in (-1, x.ndim - 1) else stats(name, self, x)
+        if got is None:
+            return orig(self, x, *args, **kwargs)
+        scale = self.scale[...] if getattr(self, "scale", None) is not None else None
+        bias = self.bias[...] if getattr(self, "bias", None) is not None else None
+        return _normalise(x, *got, scale, bias, self.epsilon)
+
+    try:
+        nnx.BatchNorm.__call__ = nnx_call
+        with nn.intercept_methods(linen):
+            yield
+    finally:
+        nnx.BatchNorm.__call__ = orig
+        _BN_STATS.pop()
+
+
+@contextlib.contextmanager
+def _nnx_names(names: dict[int, str]) -> Iterator[None]:
+    _NNX_NAMES.append(names)
+    try:
+        yield
+    finally:
+        _NNX_NAMES.pop()
+
+
+def _normalise(x, mean, var, scale, bias, eps) -> jax.Array:
+    """BatchNorm's output for given statistics (Flax's formula, feature axis last)."""
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    return y + bias if bias is not None else y
 
 
 def _linen_interceptor(around: Around):
@@ -142,15 +268,16 @@ def _nnx_around(paths: dict[int, tuple], around: Around) -> Iterator[None]:
             cls.__call__ = orig
 
 
-def reads_previous(prev: Layer, cur: Layer) -> bool:
-    """Whether `cur`'s input carries `prev`'s output channels (directly, pooled, or flattened).
-
-    The chain rule shared by the cost model (a chained layer loses the input channels its
-    producer loses) and the size breakdown (those input rows are not stored)."""
-    c = prev.out_channels
-    if len(cur.in_shape) > 1:
-        return cur.in_shape[-1] == c
-    return cur.in_shape[0] == c or (len(prev.out_shape) > 1 and cur.in_shape[0] % c == 0)
+def task_model(task: Any, weights: Any) -> tuple[Model, Any]:
+    """(the Model that runs `task.module` in eval mode, its params) from the trained weights:
+    a Flax variables dict ({"params": ..., "batch_stats": ...}: only params are compressed,
+    the other collections ride along fixed), a bare params tree, or None for an NNX module's
+    own weights. The call arguments are task.eval_kwargs (e.g. train=False)."""
+    params, state = split_variables(weights) if weights is not None else (None, {})
+    model = Model(task.module, state, task.eval_kwargs)
+    if params is None and model.kind == "nnx":
+        params = model.initial_params()
+    return model, params
 
 
 def get_path(tree: Any, path: tuple) -> Any:
@@ -174,21 +301,27 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
 
     `params` is the params dict (Linen `variables["params"]`, or None for an NNX module);
     `sample_input` is one input batch (or its ShapeDtypeStruct). A layer called twice
-    (shared weights) is listed once, at its first call.
+    (shared weights) is listed once, at its first call, with the MACs of all its calls.
     """
     model = module_or_apply if isinstance(module_or_apply, Model) else Model(module_or_apply)
     if params is None:
         params = model.initial_params()
     seen: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    positions: dict[tuple, int] = {}  # output positions summed over the layer's calls
 
     def around(path, call, x):
         y = call(x)
         seen.setdefault(path, (tuple(x.shape), tuple(y.shape)))
+        positions[path] = positions.get(path, 0) + math.prod(y.shape[1:-1])
         return y
 
-    jax.eval_shape(lambda p, x: model.apply(p, x, around), params, sample_input)
+    with flax_errors():
+        jax.eval_shape(lambda p, x: model.apply(p, x, around), params, sample_input)
     if not seen:
         raise UserError("no Dense or Conv layer found in the model: nothing to compress")
+    paths = list(seen)
+    with flax_errors():
+        coupling = trace_coupling(model.apply, params, sample_input, paths)
     layers = []
     for i, (path, (in_shape, out_shape)) in enumerate(seen.items()):
         node = get_path(params, path)
@@ -201,7 +334,33 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
         layers.append(Layer(
             index=i, name="/".join(str(p) for p in path), path=path, kind=kind,
             kernel_shape=kshape, in_shape=in_shape[1:], out_shape=out_shape[1:], groups=groups,
-            has_bias=has_bias, macs=math.prod(out_shape[1:-1]) * math.prod(kshape),
+            has_bias=has_bias, macs=positions[path] * math.prod(kshape),
             params=math.prod(kshape) + nbias,
+            leader=coupling.leader[i], fixed=coupling.fixed[i], reads=coupling.reads[i],
+            in_repeat=coupling.in_repeat[i],
         ))
     return tuple(layers)
+
+
+@contextlib.contextmanager
+def flax_errors() -> Iterator[None]:
+    """Flax's errors about variables and call arguments as one-line UserErrors with the fix."""
+    try:
+        yield
+    except flax.errors.ScopeCollectionNotFound as e:
+        col = re.search(r'collection "([^"]+)"', str(e))
+        raise UserError(f"the model reads variable collection {col.group(1) if col else '?'!r}, which was not given: pass the whole "
+                        "variables dict (params and the other collections, e.g. batch_stats), not "
+                        "variables['params']") from None
+    except flax.errors.ModifyScopeVariableError as e:
+        raise UserError(f"the model updates its variables when evaluated ({str(e).splitlines()[0][:120]}): run it "
+                        "in eval mode, e.g. apply_kwargs={'train': False} (BatchNorm use_running_average=True)") from None
+    except flax.errors.InvalidRngError as e:
+        raise UserError(f"the model needs random numbers when evaluated ({str(e).splitlines()[0][:120]}): run it "
+                        "deterministically, e.g. apply_kwargs={'deterministic': True} (Dropout off)") from None
+    except flax.errors.ApplyScopeInvalidVariablesStructureError:
+        raise UserError("the variables are nested one level too deep: pass module.init(...)'s dict, whose top level "
+                        "holds 'params' and the other collections") from None
+    except flax.errors.TraceContextError:
+        raise UserError("the NNX model changes its state while evaluated: call model.eval() (BatchNorm on running "
+                        "statistics, Dropout off) before compressing it") from None

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from search.compression.graph import group_members, tie_plan
 from search.compression.layers import Layer, get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP, Plan
 
@@ -80,15 +81,25 @@ def layer_mask(w: jax.Array, ratio: jax.Array, granularity: jax.Array) -> jax.Ar
 def compute_masks(params: Any, layers: Sequence[Layer], plan: Plan) -> dict[str, jax.Array]:
     """{layer.name: 0/1 mask shaped like its kernel} for one plan of shape [L].
 
-    The same masks as `layer_mask` per layer, but the unstructured and channel ranks of all
-    layers come from one sort each (keyed by layer, then magnitude; stable, so ties go by
-    position as in `_ranks`): two argsorts per layer and granularity made most of the
-    compiled code.
+    The plan is first tied to the channel groups (`graph.tie_plan`: one ratio and
+    granularity per group). Channel pruning ranks a group's channels by their L1 norms summed
+    over every member (DepGraph's group importance, with L1 in place of its L2), so every
+    member of a group (a residual stage, a conv and the depthwise conv after it) loses the
+    same channels. Otherwise the same masks as `layer_mask` per layer, but the unstructured
+    and channel ranks of all layers come from one sort each (keyed by layer, then magnitude;
+    stable, so ties go by position as in `_ranks`): two argsorts per layer and granularity
+    made most of the compiled code.
     """
+    plan = tie_plan(plan, layers)
     ws = [get_path(params, l.path)["kernel"] for l in layers]
     ratios = [plan.ratio[l.index] for l in layers]
     unstructured = _grouped_keep([jnp.abs(w).ravel() for w in ws], ratios)
     norms = [jnp.abs(w).reshape(-1, w.shape[-1]).sum(axis=0) for w in ws]
+    for members in group_members(layers).values():
+        if len(members) > 1:
+            total = sum(norms[i] for i in members)
+            for i in members:
+                norms[i] = total
     channels = _grouped_keep(norms, ratios)
     out = {}
     for l, w, r, u, c in zip(layers, ws, ratios, unstructured, channels):
@@ -117,7 +128,10 @@ def _grouped_keep(values: Sequence[jax.Array], ratios: Sequence[jax.Array]) -> l
 
 
 def pruned_counts(layers: Sequence[Layer], plan: Plan) -> np.ndarray:
-    """Weights removed per layer ([..., L] int), exactly as `compute_masks` removes them."""
+    """Weights removed per layer ([..., L] int), exactly as `compute_masks` removes them
+    (from a layer's own kernel; the fan-in rows its producers' channel pruning removes are
+    the cost model's and the size breakdown's business)."""
+    plan = tie_plan(plan, layers)
     ratio = np.asarray(plan.ratio, np.float32)
     gran = np.asarray(plan.granularity)
     out = np.zeros(ratio.shape, np.int64)

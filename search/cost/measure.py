@@ -15,7 +15,7 @@ import numpy as np
 
 import hw_profiles
 import models
-from search.compression.layers import discover_layers
+from search.compression.layers import discover_layers, task_model
 from search.compression.plan import QUANT_MODES, make_plan, stack_plans
 from search.cost.roofline import price
 from search.errors import UserError
@@ -106,7 +106,7 @@ def _predict(config: dict, profile: str) -> float | None:
     prof = hw_profiles.load_profile(profile)
     m = config["model"]
     task = models.get_task(m["name"], m["dataset"], **dict(m.get("hparams") or {}))
-    layers = discover_layers(task.module, task.init_params(), np.zeros((1, *m["input_shape"]), np.float32))
+    layers = discover_layers(*task_model(task, task.init_variables()), np.zeros((1, *m["input_shape"]), np.float32))
     ls = config["layers"]
     mode = [QUANT_MODES.get(l["quant_mode"], 0) for l in ls]
     plan = make_plan([l["ratio"] for l in ls], [l["granularity"] for l in ls], [l["weight_bits"] for l in ls],

@@ -10,10 +10,12 @@ Roofline per layer, for one example (batch 1):
   throughput is the best peak among widths >= c. No kernel wide enough: the profile's float
   policy decides (fallback to the host CPU at fallback_gops, or disallow: latency = inf).
   Codebook weights (Deep Compression) are decoded to 16-bit values before the MAC.
-- work_l, the effective MACs: channel pruning keeps (1 - ratio) of the layer's output channels,
-  and of the next layer's input channels when that layer reads this one's output (a chain:
-  its input has this layer's channel count, or a flattened multiple of it), as the ONNX export
-  removes them for real; a depthwise layer loses those channels entirely. Unstructured sparsity gives
+- work_l, the effective MACs: channel pruning keeps C - round(ratio * C) output channels of
+  each layer of a channel group (compression.graph: layers whose channels meet in an add or
+  pass through a depthwise conv share one decision), and of every reader's fan-in the rows
+  those groups keep (`Layer.reads`: concatenations and flattens included), exactly as the
+  masks and the ONNX export remove them; a depthwise layer's input channels are its output
+  channels. Unstructured sparsity gives
   macs * min(1, density * work_factor) only at or above the profile's threshold; N:M keeps
   N_kept of every M and is accelerated when the profile has a pattern that covers it.
 - bytes_l: weights as the device holds them (packed at their bit width; sparse formats only
@@ -36,7 +38,8 @@ import numpy as np
 
 from hw_profiles import HardwareProfile, list_profiles, load_profile
 from search.compression import plan as P
-from search.compression.layers import Layer, reads_previous
+from search.compression.graph import kept_channels, tie_plan
+from search.compression.layers import Layer
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -53,6 +56,7 @@ class Costs:
     memory_kb: np.ndarray  # packed weights in memory + peak activations, KiB
     size_kb: np.ndarray  # packed model size, KiB
     layer_latency_ms: np.ndarray  # [K, L]
+    layer_macs: np.ndarray | None = None  # [K, L] MACs after channel removal (what the export's kernels compute)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class _LayerArrays:
     in_elems: np.ndarray
     out_elems: np.ndarray
     kind: np.ndarray  # index into _KINDS
-    chained: np.ndarray  # bool: the layer reads the previous layer's output channels
+    reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
 
 
 @functools.lru_cache(maxsize=256)
@@ -75,8 +79,23 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         bias=f(lambda l: l.out_channels if l.has_bias else 0),
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
-        chained=np.array([False] + [reads_previous(a, b) for a, b in zip(layers, layers[1:])], bool),
+        reads=_reads_matrix(layers),
     )
+
+
+def _reads_matrix(layers: Sequence[Layer]) -> np.ndarray:
+    """[L, L + 1]: the share of each layer's fan-in channels that group j produces (j = L: a
+    tensor that is not a layer's, or a layer whose inputs the tracer did not see)."""
+    n = len(layers)
+    m = np.zeros((n, n + 1))
+    for layer in layers:
+        total = sum(c for _, c in layer.reads)
+        if not total:
+            m[layer.index, n] = 1.0
+            continue
+        for src, c in layer.reads:
+            m[layer.index, src if src >= 0 else n] += c / total
+    return m
 
 
 def _tables(profile: HardwareProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,24 +117,23 @@ def _plan_arrays(plans: P.Plan) -> tuple[np.ndarray, ...]:
 def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> dict[str, np.ndarray]:
     """Per-layer pieces [K, L]: latency (s), weight memory bits, weight size bits, act bytes."""
     la = _layer_arrays(tuple(layers))
-    r, g, wb, ab, qm = _plan_arrays(plans)
+    r, g, wb, ab, qm = _plan_arrays(tie_plan(plans, layers))
     weff_t, aeff_t, tput_t = _tables(profile)
     chan, unst, nm = g == P.CHANNEL, g == P.UNSTRUCTURED, g == P.NM
     codebook = (qm == P.CODEBOOK) & (wb <= 8)  # wider codebooks run as uniform (compress.weight_branch)
 
-    # kept fractions
-    keep_ch = np.where(chan, 1.0 - r, 1.0)  # output channels kept
-    keep_in, keep_out = np.ones_like(r), keep_ch.copy()  # input channels kept; output channels left
-    for i in np.flatnonzero(la.chained):
-        keep_in[:, i] = keep_out[:, i - 1]
-        if la.kind[i] == _KINDS.index("depthwise"):  # its channels are its input's
-            keep_out[:, i] = keep_ch[:, i] * keep_in[:, i]
+    # kept fractions: output channels as the masks count them (one decision per group, see
+    # compression.graph), input channels as the producing groups keep them
+    keep_out = np.where(chan, kept_channels(r, la.out_ch[None, :]) / la.out_ch, 1.0)
+    keep_in = np.concatenate([keep_out, np.ones_like(r[:, :1])], axis=1) @ la.reads.T
+    # a depthwise layer's input channels are its output channels: count them once
+    keep_ch = np.where(la.kind == _KINDS.index("depthwise"), 1.0, keep_in)
     pruned_nm = np.clip(np.round(r * P.NM_GROUP), 0, P.NM_GROUP - 1)
     nm_kept = P.NM_GROUP - pruned_nm
     density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
 
     # effective MACs
-    dense_work = la.macs * keep_ch * keep_in
+    dense_work = la.macs * keep_out * keep_ch
     sparsity = 1.0 - density
     thr = profile.unstructured_min_sparsity
     sparse_ok = (sparsity > 0) & (thr is not None) & (sparsity >= (thr if thr is not None else 2.0))
@@ -137,7 +155,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
 
     # weights: values, sparse indices, codebook or per-channel scales, biases (bits). A layer
     # whose quantized form would be larger than float32 (tiny layers, huge codebooks) is kept float.
-    n_w = la.weights * keep_ch * keep_in
+    n_w = la.weights * keep_out * keep_ch
     nnz = n_w * density
     kept_ch = la.out_ch * keep_out
     index_bits = np.where(nm, np.minimum(n_w, nnz * NM_INDEX_BITS), np.minimum(n_w, nnz * REL_INDEX_BITS))
@@ -178,7 +196,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     else:
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
-    return {"lat": lat, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
+    return {"lat": lat, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
 
 
 def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> Costs:
@@ -191,6 +209,7 @@ def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan
         memory_kb=parts["memory_bytes"] / 1024,
         size_kb=parts["size_bits"].sum(axis=1) / 8 / 1024,
         layer_latency_ms=lat_ms,
+        layer_macs=parts["macs"],
     )
 
 

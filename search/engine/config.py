@@ -20,6 +20,9 @@ class FinetuneConfig:
     k: int | None = None  # plans per vmapped step; None = measure what is fastest here
     calib_examples: int = 512  # training examples used to calibrate activation ranges
     eval_batch: int = 1024  # examples per evaluation chunk
+    # re-estimate BatchNorm statistics of each compressed plan on the calibration examples
+    # before fine-tuning and evaluating it (EagleEye's adaptive BN); no effect without BatchNorm
+    adaptive_bn: bool = True
 
     def check(self) -> None:
         """Raise UserError naming the first field that is out of range."""

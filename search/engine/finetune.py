@@ -11,6 +11,7 @@ axis between steps.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from search.compression import masks as masks_lib
 from search.errors import UserError
 from search.engine.config import FinetuneConfig
 from search.engine.k_file import read_k_file, write_k_file
-from search.compression.layers import Layer, Model, discover_layers, get_path, set_path
+from search.compression.layers import Layer, discover_layers, get_path, set_path, task_model
 from search.compression.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
 
 
@@ -41,6 +42,7 @@ class CompressedModel:
     masks: dict[str, np.ndarray]  # {layer name: 0/1 mask like the kernel}
     act_ranges: dict[str, tuple[float, float]]  # {layer name: calibrated (lo, hi) of its input}
     weight_scales: dict[str, np.ndarray]  # {layer name: [C] grid scale per output channel (fixed per trial)}
+    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # {BatchNorm path: (mean, var)} adapted to the plan ({}: the model's own)
     plan: Plan  # the plan, arrays of shape [L]
     metric: float  # validation metric after fine-tuning
     finite: bool  # False when fine-tuning produced NaN/inf
@@ -124,11 +126,9 @@ class Engine:
         config.check()
         self.task, self.config = task, config
         self._k_file = Path(k_file) if k_file is not None else None
-        self.model = Model(task.module)
+        self.model, base_params = task_model(task, base_params)
         if base_params is None:
-            base_params = self.model.initial_params() if self.model.kind == "nnx" else None
-        if base_params is None:
-            raise UserError("Engine needs the trained params; pass base_params (see models.train.train_baseline)")
+            raise UserError("Engine needs the trained weights; pass base_params (see models.train.train_baseline)")
         # jax arrays as they are, host arrays by device_put: jnp.asarray compiled a small XLA
         # program per leaf (a tenth of a second per study, all told, with the data below)
         self.base_params = jax.tree.map(
@@ -151,8 +151,10 @@ class Engine:
         m = self.model
         ident = m._graphdef if m.kind == "nnx" else m.source
         c = self.config
-        return (m.kind, ident, self.layers, self.task.loss, self.task.metric, self.task.data.kind,
-                c.learning_rate, c.distill, c.temperature, c.alpha, k)
+        # the other collections (BatchNorm statistics) are constants of the compiled functions
+        state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
+        return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
+                self.task.data.kind, c.learning_rate, c.distill, c.temperature, c.alpha, c.adaptive_bn, k)
 
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
@@ -184,15 +186,16 @@ class Engine:
                 params = _set(params, l, {**_node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
             eff = compress.effective_params(params, masks, q0, layers, plan)
-            lo, hi = compress.calibrate_ranges(model, layers, eff, calib)
+            bn = model.bn_statistics(eff, calib) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
+            lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
             trainable = {"params": params}
-            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi)}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi), "bn": bn}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
         def forward(trainable, frozen, plan, x):
             eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
             q = frozen["q"]
-            return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+            return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x, frozen["bn"])
 
         def loss_one(trainable, frozen, plan, x, y, teacher):
             out = forward(trainable, frozen, plan, x)
@@ -226,7 +229,7 @@ class Engine:
             # return_models and the NaN check need no compiles of their own
             eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
             q = frozen["q"]
-            out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x)
+            out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x, frozen["bn"])
             ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
             return task.metric(out, y), eff, ok
 
@@ -275,7 +278,8 @@ class Engine:
         lo = jnp.array([cm.act_ranges[l.name][0] for l in self.layers])
         hi = jnp.array([cm.act_ranges[l.name][1] for l in self.layers])
         return compress.quantized_apply(self.model, self.layers, jax.tree.map(jnp.asarray, cm.params),
-                                        lo, hi, jnp.asarray(cm.plan.act_bits), jnp.asarray(x, jnp.float32))
+                                        lo, hi, jnp.asarray(cm.plan.act_bits), jnp.asarray(x, jnp.float32),
+                                        jax.tree.map(jnp.asarray, cm.bn_stats))
 
     # ---- internals -------------------------------------------------------------------------
     def _check_plans(self, plans) -> Plan:
@@ -336,6 +340,7 @@ class Engine:
                 params=eff, masks=fr["masks"],
                 act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
                 weight_scales={l.name: fr["q"].w_scale[l.name] for l in self.layers},
+                bn_stats={k: tuple(v) for k, v in fr["bn"].items()},
                 plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
         return out
 

@@ -160,12 +160,12 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
     pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
                       [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra,
-                      scales=cm.weight_scales)
+                      scales=cm.weight_scales, state=adapted_state(engine.model.state, cm.bn_stats))
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = _metric(task, predict, back, x, y)
 
     exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
-    model, oinfo = to_onnx(engine.model.apply, params, task.data.input_shape, exports,
+    model, oinfo = to_onnx(lambda p, v: engine.model.apply(p, v, bn=cm.bn_stats), params, task.data.input_shape, exports,
                            {"/".join(l.path) + "/kernel": l.name for l in layers})
     onnx.save(model, str(out_dir / "model.onnx"))
     sess = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -197,7 +197,8 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
                     "kept_weights": infos[l.name]["kept"], "out_channels": l.out_channels,
                     "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
                     "onnx_weight": exports[l.name].weight,
-                    "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name])}
+                    "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name]),
+                    "group": layers[l.group].name, "channels_fixed": l.fixed}
                    for l in layers],
         "onnx_kept_back": oinfo["kept_back"],
         "size": breakdown["total"],
@@ -205,6 +206,19 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=_json))
     return ExportResult(out_dir, quality, reload_quality, onnx_quality, diff, agree, config)
+
+
+def adapted_state(state: dict, bn_stats: dict) -> dict:
+    """A Linen model's other collections with the BatchNorm statistics adaptive BN gave the
+    plan (`CompressedModel.bn_stats`) in place of the dense model's."""
+    out = jax.tree.map(np.asarray, dict(state))
+    for path, (mean, var) in bn_stats.items():
+        node = out.get("batch_stats", {})
+        for part in path.split("/"):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if "mean" in node and "var" in node:
+            node["mean"], node["var"] = np.asarray(mean), np.asarray(var)
+    return out
 
 
 def _json(v: Any) -> Any:

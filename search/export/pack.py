@@ -215,12 +215,15 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
                  bits: Sequence[int], modes: Sequence[str],
                  masks: Mapping[str, np.ndarray] | None = None,
                  extra: Mapping[str, Any] | None = None,
-                 scales: Mapping[str, np.ndarray] | None = None) -> dict[str, dict]:
+                 scales: Mapping[str, np.ndarray] | None = None,
+                 state: Mapping[str, Any] | None = None) -> dict[str, dict]:
     """Write effective params as packed weights; returns per-layer info (storage, notes).
 
     `layers` are search.layers.Layer (only .name and .path are used); other leaves (biases)
     are stored as float32. `extra` goes into the metadata as JSON (e.g. activation ranges).
-    `scales`: {layer name: [out] uniform grid scales} (`encode_layer`).
+    `scales`: {layer name: [out] uniform grid scales} (`encode_layer`). `state`: the model's
+    other variable collections (e.g. {"batch_stats": ...}), stored as float32 so that
+    `load_variables` gives back everything `module.apply` needs.
     """
     from safetensors.numpy import save_file
 
@@ -239,8 +242,11 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
     for key, v in flat.items():
         if key not in kernel_keys:
             tensors[f"param:{key}"] = v
+    flat_state = _flatten(state or {})
+    tensors.update({f"state:{k}": v for k, v in flat_state.items()})
     meta = {"format": FORMAT, "layers": infos,
             "params": {k: list(v.shape) for k, v in flat.items()},
+            "state": {k: list(v.shape) for k, v in flat_state.items()},
             "extra": dict(extra or {}), "sha256": _digest(tensors)}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
               metadata={"hwcompress": json.dumps(meta)})
@@ -286,6 +292,18 @@ def load_weights(path: str | Path, template: Mapping[str, Any] | None = None) ->
     if template is not None:
         check_shapes(flat, template, path)
     return _unflatten(flat), meta
+
+
+def load_variables(path: str | Path) -> dict[str, Any]:
+    """The Flax variables of an exported model: {"params": effective params, **other
+    collections} (e.g. batch_stats), ready for `module.apply(variables, x, train=False)`.
+    Raises UserError as `load_weights` does."""
+    from safetensors import safe_open
+
+    params, _ = load_weights(path)
+    with safe_open(str(path), framework="numpy") as f:
+        state = {k[len("state:"):]: f.get_tensor(k) for k in f.keys() if k.startswith("state:")}
+    return {"params": params, **_unflatten(state)}
 
 
 def check_shapes(flat: Mapping[str, np.ndarray], template: Mapping[str, Any], path: Any = "weights") -> None:

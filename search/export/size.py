@@ -4,8 +4,8 @@ after quantization, after Huffman coding; sizes in bits, ratios against dense fp
 What is counted. The dense stage is the whole original layer (kernel and bias, fp32). Every
 later stage counts what the exported model holds (`held_channels`, `model_breakdown`): a
 channel-pruned layer only its kept output channels (values, scales, biases), and a layer that
-reads a channel-pruned producer (search.layers.reads_previous, the cost model's chain rule)
-only the fan-in rows of the producer's kept channels; the ONNX export removes the rest (the
+reads channel-pruned groups (search.compression.graph, as the cost model prices it) only
+the fan-in rows of their kept channels; the ONNX export removes the rest (the
 constant output of a removed channel folds into the consumer's bias, so it costs nothing).
 
 Sparse storage. The held kernel is stored in the cheapest of these formats, chosen per stage:
@@ -41,7 +41,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from search.compression.layers import get_path, reads_previous
+from search.compression.graph import tie_plan
+from search.compression.layers import get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP
 from search.cost.roofline import REL_INDEX_BITS
 
@@ -291,25 +292,27 @@ def held_channels(layers: Sequence, masks: Mapping[str, np.ndarray],
                   granularity: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(out_keep bool [out], in_keep bool [fan_in]) of every layer, as the export holds them.
 
-    A channel-pruned layer holds the output channels its mask keeps; a layer that reads its
-    producer's channels (search.layers.reads_previous, the cost model's chain rule) loses the
-    fan-in rows of the producer's removed channels (their constant contribution folds into its
-    bias), and a depthwise layer loses those channels outright. Other layers hold everything.
+    `granularity` is the tied plan's (compression.graph.tie_plan). A channel-pruned layer
+    holds the output channels its mask keeps (every member of a channel group the same ones);
+    every layer loses the fan-in rows of the channels its producing groups removed
+    (`Layer.reads`: through adds, concatenations and flattens; their constant contribution
+    folds into its bias), exactly the rows the cost model prices. Other layers hold everything.
     """
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    prev = None
+    out_ok: dict[int, np.ndarray] = {}
+    rows = {}
     for i, l in enumerate(layers):
         m = _as_rows(np.asarray(masks[l.name]) != 0)
-        ok = m.any(axis=1) if int(granularity[i]) == CHANNEL else np.ones(m.shape[0], bool)
+        rows[l.name] = m
+        out_ok[l.index] = m.any(axis=1) if int(granularity[i]) == CHANNEL else np.ones(m.shape[0], bool)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for l in layers:
+        m = rows[l.name]
         ik = np.ones(m.shape[1], bool)
-        if prev is not None and reads_previous(prev, l):
-            p_ok = out[prev.name][0]
-            if l.kind == "depthwise":
-                ok = ok & p_ok
-            elif m.shape[1] % p_ok.size == 0 and l.groups == 1:  # fan-in: (..., channel) channel fastest
-                ik = np.tile(p_ok, m.shape[1] // p_ok.size)
-        out[l.name] = (ok, ik)
-        prev = l
+        segs = [out_ok[src] if src >= 0 and out_ok[src].size == c else np.ones(c, bool) for src, c in l.reads]
+        chans = np.concatenate(segs) if segs else np.ones(0, bool)
+        if l.kind != "depthwise" and l.groups == 1 and chans.size and m.shape[1] % chans.size == 0:
+            ik = np.tile(chans, m.shape[1] // chans.size)  # fan-in: (..., channel), channel fastest
+        out[l.name] = (out_ok[l.index], ik)
     return out
 
 
@@ -322,6 +325,7 @@ def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.nd
     {layer name: [out]} the uniform grids (`CompressedModel.weight_scales`). Indices
     default to the cost model's width (5 bits, search.cost.REL_INDEX_BITS) for every kind, so
     the quantized stage is what search.cost prices as size_kb (see ARCHITECTURE.md)."""
+    plan = tie_plan(plan, layers)
     keeps = held_channels(layers, masks, plan.granularity)
     per = {}
     for l in layers:

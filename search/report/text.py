@@ -45,6 +45,8 @@ def markdown(view: StudyView) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in view.front.iterrows():
             lines.append("| " + " | ".join(fmt(r[h]).replace("|", "\\|") for h in head) + " |")
+    if view.channel_groups:
+        lines += ["", "## Channel groups (traced from the graph)", ""] + [f"- {g}" for g in view.channel_groups]
     s = sensitivity_frame(view.sensitivity)
     if not s.empty:
         lines += ["", "## Layer sensitivity (quality lost, one layer at a time)", "",

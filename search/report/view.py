@@ -18,12 +18,12 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from hw_profiles import Budget, HardwareProfile, load_profile
-from search.compression.layers import Layer
 from search.compression.plan import stack_plans
 from search.cost import roofline as cost
 from search.cost.budget import BUDGET_KEYS, broken_bounds, budget_dict
 from search.errors import UserError
 from search.report import pareto
+from search.study.create import channel_groups, layers_from_attr
 from search.study.space import plan_from_dict
 from search.study.spec import SPEC_ATTR, StudySpec
 
@@ -48,6 +48,7 @@ class StudyView:
     baseline: dict[str, Any] = field(default_factory=dict)  # study attr "baseline"
     sensitivity: dict[str, Any] | None = None  # study attr "sensitivity"
     reference: tuple[float, ...] = ()  # hypervolume reference point (losses)
+    channel_groups: tuple[str, ...] = ()  # coupled channel groups and channels kept whole, one line each
 
     @property
     def model(self) -> str:
@@ -105,9 +106,7 @@ def _price_missing(profile: Any, layers: list[dict], plans: list[dict]) -> list[
     """Price stored plans on a profile the study did not store costs for (search.cost)."""
     if not layers:
         raise UserError(f"profile {getattr(profile, 'name', profile)!r} has no stored costs and the study has no \"layers\" to price its plans; re-price with a stored profile")
-    lay = tuple(Layer(**{**d, "path": tuple(d["path"]), "kernel_shape": tuple(d["kernel_shape"]),
-                         "in_shape": tuple(d["in_shape"]), "out_shape": tuple(d["out_shape"])}) for d in layers)
-    c = cost.price(profile, lay, stack_plans([plan_from_dict(p) for p in plans]))
+    c = cost.price(profile, layers_from_attr(layers), stack_plans([plan_from_dict(p) for p in plans]))
     return [{k: float(np.asarray(getattr(c, k))[i]) for k in BUDGET_KEYS} for i in range(len(plans))]
 
 
@@ -156,7 +155,7 @@ def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
     frame["hypervolume"] = pareto.hypervolume_history(loss, feas, ref, ideal) if feas.any() else 0.0
     return StudyView(study.study_name, pname, repriced, objectives, directions, budget_dict(budget), names, frame,
                      spec, dict(study.user_attrs.get("baseline") or {}), study.user_attrs.get("sensitivity"),
-                     tuple(float(x) for x in ref))
+                     tuple(float(x) for x in ref), tuple(channel_groups(layers_from_attr(layers))))
 
 
 def _home_costs(t: optuna.trial.FrozenTrial, home: str, objectives: Sequence[str]) -> dict[str, float]:

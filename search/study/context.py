@@ -18,8 +18,9 @@ import optuna
 import models
 from hw_profiles import Budget, HardwareProfile
 from models.task import Task
-from models.train import train_baseline, user_baseline
-from search.compression.layers import Layer, discover_layers
+from models.train import evaluate, train_baseline, user_baseline
+from models.user import is_reference, load_reference, variables_digest
+from search.compression.layers import Layer, discover_layers, task_model
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.engine.k_file import k_file_in
@@ -59,11 +60,11 @@ class StudyContext:
     @functools.cached_property
     def layers(self) -> tuple[Layer, ...]:
         """The compressible layers, plan axis order (shapes only: no training needed)."""
-        module = self.task.module
         probe = self._given[0] if self._given is not None else None
-        if probe is None and isinstance(module, nn.Module):
-            probe = self.task.init_params()
-        return tuple(discover_layers(module, probe, np.asarray(self.task.data.x_train[:1])))
+        if probe is None and isinstance(self.task.module, nn.Module):
+            probe = self.task.init_variables()
+        model, params = task_model(self.task, probe)
+        return tuple(discover_layers(model, params, np.asarray(self.task.data.x_train[:1])))
 
     @property
     def dense_bytes(self) -> int:
@@ -117,7 +118,10 @@ class SearchContext:
 
 
 def task_of(spec: StudySpec) -> Task:
-    """The zoo task a record names (a compress() record names a model only its caller has)."""
+    """The task a record names: the user's builder (models.user) or a zoo task (a compress()
+    record names a model only its caller has)."""
+    if is_reference(spec.model):
+        return load_reference(spec.model)[0]
     if spec.model.startswith("custom-"):
         raise UserError(f"study of model {spec.model!r} was started by compress() on a model that is not in "
                         "the zoo: run its trials and exports from Python with the same model")
@@ -127,6 +131,13 @@ def task_of(spec: StudySpec) -> Task:
 def baseline_of(spec: StudySpec, task: Task, results_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(params, info) of the record's dense baseline: the user's weights file (checked against
     the recorded SHA-256) or the zoo baseline, trained once and cached under results_dir/cache."""
+    if is_reference(spec.model):
+        _, variables = load_reference(spec.model)
+        if variables is not None:  # the builder's own trained weights
+            return variables, {
+                "cache_key": f"user-{variables_digest(variables)}", "cache_path": spec.model, "loaded": True,
+                "val_metric": evaluate(task, variables, "val"), "test_metric": evaluate(task, variables, "test"),
+                "train_seconds": 0.0, "steps_run": 0, "metric_name": task.metric_name}
     if spec.weights is None:
         return train_baseline(task, cache_dir=Path(results_dir, "cache"))
     params, info = user_baseline(task, spec.weights.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -122,3 +122,28 @@ def finished_count(trials: Sequence[FrozenTrial]) -> int:
 def layers_attr(layers: Sequence[Layer]) -> list[dict[str, Any]]:
     """Layers as JSON-able dicts for the study attr "layers"."""
     return [jsonable(asdict(layer)) for layer in layers]
+
+
+def layers_from_attr(attr: Sequence[Mapping[str, Any]]) -> tuple[Layer, ...]:
+    """The inverse of layers_attr (a study stored before the channel groups existed gives
+    layers that stand alone and read their inputs in full)."""
+    tuples = ("path", "kernel_shape", "in_shape", "out_shape")
+    return tuple(Layer(**{**d, **{k: tuple(d[k]) for k in tuples},
+                          "reads": tuple(tuple(r) for r in d.get("reads") or ())}) for d in attr)
+
+
+def channel_groups(layers: Sequence[Layer]) -> list[str]:
+    """One line per channel group of several layers and per layer whose channels are kept
+    whole, e.g. "stem + b1/conv2: one pruning decision" or "fc: channels kept (the model's output)"."""
+    out, seen = [], set()
+    for layer in layers:
+        members = [m.name for m in layers if m.group == layer.group]
+        if layer.group in seen:
+            continue
+        seen.add(layer.group)
+        names = " + ".join(members)
+        if layer.fixed is not None:
+            out.append(f"{names}: channels kept ({layer.fixed})")
+        elif len(members) > 1:
+            out.append(f"{names}: one pruning decision (coupled channels)")
+    return out

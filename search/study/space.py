@@ -114,14 +114,34 @@ def snap_ratio(ratio: float, space: Space) -> float:
     return float(min(max(r, 0.0), top))
 
 
+def layer_granularities(layer: Layer, space: Space) -> tuple[str, ...]:
+    """The granularities offered for a layer's group: no "channel" where its channels are
+    fixed (the model's output, or read by an op the graph tracer does not follow)."""
+    if layer.fixed is None:
+        return space.granularities
+    return tuple(g for g in space.granularities if g != "channel") or ("unstructured",)
+
+
 def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: Space) -> P.Plan:
-    """Sample one plan [L] through the trial (fixed params of enqueued trials are honoured)."""
+    """Sample one plan [L] through the trial (fixed params of enqueued trials are honoured).
+
+    Prune ratio and granularity are sampled once per channel group, for its leader
+    (compression.graph): the other members take the leader's, so the plan is already tied.
+    Bit widths and quantization modes are sampled per layer."""
     top = _ratio_grid_top(space)
+    prune: dict[int, tuple[float, int]] = {}
+    for layer in layers:
+        if layer.group == layer.index:
+            n = param_names(layer)
+            prune[layer.index] = (
+                trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step),
+                P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))])
     cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": []}
     for layer in layers:
         n = param_names(layer)
-        cols["ratio"].append(trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step))
-        cols["granularity"].append(P.GRANULARITIES[trial.suggest_categorical(n["granularity"], space.granularities)])
+        ratio, gran = prune[layer.group]
+        cols["ratio"].append(ratio)
+        cols["granularity"].append(gran)
         cols["weight_bits"].append(trial.suggest_categorical(n["weight_bits"], space.weight_bits))
         cols["act_bits"].append(trial.suggest_categorical(n["act_bits"], space.act_bits))
         cols["quant_mode"].append(P.QUANT_MODES[trial.suggest_categorical(n["quant_mode"], space.quant_modes)])
@@ -129,12 +149,14 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
 
 
 def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[str, Any]:
-    """The Optuna params that reproduce a plan [L] (for enqueue_trial); values snap to the space."""
+    """The Optuna params that reproduce a plan [L] (for enqueue_trial); values snap to the
+    space, and a group's pruning is its leader's (the params `suggest_plan` samples)."""
     out: dict[str, Any] = {}
     for i, layer in enumerate(layers):
         n = param_names(layer)
-        out[n["ratio"]] = snap_ratio(float(plan.ratio[i]), space)
-        out[n["granularity"]] = _nearest_name(GRAN_NAMES[int(plan.granularity[i])], space.granularities)
+        if layer.group == layer.index:
+            out[n["ratio"]] = snap_ratio(float(plan.ratio[i]), space)
+            out[n["granularity"]] = _nearest_name(GRAN_NAMES[int(plan.granularity[i])], layer_granularities(layer, space))
         out[n["weight_bits"]] = nearest_bits(int(plan.weight_bits[i]), space.weight_bits)
         out[n["act_bits"]] = nearest_bits(int(plan.act_bits[i]), space.act_bits)
         out[n["quant_mode"]] = _nearest_name(MODE_NAMES[int(plan.quant_mode[i])], space.quant_modes)

@@ -56,7 +56,8 @@ class StudySpec:
     """What a study is: model and data, weights, device and budget, search space, fine-tuning,
     objectives, sampler and trial budget. Frozen; `dataclasses.replace` makes a changed copy."""
 
-    # zoo model name (models.list_models), or "custom-<class>" for a model given to compress()
+    # zoo model name (models.list_models), the user's builder "path/file.py:build" or
+    # "package.module:build" (models.user), or "custom-<class>" for a model given to compress()
     model: str
     # data set name (models.list_datasets), or the Dataset's own name for compress()
     dataset: str

@@ -137,7 +137,7 @@ def test_channel_pruning_shrinks_the_next_layers_inputs_in_a_chain():
     real); a layer that does not read fc0's channels keeps its work."""
     toy = profile_from_text(TOY, "toy")
     chain = (dense(0, 100, 50), dense(1, 50, 10))
-    apart = (dense(0, 100, 50), dense(1, 64, 10))  # 64 inputs: not fc0's 50 channels
+    apart = (dense(0, 100, 50), dense(1, 64, 10, src=-1))  # 64 inputs: not fc0's 50 channels
     plans = P.stack_plans([P.make_plan([r, 0.0], P.CHANNEL, 32, 32) for r in (0.0, 0.5)])
     c = price(toy, chain, plans)
     # fc1 at fp32: 2*500 MACs / 0.5 GOPS = 2 us; bytes 500*4 weights + 10*4 bias + 50*4 input

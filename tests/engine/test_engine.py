@@ -25,8 +25,8 @@ from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, NM, UNIFORM, UNSTR
 def lenet300():
     task = models.get_task("lenet300", "digits")
     task = dataclasses.replace(task, train=TrainConfig(steps=300, batch_size=64, learning_rate=2e-3))
-    params, _ = fit(task)
-    return task, params
+    variables, _ = fit(task)
+    return task, variables["params"]
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
     layers = {l["name"]: l for l in r.config["layers"]}
     assert layers["fc1"]["onnx_out_channels"] == 150 and layers["fc2"]["onnx_out_channels"] == 50
     assert layers["fc1"]["storage"] == "codebook" and layers["fc2"]["storage"] == "int"
-    back, meta = load_weights(tmp_path / "e" / "weights.safetensors", template=params)
+    back, meta = load_weights(tmp_path / "e" / "weights.safetensors", template=params["params"])
     assert len(np.unique(back["fc1"]["kernel"])) <= 2**4 + 1  # 16 shared values and the pruned zeros
     assert len(np.unique(np.abs(back["fc2"]["kernel"][:, 0]))) <= 2  # 1 bit: +-a and 0
     # the reloaded weights really give the exported quality in Flax (exact, not approximate)

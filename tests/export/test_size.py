@@ -127,14 +127,15 @@ from search.cost.roofline import price  # noqa: E402
 from search.compression.layers import Layer  # noqa: E402
 
 
-def _dense(i: int, n_in: int, n_out: int, in_shape=None) -> Layer:
+def _dense(i: int, n_in: int, n_out: int, in_shape=None, reads=None, in_repeat=1) -> Layer:
+    """Reading the previous layer's channels unless `reads` says otherwise (graph.Coupling)."""
     return Layer(i, f"l{i}", (f"l{i}",), "dense", (n_in, n_out), in_shape or (n_in,), (n_out,), 1, True,
-                 n_in * n_out, n_in * n_out + n_out)
+                 n_in * n_out, n_in * n_out + n_out, reads=reads or ((i - 1, n_in),), in_repeat=in_repeat)
 
 
 def _conv(i: int, hw: int, cin: int, cout: int) -> Layer:
     return Layer(i, f"l{i}", (f"l{i}",), "conv", (3, 3, cin, cout), (hw, hw, cin), (hw, hw, cout), 1, True,
-                 hw * hw * 9 * cin * cout, 9 * cin * cout + cout)
+                 hw * hw * 9 * cin * cout, 9 * cin * cout + cout, reads=((i - 1, cin),))
 
 
 def _rows_mask(rng, layer: Layer, g: int, r: float, in_keep: np.ndarray) -> np.ndarray:
@@ -185,7 +186,7 @@ def _modes(plan) -> list[str]:
 
 
 MLP = (_dense(0, 16, 12), _dense(1, 12, 8), _dense(2, 8, 4))
-CNN = (_conv(0, 6, 2, 4), _dense(1, 144, 8, in_shape=(144,)), _dense(2, 8, 4))
+CNN = (_conv(0, 6, 2, 4), _dense(1, 144, 8, in_shape=(144,), reads=((0, 4),), in_repeat=36), _dense(2, 8, 4))
 U, C, N = P.UNSTRUCTURED, P.CHANNEL, P.NM
 AGREE = [
     # channel-pruned producer, unstructured consumer (its rows from removed channels go), dense tail

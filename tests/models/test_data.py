@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from models import load_dataset
-from models.data import (FASHION_MNIST_DIR, load_digits, load_fashion_mnist, read_idx,
-                         split_indices)
+from models.data import (
+    FASHION_MNIST_DIR,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+    split_indices,
+)
 from models.data_sr import load_sr_images
 from models.errors import ModelError
 from search.cli import main as cli_main

@@ -77,12 +77,19 @@ def test_output_shapes_and_vdsr_starts_at_bicubic():
 
 
 def test_registry_lists_and_hparams():
-    assert models.list_models() == ["lenet300", "lenet5", "mobilenet", "vdsr"]
+    assert models.list_models() == ["lenet300", "lenet5", "mobilenet", "mobilenetv2", "resnet20",
+                                    "vdsr"]
     assert models.list_datasets() == ["digits", "fashion-mnist", "sr-images"]
     task = models.get_task("vdsr", "sr-images", depth=4, width=8)
     assert task.hparams == {"depth": 4, "width": 8}
     assert task.metric_name == "psnr_db" and task.data.kind == "regression"
     assert models.get_task("lenet5", "digits").hparams["padding"] == "SAME"
+    resnet = models.get_task("resnet20", "digits")
+    assert resnet.hparams == {"depth": 3, "width": 1.0, "shortcut": "projection"}
+    assert resnet.eval_kwargs == {"train": False} and resnet.train_kwargs == {"train": True}
+    assert sorted(models.get_task("mobilenetv2", "fashion-mnist").hparams) == ["blocks", "last", "width"]
+    lenet = models.get_task("lenet300", "digits")
+    assert lenet.eval_kwargs == {} and lenet.train_kwargs == {}  # stateless: plain apply
 
 
 @pytest.mark.parametrize("model, dataset, words", [
@@ -105,3 +112,9 @@ def test_unknown_hparam_lists_valid_ones():
         models.get_task("vdsr", "sr-images", depht=4)
     with pytest.raises(ModelError, match="padding"):
         models.get_task("lenet5", "digits", padding="FULL")
+    with pytest.raises(ModelError, match="'projection' or 'padding'"):
+        models.get_task("resnet20", "digits", shortcut="B")
+    with pytest.raises(ModelError, match="rows"):
+        models.get_task("mobilenetv2", "digits", blocks=[[6, 24, 2]])
+    with pytest.raises(ModelError, match="width > 0"):
+        models.get_task("mobilenetv2", "digits", width=0)

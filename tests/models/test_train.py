@@ -7,12 +7,22 @@ import json
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 import models
 from models import train as train_mod
 from models.errors import ModelError
-from models.train import (batch_order, cache_key, evaluate, load_params, per_example_metric,
-                          save_params, train_baseline)
+from models.train import (
+    batch_order,
+    cache_key,
+    evaluate,
+    load_params,
+    make_optimizer,
+    per_example_metric,
+    save_params,
+    train_baseline,
+    train_step,
+)
 from search.cli import main as cli_main
 
 
@@ -28,9 +38,12 @@ def test_training_learns_and_cache_hit_does_not_retrain(tmp_path, monkeypatch):
     assert info["loaded"] is False and info["steps_run"] == 60
     assert info["val_metric"] > 0.85  # 60 steps are enough on digits; chance is 0.1
     assert info["test_metric"] == pytest.approx(evaluate(task, params, "test"))
+    assert sorted(params) == ["params"]  # the variables dict of a stateless model
     entry = tmp_path / info["cache_key"]
     meta = json.loads((entry / "meta.json").read_text())
-    assert meta["train"]["steps"] == 60 and meta["model"] == "lenet300"
+    assert meta["train"]["steps"] == 60 and meta["model"] == "lenet300" and meta["format"] == 2
+    with safe_open(str(entry / "params.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == {f"params/fc{i}/{w}" for i in (1, 2, 3) for w in ("kernel", "bias")}
 
     def no_training(*a, **k):
         raise AssertionError("a cache hit must not train")
@@ -106,3 +119,32 @@ def test_train_command_reports_cache(tmp_path, capsys):
     assert second["cache_path"].startswith(str(tmp_path))
     assert cli_main(["train", "--steps", "0", "--cache-dir", str(tmp_path)]) == 2
     assert cli_main(["train", "--hparam", "nonsense", "--cache-dir", str(tmp_path)]) == 2
+
+
+def test_train_step_is_fit_for_a_stateless_model():
+    """bench_engine's reference step takes the same steps as the baseline's training."""
+    task = small_task(steps=3)
+    init = task.init_params()
+    fitted, _ = train_mod.fit(task)
+    tx = make_optimizer(task.train)
+    step = train_step(task.module, task.loss, tx)
+    params, opt_state = init, tx.init(init)
+    order = batch_order(len(task.data.x_train), task.train.batch_size, 3, task.train.seed)
+    for idx in order:
+        params, opt_state, _ = step(params, opt_state, task.data.x_train, task.data.y_train, idx)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fitted["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_augmentation_shifts_and_flips_deterministically():
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
+    key = jax.random.PRNGKey(0)
+    flipped = np.asarray(train_mod.augment(x, key, crop=0, flip=True))
+    for a, b in zip(flipped, x):  # each image is itself or its mirror
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+    shifted = np.asarray(train_mod.augment(x, key, crop=1, flip=False))
+    assert shifted.shape == x.shape
+    np.testing.assert_array_equal(shifted, np.asarray(train_mod.augment(x, key, crop=1, flip=False)))
+    for a, b in zip(shifted, x):  # a shift by at most one pixel, zero filled
+        assert any(np.array_equal(a, np.pad(b, ((1, 1), (1, 1), (0, 0)))[i:i + 4, j:j + 4])
+                   for i in range(3) for j in range(3))

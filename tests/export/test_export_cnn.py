@@ -1,0 +1,136 @@
+"""Real CNN shapes end to end (issue 14): a plan that channel-prunes every group exports an ONNX
+model that holds exactly the plan's channels (no kept-back channels), agrees with Flax, and
+whose MACs and stored bytes are the cost model's and the size breakdown's; int8 conv+BN
+stages run as integer kernels."""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import onnx
+import pytest
+
+import models
+from search.compression import plan as P
+from search.compression.graph import tie_plan
+from search.cost.roofline import price
+from search.engine.config import FinetuneConfig
+from search.engine.finetune import Engine
+from search.export.exporter import export_plan
+from search.export.pack import load_variables
+from tests.archs import Concat, ConvBN, MobileV2, ResNet, Shared, init_variables
+
+ARCHS = {"convbn": ConvBN, "resnet": ResNet, "concat": Concat, "mobilev2": MobileV2, "shared": Shared}
+INTEGER = {"QLinearConv", "QLinearGemm", "ConvInteger", "MatMulInteger"}  # qdq.integer_kernels forms
+
+
+def _task(name: str):
+    data = models.load_dataset("digits")
+    module = ARCHS[name]()
+    task = models.Task(name=f"arch-{name}", module=module, data=data, loss=models.metrics.cross_entropy,
+                       metric=models.metrics.accuracy, metric_name="accuracy")
+    return task, init_variables(module, np.zeros((1, *data.input_shape), np.float32))
+
+
+def _onnx_macs(path, layers) -> dict[str, int]:
+    """MACs of every layer's kernels in the exported file: output positions x kernel elements,
+    summed over the layer's calls (nodes "<layer>", "<layer>_<n>", each maybe "..._int")."""
+    model = onnx.load(str(path))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    by_name = {l.name: l for l in layers}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"):
+            continue
+        name = node.name[: -len("_int")] if node.name.endswith("_int") else node.name
+        base, _, n = name.rpartition("_")
+        layer = by_name.get(name) or (by_name.get(base) if n.isdigit() else None)
+        w = node.input[1]
+        dims = inits.get(w) or inits.get(prod[w].input[0])  # float, or DequantizeLinear(q)
+        out[layer.name] = out.get(layer.name, 0) + math.prod(layer.out_shape[:-1]) * math.prod(dims)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
+    task, variables = _task(name)
+    engine = Engine(task, variables, FinetuneConfig(steps=0, k=1, calib_examples=64))
+    layers = engine.layers
+    # half of every group's channels; layers whose channels are fixed (the head) are not pruned,
+    # so every count is exact (unstructured masks spread their zeros over rows the export drops)
+    ratio = np.array([0.0 if l.fixed else 0.5 for l in layers])
+    checks = {"float": P.make_plan(ratio, P.CHANNEL, 32, 32), "int8": P.make_plan(ratio, P.CHANNEL, 8, 8)}
+    for label, plan in checks.items():
+        r = export_plan(task, variables, plan, tmp_path / label, engine=engine, profile="xeon")
+        cfg = r.config
+        assert cfg["onnx_kept_back"] == [], cfg["onnx_kept_back"]
+        size = json.loads((tmp_path / label / "size.json").read_text())
+        tied = tie_plan(plan, layers)
+        cost = price("xeon", layers, P.stack_plans([plan]))
+        macs = _onnx_macs(tmp_path / label / "model.onnx", layers)
+        for l, c in zip(layers, cfg["layers"]):
+            held = size["layers"][l.name]["channels"]
+            want = l.out_channels - round(tied.ratio[l.index] * l.out_channels)
+            assert c["onnx_out_channels"] == held["out"][0] == want, (label, l.name)
+            # the export's kernel is the priced one: MACs equal, and the stored rows are the held ones
+            assert macs[l.name] == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), (label, l.name)
+            calls = l.macs // (math.prod(l.out_shape[:-1]) * math.prod(l.kernel_shape))  # a shared layer: 2
+            assert macs[l.name] == calls * math.prod(l.out_shape[:-1]) * held["out"][0] * held["fan_in"][0], (label, l.name)
+        # stored bytes: the size breakdown's quantized stage is the cost model's size
+        assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
+        if label == "float":
+            assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-3
+            # weights.safetensors holds every collection: Flax runs the exported model from it
+            back = load_variables(tmp_path / label / "weights.safetensors")
+            assert set(back) == set(variables)
+            x = task.data.x_test[:64]
+            want = engine.predict(engine.run(plan, return_models=True, finetune=False).models[0], x)
+            np.testing.assert_allclose(jax.jit(task.module.apply)(back, x), want, rtol=1e-5, atol=1e-5)
+        else:  # every conv and dense stage on integer kernels, outputs within int8 rounding
+            assert {c["onnx_form"] for c in cfg["layers"]} <= INTEGER, [c["onnx_form"] for c in cfg["layers"]]
+            assert r.onnx_agreement >= 0.99
+
+
+def test_nnx_resnet_int8_channel_pruned_export_keeps_nothing_back(tmp_path):
+    """The issue's NNX ResNet (stem conv+BN, two basic blocks with identity shortcuts, global
+    average pooling, Linear head), left in train mode: 50% of every conv's channels at int8
+    exports with no kept-back channels and every conv on integer kernels."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, c, rngs):
+            self.conv1, self.bn1 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs), nnx.BatchNorm(c, rngs=rngs)
+            self.conv2, self.bn2 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs), nnx.BatchNorm(c, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.relu(x + self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x))))))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem, self.bn = nnx.Conv(1, 8, (3, 3), use_bias=False, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+            self.block1, self.block2 = Block(8, rngs), Block(8, rngs)
+            self.head = nnx.Linear(8, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.block2(self.block1(nnx.relu(self.bn(self.stem(x)))))
+            return self.head(x.mean(axis=(1, 2)))
+
+    net = Net(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, bn in nnx.iter_modules(net):  # statistics that are not the identity
+        if isinstance(bn, nnx.BatchNorm):
+            bn.mean[...] = rng.normal(size=bn.mean.shape).astype(np.float32) * 0.1
+            bn.var[...] = rng.uniform(0.5, 1.5, bn.var.shape).astype(np.float32)
+    task = models.Task(name="nnx-resnet", module=net, data=models.load_dataset("digits"),
+                       loss=models.metrics.cross_entropy, metric=models.metrics.accuracy, metric_name="accuracy")
+    engine = Engine(task, None, FinetuneConfig(steps=0, k=1, calib_examples=64))
+    layers = engine.layers
+    assert [layers[l.group].name for l in layers] == ["stem", "block1/conv1", "stem", "block2/conv1", "stem", "head"]
+    plan = P.make_plan([0.0 if l.fixed else 0.5 for l in layers], P.CHANNEL, 8, 8)
+    r = export_plan(task, None, plan, tmp_path / "e", engine=engine)
+    assert r.config["onnx_kept_back"] == []
+    assert [c["onnx_out_channels"] for c in r.config["layers"]] == [4, 4, 4, 4, 4, 10]
+    assert {c["onnx_form"] for c in r.config["layers"]} <= INTEGER and r.onnx_agreement >= 0.99
