@@ -35,6 +35,7 @@ from onnx import TensorProto, helper
 
 from search.export.onnx.channels import ChannelRules
 from search.export.onnx.fold import fold_affine
+from search.compression.graph import plain_convs
 from search.export.onnx.graph import (
     NCHW_TO_NHWC,
     NHWC_TO_NCHW,
@@ -70,7 +71,7 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
     layer_of_path = dict(layer_of_path or {k: k[: -len("/kernel")] for k in keys if k.endswith("/kernel")})
     x0 = np.zeros((1, *input_shape), np.float32)
     fn = (lambda p, x: apply.apply({"params": p}, x)) if hasattr(apply, "apply") else apply
-    with nn.intercept_methods(_plain_convs):
+    with nn.intercept_methods(plain_convs):
         closed = jax.make_jaxpr(fn)(params, x0)
     kept_back: list[str] = []
     for _ in range(4 * len(layer_of_path) + 2):
@@ -337,23 +338,3 @@ def _on_fill(eqn, fill: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         return np.asarray(eqn.primitive.bind(jnp.asarray(fill[None]), **eqn.params))[0].astype(np.float32)
 
-
-def _plain_convs(next_fun, args, kwargs, context):
-    """nn.Conv layers built with a custom `conv_general_dilated` (e.g. shifted-view depthwise
-    convs that train fast on CPU) are traced as the lax convolution they stand for."""
-    m = context.module
-    custom = getattr(m, "conv_general_dilated", None)
-    if not (isinstance(m, nn.Conv) and context.method_name == "__call__" and custom not in (None, jax.lax.conv_general_dilated)):
-        return next_fun(*args, **kwargs)
-    x = args[0]
-    p = m.variables["params"]
-    k = len(m.kernel_size)
-    strides = (m.strides,) * k if isinstance(m.strides, int) else tuple(m.strides or (1,) * k)
-    dil = (m.kernel_dilation,) * k if isinstance(m.kernel_dilation, int) else tuple(m.kernel_dilation or (1,) * k)
-    pad = m.padding if isinstance(m.padding, str) else [tuple(q) if not isinstance(q, int) else (q, q) for q in m.padding]
-    dn = jax.lax.conv_dimension_numbers(x.shape, p["kernel"].shape, ("NHWC", "HWIO", "NHWC"))
-    y = jax.lax.conv_general_dilated(x, p["kernel"], strides, pad, rhs_dilation=dil, dimension_numbers=dn,
-                                     feature_group_count=m.feature_group_count)
-    if "bias" in p:
-        y = y + p["bias"].reshape((1,) * (y.ndim - 1) + (-1,))
-    return y
