@@ -20,10 +20,14 @@ PROBE_BITS = 4  # each layer alone at 4-bit weights
 WARM_TARGETS = (0.5, 0.8, 0.9)  # parameter-weighted mean prune ratios of the warm-start plans
 
 
-def probe_plans(num_layers: int) -> P.Plan:
-    """2L plans [2L, L]: layer i alone pruned to 50% (rows 0..L-1), alone at 4 bits (rows L..2L-1)."""
+def probe_plans(num_layers: int, leaders: Sequence[int] | None = None) -> P.Plan:
+    """2L plans [2L, L]: layer i alone pruned to 50% (rows 0..L-1), alone at 4 bits (rows L..2L-1).
+
+    With `leaders` (each layer's channel group leader, Layer.group), row i prunes layer i's
+    group, since a group is pruned by one decision (the leader's ratio)."""
     eye = np.eye(num_layers, dtype=np.float32)
-    ratio = np.concatenate([eye * PROBE_RATIO, np.zeros_like(eye)])
+    prune = eye if leaders is None else eye[:, list(leaders)].T.copy()
+    ratio = np.concatenate([prune * PROBE_RATIO, np.zeros_like(eye)])
     bits = np.concatenate([np.full_like(eye, P.FLOAT), np.where(eye > 0, PROBE_BITS, P.FLOAT)]).astype(np.int32)
     return P.make_plan(ratio, P.UNSTRUCTURED, bits, P.FLOAT, P.UNIFORM)
 
@@ -38,7 +42,7 @@ def measure_sensitivity(engine: Any, layers: Sequence[Layer], baseline: float) -
 
     Returns the JSON-able dict stored in the study attr "sensitivity".
     """
-    plans = probe_plans(len(layers))
+    plans = probe_plans(len(layers), [layer.group for layer in layers])
     metric = _metric(engine.evaluate(plans, split="val"))
     n = len(layers)
     loss_prune = np.where(np.isfinite(metric[:n]), baseline - metric[:n], np.inf)

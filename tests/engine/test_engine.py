@@ -203,3 +203,14 @@ def test_user_errors(engine, lenet300):
         engine.evaluate(dense_plan(3), split="train")
     with pytest.raises(UserError, match="alpha"):
         Engine(task, params, FinetuneConfig(alpha=2.0))
+
+
+def test_activation_ranges_are_estimated_again_halfway_through_fine_tuning(engine):
+    """Ranges calibrated on the freshly pruned weights clip the fine-tuned activations: halfway
+    through, they are calibrated again, so a fine-tuned plan's ranges differ from the ones it
+    started with where the input comes from a fine-tuned layer (not where it is the data)."""
+    plan = make_plan([0.8, 0.8, 0.0], CHANNEL, 8, 8)
+    start = engine.evaluate([plan], return_models=True).models[0].act_ranges
+    tuned = engine.run([plan], return_models=True).models[0].act_ranges
+    assert tuned["fc1"] == start["fc1"]
+    assert tuned["fc2"] != start["fc2"] and tuned["fc3"] != start["fc3"]

@@ -30,6 +30,13 @@ def test_probe_plans_touch_one_layer_each():
     assert np.all(plans.weight_bits[:3] == 32)
 
 
+def test_probe_of_a_group_member_prunes_its_group():
+    """Layer 2 is tied to layer 0 (a residual stage): its probe sets the group's ratio, the
+    leader's, which is what the tied plan prunes both with."""
+    plans = probe_plans(3, leaders=[0, 1, 0])
+    np.testing.assert_allclose(plans.ratio[:3], [[0.5, 0, 0], [0, 0.5, 0], [0.5, 0, 0]])
+
+
 def test_insensitive_layers_are_pruned_harder_at_the_target_mean():
     sens = {"baseline": 0.9, "prune_loss": [0.001, 0.2, 0.05]}
     space = space_for_profile(None)
