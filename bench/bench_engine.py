@@ -102,7 +102,7 @@ def naive_trial(task, params, layers, plan, steps, batch, lr, seed=0) -> float:
 
 def bench_trials(n_trials: int) -> dict:
     task = models.get_task("lenet300", "digits")
-    params, _ = fit(task)
+    params = fit(task)[0]["params"]  # the naive trial indexes the bare params
     cfg = FinetuneConfig(steps=200, batch_size=128, k=1)
     plans = _plans(n_trials, 3)
     t0 = time.perf_counter()
