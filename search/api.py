@@ -62,6 +62,8 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
         return _spec(model=ref, dataset=task.data.name, data_dir=None, hparams={}, seed=seed, profile=profile,
                      budget=budget, weights=None, objectives=objectives, sampler=sampler, finetune=finetune,
                      n_trials=n_trials)
+    if model.endswith(".py") or "/" in model:
+        raise UserError(f"--model {model}: name the function that builds the task too, e.g. {model}:build")
     dataset = dataset or "digits"
     full_hparams = models.task_hparams(model, dataset, **dict(hparams or {}))
     return _spec(model=model, dataset=dataset, data_dir=data_dir, hparams=full_hparams, seed=seed, profile=profile,

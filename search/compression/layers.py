@@ -342,6 +342,9 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
     return tuple(layers)
 
 
+_CALL_ARGS = "compress(..., apply_kwargs=...) in Python, models.Task(eval_kwargs=...) for --model"
+
+
 @contextlib.contextmanager
 def flax_errors() -> Iterator[None]:
     """Flax's errors about variables and call arguments as one-line UserErrors with the fix."""
@@ -353,11 +356,18 @@ def flax_errors() -> Iterator[None]:
                         "variables dict (params and the other collections, e.g. batch_stats), not "
                         "variables['params']") from None
     except flax.errors.ModifyScopeVariableError as e:
-        raise UserError(f"the model updates its variables when evaluated ({str(e).splitlines()[0][:120]}): run it "
-                        "in eval mode, e.g. apply_kwargs={'train': False} (BatchNorm use_running_average=True)") from None
+        msg = str(e).split(" (https://")[0].splitlines()[0]
+        raise UserError(f"the model updates its variables when evaluated ({msg}): run it in eval mode with the call "
+                        f"arguments {{'train': False}} ({_CALL_ARGS}; BatchNorm use_running_average=True)") from None
     except flax.errors.InvalidRngError as e:
-        raise UserError(f"the model needs random numbers when evaluated ({str(e).splitlines()[0][:120]}): run it "
-                        "deterministically, e.g. apply_kwargs={'deterministic': True} (Dropout off)") from None
+        msg = str(e).split(" (https://")[0].splitlines()[0]
+        raise UserError(f"the model needs random numbers when evaluated ({msg}): run it deterministically with the "
+                        f"call arguments {{'deterministic': True}} ({_CALL_ARGS}; Dropout off)") from None
+    except TypeError as e:  # the module's __call__ refused the call arguments given
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if "__call__()" not in msg or not ("argument" in msg):
+            raise
+        raise UserError(f"the model's call failed: {msg}: give its call arguments ({_CALL_ARGS})") from None
     except flax.errors.ApplyScopeInvalidVariablesStructureError:
         raise UserError("the variables are nested one level too deep: pass module.init(...)'s dict, whose top level "
                         "holds 'params' and the other collections") from None

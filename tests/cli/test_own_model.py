@@ -71,6 +71,7 @@ def test_own_model_searches_and_exports_its_residual_group_whole(tmp_path, capsy
     ("{dir}/mynet.py:nope", "has no function 'nope'"),
     ("{dir}/mynet.py:not_a_task", "not_a_task\\(\\) returned int: expected a models.Task"),
     ("{dir}/broken.py:build", "cannot import .*SyntaxError"),
+    ("{dir}/mynet.py", "name the function that builds the task too, e.g. .*mynet.py:build"),
 ])
 def test_bad_model_reference_is_one_line(tmp_path, capsys, ref, match):
     (tmp_path / "mynet.py").write_text(OWN)

@@ -141,5 +141,8 @@ def test_linen_state_errors_are_one_line():
     variables = init_variables(TrainBN(), X, train=False)
     with pytest.raises(UserError, match="collection 'batch_stats'.*whole variables dict"):
         discover_layers(TrainBN(), variables["params"], X)
-    with pytest.raises(UserError, match=r"eval mode, e.g. apply_kwargs=\{'train': False\}"):
+    with pytest.raises(UserError, match=r"eval mode with the call arguments \{'train': False\} \(compress\(\.\.\., apply_kwargs"):
         discover_layers(Model(TrainBN(), {"batch_stats": variables["batch_stats"]}), variables["params"], X)
+    with pytest.raises(UserError, match=r"the model's call failed: .*unexpected keyword argument 'training'.*eval_kwargs"):
+        discover_layers(Model(TrainBN(), {"batch_stats": variables["batch_stats"]}, {"training": False}),
+                        variables["params"], X)
