@@ -22,7 +22,6 @@ Pure tracing (jax.make_jaxpr): no FLOPs are run and no parameters change.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -30,9 +29,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.extend.core as jex_core
-import numpy as np
-
-from search.compression.plan import CHANNEL, UNSTRUCTURED
 
 Segs = tuple[tuple[int, int], ...]  # (source layer or -1, channel count) along the last axis
 
@@ -397,32 +393,3 @@ def _period(segs: Segs) -> int:
         if n % p == 0 and segs == segs[:p] * (n // p):
             return n // p
     return 1
-
-
-def kept_channels(ratio: np.ndarray, channels: Any) -> np.ndarray:
-    """Channels a channel-pruned group of `channels` keeps at `ratio` (the masks' count:
-    C - round(ratio * C) in float32, at least 1), float64, broadcast."""
-    c = np.asarray(channels, np.float32)
-    pruned = np.clip(np.round(np.asarray(ratio, np.float32) * c), 0, np.maximum(c - 1, 0))
-    return (c - pruned).astype(np.float64)
-
-
-def tie_plan(plan: Any, layers: Sequence[Any]) -> Any:
-    """The plan as the layers run it ([..., L] numpy or jax arrays): every layer takes its
-    group leader's prune ratio and granularity (one decision per group), and a group whose
-    channels are fixed (`Layer.fixed`) is pruned unstructured where the plan says channel.
-    Bit widths and quantization modes stay per layer."""
-    leaders = np.array([layer.group for layer in layers], np.int64)
-    fixed = np.array([layer.fixed is not None for layer in layers], bool)
-    xp = np if isinstance(plan.ratio, np.ndarray) else jax.numpy
-    gran = plan.granularity[..., leaders]
-    gran = xp.where(fixed & (gran == CHANNEL), UNSTRUCTURED, gran)
-    return dataclasses.replace(plan, ratio=plan.ratio[..., leaders], granularity=gran)
-
-
-def group_members(layers: Sequence[Any]) -> dict[int, list[int]]:
-    """{leader index: the indices of its group's layers}, in forward order."""
-    out: dict[int, list[int]] = {}
-    for layer in layers:
-        out.setdefault(layer.group, []).append(layer.index)
-    return out

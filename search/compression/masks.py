@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from search.compression.graph import group_members, tie_plan
+from search.compression.groups import group_members, tie_plan
 from search.compression.layers import Layer, get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP, Plan
 
@@ -81,7 +81,7 @@ def layer_mask(w: jax.Array, ratio: jax.Array, granularity: jax.Array) -> jax.Ar
 def compute_masks(params: Any, layers: Sequence[Layer], plan: Plan) -> dict[str, jax.Array]:
     """{layer.name: 0/1 mask shaped like its kernel} for one plan of shape [L].
 
-    The plan is first tied to the channel groups (`graph.tie_plan`: one ratio and
+    The plan is first tied to the channel groups (`groups.tie_plan`: one ratio and
     granularity per group). Channel pruning ranks a group's channels by their L1 norms summed
     over every member (DepGraph's group importance, with L1 in place of its L2), so every
     member of a group (a residual stage, a conv and the depthwise conv after it) loses the

@@ -38,7 +38,7 @@ import numpy as np
 
 from hw_profiles import HardwareProfile, list_profiles, load_profile
 from search.compression import plan as P
-from search.compression.graph import kept_channels, tie_plan
+from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)

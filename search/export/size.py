@@ -41,7 +41,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from search.compression.graph import tie_plan
+from search.compression.groups import tie_plan
 from search.compression.layers import get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP
 from search.cost.roofline import REL_INDEX_BITS
@@ -292,7 +292,7 @@ def held_channels(layers: Sequence, masks: Mapping[str, np.ndarray],
                   granularity: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(out_keep bool [out], in_keep bool [fan_in]) of every layer, as the export holds them.
 
-    `granularity` is the tied plan's (compression.graph.tie_plan). A channel-pruned layer
+    `granularity` is the tied plan's (compression.groups.tie_plan). A channel-pruned layer
     holds the output channels its mask keeps (every member of a channel group the same ones);
     every layer loses the fan-in rows of the channels its producing groups removed
     (`Layer.reads`: through adds, concatenations and flattens; their constant contribution

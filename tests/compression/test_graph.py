@@ -7,7 +7,7 @@ from flax import linen as nn
 from flax import nnx
 
 from search.compression import plan as P
-from search.compression.graph import tie_plan
+from search.compression.groups import tie_plan
 from search.compression.layers import Model, discover_layers
 from search.compression.masks import compute_masks
 from search.errors import UserError

@@ -14,7 +14,7 @@ import pytest
 
 import models
 from search.compression import plan as P
-from search.compression.graph import tie_plan
+from search.compression.groups import tie_plan
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
