@@ -40,7 +40,7 @@ class StudyContext:
         self.results_dir = Path(results_dir)  # baseline cache and measured K live under it
         self.task = task if task is not None else task_of(spec)  # model, data, loss and metric
         self.profile = spec.hardware_profile()  # the target device
-        # compress(): the caller's trained params (None: an NNX module's own weights) and info
+        # compress(): the caller's trained variables or params (None: an NNX module's own weights) and info
         self._given = None if task is None else (params, dict(baseline or {}))
 
     @functools.cached_property
@@ -49,7 +49,8 @@ class StudyContext:
 
     @property
     def params(self) -> Any:
-        """The dense baseline's trained params (None: an NNX module's own weights)."""
+        """The dense baseline's trained weights: a Flax variables dict (params and any other
+        collections, e.g. batch_stats), bare params from compress(), or None (an NNX module's own)."""
         return self._baseline[0]
 
     @property
@@ -129,8 +130,9 @@ def task_of(spec: StudySpec) -> Task:
 
 
 def baseline_of(spec: StudySpec, task: Task, results_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """(params, info) of the record's dense baseline: the user's weights file (checked against
-    the recorded SHA-256) or the zoo baseline, trained once and cached under results_dir/cache."""
+    """(variables, info) of the record's dense baseline: the variables the user's builder returned,
+    the user's weights file (checked against the recorded SHA-256), or the zoo baseline (or the
+    builder's task's), trained once and cached under results_dir/cache."""
     if is_reference(spec.model):
         _, variables = load_reference(spec.model)
         if variables is not None:  # the builder's own trained weights
