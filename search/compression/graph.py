@@ -114,7 +114,7 @@ def trace_coupling(apply: Callable[[Any, Any], Any], params: Any, sample_input: 
     env[xvar] = _Act(((-1, int(xvar.aval.shape[-1])),) if xvar.aval.shape else None)
     for out in t.run(jaxpr, env):
         if isinstance(out, _Act):
-            t.fix_segs(out.segs, "the model's output", everything=out.segs is None)
+            t.fix_segs(out.segs, "the model's output")
     return t.result()
 
 
@@ -127,7 +127,6 @@ class _Tracer:
         self.depthwise = [False] * n
         self.seen = [False] * n
         self.channels = [0] * n  # output channels of each layer
-        self.unknown_everything: str | None = None  # an op lost track of some layer's channels
 
     # ---- union-find ------------------------------------------------------------------------
     def find(self, i: int) -> int:
@@ -144,12 +143,10 @@ class _Tracer:
     def fix(self, layer: int, why: str) -> None:
         self.reason.setdefault(layer, why)
 
-    def fix_segs(self, segs: Segs | None, why: str, everything: bool = False) -> None:
+    def fix_segs(self, segs: Segs | None, why: str) -> None:
         for src, _ in segs or ():
             if src >= 0:
                 self.fix(src, why)
-        if everything and self.unknown_everything is None:
-            self.unknown_everything = why
 
     def join(self, a: Segs, b: Segs, why: str) -> Segs:
         """Two tensors whose channels meet elementwise: their sources are one group."""
@@ -204,8 +201,8 @@ class _Tracer:
             pass
         why = f"op {name!r}, which the channel tracer does not follow"
         for a in acts:
-            self.fix_segs(a.segs, why, everything=a.segs is None)
-        return [_Act(None) for _ in outs]
+            self.fix_segs(a.segs, why)
+        return [_opaque(v) for v in outs]
 
     def op(self, name, eqn, ins, shapes, out_shape) -> list:
         """The rule of one primitive; ValueError for a case it does not cover."""
@@ -234,7 +231,7 @@ class _Tracer:
             axes = tuple(p.get("axes", (p.get("axis"),)))
             if last in axes or -1 in axes:
                 self.fix_segs(a.segs, f"{name} over the channel axis")
-                return [_Act(None)]
+                return [_opaque(v) for v in eqn.outvars]
             return [_Act(a.segs)]
         if name in _WINDOW:
             if p["window_dimensions"][-1] != 1 or p["window_strides"][-1] != 1:
@@ -328,7 +325,7 @@ class _Tracer:
             ((lc, rc), (lb, rb)) = p["dimension_numbers"]
             x_nd = len(eqn.invars[0].aval.shape)
             if tuple(lc) != (x_nd - 1,) or tuple(rc) != (0,) or lb or rb:
-                self.fix_segs(x.segs, "a matmul the channel tracer does not follow", everything=x.segs is None)
+                self.fix_segs(x.segs, "a matmul the channel tracer does not follow")
                 self.fix(i, "a matmul the channel tracer does not follow")
                 reads = None
         else:
@@ -336,7 +333,7 @@ class _Tracer:
             groups = int(p["feature_group_count"])
             c_in = int(eqn.invars[0].aval.shape[-1])
             if tuple(dn.lhs_spec) != (0, 3, 1, 2) or tuple(dn.out_spec) != (0, 3, 1, 2):
-                self.fix_segs(x.segs, "a conv that is not NHWC", everything=x.segs is None)
+                self.fix_segs(x.segs, "a conv that is not NHWC")
                 self.fix(i, "a conv that is not NHWC")
                 return _Act(((i, c_out),))
             if groups > 1 and groups == c_in and k_shape[-2] == 1 and c_out == c_in:  # depthwise
@@ -349,7 +346,7 @@ class _Tracer:
                 self.union(i, x.segs[0][0])
                 return _Act(x.segs)
             if groups > 1:
-                self.fix_segs(x.segs, "read by a grouped conv", everything=x.segs is None)
+                self.fix_segs(x.segs, "read by a grouped conv")
                 self.fix(i, "a grouped conv")
         if self.reads[i] is None:
             self.reads[i] = reads
@@ -374,8 +371,6 @@ class _Tracer:
         for i in range(self.n):
             if not self.seen[i]:
                 why[roots[i]] = why[roots[i]] or "its layer was not seen by the channel tracer"
-        if self.unknown_everything is not None:  # some channels were lost track of: keep them all
-            why = {r: w or f"channels lost track of at {self.unknown_everything}" for r, w in why.items()}
         reads, repeat = [], []
         for i in range(self.n):
             segs = tuple((leader[roots[s]] if s >= 0 else -1, c) for s, c in (self.reads[i] or ()))
@@ -384,6 +379,13 @@ class _Tracer:
             repeat.append(rep)
         return Coupling(tuple(leader[roots[i]] for i in range(self.n)), tuple(why[roots[i]] for i in range(self.n)),
                         tuple(reads), tuple(repeat), tuple(self.depthwise))
+
+
+def _opaque(var) -> _Act:
+    """The output of an op the tracer does not follow: its channels come from groups that are
+    fixed already (the op fixed what it read), so they are nobody's to remove (-1)."""
+    shape = tuple(var.aval.shape)
+    return _Act(((-1, int(shape[-1])),) if shape else None)
 
 
 def _period(segs: Segs) -> int:

@@ -81,6 +81,19 @@ def test_unknown_op_keeps_the_channels_it_reads_and_says_why():
     layers, _, _ = _groups(Sorts())
     assert "sort" in layers[0].fixed
 
+    class Branches(nn.Module):  # the unknown op on one branch keeps only that branch's channels
+        @nn.compact
+        def __call__(self, x):
+            a = jnp.sort(nn.Conv(4, (3, 3), name="a")(x), axis=-1)
+            b = nn.relu(nn.Conv(6, (3, 3), name="b")(x))
+            y = nn.Conv(5, (1, 1), name="mix")(jnp.concatenate([a, b], axis=-1))
+            return nn.Dense(2, name="fc")(y.mean(axis=(1, 2)))
+
+    layers, _, _ = _groups(Branches())
+    by = {l.name: l for l in layers}
+    assert "sort" in by["a"].fixed and by["b"].fixed is None and by["mix"].fixed is None
+    assert by["mix"].reads == ((-1, 4), (by["b"].index, 6))
+
 
 def test_a_group_is_one_decision_with_summed_importance():
     layers, _, params = _groups(ResNet())
