@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.compression.groups import group_members
 from search.compression.layers import Layer
 from search.errors import UserError
 from search.study.spec import SPEC_ATTR, StudySpec, jsonable
@@ -135,15 +136,12 @@ def layers_from_attr(attr: Sequence[Mapping[str, Any]]) -> tuple[Layer, ...]:
 def channel_groups(layers: Sequence[Layer]) -> list[str]:
     """One line per channel group of several layers and per layer whose channels are kept
     whole, e.g. "stem + b1/conv2: one pruning decision" or "fc: channels kept (the model's output)"."""
-    out, seen = [], set()
-    for layer in layers:
-        members = [m.name for m in layers if m.group == layer.group]
-        if layer.group in seen:
-            continue
-        seen.add(layer.group)
-        names = " + ".join(members)
-        if layer.fixed is not None:
-            out.append(f"{names}: channels kept ({layer.fixed})")
+    out = []
+    for members in group_members(layers).values():
+        names = " + ".join(layers[i].name for i in members)
+        fixed = layers[members[0]].fixed  # the same for every member of a group
+        if fixed is not None:
+            out.append(f"{names}: channels kept ({fixed})")
         elif len(members) > 1:
             out.append(f"{names}: one pruning decision (coupled channels)")
     return out
