@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from search.errors import UserError
@@ -81,4 +82,7 @@ def train_command(args: argparse.Namespace) -> int:
         b = out["bicubic_psnr_db"]
         print(f"  bicubic psnr_db: val {b['val']:.2f} dB, test {b['test']:.2f} dB")
     print(f"  cache: {out['cache_path']}")
+    from models.train import PARAMS_FILE  # loaded by train() already
+
+    print(f"  weights: {Path(out['cache_path'], PARAMS_FILE)} (for search --weights)")
     return 0
