@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--cache-dir", default="results/cache")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset, e.g. fp32,ch50 (default: all; fp32 is always run)")
+    ap.add_argument("--ratios", default="0.25,0.5,0.75", help="channel-pruning ratios of the ch variants")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_cnn_<model>_<dataset>.json)")
+    ap.add_argument("--distill", action="store_true", help="fine-tune with distillation from the baseline")
+    ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (peak with --schedule cosine)")
+    ap.add_argument("--schedule", default="constant", help="constant or cosine (FinetuneConfig.schedule)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     task = models.get_task(args.model, args.dataset)
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}/{args.dataset}: baseline test accuracy {base:.4f}", flush=True)
     machine = measure_machine(threads=1)
     profile = calibrated_profile(machine, name="this-machine")
-    engine = Engine(task, variables, FinetuneConfig(steps=args.steps, k=1))
+    engine = Engine(task, variables, FinetuneConfig(steps=args.steps, k=1, distill=args.distill,
+                                                    learning_rate=args.lr, schedule=args.schedule))
     layers = engine.layers
     free = np.array([layer.fixed is None for layer in layers])
 
@@ -70,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         return np.where(free, r, 0.0)
 
     variants = [("fp32", make_plan(np.zeros(len(layers)))), ("w8a8", make_plan(np.zeros(len(layers)), 0, 8, 8))]
-    for r in (0.25, 0.5, 0.75):
+    for r in map(float, args.ratios.split(",")):
         variants += [(f"ch{int(r * 100)}", make_plan(ch(r), CHANNEL)),
                      (f"ch{int(r * 100)}-w8a8", make_plan(ch(r), CHANNEL, 8, 8))]
+    if args.variants:
+        keep = {"fp32", *args.variants.split(",")}
+        unknown = keep - {name for name, _ in variants}
+        if unknown:
+            raise SystemExit(f"unknown --variants {sorted(unknown)}: choose from {[n for n, _ in variants]}")
+        variants = [(n, p) for n, p in variants if n in keep]
     rows, paths = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in variants:
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               f"predicted {r['predicted_ms']:.3f} ms  x{fp32['measured_ms'] / r['measured_ms']:.2f}")
     tau = kendall_tau([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
     result = {"model": args.model, "dataset": args.dataset, "baseline_test_accuracy": base, "steps": args.steps,
+              "distill": args.distill, "learning_rate": args.lr, "schedule": args.schedule,
               "machine": machine, "rows": rows, "fastest_within_1pt": best,
               "speedup_over_fp32_onnx": None if best is None else fp32["measured_ms"] / best["measured_ms"],
               "kendall_tau_predicted_measured": tau, "seconds": time.perf_counter() - t0}
@@ -106,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastest within 1 point of {base:.4f}: {best['variant']} (acc {best['test_accuracy']:.4f}), "
               f"{result['speedup_over_fp32_onnx']:.2f}x faster than fp32 ONNX; Kendall tau {tau:.2f}")
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"bench_cnn_{args.model}_{args.dataset}.json"
+    path = Path(args.out) if args.out else OUT / f"bench_cnn_{args.model}_{args.dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"saved {path}")
     return 0

@@ -6,13 +6,19 @@ from dataclasses import dataclass
 from search.errors import UserError
 
 
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules of the fine-tuning
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How each candidate is fine-tuned after compression."""
 
     steps: int = 200  # optimizer steps per plan (0: compress only)
     batch_size: int = 128  # examples per step
-    learning_rate: float = 5e-4  # Adam learning rate
+    learning_rate: float = 5e-4  # Adam learning rate (peak, with schedule="cosine")
+    # "constant", or "cosine": decays to 0 over `steps` (Loshchilov & Hutter 2017, optax's
+    # cosine_decay_schedule), for long fine-tunes such as an export's retrain
+    schedule: str = "constant"
     distill: bool = False  # add Hinton distillation from the dense baseline
     temperature: float = 4.0  # distillation temperature T
     alpha: float = 0.5  # weight of the distillation term (1 - alpha on the task loss)
@@ -39,6 +45,7 @@ class FinetuneConfig:
             ("calib_examples", self.calib_examples >= 1, ">= 1"),
             ("eval_batch", self.eval_batch >= 1, ">= 1"),
             ("bn_examples", self.bn_examples >= 2, ">= 2"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
         ):
             if not ok:
                 raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")

@@ -31,7 +31,9 @@ from search.compression import masks as masks_lib
 from search.errors import UserError
 from search.engine.config import FinetuneConfig
 from search.engine.k_file import read_k_file, write_k_file
-from search.compression.layers import Layer, discover_layers, get_path, set_path, task_model
+from search.engine.steps import (batch_table, distill_loss, masked, node, once_per_trial_options,
+                                 over_plans, set_node)
+from search.compression.layers import Layer, discover_layers, task_model
 from search.compression.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
 
 
@@ -58,49 +60,6 @@ class EngineResult:
     reason: list[str | None]  # why a plan failed, None when it did not
     models: list[CompressedModel] | None = None  # when return_models=True
     seconds: float = 0.0  # wall time of the call
-
-
-def _over_plans(f, k: int, in_axes: tuple, single_in: tuple = (), single_out: bool = False):
-    """vmap f over the plan axis of the arguments with in_axes 0.
-
-    For k == 1 nothing is vmapped (no batching rules at all): plan-axis arguments are
-    squeezed, and those numbered in single_in (and the outputs, with single_out) are kept as
-    one plan's values with no plan axis. The fine-tuning state lives that way between steps:
-    a state squeezed and re-expanded inside the step kept XLA from updating the donated
-    buffers in place, and it copied the Adam moments and the kernels every step.
-    """
-    if k > 1:
-        return jax.vmap(f, in_axes=in_axes)
-
-    def g(*args):
-        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 and i not in single_in else x
-                for i, (x, ax) in enumerate(zip(args, in_axes))]
-        out = f(*args)
-        return out if single_out else jax.tree.map(lambda a: a[None], out)
-
-    return g
-
-
-def _once_per_trial_options() -> dict | None:
-    """XLA options for prepare and evaluate, which run once per trial (evaluate once per
-    chunk of the split). On CPU, XLA's older loop emitters compile them in about two thirds
-    of the time of its MLIR fusion emitters, and LLVM -O1 takes off another part (lenet5:
-    prepare 1.5 s instead of 1.9 s, evaluate 0.4 s instead of 0.8 s); neither made them
-    measurably slower (evaluating 5000 Fashion-MNIST images: lenet5 0.97 s against 1.02 s,
-    lenet300 0.24 s either way). Not for the step, which runs hundreds of times per trial:
-    its update and activation fusions ran slower with the old emitters (lenet300/Fashion-MNIST
-    batch 256: 1.24x a plain step instead of 1.14x) and lenet5's at -O1 (1.35x)."""
-    if jax.default_backend() == "cpu":
-        return {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
-    return None
-
-
-def _batch_table(n: int, batch: int, steps: int, seed: int) -> np.ndarray:
-    """[steps, batch] training indices: shuffled epochs, concatenated."""
-    need = max(steps, 1) * batch
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
-    return idx[:need].reshape(max(steps, 1), batch).astype(np.int32)
 
 
 _K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
@@ -141,9 +100,10 @@ class Engine:
         self._y = jax.device_put(np.asarray(data.y_train))
         self._calib = jax.device_put(np.asarray(data.x_train[: min(config.calib_examples, len(data.x_train))], np.float32))
         self._bn_x = jax.device_put(np.asarray(data.x_train[: min(config.bn_examples, len(data.x_train))], np.float32))
-        self._table = jax.device_put(_batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
+        self._table = jax.device_put(batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
         self._eval_batch = min(config.eval_batch, len(data.x_val))
-        self._opt = optax.adam(config.learning_rate)
+        self._opt = optax.adam(optax.cosine_decay_schedule(config.learning_rate, max(config.steps, 1))
+                               if config.schedule == "cosine" else config.learning_rate)
         self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
         self._refresh: dict[int, Any] = {}  # jitted refresh of BN statistics and ranges, per K
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
@@ -157,7 +117,7 @@ class Engine:
         # the other collections (BatchNorm statistics) are constants of the compiled functions
         state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
         return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
-                self.task.data.kind, c.learning_rate, c.distill, c.temperature, c.alpha, c.adaptive_bn, k)
+                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, k)
 
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
@@ -171,7 +131,7 @@ class Engine:
         def prepare_one(plan, base, calib, bn_x):
             masks = masks_lib.compute_masks(base, layers, plan)
             # one k-means loop for every layer, skipped (K = 1) when no layer uses a codebook
-            ws = [_node(base, l)["kernel"] for l in layers]
+            ws = [node(base, l)["kernel"] for l in layers]
             ms = [masks[l.name] for l in layers]
             use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
             c_all, a_all = jax.lax.cond(
@@ -186,7 +146,7 @@ class Engine:
             ks = compress.codebook_kernels(masked, ms, c_all, [assign[l.name] for l in layers], use)
             params = base
             for l, k in zip(layers, ks):
-                params = _set(params, l, {**_node(params, l), "kernel": k})
+                params = set_node(params, l, {**node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
             eff = compress.effective_params(params, masks, q0, layers, plan)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
@@ -204,7 +164,7 @@ class Engine:
             out = forward(trainable, frozen, plan, x)
             loss = task.loss(out, y)
             if cfg.distill:
-                loss = (1 - cfg.alpha) * loss + cfg.alpha * _distill_loss(out, teacher, cfg.temperature, task)
+                loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(out, teacher, cfg.temperature, task)
             return loss
 
         def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher):
@@ -213,11 +173,11 @@ class Engine:
             trainable = optax.apply_updates(trainable, updates)
             # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
             # Adam's moments may move them): one read of each mask per step, fused with the update
-            trainable = {**trainable, "params": _masked(trainable["params"], frozen["masks"], layers)}
+            trainable = {**trainable, "params": masked(trainable["params"], frozen["masks"], layers)}
             return trainable, opt_state, finite & jnp.isfinite(loss)
 
         # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
-        step_k = _over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
+        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
                              single_out=True)
 
         def step(state, t, frozen, plans, base, xs, ys, table):
@@ -245,13 +205,13 @@ class Engine:
             q = frozen["q"]
             return {**frozen, "bn": bn, "q": compress.QuantState(q.assign, q.w_scale, lo, hi)}
 
-        once = _once_per_trial_options()
-        self._refresh[k] = jax.jit(_over_plans(refresh_one, k, (0, 0, 0, None, None), single_in=(0, 1), single_out=True),
+        once = once_per_trial_options()
+        self._refresh[k] = jax.jit(over_plans(refresh_one, k, (0, 0, 0, None, None), single_in=(0, 1), single_out=True),
                                    compiler_options=once)
         fns = (
-            jax.jit(_over_plans(prepare_one, k, (0, None, None, None), single_out=True), compiler_options=once),
+            jax.jit(over_plans(prepare_one, k, (0, None, None, None), single_out=True), compiler_options=once),
             jax.jit(step, donate_argnums=(0,)),
-            jax.jit(_over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
+            jax.jit(over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
         )
         self._fns[k] = fns
         if len(_FN_CACHE) >= _FN_CACHE_SIZE:
@@ -403,30 +363,3 @@ class Engine:
         disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
         write_k_file(self._k_file, disk)
         return best
-
-
-def _masked(params, masks: dict, layers: Sequence[Layer]):
-    """params with every layer's kernel multiplied by its mask."""
-    for l in layers:
-        node = _node(params, l)
-        params = _set(params, l, {**node, "kernel": node["kernel"] * masks[l.name]})
-    return params
-
-
-def _node(tree, layer: Layer):
-    return get_path(tree, layer.path)
-
-
-def _set(tree, layer: Layer, value):
-    return set_path(tree, layer.path, value)
-
-
-def _distill_loss(out: jax.Array, teacher: jax.Array, temperature: float, task: Task) -> jax.Array:
-    """Hinton: T^2 * KL(softmax(teacher/T) || softmax(out/T)); MSE to the teacher for regression."""
-    if task.data.kind == "regression":
-        return jnp.mean(jnp.square(out - teacher))
-    t = temperature
-    p = jax.nn.softmax(teacher / t, axis=-1)
-    logq = jax.nn.log_softmax(out / t, axis=-1)
-    logp = jax.nn.log_softmax(teacher / t, axis=-1)
-    return (t * t) * jnp.mean(jnp.sum(p * (logp - logq), axis=-1))
