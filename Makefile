@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/hwcompress search --model lenet300 --dataset digits --profile mobile-cpu --study demo
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || bash .ci/chromium.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -13,13 +13,16 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from search.report.text import fmt
-from search.report.view import FRONT_COLUMNS, StudyView, cost_objectives, counts, heat_data, sensitivity_frame
+from search.report.text import baseline_line, fmt, table_header, table_rows
+from search.report.view import StudyView, counts, heat_data, scatter_axes, sensitivity_frame
 
-LABELS = {"latency_ms": "latency (ms)", "memory_kb": "memory (KB)", "size_kb": "size (KB)"}
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-td:last-child{text-align:left;font-family:monospace}th{background:#f3f3f3}.note{color:#666}"""
+td.plan,td.cmd{text-align:left;font-family:monospace}th.plan,th.cmd{text-align:left}td.plan{min-width:16em}
+td span{white-space:nowrap}td.cmd{min-width:30em}td.cmd code{user-select:all}.wide{overflow-x:auto}th{background:#f3f3f3}tr.ref td{background:#f6fbf6;color:#2a6a2a}.note{color:#666}"""
+PARETO_COLOURS = {"infeasible": "#999999", "feasible": "#1f77b4", "Pareto front": "#d62728"}  # marker colours
+BASELINE = "#2ca02c"  # the dense baseline's star, on every scatter
+BUDGET = "#ff7f0e"  # budget lines and notes
 
 
 def _hover(rows) -> list[str]:
@@ -29,24 +32,36 @@ def _hover(rows) -> list[str]:
 
 
 def pareto_figure(view: StudyView) -> go.Figure:
-    """Quality against each cost objective: infeasible, feasible and front points, with hover details."""
-    costs = cost_objectives(view)
-    fig = make_subplots(rows=1, cols=len(costs), shared_yaxes=True)
+    """Quality against each cost objective: infeasible, feasible and front points, the dense
+    baseline as a star, with hover details. Axes fit the points (search.report.view.scatter_axes);
+    a budget far outside them is named above its panel instead of drawn."""
+    axes = scatter_axes(view)
+    fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a.note for a in axes])
+    fig.update_annotations(font=dict(size=12, color=BUDGET))  # the subplot titles are the budget notes
     t = view.trials
-    groups = (("infeasible", t[t["trained"] & ~t["feasible"]], dict(color="#999", symbol="x", size=7)),
-              ("feasible", t[t["feasible"] & ~t["pareto"]], dict(color="#1f77b4", size=7, opacity=0.7)),
-              ("Pareto front", view.front, dict(color="#d62728", size=11)))
-    for j, c in enumerate(costs, start=1):
+    groups = (("infeasible", t[t["trained"] & ~t["feasible"]], dict(symbol="x", size=7)),
+              ("feasible", t[t["feasible"] & ~t["pareto"]], dict(size=7, opacity=0.7)),
+              ("Pareto front", view.front, dict(size=11)))
+    d = view.dense
+    for j, a in enumerate(axes, start=1):
         for name, rows, marker in groups:
-            rows = rows.sort_values(c)
-            fig.add_trace(go.Scatter(x=rows[c], y=rows["quality"], mode="markers", name=name, marker=marker,
+            rows = rows.sort_values(a.cost)
+            fig.add_trace(go.Scatter(x=rows[a.cost], y=rows["quality"], mode="markers", name=name,
+                                     marker=dict(color=PARETO_COLOURS[name], **marker),
                                      legendgroup=name, showlegend=j == 1, text=_hover(rows),
                                      hovertemplate="%{text}<extra></extra>"), row=1, col=j)
-        limit = view.budget.get(c)
-        if limit is not None:
-            fig.add_vline(x=limit, line_dash="dash", line_color="orange", row=1, col=j)
-        fig.update_xaxes(title_text=LABELS.get(c, c), row=1, col=j)
-    fig.update_yaxes(title_text="quality", row=1, col=1)
+        if "quality" in d and a.cost in d:
+            fig.add_trace(go.Scatter(x=[d[a.cost]], y=[d["quality"]], mode="markers", name="dense baseline",
+                                     marker=dict(color=BASELINE, symbol="star", size=16, line=dict(color="#145214", width=1)),
+                                     legendgroup="dense", showlegend=j == 1,
+                                     hovertemplate=f"dense baseline<br>{html.escape(baseline_line(view))}<extra></extra>"),
+                          row=1, col=j)
+        if a.budget_on_axis:
+            fig.add_vline(x=a.budget, line_dash="dash", line_color=BUDGET, row=1, col=j,
+                          annotation_text=f"budget {a.budget:g}", annotation_font_color=BUDGET)
+        rng = [math.log10(a.lo), math.log10(a.hi)] if a.log else [a.lo, a.hi]
+        fig.update_xaxes(title_text=a.label, type="log" if a.log else "linear", range=rng, row=1, col=j)
+    fig.update_yaxes(title_text=str(view.baseline.get("metric_name") or "quality"), row=1, col=1)
     fig.update_layout(title="Pareto front (hover for the per-layer plan)", height=450)
     return fig
 
@@ -67,10 +82,14 @@ def heatmap_figure(view: StudyView) -> go.Figure:
 
 
 def hypervolume_figure(view: StudyView) -> go.Figure:
+    """Hypervolume after each trial, from 0 (as pareto.png's), so a tiny gain looks tiny."""
     t = view.trials
-    fig = go.Figure(go.Scatter(x=t["trial"], y=t["hypervolume"], mode="lines", line_shape="hv", name="hypervolume"))
+    fig = go.Figure(go.Scatter(x=t["trial"], y=t["hypervolume"], mode="lines+markers", line_shape="hv",
+                               marker=dict(size=4), name="hypervolume"))
     fig.update_layout(title="Hypervolume of the feasible front over trials (normalised to [ideal, reference])",
                       xaxis_title="trial", yaxis_title="hypervolume", height=350)
+    fig.update_yaxes(range=[0, max(1e-3, float(t["hypervolume"].max()) * 1.08)])
+    fig.update_xaxes(tick0=0, dtick=max(1, math.ceil((int(t["trial"].max()) + 1) / 10)))  # whole trial numbers
     return fig
 
 
@@ -78,7 +97,8 @@ def sensitivity_figure(view: StudyView) -> go.Figure | None:
     s = sensitivity_frame(view.sensitivity)
     if s.empty:
         return None
-    fig = go.Figure([go.Bar(x=g["layer"], y=[v if math.isfinite(v) else None for v in g["loss"]], name=p)
+    fig = go.Figure([go.Bar(x=g["layer"], y=[v if math.isfinite(v) else None for v in g["loss"]], name=p,
+                            text=[fmt(v, 3) for v in g["loss"]], textposition="outside", cliponaxis=False)
                      for p, g in s.groupby("probe", sort=False)])
     fig.update_layout(title="Layer sensitivity: quality lost with one layer compressed alone (no fine-tuning)",
                       barmode="group", yaxis_title="quality lost", height=380)
@@ -86,12 +106,22 @@ def sensitivity_figure(view: StudyView) -> go.Figure | None:
 
 
 def _table(view: StudyView) -> str:
+    """The front as an HTML table: the dense baseline first, then a row per front trial with
+    its export command (a click selects the whole command)."""
     if view.front.empty:
         return "<p>No feasible trial on this profile.</p>"
-    head = "".join(f"<th>{h}</th>" for h in FRONT_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r[h]))}</td>" for h in FRONT_COLUMNS) + "</tr>"
-                   for _, r in view.front.iterrows())
-    return f"<table><tr>{head}</tr>{body}</table>"
+    head = list(table_header(view))
+    cls = [""] * 6 + [' class="plan"', ' class="cmd"']
+    out = ['<div class="wide"><table><tr>' + "".join(f"<th{c}>{html.escape(h)}</th>" for c, h in zip(cls, head)) + "</tr>"]
+    for row in table_rows(view):
+        cells = [html.escape(v) for v in row]
+        cells[-2] = " | ".join(f"<span>{p}</span>" for p in cells[-2].split(" | "))  # wrap between layers only
+        flags = cells[-1].split(" --")  # the command wraps between flags, never inside one
+        cells[-1] = "<code>" + " ".join(f"<span>{'--' * (i > 0)}{f}</span>" for i, f in enumerate(flags)) + "</code>" \
+            if cells[-1] else ""
+        ref = ' class="ref"' if row[0] == "dense" else ""
+        out.append(f"<tr{ref}>" + "".join(f"<td{c}>{v}</td>" for c, v in zip(cls, cells)) + "</tr>")
+    return "".join(out) + "</table></div>"
 
 
 def render(view: StudyView) -> str:
@@ -114,8 +144,10 @@ def render(view: StudyView) -> str:
 profile <b>{html.escape(view.profile)}</b>{' (re-priced from stored costs, no retraining)' if view.repriced else ''};
 budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(view.objectives, view.directions)))}.</p>
 <p>{c['trials']} trials priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the Pareto front.</p>
+{f'<p>Dense baseline: {html.escape(baseline_line(view))}.</p>' if view.baseline or view.dense else ''}
 <h2>Pareto front</h2>{_table(view)}
-<p class="note">Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; fp32 = untouched.</p>
+<p class="note">Export a row with its command (add <code>--finetune-steps N</code> for a longer final fine-tune).
+Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; fp32 = untouched.</p>
 {divs}
 </body></html>
 """

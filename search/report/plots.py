@@ -1,6 +1,8 @@
 """Static PNG plots of a report (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import matplotlib
@@ -9,39 +11,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from search.report.view import StudyView, cost_objectives, heat_data, sensitivity_frame  # noqa: E402
+from search.report.text import fmt  # noqa: E402
+from search.report.view import StudyView, heat_data, scatter_axes, sensitivity_frame  # noqa: E402
 
-LABELS = {"latency_ms": "latency (ms)", "memory_kb": "memory (KB)", "size_kb": "size (KB)"}
+AXES_KEY = "hwcompress:axes"  # PNG text chunk of pareto.png: the x axes as drawn (JSON, ScatterAxis fields)
 
 
 def pareto_scatter(view: StudyView, path: Path) -> Path:
-    """Quality against each cost objective: infeasible x, feasible dots, the front as a step line."""
-    costs = cost_objectives(view)
-    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.2), squeeze=False)
+    """Quality against each cost objective: infeasible x, feasible dots, the front, the dense
+    baseline as a star. Axes fit the points (search.report.view.scatter_axes): a budget far
+    outside them is named in the panel's title instead of drawn as a line."""
+    axes_data = scatter_axes(view)
+    fig, axes = plt.subplots(1, len(axes_data), figsize=(5.2 * len(axes_data), 4.2), squeeze=False)
     t = view.trials
     bad = t[t["trained"] & ~t["feasible"]]
     ok = t[t["feasible"] & ~t["pareto"]]
     front = view.front
-    for ax, c in zip(axes[0], costs):
-        ax.scatter(bad[c], bad["quality"], marker="x", color="0.6", label=f"infeasible, trained ({len(bad)})")
+    d = view.dense
+    for ax, a in zip(axes[0], axes_data):
+        c = a.cost
+        if len(bad):
+            ax.scatter(bad[c], bad["quality"], marker="x", color="0.6", label=f"infeasible, trained ({len(bad)})")
         ax.scatter(ok[c], ok["quality"], s=18, color="tab:blue", alpha=0.7, label=f"feasible ({len(ok)})")
         f = front.sort_values(c)
         ax.scatter(f[c], f["quality"], s=40, color="tab:red", zorder=3, label=f"Pareto front ({len(f)})")
         for _, r in f.head(30).iterrows():  # label at most 30 front points
             ax.annotate(f"#{r['trial']}", (r[c], r["quality"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        limit = view.budget.get(c)
-        if limit is not None:
-            ax.axvline(limit, color="tab:orange", ls="--", lw=1, label=f"budget {limit:g}")
-        ax.set_xlabel(LABELS.get(c, c))
+        if "quality" in d and c in d:
+            ax.scatter([d[c]], [d["quality"]], marker="*", s=160, color="tab:green", edgecolor="darkgreen", zorder=4,
+                       label="dense baseline")
+        if a.budget_on_axis:
+            ax.axvline(a.budget, color="tab:orange", ls="--", lw=1, label=f"budget {a.budget:g}")
+            ax.text(a.budget, 0.99, f" budget {a.budget:g}", transform=ax.get_xaxis_transform(), color="tab:orange",
+                    fontsize=8, va="top")
+        if a.note:
+            ax.set_title(a.note, fontsize=8, color="tab:orange")
+        if a.log:
+            ax.set_xscale("log")
+        ax.set_xlim(a.lo, a.hi)
+        ax.set_xlabel(a.label)
         ax.set_ylabel(view.baseline.get("metric_name", "quality"))
         ax.grid(alpha=0.3)
-        if c != "latency_ms" and len(t) and np.nanmax(t[c]) / max(np.nanmin(t[c]), 1e-12) > 50:
-            ax.set_xscale("log")
     axes[0][0].legend(fontsize=8, loc="lower right")
     untrained = int((~t["trained"]).sum())
     fig.suptitle(f"{view.name} on {view.profile}{' (re-priced)' if view.repriced else ''}"
                  + (f"; {untrained} trials never trained (over budget or failed) not shown" if untrained else ""), fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, {AXES_KEY: json.dumps([dataclasses.asdict(a) for a in axes_data])})
 
 
 def layer_heatmap(view: StudyView, path: Path) -> Path:
@@ -54,14 +69,14 @@ def layer_heatmap(view: StudyView, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(2 * w, h), squeeze=False)
     panels = ((axes[0][0], np.log2(bits.to_numpy(float)), bits.to_numpy(float), "weight bits", "viridis", (0, 5), "{:.0f}"),
               (axes[0][1], ratio.to_numpy(float), ratio.to_numpy(float), "prune ratio", "magma_r", (0, 1), "{:.2f}"))
-    for ax, colour, text, title, cmap, (lo, hi), fmt in panels:
+    for ax, colour, text, title, cmap, (lo, hi), cell in panels:
         im = ax.imshow(colour, aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
         ax.set_yticks(range(len(bits.index)), bits.index)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         if text.size <= 400:
             for (i, j), v in np.ndenumerate(text):
                 dark = (colour[i, j] - lo) / (hi - lo) < 0.5 if cmap == "viridis" else (colour[i, j] - lo) / (hi - lo) > 0.5
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+                ax.text(j, i, cell.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_title(f"{title} across the front (columns: trial, quality)", fontsize=9)
         bar = fig.colorbar(im, ax=ax, shrink=0.8)
         if title == "weight bits":
@@ -92,7 +107,9 @@ def sensitivity_bars(view: StudyView, path: Path) -> Path | None:
     width = 0.8 / len(probes)
     for k, p in enumerate(probes):
         v = s[s["probe"] == p].set_index("layer").reindex(layers)["loss"].to_numpy(float)
-        ax.bar(np.arange(len(layers)) + k * width - 0.4 + width / 2, np.where(np.isfinite(v), v, np.nan), width, label=p)
+        bars = ax.bar(np.arange(len(layers)) + k * width - 0.4 + width / 2, np.where(np.isfinite(v), v, np.nan), width, label=p)
+        ax.bar_label(bars, labels=[fmt(x, 3) for x in v], fontsize=7, padding=2)
+    ax.margins(y=0.15)  # room for the bar labels
     ax.set_xticks(range(len(layers)), layers, rotation=30 if len(layers) > 6 else 0)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_ylabel("quality lost")
@@ -111,8 +128,8 @@ def write_all(view: StudyView, out_dir: Path) -> list[Path]:
     return out + ([s] if s else [])
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, metadata: dict[str, str] | None = None) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=metadata)
     plt.close(fig)
     return Path(path)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from search.report.view import FRONT_COLUMNS, PLAN_KEYS, StudyView, counts, sensitivity_frame
+from search.cost.budget import BUDGET_KEYS
+from search.report.view import COST_NAMES, FRONT_COLUMNS, PLAN_KEYS, StudyView, counts, sensitivity_frame
+from search.study.storage import redact
 
 
 def csv_frame(view: StudyView) -> pd.DataFrame:
@@ -18,10 +21,59 @@ def csv_frame(view: StudyView) -> pd.DataFrame:
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    """A table cell: floats to `digits` significant digits, NaN/inf as "-"."""
+    """A table cell: floats to `digits` significant digits, NaN/inf as "-"; whole numbers of
+    5 digits or more in full (65536, not 6.554e+04); zero (also -0.0) as "0"."""
     if isinstance(v, (float, np.floating)):
-        return "-" if not math.isfinite(v) else f"{v:.{digits}g}"
+        if not math.isfinite(v):
+            return "-"
+        if v == 0:
+            return "0"
+        if 10.0 ** digits <= abs(v) < 1e15:
+            return f"{v:.0f}"
+        return f"{v:.{digits}g}"
     return str(v)
+
+
+def export_command(view: StudyView, trial: int) -> str:
+    """The `hwcompress export` command line that writes trial `trial` of the study the view was
+    read from (shell-quoted; a password in the storage URL shows as ***)."""
+    args = ["hwcompress", "export", "--study", view.name, "--trial", str(int(trial)),
+            "--out", f"exports/{view.name}-{int(trial)}"]
+    if view.storage:
+        args += ["--storage", redact(view.storage)]
+    if view.results_dir != "results":
+        args += ["--results-dir", str(view.results_dir)]
+    return shlex.join(args)
+
+
+def table_header(view: StudyView) -> list[str]:
+    """The front table's column titles in report.md and report.html."""
+    metric = str(view.baseline.get("metric_name") or "quality")
+    return ["trial", metric, "latency (ms)", "memory (KB)", "size (KB)", "x fp32", "layers", "export it with"]
+
+
+def table_rows(view: StudyView) -> list[list[str]]:
+    """The front table's cells: the dense baseline first (when known) as the reference, then
+    the front, best quality first, each with its export command."""
+    d = view.dense
+    rows = [["dense", fmt(d.get("quality", math.nan)), *(fmt(d.get(k, math.nan)) for k in BUDGET_KEYS), "1",
+             "fp32 (the trained model, not compressed)", ""]] if d else []
+    for _, r in view.front.iterrows():
+        rows.append([str(r["trial"]), fmt(r["quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]), fmt(r["size_kb"]),
+                     fmt(r["compression_ratio"], 3), r["summary"], export_command(view, r["trial"])])
+    return rows
+
+
+def baseline_line(view: StudyView) -> str:
+    """One sentence on the dense baseline, e.g. "accuracy 0.9833 on validation, 0.9778 on test;
+    latency 0.01607 ms, memory 199.3 KB, size 197.7 KB on mobile-cpu"."""
+    b, d = view.baseline, view.dense
+    metric = str(b.get("metric_name") or "quality")
+    parts = [f"{fmt(float(b[k]))} on {split}" for k, split in (("val_metric", "validation"), ("test_metric", "test"))
+             if isinstance(b.get(k), (int, float))]
+    costs = [f"{COST_NAMES[k][0]} {fmt(d[k])} {COST_NAMES[k][1]}" for k in BUDGET_KEYS if k in d]
+    head = f"{metric} {', '.join(parts)}" if parts else ""
+    return "; ".join(p for p in (head, f"{', '.join(costs)} on {view.profile}" if costs else "") if p)
 
 
 def markdown(view: StudyView) -> str:
@@ -35,16 +87,19 @@ def markdown(view: StudyView) -> str:
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.baseline:
         lines.append(f"- quality is {view.baseline.get('metric_name', 'the task metric')} on the validation split")
-        lines.append("- baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in view.baseline.items() if not isinstance(v, (dict, list))))
+    if view.baseline or view.dense:
+        lines.append(f"- dense baseline: {baseline_line(view)}")
     hv = view.trials["hypervolume"]
     lines += [f"- hypervolume (normalised): {fmt(float(hv.iloc[-1]) if len(hv) else 0.0)}", "", "## Pareto front", ""]
     if view.front.empty:
         lines.append("No feasible trial on this profile.")
     else:
-        head = list(FRONT_COLUMNS)
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for _, r in view.front.iterrows():
-            lines.append("| " + " | ".join(fmt(r[h]).replace("|", "\\|") for h in head) + " |")
+        head = table_header(view)
+        lines += ["| " + " | ".join(head) + " |", "|" + "--:|" * 6 + ":--|:--|"]
+        for row in table_rows(view):
+            *cells, command = (c.replace("|", "\\|") for c in row)
+            lines.append("| " + " | ".join(cells) + f" | {'`' + command + '`' if command else ''} |")
+        lines += ["", "Add `--finetune-steps N` to an export command for a longer final fine-tune."]
     if view.channel_groups:
         lines += ["", "## Channel groups (traced from the graph)", ""] + [f"- {g}" for g in view.channel_groups]
     s = sensitivity_frame(view.sensitivity)

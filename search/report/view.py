@@ -18,7 +18,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from hw_profiles import Budget, HardwareProfile, load_profile
-from search.compression.plan import stack_plans
+from search.compression.plan import Plan, dense_plan, stack_plans
 from search.cost import roofline as cost
 from search.cost.budget import BUDGET_KEYS, broken_bounds, budget_dict
 from search.errors import UserError
@@ -27,9 +27,13 @@ from search.study.create import channel_groups, layers_from_attr
 from search.study.space import plan_from_dict
 from search.study.spec import SPEC_ATTR, StudySpec
 
+# relative size under which a difference of two metrics is float rounding (float32 eps is 1.2e-7)
+ZERO_TOLERANCE = 1e-6
 PLAN_KEYS = ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")
 GRAN_LETTER = {"unstructured": "u", "channel": "c", "nm": "n", 0: "u", 1: "c", 2: "n"}
 FRONT_COLUMNS = ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "summary")
+# what a cost column is called on a plot's axis and in a sentence, and its unit
+COST_NAMES = {"latency_ms": ("latency", "ms"), "memory_kb": ("memory", "KB"), "size_kb": ("size", "KB")}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class StudyView:
     sensitivity: dict[str, Any] | None = None  # study attr "sensitivity"
     reference: tuple[float, ...] = ()  # hypervolume reference point (losses)
     channel_groups: tuple[str, ...] = ()  # coupled channel groups and channels kept whole, one line each
+    # the dense (uncompressed) model as a reference: "quality" (validation metric) and its costs
+    # on `profile`; a key is absent when unknown (no stored baseline, layers or loadable profile)
+    dense: dict[str, float] = field(default_factory=dict)
+    storage: str | None = None  # the storage URL the study was read from as the user gave it (None: default)
+    results_dir: str = "results"  # the results root the study was read from (its baseline cache)
 
     @property
     def model(self) -> str:
@@ -106,8 +115,28 @@ def _price_missing(profile: Any, layers: list[dict], plans: list[dict]) -> list[
     """Price stored plans on a profile the study did not store costs for (search.cost)."""
     if not layers:
         raise UserError(f"profile {getattr(profile, 'name', profile)!r} has no stored costs and the study has no \"layers\" to price its plans; re-price with a stored profile")
-    c = cost.price(profile, layers_from_attr(layers), stack_plans([plan_from_dict(p) for p in plans]))
-    return [{k: float(np.asarray(getattr(c, k))[i]) for k in BUDGET_KEYS} for i in range(len(plans))]
+    return _price(profile, layers, stack_plans([plan_from_dict(p) for p in plans]))
+
+
+def _price(profile: HardwareProfile, layers: list[dict], plans: Plan) -> list[dict[str, float]]:
+    c = cost.price(profile, layers_from_attr(layers), plans)
+    return [{k: float(np.asarray(getattr(c, k))[i]) for k in BUDGET_KEYS} for i in range(plans.ratio.shape[0])]
+
+
+def _dense(baseline: dict[str, Any], profile: HardwareProfile | None, layers: list[dict]) -> dict[str, float]:
+    """The dense model's validation quality and its costs on `profile`, as far as they are known."""
+    out = {} if baseline.get("val_metric") is None else {"quality": float(baseline["val_metric"])}
+    if profile is not None and layers:
+        out.update(_price(profile, layers, stack_plans([dense_plan(len(layers))]))[0])
+    return out
+
+
+def _home_hardware(spec: StudySpec | None) -> HardwareProfile | None:
+    """The study's own profile, to price the dense model on; None when it cannot be rebuilt here."""
+    try:
+        return None if spec is None else spec.hardware_profile()
+    except (UserError, ValueError, OSError):  # ProfileError is a ValueError
+        return None
 
 
 def _record(study: optuna.Study) -> StudySpec | None:
@@ -116,9 +145,11 @@ def _record(study: optuna.Study) -> StudySpec | None:
     return None if attrs is None else StudySpec.from_attrs(attrs, study.study_name)
 
 
-def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
+def read_study(study: optuna.Study, profile: str | None = None, *, storage: str | None = None,
+               results_dir: str = "results") -> StudyView:
     """Every priced trial of `study` as a frame, costed and judged on `profile` (default: the
-    study's own). UserError when the study has no trials."""
+    study's own). `storage` and `results_dir` say where the study was read from, as the user
+    named them (for the export commands a report prints). UserError when the study has no trials."""
     spec = _record(study)
     layers = list(study.user_attrs.get("layers") or [])
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("plan") is not None]
@@ -132,7 +163,7 @@ def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
     repriced = profile is not None and profile != home
     if repriced:
         prof = _profile(profile)
-        pname = prof.name
+        pname, hardware = prof.name, prof
         budget = prof.budget
         costs = [(t.user_attrs.get("costs") or {}).get(pname) for t in trials]
         # only trained trials can be on a front: price those the study has no costs for
@@ -142,7 +173,7 @@ def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
             for i, c in zip(missing, priced):
                 costs[i] = c
     else:
-        pname = home
+        pname, hardware = home, _home_hardware(spec)
         budget = spec.budget if spec is not None else Budget()
         costs = [_home_costs(t, home, objectives) for t in trials]
     frame = trials_frame(trials, costs, names, budget, repriced, _dense_bytes(layers, trials))
@@ -153,9 +184,11 @@ def read_study(study: optuna.Study, profile: str | None = None) -> StudyView:
     feas = frame["feasible"].to_numpy(bool)
     ref, ideal = pareto.reference_point(loss, feas), pareto.ideal_point(loss, feas)
     frame["hypervolume"] = pareto.hypervolume_history(loss, feas, ref, ideal) if feas.any() else 0.0
+    baseline = dict(study.user_attrs.get("baseline") or {})
+    dense = _dense(baseline, hardware, layers if len(layers) == n_layers else [])
     return StudyView(study.study_name, pname, repriced, objectives, directions, budget_dict(budget), names, frame,
-                     spec, dict(study.user_attrs.get("baseline") or {}), study.user_attrs.get("sensitivity"),
-                     tuple(float(x) for x in ref), tuple(channel_groups(layers_from_attr(layers))))
+                     spec, baseline, study.user_attrs.get("sensitivity"), tuple(float(x) for x in ref),
+                     tuple(channel_groups(layers_from_attr(layers))), dense, storage, results_dir)
 
 
 def _home_costs(t: optuna.trial.FrozenTrial, home: str, objectives: Sequence[str]) -> dict[str, float]:
@@ -253,10 +286,13 @@ def sensitivity_frame(sens: dict[str, Any] | None) -> pd.DataFrame:
     if not sens or "layers" not in sens:
         return pd.DataFrame(columns=["layer", "probe", "loss"])
     rows = []
+    # a loss is a difference of two float32 metrics: rounding noise below this is no loss at all
+    noise = ZERO_TOLERANCE * max(1.0, abs(float(sens.get("baseline") or 0.0)))
     for key, label in (("prune_loss", f"pruned {float(sens.get('prune_ratio', 0.5)):.0%}"),
                        ("bits_loss", f"{sens.get('bits', 4)}-bit weights")):
         for name, v in zip(sens["layers"], sens.get(key) or []):
-            rows.append({"layer": name, "probe": label, "loss": float(v) if v is not None else math.nan})
+            loss = math.nan if v is None else float(v)
+            rows.append({"layer": name, "probe": label, "loss": 0.0 if abs(loss) < noise else loss})
     return pd.DataFrame(rows, columns=["layer", "probe", "loss"])
 
 
@@ -272,3 +308,61 @@ def counts(view: StudyView) -> dict[str, int]:
             "front": int(t["pareto"].sum())}
 
 
+# ---------------------------------------------------------------- the Pareto scatter's axes
+
+@dataclass(frozen=True)
+class ScatterAxis:
+    """One cost axis of the Pareto scatter: limits that fit the points, and its budget."""
+
+    cost: str  # the cost column, e.g. "latency_ms"
+    label: str  # the axis title, e.g. "latency (ms)"
+    lo: float  # the axis limits, in the cost's units (not log10 units, even when `log`)
+    hi: float
+    log: bool  # a log scale: the plotted values span more than LOG_SPAN times
+    budget: float | None  # the bound on this cost (None: unbounded)
+    budget_on_axis: bool  # True: the budget is drawn as a line; False: it would squeeze the points
+    note: str  # "" or the sentence that says where an undrawn budget is
+
+
+LOG_SPAN = 50.0  # largest / smallest plotted value above which an axis is log-scaled
+BUDGET_REACH = 1.0  # a budget is drawn when it lies within this share of the points' span of them (they keep half the axis)
+PAD = 0.06  # share of the span left free on either side of the points
+
+
+def scatter_axes(view: StudyView) -> list[ScatterAxis]:
+    """The x axes of the Pareto scatter, one per cost objective: they fit the trained trials
+    and the dense baseline; a budget far outside them is not drawn but noted, so that no
+    budget line squeezes every point against one edge."""
+    t = view.trials[view.trials["trained"]]
+    return [_axis(c, np.append(t[c].to_numpy(float), view.dense.get(c, math.nan)), view.budget.get(c))
+            for c in cost_objectives(view)]
+
+
+def _axis(cost_key: str, values: np.ndarray, budget: float | None) -> ScatterAxis:
+    name, unit = COST_NAMES.get(cost_key, (cost_key, ""))
+    v = values[np.isfinite(values)]
+    if not len(v):  # nothing trained: the axis is the budget's
+        v = np.array([0.0, budget if budget is not None and budget > 0 else 1.0])
+    lo, hi = float(v.min()), float(v.max())
+    log = lo > 0 and hi / lo > LOG_SPAN
+    to, back = (math.log10, lambda x: 10.0 ** x) if log else (float, float)
+    a, b = to(lo), to(hi)
+    span = (b - a) or (0.2 if log else abs(b) * 0.2 or 1.0)
+    on_axis, note = False, ""
+    if budget is not None and math.isfinite(budget) and (budget > 0 or not log):
+        x = to(budget)
+        on_axis = a - BUDGET_REACH * span <= x <= b + BUDGET_REACH * span
+        if on_axis:
+            a, b = min(a, x), max(b, x)
+            span = b - a
+        elif x > b:
+            note = (f"{name} budget {budget:g} {unit} is beyond the axis "
+                    f"({budget / hi:.3g}x the largest {name} plotted)" if hi > 0 else
+                    f"{name} budget {budget:g} {unit} is beyond the axis")
+        else:
+            note = f"{name} budget {budget:g} {unit} is below the axis (every point plotted is above it)"
+    pad = PAD * span
+    a, b = a - pad, b + pad
+    if not log and lo > 0 and a < 0:
+        a = 0.0  # costs are positive: the axis starts at 0 rather than below it
+    return ScatterAxis(cost_key, f"{name} ({unit})" if unit else name, back(a), back(b), log, budget, on_axis, note)

@@ -120,7 +120,8 @@ def test_write_report_files(written):
     assert front.loc[front["trial"] == 1, "fc1.weight_bits"].item() == 5
     assert front.loc[0, "quality"] == pytest.approx(0.95)
     md = paths.markdown.read_text()
-    assert "| 5 | 0.8 | 0.3 | 30 | 1 | 9.414 | fc1 p.50u w6 a8 \\| fc2 w8 |" in md  # "|" escaped in cells
+    assert "| 5 | 0.8 | 0.3 | 30 | 1 | 9.41 | fc1 p.50u w6 a8 \\| fc2 w8 | `hwcompress export --study s1 --trial 5 " \
+           "--out exports/s1-5` |" in md  # "|" escaped in cells; x fp32 to 3 digits
     assert "Layer sensitivity" in md and "| fc2 | 0.08 | 0.05 |" in md
     names = {p.name for p in paths.pngs}
     assert names == {"pareto.png", "layers.png", "hypervolume.png", "sensitivity.png"}
