@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -30,17 +29,15 @@ def report_command(args: argparse.Namespace) -> int:
     """Print the front as a table and write the report files; returns the exit code."""
     from rich.console import Console
 
-    from search.report.files import write_view
+    from search.report.files import report_dir, write_view
     from search.report.text import front_table
     from search.report.view import read_study
     from search.study.storage import load_study, open_storage
 
+    report_dir(args.results_dir, args.study)  # a name that is not one folder fails before storage is opened
     study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
-    view = read_study(study, args.profile)
-    out = Path(args.results_dir) / args.study
-    if view.repriced:
-        out = out / f"on-{Path(view.profile).stem}"
-    paths = write_view(view, out)
+    view = read_study(study, args.profile, storage=args.storage, results_dir=args.results_dir)
+    paths = write_view(view, report_dir(args.results_dir, args.study, view.profile if view.repriced else None))
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)  # no folding in pipes
     console.print(front_table(view))
     console.print(f"report: {paths.html}  (also {paths.markdown.name}, {paths.csv.name}, "

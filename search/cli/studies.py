@@ -32,12 +32,15 @@ def studies_command(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="studies")
     cols = ("name", "model", "dataset", "profile", "objectives", "trials", "complete", "infeasible", "failed", "running")
     for c in cols:
         table.add_column(c, justify="right" if c in cols[5:] else "left")
     for r in rows:
-        table.add_row(*[",".join(r[c]) if c == "objectives" else str(r[c] if r[c] is not None else "-") for c in cols])
+        # Text, not str: a stored name such as "[/x]" is shown as it is, not read as rich markup
+        table.add_row(*[Text(",".join(r[c]) if c == "objectives" else str(r[c] if r[c] is not None else "-"))
+                        for c in cols])
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
     return 0

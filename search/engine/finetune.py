@@ -84,6 +84,7 @@ class Engine:
         """`k_file`: a JSON file that remembers the measured K per machine and task (e.g.
         results/cache/engine_k.json); None measures once per process."""
         config.check()
+        task.check(config.batch_size if config.steps else None, base_params)  # every split, up front
         self.task, self.config = task, config
         self._k_file = Path(k_file) if k_file is not None else None
         self.model, base_params = task_model(task, base_params)

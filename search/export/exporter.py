@@ -12,10 +12,14 @@ rounding away), so the reloaded Flax model reproduces the exported quality exact
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,16 +66,67 @@ class ExportResult:
     config: dict  # the contents of config.json
 
 
+def check_target(out_dir: Path, force: bool) -> None:
+    """UserError when `out_dir` holds anything and force is False (an empty directory is fine)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it or choose another --out")
+
+
 def prepare_dir(out_dir: Path, force: bool) -> None:
-    """Make an empty export directory; UserError when it holds files and force is False."""
+    """Make an empty export directory now, removing what is there with force (UserError
+    without). export_plan does not use it: it stages the export and replaces only on success."""
+    check_target(out_dir, force)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not force:
-            raise UserError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it or choose another --out")
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        else:
-            out_dir.unlink()
+        _remove(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """A new hidden directory beside `out_dir` to write an export into; renamed to `out_dir`
+    when the block succeeds (an existing `out_dir`, allowed by check_target, is replaced only
+    then), removed when it fails, so a failed export leaves `out_dir` as it was and a retry
+    needs no --force. A symlinked `out_dir` is staged beside the directory it points to."""
+    target = out_dir.resolve()
+    if not target.name:
+        raise UserError(f"output directory {out_dir} is the file system root; choose a folder for --out")
+    check_target(target, force)
+    work = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        work.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot write the export beside {out_dir} ({e.strerror or e}); choose a writable --out") from None
+    try:
+        yield work
+        _swap_in(work, target, force)
+    except BaseException:  # a failure or an interrupt: nothing half-written stays behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _swap_in(work: Path, target: Path, force: bool) -> None:
+    """Rename the finished `work` to `target`; what was at `target` is moved aside first and
+    removed after, or put back when the rename fails."""
+    old = None
+    if target.exists() or target.is_symlink():
+        check_target(target, force)  # again: another process may have written there meanwhile
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    try:
+        os.rename(work, target)
+    except OSError as e:
+        if old is not None:
+            os.rename(old, target)
+        raise UserError(f"cannot move the finished export to {target} ({e.strerror or e}); choose another --out") from None
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def weight_mode(bits: int, mode: int) -> str:
@@ -134,14 +189,24 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     """Fine-tune (finetune.steps, 0 = compress only) a plan [L] and export it to out_dir.
 
     `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
-    (the stored {profile: costs}) is given; `source` is recorded (study, trial).
+    (the stored {profile: costs}) is given; `source` is recorded (study, trial). The files are
+    written into a directory beside out_dir that becomes out_dir only when all of them are
+    written and checked (staged_dir): a failure leaves out_dir as it was. UserError, before any
+    work, when out_dir holds files and force is False.
     """
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir, force) as work:
+        result = _export_into(work, task, base_params, plan, finetune=finetune, profile=profile, costs=costs,
+                              source=source, engine=engine)
+    return dataclasses.replace(result, out_dir=out_dir)
+
+
+def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune: Any, profile: Any,
+                 costs: dict | None, source: dict | None, engine: Any) -> ExportResult:
+    """export_plan's work: every file written into the (staging) directory `out_dir`."""
     import onnx
     import onnxruntime as ort
 
-
-    out_dir = Path(out_dir)
-    prepare_dir(out_dir, force)
     t0 = time.perf_counter()
     engine = engine or Engine(task, base_params, finetune or FinetuneConfig(steps=0, k=1))
     layers = engine.layers
@@ -160,7 +225,7 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
     pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
                       [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra,
-                      scales=cm.weight_scales, state=adapted_state(engine.model.state, cm.bn_stats))
+                      scales=cm.weight_scales, state=adapted_state(engine.model.saved_state(), cm.bn_stats))
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = _metric(task, predict, back, x, y)
 
@@ -209,13 +274,13 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
 
 
 def adapted_state(state: dict, bn_stats: dict) -> dict:
-    """A Linen model's other collections with the BatchNorm statistics adaptive BN gave the
-    plan (`CompressedModel.bn_stats`) in place of the dense model's."""
+    """A model's saved state (`Model.saved_state`) with the BatchNorm statistics adaptive BN
+    gave the plan (`CompressedModel.bn_stats`) in place of the dense model's."""
     out = jax.tree.map(np.asarray, dict(state))
     for path, (mean, var) in bn_stats.items():
         node = out.get("batch_stats", {})
-        for part in path.split("/"):
-            node = node.get(part, {}) if isinstance(node, dict) else {}
+        for part in path.split("/"):  # an NNX list index is an int key
+            node = node.get(part, node.get(int(part), {}) if part.isdigit() else {}) if isinstance(node, dict) else {}
         if "mean" in node and "var" in node:
             node["mean"], node["var"] = np.asarray(mean), np.asarray(var)
     return out
@@ -252,6 +317,7 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
         raise UserError(f"trial {trial_number} of study {study.study_name!r} is {trial.state.name.lower()}, not complete; export a complete trial from the Pareto report")
     if finetune_steps is not None and finetune_steps < 0:
         raise UserError(f"--finetune-steps {finetune_steps} must be >= 0")
+    check_target(Path(out_dir), force)  # before the baseline is rebuilt
     ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
     ft = dataclasses.replace(ctx.spec.finetune, k=1)
     if finetune_steps is not None:

@@ -8,6 +8,9 @@ had a schema number are schema 1 (the same keys), so they still open.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -148,6 +151,55 @@ class StudySpec:
     def first_difference(self, other: StudySpec) -> tuple[str, Any, Any] | None:
         """(dotted field, this value, other value) of the first field a resume may not change."""
         return _first_difference(self.to_attrs(), other.to_attrs(), "")
+
+
+NAME_MAX_BYTES = 255  # the longest file name most file systems take (ext4, APFS, NTFS)
+# characters a study name may not hold: path separators (either OS's) and line or control characters
+_SEPARATORS = {"/", "\\", os.sep, *((os.altsep,) if os.altsep else ())}
+_CONTROL = ("Cc", "Cs", "Zl", "Zp")  # Unicode categories: control, surrogate, line and paragraph separator
+
+
+def check_study_name(name: Any, what: str = "--study") -> str:
+    """`name` when it is safe as ONE folder name under the results directory, where its report
+    goes (RESULTS_DIR/NAME/); UserError otherwise, naming `what` (the flag or field) and the fix.
+
+    Refused: a non-string, the empty name, "." and "..", a path separator (so no absolute
+    path either), control and line-break characters, and names over 255 UTF-8 bytes. The one
+    check for every study name a user types or storage gives back.
+    """
+    why = _unsafe(name)
+    if why:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:76] + "...'"
+        raise UserError(f"{what} {shown} cannot be a study name: {why}; use one folder name of letters, "
+                        "digits, '-', '_' or '.', e.g. lenet300-digits-mobile-cpu")
+    return name
+
+
+def safe_study_name(text: str) -> str:
+    """`text` made a safe study name: separators and control characters become '-', and the
+    result is cut to 255 bytes (for names made from other fields, e.g. a data set's name)."""
+    out = re.sub(r"-{2,}", "-", "".join("-" if c in _SEPARATORS or unicodedata.category(c) in _CONTROL else c
+                                         for c in str(text))).strip("-")
+    out = out.encode("utf-8")[:NAME_MAX_BYTES].decode("utf-8", "ignore")
+    return out if out.strip() and out not in (".", "..") else "study"
+
+
+def _unsafe(name: Any) -> str | None:
+    """Why `name` is not one safe folder name, or None."""
+    if not isinstance(name, str):
+        return f"it is of type {type(name).__name__}, not a string"
+    if not name.strip():
+        return "it is empty or blank"
+    if name in (".", ".."):
+        return "it names a directory itself (. or ..)"
+    if any(s in name for s in _SEPARATORS):
+        return "it holds a path separator (reports go to RESULTS_DIR/NAME/, so a name is not a path)"
+    bad = next((c for c in name if unicodedata.category(c) in _CONTROL), None)
+    if bad is not None:
+        return f"it holds the control character {bad!r}"
+    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        return f"it is longer than {NAME_MAX_BYTES} bytes"
+    return None
 
 
 def profile_reference(profile: str | Path | HardwareProfile) -> tuple[HardwareProfile, str]:
