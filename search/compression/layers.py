@@ -113,6 +113,17 @@ class Model:
             raise UserError(f"variable collections {sorted(self.state)} were given for a {self.kind} model: "
                             "only a Linen module takes them (an NNX module holds its own state)")
 
+    def saved_state(self) -> dict[str, Any]:
+        """The non-param variables an export stores beside the weights, as plain dicts: a
+        Linen model's other collections; an NNX model's BatchNorm statistics (its nnx.BatchStat
+        leaves) under "batch_stats", as `nnx.to_pure_dict` gives them (restore them with
+        `nnx.replace_by_pure_dict(nnx.state(model, nnx.BatchStat), variables["batch_stats"])`).
+        RNG and other NNX state are not stored: an evaluated model does not read them."""
+        if self.kind == "nnx":
+            stats = nnx.to_pure_dict(nnx.filter_state(self._rest, nnx.BatchStat))
+            return {"batch_stats": stats} if stats else {}
+        return dict(self.state)
+
     def initial_params(self) -> Any:
         """The params dict of an NNX module (Linen params live outside the module)."""
         if self.kind != "nnx":

@@ -4,10 +4,12 @@ whose MACs and stored bytes are the cost model's and the size breakdown's; int8 
 stages run as integer kernels."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
@@ -29,9 +31,13 @@ INTEGER = {"QLinearConv", "QLinearGemm", "ConvInteger", "MatMulInteger"}  # qdq.
 def _task(name: str):
     data = models.load_dataset("digits")
     module = ARCHS[name]()
+    variables = init_variables(module, np.zeros((1, *data.input_shape), np.float32))
+    # a head of c classes (10, 3 or 2) learns the digits modulo c
+    c = jax.eval_shape(lambda x: module.apply(variables, x), np.zeros((1, *data.input_shape), np.float32)).shape[-1]
+    data = dataclasses.replace(data, num_classes=c, **{f: getattr(data, f) % c for f in ("y_train", "y_val", "y_test")})
     task = models.Task(name=f"arch-{name}", module=module, data=data, loss=models.metrics.cross_entropy,
                        metric=models.metrics.accuracy, metric_name="accuracy")
-    return task, init_variables(module, np.zeros((1, *data.input_shape), np.float32))
+    return task, variables
 
 
 def _onnx_macs(path, layers) -> dict[str, int]:
@@ -134,3 +140,18 @@ def test_nnx_resnet_int8_channel_pruned_export_keeps_nothing_back(tmp_path):
     assert r.config["onnx_kept_back"] == []
     assert [c["onnx_out_channels"] for c in r.config["layers"]] == [4, 4, 4, 4, 4, 10]
     assert {c["onnx_form"] for c in r.config["layers"]} <= INTEGER and r.onnx_agreement >= 0.99
+    # the float form of the plan: its weights file holds the NNX BatchNorm statistics adaptive BN
+    # gave it, and the user's module, filled from the file, reproduces the engine's outputs
+    fplan = P.make_plan([0.0 if l.fixed else 0.5 for l in layers], P.CHANNEL)
+    export_plan(task, None, fplan, tmp_path / "f", engine=engine)
+    back = load_variables(tmp_path / "f" / "weights.safetensors")
+    assert set(back) == {"params", "batch_stats"}
+    user = nnx.clone(net)
+    params, stats = nnx.state(user, nnx.Param), nnx.state(user, nnx.BatchStat)
+    nnx.replace_by_pure_dict(params, back["params"])
+    nnx.replace_by_pure_dict(stats, back["batch_stats"])
+    nnx.update(user, params, stats)
+    user.eval()
+    x = task.data.x_test[:64]
+    want = engine.predict(engine.run(fplan, return_models=True, finetune=False).models[0], x)
+    np.testing.assert_allclose(np.asarray(user(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
