@@ -6,6 +6,7 @@ Pareto front as a pandas DataFrame. `hwcompress search` builds its record with `
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,13 +25,14 @@ from search.engine.finetune import Engine
 from search.errors import UserError
 from search.report.view import pareto_frame
 from search.study.context import SearchContext, load_context
-from search.study.create import check_sampler, layers_attr, metric_names, open_study
-from search.study.loop import ask_batch, run_trials
-from search.study.progress import SearchProgress
+from search.study.create import check_sampler, finished_count, layers_attr, metric_names, open_study
+from search.study.loop import Claimant, NothingToDo, ask_batch, run_trials
+from search.study.progress import SearchProgress, nothing_to_do
 from search.study.sensitivity import measure_sensitivity, warm_start_plans
 from search.study.space import extreme_plans, plan_to_params, space_for_profile
-from search.study.spec import StudySpec, WeightsSource, profile_reference
-from search.study.storage import open_storage
+from search.study.spec import (SPEC_ATTR, StudySpec, WeightsSource, check_study_name, profile_reference,
+                               safe_study_name)
+from search.study.storage import open_storage, study_lock
 
 DEFAULT_OBJECTIVES = ("quality", "latency", "memory")
 
@@ -119,32 +121,62 @@ def search(
     `engine` replaces the Engine built from the record (e.g. one with another config); `k`
     plans per vmapped step (None: measured here); `batch` trials asked together; run=False
     only sets the study up (baseline, sensitivity, warm-start trials), e.g. for workers.
+
+    Any number of searches and workers may run on one study at once: the first sets it up
+    while the others wait, and every trial is claimed under the study lock
+    (search.study.loop.claim_trials), so together they stop at spec.n_trials and each returns
+    once no trial is left to run. A spec.n_trials at or below the trials already done runs
+    nothing, keeps the study's stored trial budget and warns NothingToDo.
     """
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
     if k is not None and k < 1:
         raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
+    # an unsafe name fails before any work, and the data before a study is stored
+    name = check_study_name(study_name) if study_name is not None else safe_study_name(default_study_name(spec))
     ctx = load_context(spec, results_dir, task=task, params=params, baseline=baseline)
+    ctx.task.check(spec.finetune.batch_size if spec.finetune.steps else None, params)
     extremes = extreme_plans(len(ctx.layers), spec.space)
     min_costs = B.check_reachable(ctx.profile, ctx.layers, spec.budget, extremes)
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = open_storage(storage, results_dir)
     if spec.weights is not None:  # a bad or changed weights file fails before the study exists
         _ = ctx.baseline
-    study, _ = open_study(study_name or default_study_name(spec), storage, spec)
-    # the baseline is trained (or read) only now: a conflicting resume has failed before
-    sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
-    if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
-        seeds = B.seed_plans(ctx.profile, ctx.layers, spec.budget, extremes)
-        _initialize(study, sctx, min_costs, seeds, warm_start)
+    sctx = None
+    # a second search started at once waits here until the first has created and set up the study
+    with study_lock(storage, name):
+        study, done, stored = _open(name, storage, spec)
+        claimant = Claimant(spec, joined=len(study.get_trials(deepcopy=False)))  # what the sampler was seeded with
+        if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
+            # the baseline is trained (or read) only now: a conflicting resume has failed before
+            sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
+            seeds = B.seed_plans(ctx.profile, ctx.layers, spec.budget, extremes)
+            _initialize(study, sctx, min_costs, seeds, warm_start)
+    if done >= spec.n_trials:
+        warnings.warn(NothingToDo(nothing_to_do(name, done, spec.n_trials, stored)), stacklevel=2)
     if not run:
         return study
+    sctx = sctx or SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
     bar = SearchProgress(spec.n_trials, enabled=progress, metric_name=ctx.task.metric_name)
     try:
-        run_trials(study, sctx, spec.n_trials, ask_batch(sctx.engine.k, batch), bar)
+        run_trials(study, storage, sctx, claimant, spec.n_trials, ask_batch(sctx.engine.k, batch), progress=bar)
     finally:
         bar.close()
     return study
+
+
+def _open(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[optuna.Study, int, int]:
+    """open_study (create, or resume and check the record) under the study lock; returns
+    (study, trials done, the stored trial budget). A resume may raise the trial budget or lower
+    it to no fewer than the trials done; asking for no more than are done keeps the stored one."""
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return open_study(name, storage, spec)[0], 0, spec.n_trials
+    done = finished_count(existing.get_trials(deepcopy=False))
+    if spec.n_trials <= done and existing.user_attrs.get(SPEC_ATTR) is not None:
+        spec = dataclasses.replace(spec, n_trials=StudySpec.of_study(existing).n_trials)
+    return open_study(name, storage, spec)[0], done, spec.n_trials
 
 
 def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float], seeds: Sequence[P.Plan],

@@ -8,7 +8,7 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
+import warnings
 from typing import Any
 
 from search.errors import UserError
@@ -63,9 +63,12 @@ def search_command(args: argparse.Namespace) -> int:
     # imported here, not at the top: `hwcompress --help` stays fast (no JAX)
     from search.api import make_spec, search
     from search.engine.config import FinetuneConfig
-    from search.report.files import write_report
+    from search.report.files import report_dir, write_view
     from search.report.view import pareto_frame, read_study
     from search.study.create import finished_count
+    from search.study.loop import NothingToDo
+    from search.study.progress import over_budget_hint
+    from search.study.spec import StudySpec
     from search.study.storage import default_url, load_study, open_storage
 
     import optuna
@@ -87,24 +90,46 @@ def search_command(args: argparse.Namespace) -> int:
         finetune=FinetuneConfig(steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed),
     )
     storage = open_storage(args.storage, args.results_dir)
-    study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, batch=args.batch,
-                   run=args.workers is None, warm_start=not args.no_warm_start,
-                   progress=not (args.quiet or args.json))
-    if args.workers is not None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NothingToDo)
+        study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, batch=args.batch,
+                       run=args.workers is None, warm_start=not args.no_warm_start,
+                       progress=not (args.quiet or args.json))
+    idle = _notes(caught, NothingToDo)
+    if args.workers is not None and not idle:  # workers would run to the stored budget instead
         _run_workers(args, study)
         study = load_study(study.study_name, storage)
     front = pareto_frame(study)
-    report_dir = str(write_report(study, Path(args.results_dir) / study.study_name).out_dir)
-    done = finished_count(study.get_trials(deepcopy=False))
+    # the report's export commands name this storage and results directory when not the defaults
+    view = read_study(study, storage=args.storage, results_dir=args.results_dir)
+    out_dir = str(write_view(view, report_dir(args.results_dir, study.study_name)).out_dir)
+    trials = study.get_trials(deepcopy=False)
+    done = finished_count(trials)
+    notes = [f"{note} (pass --trials above {done} to run more)" for note in idle]
+    stored = StudySpec.of_study(study)
+    notes += [over_budget_hint(trials, stored.budget, stored.profile_name)] if front.empty else []
     if args.json:
         url = args.storage or default_url(args.results_dir)
-        print(json.dumps(json_summary(study, url, done, front, report_dir)))
+        print(json.dumps(json_summary(study, url, done, front, out_dir)))
     elif args.quiet:
-        print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {report_dir}")
+        print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {out_dir}")
     else:
-        _print_front(read_study(study))
-        print(f"report: {report_dir}")
+        _print_front(view)
+        print(f"report: {out_dir}")
+    for note in filter(None, notes):  # stderr: --json keeps stdout one JSON object
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _notes(caught: list, category: type[Warning]) -> list[str]:
+    """The messages of the caught warnings of `category`; every other warning is shown as usual."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, category):
+            notes.append(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return notes
 
 
 def _run_workers(args: argparse.Namespace, study: Any) -> None:

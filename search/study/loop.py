@@ -1,18 +1,25 @@
 """The batched ask / price / fine-tune / tell loop over an Optuna study.
 
-One batch: ask K trials, turn them into a Plan [K, L], price it on every shipped profile
-(and on the target profile), tell the plans that break a budget as PRUNED with their
-constraint values and no training, fine-tune the rest in one Engine.run call, tell them.
-Optuna owns all search state, so resume, many workers and reports need nothing else.
+One batch: claim K trials under the study lock, turn them into a Plan [K, L], price it on
+every shipped profile (and on the target profile), tell the plans that break a budget as
+PRUNED with their constraint values and no training, fine-tune the rest in one Engine.run
+call, tell them. Optuna owns all search state, so resume, many workers and reports need
+nothing else. `hwcompress search` and every worker run the same loop (`run_trials`), so any
+number of them on one study stop at its trial budget together.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import signal
+import socket
 import threading
+import time
 import warnings
-from typing import Iterator, Sequence
+import zlib
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import optuna
@@ -23,9 +30,22 @@ from search.cost import budget as B
 from search.cost.roofline import Costs, price, price_all
 from search.study import storage
 from search.study.context import SearchContext
-from search.study.create import finished_count
+from search.study.create import finished_count, make_sampler
 from search.study.progress import SearchProgress
 from search.study.space import plan_to_dict, suggest_plan
+from search.study.spec import StudySpec
+
+IDLE_POLL_S = 2.0  # how often a process with nothing to claim looks again while others still train
+
+
+def worker_id() -> str:
+    """This process as "host:pid", stored on every trial it claims (who ran what)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class NothingToDo(UserWarning):
+    """A run asked for no more trials than the study already holds: it runs nothing, and the
+    study keeps its stored trial budget."""
 
 
 def price_plans(ctx: SearchContext, plans: P.Plan) -> tuple[Costs, dict[str, Costs]]:
@@ -83,30 +103,14 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self._hold)
 
 
-def run_batch(
-    study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence[optuna.Trial] | None = None
-) -> dict[str, int]:
-    """Ask k trials, reject the infeasible ones untrained, fine-tune the rest, tell all.
+def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.Trial],
+              ctrl_c: _CtrlC) -> dict[str, int]:
+    """Price the claimed `trials` (claim_trials), reject the infeasible ones untrained,
+    fine-tune the rest, tell all; returns counts {"asked", "infeasible", "trained", "failed"}.
 
-    `trials`: already asked (search.workers claims them under a lock so that concurrent
-    workers never overshoot the study's trial budget); k is then len(trials).
-    The caller then owns their heartbeats. Returns counts {"asked", "infeasible", "trained", "failed"}.
-    Ctrl-C interrupts the fine-tuning at once; while the storage is written it waits for the
-    write to finish (`_CtrlC`).
+    Ctrl-C (held by `ctrl_c` while the storage is written) interrupts the fine-tuning at once;
+    trials not yet told are then failed as interrupted, and do not count.
     """
-    with _CtrlC() as ctrl_c:
-        return _run_batch(study, ctx, k, trials, ctrl_c)
-
-
-def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence[optuna.Trial] | None,
-               ctrl_c: _CtrlC) -> dict[str, int]:
-    own = trials is None
-    if own:
-        if storage.heartbeat_enabled(study):
-            storage.fail_stale_trials(study)
-        with warnings.catch_warnings():  # our own heartbeats run around the training
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            trials = [study.ask() for _ in range(k)]
     trials = list(trials)
     k = len(trials)
     told: set[int] = set()
@@ -138,10 +142,8 @@ def _run_batch(study: optuna.Study, ctx: SearchContext, k: int, trials: Sequence
         failed = 0
         if feasible_idx:
             batch = P.stack_plans([plans[i] for i in feasible_idx])
-            beats = storage.heartbeat(study, [trials[i] for i in feasible_idx]) if own else contextlib.nullcontext()
-            with beats:
-                with ctrl_c.allowed():
-                    result = ctx.engine.run(batch)
+            with ctrl_c.allowed():
+                result = ctx.engine.run(batch)
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
@@ -184,23 +186,109 @@ def ask_batch(engine_k: int | None, batch: int | None = None) -> int:
     return int(batch) if batch else max(ASK_BATCH, int(engine_k or 1))
 
 
+@dataclasses.dataclass
+class Claimant:
+    """One process's share of a study: its name, when it joined, and its sampler's stream.
+
+    Two processes on one study with the same seeded sampler propose the same plans (a seeded
+    random stream does not depend on the other's trials). So a search keeps the study's seeded
+    stream, reproducible run to run, only until it sees a trial that another process claimed
+    after it joined; from then on it samples from a stream of its own, as a worker always does.
+    """
+
+    spec: StudySpec  # the study's record: sampler name and seed
+    joined: int  # trials in the study when this process opened it (its sampler was seeded with it)
+    name: str = dataclasses.field(default_factory=worker_id)  # stored as the "worker" of its trials
+    own_stream: bool = False  # whether the sampler is already this process's own
+
+    def use_own_stream(self, study: optuna.Study, n_existing: int) -> None:
+        """Give `study` a sampler seeded for this process alone (moving with the trials stored)."""
+        seed = self.spec.seed + zlib.crc32(self.name.encode())
+        study.sampler = make_sampler(self.spec.sampler, seed, n_existing)
+        self.own_stream = True
+
+    def separate(self, study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        """Switch to an own stream once a trial claimed by someone else since we joined is seen."""
+        if not self.own_stream and any(
+            t.number >= self.joined and t.state != TrialState.WAITING
+            and t.user_attrs.get("worker") not in (None, self.name) for t in trials
+        ):
+            self.use_own_stream(study, len(trials))
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What one claim found: the trials asked, and the study's count at that moment."""
+
+    trials: list  # optuna.Trial, asked for this process (empty when nothing is left to claim)
+    done: int  # trials that count toward the budget (create.finished_count)
+    running: int  # trials running elsewhere (another process, or a dead one not yet stale)
+
+
+def claim_trials(study: optuna.Study, lock_storage: optuna.storages.BaseStorage, claimant: Claimant,
+                 n_trials: int, batch: int) -> Claim:
+    """Under the study lock: fail dead processes' trials, count, and ask at most what is left.
+
+    Counting RUNNING trials as taken is what keeps N processes from overshooting n_trials; a
+    dead process's RUNNING trial is failed here (heartbeat) and its re-queued copy is what the
+    next ask() returns. Each asked trial records its claimant and a first heartbeat before the
+    lock is released, so the next claimant sees it as someone else's, and it can go stale.
+    """
+    beats = storage.heartbeat_enabled(study)
+    with storage.study_lock(lock_storage, study.study_name):
+        if beats:
+            storage.fail_stale_trials(study)
+        stored = study.get_trials(deepcopy=False)
+        done = finished_count(stored)
+        running = sum(1 for t in stored if t.state == TrialState.RUNNING)
+        claimant.separate(study, stored)
+        with warnings.catch_warnings():  # our own heartbeats run around the batch
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trials = [study.ask() for _ in range(max(0, min(batch, n_trials - done - running)))]
+        for t in trials:
+            t.set_user_attr("worker", claimant.name)
+        if beats:
+            storage.record_heartbeat(study, trials)  # a trial with no beat would never go stale
+    return Claim(trials, done, running)
+
+
 def run_trials(
     study: optuna.Study,
+    lock_storage: optuna.storages.BaseStorage,
     ctx: SearchContext,
+    claimant: Claimant,
     n_trials: int,
     batch: int,
+    *,
     progress: SearchProgress | None = None,
+    max_trials: int | None = None,
+    on_batch: Callable[[dict[str, int]], None] | None = None,
+    idle_poll: float = IDLE_POLL_S,
 ) -> int:
-    """Run batches until the study holds n_trials finished trials; returns how many ran now."""
+    """Claim and run batches of at most `batch` trials until the study holds n_trials finished
+    ones (or this process has run `max_trials`); returns how many ran here.
+
+    While the budget is taken up only by trials running elsewhere this waits (polling every
+    `idle_poll` s): they may die and come back, and a search then prints the front of every
+    stored trial. `on_batch` gets each batch's counts (run_batch).
+    """
     ran = 0
-    while True:
-        done = finished_count(study.get_trials(deepcopy=False))
-        if progress is not None:
-            progress.update(study, done)
-        left = n_trials - done
-        if left <= 0:
-            return ran
-        counts = run_batch(study, ctx, min(batch, left))
-        ran += counts["asked"]
-
-
+    while max_trials is None or ran < max_trials:
+        limit = batch if max_trials is None else min(batch, max_trials - ran)
+        with _CtrlC() as ctrl_c:  # a Ctrl-C while claiming fails the claimed trials as interrupted
+            claim = claim_trials(study, lock_storage, claimant, n_trials, limit)
+            if progress is not None:
+                progress.update(study, claim.done, running=claim.running)
+            counts = None
+            if claim.trials:
+                with storage.heartbeat(study, claim.trials):  # from the claim: a death before training is seen too
+                    counts = run_batch(study, ctx, claim.trials, ctrl_c)
+        if counts is not None:
+            ran += counts["asked"]
+            if on_batch is not None:
+                on_batch(counts)
+        elif claim.done < n_trials and claim.running:
+            time.sleep(idle_poll)
+        else:
+            break
+    return ran

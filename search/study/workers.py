@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,21 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.study import storage as storage_mod
 from search.study.context import SearchContext, load_context
-from search.study.create import finished_count, make_sampler
-from search.study.loop import run_batch
+from search.study.create import finished_count
+from search.study.loop import IDLE_POLL_S, Claimant, run_trials, worker_id
+from search.study.progress import nothing_to_do
 from search.study.spec import StudySpec
 
 # where `search` and `models` live, so a child finds them even when not pip-installed
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # this process as "host:pid", stored on every trial it claims
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+WORKER_ID = worker_id()
 # seconds a worker gets to finish its trial after SIGINT before it is terminated
 STOP_GRACE = 60.0
-IDLE_POLL_S = 2.0  # how often a worker with nothing to claim looks again while others still train
 
 
 def worker_argv(
@@ -180,26 +178,6 @@ def context_from_study(study: optuna.Study, results_dir: str | os.PathLike = "re
     return SearchContext(ctx, ctx.engine(k=k))
 
 
-def _claim(study, storage, n_trials: int, batch: int) -> tuple[list, int]:
-    """Under the study lock: fail dead workers' trials, count, and ask at most what is left.
-
-    Returns (asked trials, trials still running elsewhere). Counting RUNNING trials as taken
-    is what keeps N workers from overshooting n_trials; a dead worker's RUNNING trial is
-    failed here (heartbeat) and its re-queued copy is what the next ask() returns.
-    """
-    with storage_mod.study_lock(storage, study.study_name):
-        storage_mod.fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-        left = n_trials - finished_count(trials) - running
-        k = min(batch, left)
-        trials = [study.ask() for _ in range(max(k, 0))]
-        storage_mod.record_heartbeat(study, trials)  # a first beat at once: a trial with none never goes stale
-    for t in trials:  # who ran what: reports and post-mortems of dead workers
-        t.set_user_attr("worker", WORKER_ID)
-    return trials, running
-
-
 def run_worker(
     study_name: str,
     storage_url: str | None,
@@ -231,30 +209,24 @@ def run_worker(
               f"(K={ctx.engine.k})", file=sys.stderr, flush=True)
     n_trials = ctx.spec.n_trials
     # every worker its own sampler stream: two workers must not propose the same plans
-    sampler = make_sampler(ctx.spec.sampler, ctx.spec.seed + os.getpid(), len(study.trials))
-    study = storage_mod.load_study(study_name, storage, sampler=sampler)
+    claimant = Claimant(ctx.spec, joined=len(study.get_trials(deepcopy=False)))
+    claimant.use_own_stream(study, claimant.joined)
+    done = finished_count(study.get_trials(deepcopy=False))
+    if log and done >= n_trials:
+        print(f"worker {claimant.name}: {nothing_to_do(study_name, done, n_trials, n_trials)}; raise its "
+              f"budget with `hwcompress search --study {study_name} --trials N` (and the study's other flags)",
+              file=sys.stderr, flush=True)
+
+    def report(counts: dict[str, int]) -> None:
+        if log:
+            print(f"worker {claimant.name}: {time.monotonic() - t0:.1f} s: ran {counts['asked']} trials "
+                  f"({counts['trained']} trained, {counts['infeasible']} over budget, "
+                  f"{counts['failed']} failed)", file=sys.stderr, flush=True)
+
     # K, not study.ask_batch: a worker claims only what it fine-tunes in one call, so a killed
-    # worker loses the fewest trials (several workers are not reproducible run to run anyway)
-    k = batch or ctx.engine.k
-    ran = 0
+    # worker loses the fewest trials (several workers are not reproducible run to run anyway);
+    # poll often while others train: waiting a whole heartbeat interval kept a finished
+    # study's workers alive up to 30 s after the last trial ended
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    while max_trials is None or ran < max_trials:
-        limit = k if max_trials is None else min(k, max_trials - ran)
-        trials, running = _claim(study, storage, n_trials, limit)
-        if trials:
-            # beat from the moment of asking, so a worker that dies even before training
-            # leaves trials that go stale and come back
-            with storage_mod.heartbeat(study, trials):
-                counts = run_batch(study, ctx, len(trials), trials=trials)
-            ran += counts["asked"]
-            if log:
-                print(f"worker {WORKER_ID}: {time.monotonic() - t0:.1f} s: ran {counts['asked']} trials "
-                      f"({counts['trained']} trained, {counts['infeasible']} over budget, "
-                      f"{counts['failed']} failed)", file=sys.stderr, flush=True)
-        elif running:  # others are still training: their trials may die and come back to us
-            # poll often: waiting a whole heartbeat interval kept a finished study's workers
-            # alive up to 30 s after the last trial ended
-            time.sleep(min(IDLE_POLL_S, heartbeat_interval))
-        else:
-            break
-    return ran
+    return run_trials(study, storage, ctx, claimant, n_trials, batch or ctx.engine.k, max_trials=max_trials,
+                      on_batch=report, idle_poll=min(IDLE_POLL_S, heartbeat_interval))

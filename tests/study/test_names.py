@@ -101,3 +101,13 @@ def test_studies_lists_a_stored_name_as_it_is(tmp_path, capsys):
     optuna.create_study(study_name="[/x]", storage=f"sqlite:///{results / 'studies.db'}")
     assert cli.main(["studies", "--results-dir", str(results)]) == 0
     assert "[/x]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/srv/elsewhere", "", "a\nb"])
+def test_search_api_refuses_an_unsafe_name_before_any_work(tmp_path, name):
+    from search.api import search
+
+    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu", n_trials=1)
+    with pytest.raises(UserError, match="study name"):
+        search(spec, "memory", tmp_path / "r", study_name=name)
+    assert not (tmp_path / "r").exists()
