@@ -17,15 +17,14 @@ def _ci() -> bool:
 
 
 def _admin(url: str):
-    import psycopg2
+    import psycopg  # psycopg 3, the `postgres` extra's driver
 
     parts = urlsplit(url)
-    con = psycopg2.connect(
+    return psycopg.connect(
         host=parts.hostname or "localhost", port=parts.port or 5432, user=parts.username,
         password=parts.password, dbname=parts.path.strip("/") or "postgres", connect_timeout=10,
+        autocommit=True,
     )
-    con.autocommit = True
-    return con
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def open_storage(
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "sqlite":
         sql_url, engine_kwargs = _sqlite(url)
-    elif scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+    elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         sql_url, engine_kwargs = _postgres(url)
     else:
         raise UserError(
@@ -204,26 +204,42 @@ def _check_sqlite_file(path: Path) -> None:
 
 
 def _postgres(url: str) -> tuple[str, dict]:
-    """Normalise a PostgreSQL URL and prove the server answers, with a short timeout."""
+    """Check a PostgreSQL URL and prove the server answers, with a short timeout.
+
+    The URL goes to SQLAlchemy as the user wrote it: `postgresql://...` means SQLAlchemy's
+    default driver (psycopg 3 since SQLAlchemy 2.1, what the `postgres` extra installs), so
+    the same URL works in optuna.load_study, Optuna's CLI and optuna-dashboard;
+    `postgresql+DRIVER://...` picks another installed driver. Only the old spelling
+    `postgres://`, which SQLAlchemy refuses, is read as `postgresql://`.
+    """
+    import sqlalchemy  # local: only PostgreSQL users pay for the dialect lookup
+
     scheme, rest = url.split("://", 1)
-    sql_url = "postgresql+psycopg2://" + rest
-    try:
-        import psycopg2  # noqa: F401  (the driver SQLAlchemy will use)
-    except ImportError:
-        raise UserError(
-            "PostgreSQL storage needs the psycopg2 driver: pip install 'hwcompress[postgres]'"
-        ) from None
+    sql_url = ("postgresql" if scheme.lower() == "postgres" else scheme) + "://" + rest
     parts = urlsplit(sql_url)
     if not parts.path.strip("/"):
         raise UserError(
             f"storage URL {redact(url)!r} names no database: use postgresql://user:pass@host:port/DBNAME"
         )
+    try:
+        dialect = sqlalchemy.engine.make_url(sql_url).get_dialect()
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        raise UserError(
+            f"storage URL {redact(url)!r} is not a PostgreSQL URL SQLAlchemy can use ({_first_line(e)}): "
+            "use postgresql://user:pass@host:port/db"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        raise UserError(
+            f"PostgreSQL storage needs the {dialect.driver} driver, which is not installed: "
+            + ("pip install 'hwcompress[postgres]'" if dialect.driver == "psycopg"
+               else "install it, or use postgresql://... with pip install 'hwcompress[postgres]'")
+        ) from None
     engine_kwargs = {
         "pool_pre_ping": True,  # a worker that idled past a server restart reconnects
-        "connect_args": {"connect_timeout": CONNECT_TIMEOUT},
+        "connect_args": {"connect_timeout": CONNECT_TIMEOUT} if dialect.driver in ("psycopg", "psycopg2") else {},
     }
-    import sqlalchemy
-
     engine = sqlalchemy.create_engine(sql_url, **engine_kwargs)
     try:
         with engine.connect() as con:

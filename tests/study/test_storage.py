@@ -2,6 +2,7 @@
 heartbeats turn a dead worker's trial into a failed one plus a re-queued copy."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 
-from search.study import storage as S
 from search.errors import UserError
+from search.study import storage as S
+from tests.support import results_dir, start_search
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +100,38 @@ def test_unreachable_postgres_is_fast_and_hides_password():
     msg = _one_line(e.value)
     assert "s3cret" not in msg and "alice:***@" in msg and "127.0.0.1:1" in msg
     assert time.monotonic() - t0 < S.CONNECT_TIMEOUT + 5
+
+
+def test_postgres_url_goes_to_sqlalchemy_as_written(pg_url):
+    """The README's postgresql:// URL is used unchanged, with the driver SQLAlchemy picks for
+    it (psycopg 3 since SQLAlchemy 2.1): the one that optuna.load_study, Optuna's CLI and
+    optuna-dashboard load for the same URL. A private rewrite to another driver made the URL
+    work in hwcompress only."""
+    storage = S.open_storage(pg_url)
+    assert storage.url == pg_url
+    assert storage.engine.dialect.driver == sqlalchemy.engine.make_url(pg_url).get_dialect().driver
+    # the old spelling SQLAlchemy refuses still opens the same database
+    assert S.open_storage(pg_url.replace("postgresql://", "postgres://", 1)).url == pg_url
+
+
+def test_missing_postgres_driver_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    with pytest.raises(UserError, match=r"psycopg driver.*pip install 'hwcompress\[postgres\]'") as e:
+        S.open_storage("postgresql://u@127.0.0.1:1/studies")
+    _one_line(e.value)
+
+
+def test_readme_postgres_url_works_in_plain_optuna(pg_url, tmp_path):
+    """`hwcompress search --storage URL`, then the same URL, unchanged, in optuna.load_study
+    and in Optuna's CLI (both failed with "Failed to import DB access module")."""
+    assert start_search(results_dir(tmp_path), "readme", 1, "--storage", pg_url) == 0
+    study = optuna.load_study(study_name="readme", storage=pg_url)
+    assert len(study.trials) == 1 and study.metric_names[0] == "quality"
+    cli = [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())"]
+    out = subprocess.run([*cli, "studies", "--storage", pg_url, "-f", "json"],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [s["name"] for s in json.loads(out.stdout)] == ["readme"]
 
 
 def test_bad_heartbeat_settings():
