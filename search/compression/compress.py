@@ -43,7 +43,7 @@ def weight_branch(bits: jax.Array, mode: jax.Array) -> jax.Array:
 def weight_scales(ws: Sequence[jax.Array], bits: jax.Array) -> list[jax.Array]:
     """[C] per kernel: the scale of each output channel's quantization grid, fixed for a trial.
 
-    Uniform b >= 2: max|w| / (2**(b-1) - 1), as `quant.uniform_weight`; 1 bit: the mean |w|
+    Uniform b >= 2: max|w| / B (`quant.weight_bound`), as `quant.uniform_weight`; 1 bit: the mean |w|
     of the channel's non-zero weights, as `quant.binary_weight`; float and codebook layers
     do not use it. Computed once per trial from the masked pretrained kernels, for all layers
     in one pass over the concatenated kernels, and kept while fine-tuning (static encodings,
@@ -62,7 +62,7 @@ def weight_scales(ws: Sequence[jax.Array], bits: jax.Array) -> list[jax.Array]:
     count = jax.ops.segment_sum((v != 0).astype(v.dtype), seg, n)
     amax = jax.ops.segment_max(v, seg, n)
     b = jnp.concatenate([jnp.full((c,), bits[i]) for i, c in enumerate(chans)])
-    scale = jnp.where(b == 1, total / jnp.maximum(count, 1.0), quant.scale_from_amax(amax, quant.weight_qmax(b)))
+    scale = jnp.where(b == 1, total / jnp.maximum(count, 1.0), quant.scale_from_amax(amax, quant.weight_bound(b)))
     return [scale[o:o + c] for c, o in zip(chans, offset)]
 
 

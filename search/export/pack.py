@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from search.compression.quant import grid_scales
 from search.errors import UserError
 
 FORMAT = "hwcompress-weights/1"  # metadata tag; a file without it is foreign
@@ -80,7 +81,7 @@ def _uniform_codes(w: np.ndarray, mask: np.ndarray, bits: int, scale: np.ndarray
     The effective kernels sit on this grid up to float rounding (a straight-through
     estimator adds and subtracts w), so q is exact and q * scale is the grid point. `scale`
     ([out]): the grid's scales as the engine fixed them (`CompressedModel.weight_scales`);
-    None infers them from the kernel (max |w| / qmax, the median magnitude at 1 bit), which
+    None infers them from the kernel (`quant.grid_scales`, the median magnitude at 1 bit), which
     is the grid only when some weight of every channel sits at its end.
     """
     out = w.shape[-1]
@@ -99,8 +100,7 @@ def _uniform_codes(w: np.ndarray, mask: np.ndarray, bits: int, scale: np.ndarray
         q = np.where(w2 >= 0, 1, -1).astype(np.int64)
     else:
         qmax = (1 << (bits - 1)) - 1
-        amax = a.max(axis=0)
-        scales = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+        scales = grid_scales(w2, bits, m2)
         q = np.clip(np.round(w2 / scales), -qmax, qmax).astype(np.int64)
     q = np.where(m2, q, 0)
     return q.reshape(w.shape), np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)

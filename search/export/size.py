@@ -44,6 +44,7 @@ import numpy as np
 from search.compression.groups import tie_plan
 from search.compression.layers import get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP
+from search.compression.quant import grid_scales
 from search.cost.roofline import REL_INDEX_BITS
 
 FLOAT_BITS = 32
@@ -102,7 +103,7 @@ def quantized_codes(values: np.ndarray, bits: int, quant_mode: str = "uniform",
                     mask: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:
     """Integer codes [out, fan_in] of a fake-quantized kernel given as [out, fan_in] floats.
 
-    Uniform b >= 2: q = round(w / scale), scale = max|w| / (2**(b-1) - 1) per output row, or
+    Uniform b >= 2: q = round(w / scale), scale per output row from `quant.grid_scales`, or
     the given `scale` [out] (the grid the engine fixed); a pruned weight is q = 0. b == 1: the
     sign; codebook: the index of each kept value among the layer's distinct kept values,
     pruned weights one extra code. Raises ValueError when
@@ -119,9 +120,8 @@ def quantized_codes(values: np.ndarray, bits: int, quant_mode: str = "uniform",
         return codes
     if bits == 1:
         return np.sign(w).astype(np.int64)
-    qmax = 2 ** (bits - 1) - 1
     if scale is None:
-        scale = np.abs(w).max(axis=1, keepdims=True) / qmax
+        scale = grid_scales(w.T, bits).astype(np.float64).reshape(-1, 1)
     else:  # the grid the engine fixed (its largest code need not be used)
         scale = np.asarray(scale, np.float64).reshape(-1, 1)
     q = np.round(np.divide(w, scale, out=np.zeros_like(w), where=scale > 0))

@@ -6,7 +6,8 @@ import pytest
 
 from search.compression.codebook import SLOTS, codebook_weight, kmeans_codebook
 from search.engine.compiles import count_compiles
-from search.compression.quant import act_qparams, fake_quant_act, fake_quant_weight, quantize_weight
+from search.compression.quant import (EXTENDED_BOUND_MAX_BITS, act_qparams, fake_quant_act, fake_quant_weight,
+                                     quantize_weight)
 from search.compression.plan import FLOAT, WEIGHT_BITS
 
 RNG = np.random.default_rng(0)
@@ -18,11 +19,14 @@ def _normal(*shape):
 
 
 def test_weight_known_answer():
-    # one output channel, max|w| = 1; 2 bits: qmax = 1, scale = 1 -> {-1, 0, 1}
+    # one output channel, max|w| = 1; 2 bits: qmax = 1, bound 1.5, scale = 2/3:
+    # 1.5 -> 2, clipped to 1; -1.05 -> -1; 0.45 -> 0; -0.3 -> 0
     w = jnp.array([[1.0], [-0.7], [0.3], [-0.2]])
-    np.testing.assert_allclose(fake_quant_weight(w, 2), [[1.0], [-1.0], [0.0], [0.0]])
-    # 3 bits: qmax = 3, scale = 1/3
-    np.testing.assert_allclose(fake_quant_weight(w, 3), [[1.0], [-2 / 3], [1 / 3], [-1 / 3]], rtol=1e-6)
+    np.testing.assert_allclose(fake_quant_weight(w, 2), [[2 / 3], [-2 / 3], [0.0], [0.0]], rtol=1e-6)
+    # 3 bits: qmax = 3, bound 3.5: 3.5 -> 4 -> 3, -2.45 -> -2, 1.05 -> 1, -0.7 -> -1
+    np.testing.assert_allclose(fake_quant_weight(w, 3), np.array([[3], [-2], [1], [-1]]) / 3.5, rtol=1e-6)
+    # above EXTENDED_BOUND_MAX_BITS the bound is qmax: 8 bits, scale 1/127
+    np.testing.assert_allclose(fake_quant_weight(w, 8), np.round(np.asarray(w) * 127) / 127, rtol=1e-6)
     # 1 bit: sign * mean|w| of the non-zero weights
     np.testing.assert_allclose(fake_quant_weight(w, 1), [[0.55], [-0.55], [0.55], [-0.55]], rtol=1e-6)
     np.testing.assert_array_equal(fake_quant_weight(w, FLOAT), w)
@@ -50,6 +54,26 @@ def test_pruned_stay_zero_and_integers_reproduce():
         assert np.abs(q).max() <= qmax and scale.shape == (5,)
         q2, scale2 = quantize_weight(w, bits)
         np.testing.assert_array_equal(q2, q)  # quantizing the effective kernel again is a no-op
+
+
+def test_low_bit_grid_gives_every_code_a_full_step():
+    """Issue 16: at 2-4 bits the scale is max|w| / (qmax + 0.5) (qwix's bound), so the outer
+    codes catch a full step and 2 bits zero only |w| < max|w| / 3 (max|w| / 2 before); every
+    code of the symmetric grid is used; wider grids keep max|w| / qmax."""
+    w = np.asarray(_normal(4000, 3))
+    amax = np.abs(w).max(axis=0)
+    for bits in range(2, 9):
+        fq = np.asarray(fake_quant_weight(jnp.asarray(w), bits))
+        q, scale = quantize_weight(fq, bits)
+        qmax = 2 ** (bits - 1) - 1
+        bound = qmax + 0.5 if bits <= EXTENDED_BOUND_MAX_BITS else qmax
+        np.testing.assert_allclose(scale, amax / bound, rtol=1e-6)
+        for c in range(3 if bits <= 4 else 0):  # every code; the end opposite the largest |w| may stay unused
+            used = set(np.unique(q[:, c]).tolist())
+            assert used <= set(range(-qmax, qmax + 1)) and len(used) >= 2 * qmax, (bits, c, used)
+    zero = np.mean(np.asarray(fake_quant_weight(jnp.asarray(w), 2)) == 0)
+    assert zero == pytest.approx(np.mean(np.abs(w) < amax / 3), abs=1e-3)
+    assert zero < np.mean(np.abs(w) < amax / 2) - 0.1
 
 
 def test_straight_through_gradient():
