@@ -7,14 +7,17 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="export a trial: packed safetensors, config.json, size breakdown, model.onnx",
-                              description="Re-create trial N of a study (optionally with a longer final fine-tune), "
-                              "and write OUT/config.json, OUT/weights.safetensors (integers packed at their bit width), "
+                              description="Re-create trial N of a study, fine-tuned again for longer than the search did "
+                              "(by default 5x the study's steps, cosine learning-rate decay), and write OUT/config.json "
+                              "(with the quality before and after that retrain), OUT/weights.safetensors (integers packed at their bit width), "
                               "OUT/size.json (Deep Compression breakdown) and OUT/model.onnx (pruned channels removed, "
                               "int8 QDQ layers), checked against the Flax model.")
     p.add_argument("--study", required=True, help="study name (see `hwcompress studies`)")
     p.add_argument("--trial", required=True, type=int, help="trial number (see `hwcompress report`)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--finetune-steps", type=int, default=None, help="final fine-tune steps (default: the study's)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="final fine-tune steps, cosine learning-rate decay (default: 5x the study's fine-tune steps; "
+                   "0: compress only); config.json records the quality before and after it")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="results root: studies.db and the baseline cache (default results)")
@@ -31,6 +34,8 @@ def export_command(args: argparse.Namespace) -> int:
     c = r.config
     size = c["size"]
     print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
+    for line in retrain_lines(c):
+        print("  " + line)
     print(f"  {c['model']['metric']}: Flax {r.quality:.4f}, reloaded {r.reload_quality:.4f}, ONNX {r.onnx_quality:.4f} "
           f"(max |ONNX - Flax| {r.onnx_max_abs_diff:.2e}, same predictions {r.onnx_agreement:.2%})")
     from search.export.exporter import ONNX_MIN_AGREEMENT
@@ -46,3 +51,25 @@ def export_command(args: argparse.Namespace) -> int:
         if name == c.get("profile"):
             print(f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, {pred.get('memory_kb', float('nan')):.1f} KB memory")
     return 0
+
+
+def retrain_lines(config: dict) -> list[str]:
+    """What the final fine-tune was and what it changed, from config.json's "retrain"."""
+    r, metric = config.get("retrain") or {}, config["model"]["metric"]
+    if not r:
+        return []
+    how = (f"default: {r['factor']}x the study's {r['search_steps']}" if r.get("default") else "--finetune-steps") \
+        if "search_steps" in r else "given"
+    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate ({how})"]
+
+    def q(d: dict) -> str:
+        return "diverged" if d["val"] is None else f"val {d['val']:.4f}, test {d['test']:.4f}"
+
+    b, a = r.get("before"), r["after"]
+    if b is not None:
+        lines.append(f"{metric} before, the search's fine-tune ({b['steps']} steps): {q(b)}")
+    lines.append(f"{metric} after, exported ({a['steps']} steps): {q(a)}")
+    if b is not None and b["val"] is not None and a["val"] < b["val"]:
+        lines.append(f"warning: the retrain lowered validation {metric}; pass --finetune-steps {b['steps']} "
+                     "to export at the search's budget")
+    return lines

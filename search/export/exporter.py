@@ -9,6 +9,11 @@ write into one directory:
   model.onnx           pruned channels removed, int8 QDQ layers, float layers float (search.onnx_export)
 The exported weights are the grid points of the engine's effective kernels (pack snaps float
 rounding away), so the reloaded Flax model reproduces the exported quality exactly.
+
+An exported trial is fine-tuned again for longer than the search did (`retrain_config`: by
+default RETRAIN_FACTOR times the study's steps, cosine learning-rate decay), so a plan found
+with a short budget is not exported at that budget's quality; config.json's "retrain" records
+the budget and the validation and test quality before (the search's fine-tune) and after.
 """
 from __future__ import annotations
 
@@ -51,6 +56,12 @@ from search.study.spec import StudySpec
 # land one level away. Exports report the max |ONNX - Flax| output difference and the share of
 # test examples with the same prediction; tests require >= 99% agreement.
 ONNX_MIN_AGREEMENT = 0.99
+
+# An export's default retrain: this many times the study's fine-tune steps, cosine decay. Measured
+# by bench/bench_retrain.py: lenet300/digits front plans searched at 200 steps gained 1.04 points
+# of test accuracy at 5x (all 4 plans better), 0.80 at 3x, 0.35 at 10x; lenet5/digits (100 steps)
+# moved by no more than one test example either way. Its docstring has the commands.
+RETRAIN_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -183,13 +194,43 @@ def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.nd
     return float(np.mean(np.asarray(task.metric(jnp.asarray(out), jnp.asarray(y))))), out
 
 
+def retrain_config(search: FinetuneConfig, steps: int | None = None) -> FinetuneConfig:
+    """The export's final fine-tune of a plan the search fine-tuned with `search`: `steps`
+    (None: RETRAIN_FACTOR x search.steps) with the learning rate decaying to 0 on a cosine
+    (Loshchilov & Hutter 2017), one plan at a time; everything else as the search's."""
+    n = RETRAIN_FACTOR * search.steps if steps is None else int(steps)
+    return dataclasses.replace(search, steps=n, schedule="cosine", k=1)
+
+
+def finetuned_quality(task, base_params: Any, plan: Plan, finetune: FinetuneConfig, engine: Any = None) -> dict:
+    """Validation and test quality of `plan` [L] fine-tuned with `finetune` (one plan at a time):
+    {"steps", "schedule", "val", "test"}, the metrics None when fine-tuning diverged. The
+    search's engine evaluates one split per run, so test quality is measured here on the same
+    fine-tuned weights, never by a second fine-tune."""
+    engine = engine or Engine(task, base_params, dataclasses.replace(finetune, k=1))
+    cm = engine.run(stack_plans([plan]), return_models=True).models[0]
+    out = {"steps": finetune.steps, "schedule": finetune.schedule, "val": None, "test": None}
+    if cm.finite:
+        predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
+        out.update(val=float(cm.metric), test=_metric(task, predict, cm.params, task.data.x_test, task.data.y_test)[0])
+    return out
+
+
+def _same_finetune(a: FinetuneConfig, b: FinetuneConfig) -> bool:
+    """Whether two fine-tunes train the same weights (no steps at all, or equal but for K)."""
+    return (a.steps == 0 and b.steps == 0) or dataclasses.replace(a, k=1) == dataclasses.replace(b, k=1)
+
+
 def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,
                 profile: Any = None, costs: dict | None = None, force: bool = False,
-                source: dict | None = None, engine: Any = None) -> ExportResult:
+                source: dict | None = None, engine: Any = None, before: FinetuneConfig | None = None,
+                retrain: dict | None = None) -> ExportResult:
     """Fine-tune (finetune.steps, 0 = compress only) a plan [L] and export it to out_dir.
 
     `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
-    (the stored {profile: costs}) is given; `source` is recorded (study, trial). The files are
+    (the stored {profile: costs}) is given; `source` is recorded (study, trial). `before` (the
+    search's fine-tune) is measured too, and config.json's "retrain" holds `retrain` (how the
+    budget was chosen) with the validation and test quality before and after. The files are
     written into a directory beside out_dir that becomes out_dir only when all of them are
     written and checked (staged_dir): a failure leaves out_dir as it was. UserError, before any
     work, when out_dir holds files and force is False.
@@ -197,12 +238,13 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     out_dir = Path(out_dir)
     with staged_dir(out_dir, force) as work:
         result = _export_into(work, task, base_params, plan, finetune=finetune, profile=profile, costs=costs,
-                              source=source, engine=engine)
+                              source=source, engine=engine, before=before, retrain=retrain)
     return dataclasses.replace(result, out_dir=out_dir)
 
 
 def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune: Any, profile: Any,
-                 costs: dict | None, source: dict | None, engine: Any) -> ExportResult:
+                 costs: dict | None, source: dict | None, engine: Any, before: FinetuneConfig | None,
+                 retrain: dict | None) -> ExportResult:
     """export_plan's work: every file written into the (staging) directory `out_dir`."""
     import onnx
     import onnxruntime as ort
@@ -220,6 +262,11 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
     x, y = task.data.x_test, task.data.y_test
     quality, flax_out = _metric(task, predict, params, x, y)
+    after = {"steps": engine.config.steps, "schedule": engine.config.schedule, "val": float(cm.metric), "test": quality}
+    if before is None or _same_finetune(before, engine.config):
+        first = None if before is None else {**after, "steps": before.steps, "schedule": before.schedule}
+    else:
+        first = finetuned_quality(task, base_params, plan, before)
 
     wpath = out_dir / "weights.safetensors"
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
@@ -255,6 +302,11 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                     "val_after_finetune": float(cm.metric), "onnx_max_abs_diff": diff,
                     "onnx_agreement": agree, "onnx_min_agreement": ONNX_MIN_AGREEMENT},
         "finetune": dataclasses.asdict(engine.config),
+        # the final fine-tune's budget (how it was chosen) and quality before it (the search's
+        # fine-tune, None when not measured) and after it (the exported weights)
+        "retrain": {**(retrain or {}), "steps": engine.config.steps, "schedule": engine.config.schedule,
+                    "before": first, "after": after,
+                    "examples": {"val": len(task.data.x_val), "test": len(task.data.x_test)}},
         "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
                     "ratio": float(cm.plan.ratio[l.index]), "granularity": int(cm.plan.granularity[l.index]),
                     "weight_bits": int(cm.plan.weight_bits[l.index]), "act_bits": int(cm.plan.act_bits[l.index]),
@@ -302,7 +354,9 @@ def _price(profile: HardwareProfile | str | Path, layers, plan: Plan) -> dict:
 
 def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *, finetune_steps: int | None = None,
                  force: bool = False, results_dir: str | Path = "results") -> ExportResult:
-    """Export trial `trial_number` of a study (optionally with a longer final fine-tune).
+    """Export trial `trial_number` of a study, fine-tuned again for `finetune_steps` (None:
+    RETRAIN_FACTOR x the study's steps; `retrain_config`), with the quality the study's own
+    fine-tune gives measured beside it (config.json "retrain": before and after).
 
     Task, profile and baseline are rebuilt from the study's record (search.study.context),
     the same way its workers rebuilt them: the user's weights file for a `--weights` study.
@@ -319,11 +373,11 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
         raise UserError(f"--finetune-steps {finetune_steps} must be >= 0")
     check_target(Path(out_dir), force)  # before the baseline is rebuilt
     ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
-    ft = dataclasses.replace(ctx.spec.finetune, k=1)
-    if finetune_steps is not None:
-        ft = dataclasses.replace(ft, steps=finetune_steps)
+    searched = dataclasses.replace(ctx.spec.finetune, k=1)
+    budget = {"default": finetune_steps is None, "factor": RETRAIN_FACTOR, "search_steps": searched.steps}
     plan = plan_from_dict(trial.user_attrs["plan"])
-    return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=ft, profile=ctx.profile,
-                       costs=trial.user_attrs.get("costs"), force=force,
+    return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=retrain_config(searched, finetune_steps),
+                       profile=ctx.profile, costs=trial.user_attrs.get("costs"), force=force,
                        source={"study": study.study_name, "trial": trial_number,
-                               "search_quality": trial.user_attrs.get("quality")})
+                               "search_quality": trial.user_attrs.get("quality")},
+                       before=searched, retrain=budget)

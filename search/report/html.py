@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from search.report.text import baseline_line, fmt, table_header, table_rows
+from search.report.text import baseline_line, fmt, quality_note, table_header, table_rows
 from search.report.view import StudyView, counts, heat_data, scatter_axes, sensitivity_frame
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -26,7 +26,7 @@ BUDGET = "#ff7f0e"  # budget lines and notes
 
 
 def _hover(rows) -> list[str]:
-    return [f"trial {r.trial}<br>quality {fmt(r.quality)}<br>latency {fmt(r.latency_ms)} ms<br>"
+    return [f"trial {r.trial}<br>quality {fmt(r.quality)} (test {fmt(r.test_quality)})<br>latency {fmt(r.latency_ms)} ms<br>"
             f"memory {fmt(r.memory_kb)} KB<br>size {fmt(r.size_kb)} KB<br>{html.escape(r.summary).replace(' | ', '<br>')}"
             + (f"<br><i>{html.escape(r.reason)}</i>" if r.reason else "") for r in rows.itertuples()]
 
@@ -111,7 +111,7 @@ def _table(view: StudyView) -> str:
     if view.front.empty:
         return "<p>No feasible trial on this profile.</p>"
     head = list(table_header(view))
-    cls = [""] * 6 + [' class="plan"', ' class="cmd"']
+    cls = [""] * (len(head) - 2) + [' class="plan"', ' class="cmd"']
     out = ['<div class="wide"><table><tr>' + "".join(f"<th{c}>{html.escape(h)}</th>" for c, h in zip(cls, head)) + "</tr>"]
     for row in table_rows(view):
         cells = [html.escape(v) for v in row]
@@ -146,7 +146,8 @@ budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(
 <p>{c['trials']} trials priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the Pareto front.</p>
 {f'<p>Dense baseline: {html.escape(baseline_line(view))}.</p>' if view.baseline or view.dense else ''}
 <h2>Pareto front</h2>{_table(view)}
-<p class="note">Export a row with its command (add <code>--finetune-steps N</code> for a longer final fine-tune).
+<p class="note">{html.escape(quality_note(view))}
+Export a row with its command: it fine-tunes the plan again for longer than the search did (<code>--finetune-steps N</code> sets how long).
 Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; fp32 = untouched.</p>
 {divs}
 </body></html>

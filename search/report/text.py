@@ -49,19 +49,29 @@ def export_command(view: StudyView, trial: int) -> str:
 def table_header(view: StudyView) -> list[str]:
     """The front table's column titles in report.md and report.html."""
     metric = str(view.baseline.get("metric_name") or "quality")
-    return ["trial", metric, "latency (ms)", "memory (KB)", "size (KB)", "x fp32", "layers", "export it with"]
+    return ["trial", f"val {metric}", f"test {metric}", "latency (ms)", "memory (KB)", "size (KB)", "x fp32",
+            "layers", "export it with"]
 
 
 def table_rows(view: StudyView) -> list[list[str]]:
     """The front table's cells: the dense baseline first (when known) as the reference, then
-    the front, best quality first, each with its export command."""
+    the front, best validation quality first (test quality beside it: shown, not ranked on;
+    "-" where not measured), each with its export command."""
     d = view.dense
-    rows = [["dense", fmt(d.get("quality", math.nan)), *(fmt(d.get(k, math.nan)) for k in BUDGET_KEYS), "1",
-             "fp32 (the trained model, not compressed)", ""]] if d else []
+    rows = [["dense", fmt(d.get("quality", math.nan)), fmt(d.get("test_quality", math.nan)),
+             *(fmt(d.get(k, math.nan)) for k in BUDGET_KEYS), "1", "fp32 (the trained model, not compressed)", ""]] if d else []
     for _, r in view.front.iterrows():
-        rows.append([str(r["trial"]), fmt(r["quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]), fmt(r["size_kb"]),
-                     fmt(r["compression_ratio"], 3), r["summary"], export_command(view, r["trial"])])
+        rows.append([str(r["trial"]), fmt(r["quality"]), fmt(r["test_quality"]), fmt(r["latency_ms"]),
+                     fmt(r["memory_kb"]), fmt(r["size_kb"]), fmt(r["compression_ratio"], 3), r["summary"],
+                     export_command(view, r["trial"])])
     return rows
+
+
+def quality_note(view: StudyView) -> str:
+    """What the two quality columns are: one sentence for report.md and report.html."""
+    metric = str(view.baseline.get("metric_name") or "quality")
+    return (f"The front is ranked on validation {metric}; test {metric} is measured on the same fine-tuned "
+            f"weights and shown beside it, never used to rank (\"-\": not measured for that trial).")
 
 
 def baseline_line(view: StudyView) -> str:
@@ -86,7 +96,7 @@ def markdown(view: StudyView) -> str:
              f"- budget: {budget}", "- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.baseline:
-        lines.append(f"- quality is {view.baseline.get('metric_name', 'the task metric')} on the validation split")
+        lines.append(f"- quality: {quality_note(view)}")
     if view.baseline or view.dense:
         lines.append(f"- dense baseline: {baseline_line(view)}")
     hv = view.trials["hypervolume"]
@@ -95,11 +105,12 @@ def markdown(view: StudyView) -> str:
         lines.append("No feasible trial on this profile.")
     else:
         head = table_header(view)
-        lines += ["| " + " | ".join(head) + " |", "|" + "--:|" * 6 + ":--|:--|"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "--:|" * (len(head) - 2) + ":--|:--|"]
         for row in table_rows(view):
             *cells, command = (c.replace("|", "\\|") for c in row)
             lines.append("| " + " | ".join(cells) + f" | {'`' + command + '`' if command else ''} |")
-        lines += ["", "Add `--finetune-steps N` to an export command for a longer final fine-tune."]
+        lines += ["", ("An export command fine-tunes the plan again for longer than the search did "
+                       "(`--finetune-steps N` sets how long) and reports validation and test quality before and after.")]
     if view.channel_groups:
         lines += ["", "## Channel groups (traced from the graph)", ""] + [f"- {g}" for g in view.channel_groups]
     s = sensitivity_frame(view.sensitivity)
@@ -121,10 +132,11 @@ def front_table(view: StudyView) -> Any:
              f"{c['front']} on the front of {c['feasible']} feasible / {c['trials']} trials")
     table = Table(title=title)
     metric = str(view.baseline.get("metric_name") or "quality")
-    for h, j in zip(("trial", metric, "latency ms", "memory KB", "size KB", "x fp32", "layers"), "rrrrrrl"):
+    for h, j in zip(("trial", f"val {metric}", f"test {metric}", "latency ms", "memory KB", "size KB", "x fp32",
+                     "layers"), "rrrrrrrl"):
         table.add_column(h, justify={"r": "right", "l": "left"}[j], overflow="fold")
     for _, r in view.front.iterrows():
-        table.add_row(str(r["trial"]), fmt(r["quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]),
+        table.add_row(str(r["trial"]), fmt(r["quality"]), fmt(r["test_quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]),
                       fmt(r["size_kb"]), fmt(r["compression_ratio"], 3), r["summary"])
     return table
 

@@ -1,8 +1,10 @@
 """Pareto reports from the study storage alone: no model, no data, no retraining.
 
 `read_study` turns a study (and optionally another device profile) into one pandas frame,
-a row per trial: quality, costs, feasibility, Pareto rank, hypervolume so far, per-layer
-plan. `pareto_frame` is its front; `write_report` writes report.html, report.md,
+a row per trial: quality, test quality, costs, feasibility, Pareto rank, hypervolume so far,
+per-layer plan. "quality" is the validation metric the search ranked on; "test_quality" is
+the test metric of the same fine-tuned weights (trial attr TEST_ATTR, NaN when the trial has
+none), shown beside it and never used to rank. `pareto_frame` is its front; `write_report` writes report.html, report.md,
 pareto.csv and PNG plots. Re-pricing for another profile uses the per-profile costs every
 trial stores (or prices the stored plans again when that profile was not stored).
 """
@@ -31,7 +33,10 @@ from search.study.spec import SPEC_ATTR, StudySpec
 ZERO_TOLERANCE = 1e-6
 PLAN_KEYS = ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")
 GRAN_LETTER = {"unstructured": "u", "channel": "c", "nm": "n", 0: "u", 1: "c", 2: "n"}
-FRONT_COLUMNS = ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "summary")
+FRONT_COLUMNS = ("trial", "quality", "test_quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "summary")
+# the trial user attr holding the test metric of the fine-tuned plan, measured right after its
+# fine-tuning (the weights exist only then); displayed, never ranked on
+TEST_ATTR = "test_quality"
 # what a cost column is called on a plot's axis and in a sentence, and its unit
 COST_NAMES = {"latency_ms": ("latency", "ms"), "memory_kb": ("memory", "KB"), "size_kb": ("size", "KB")}
 
@@ -53,7 +58,7 @@ class StudyView:
     sensitivity: dict[str, Any] | None = None  # study attr "sensitivity"
     reference: tuple[float, ...] = ()  # hypervolume reference point (losses)
     channel_groups: tuple[str, ...] = ()  # coupled channel groups and channels kept whole, one line each
-    # the dense (uncompressed) model as a reference: "quality" (validation metric) and its costs
+    # the dense (uncompressed) model as a reference: "quality" (validation metric), "test_quality" and its costs
     # on `profile`; a key is absent when unknown (no stored baseline, layers or loadable profile)
     dense: dict[str, float] = field(default_factory=dict)
     storage: str | None = None  # the storage URL the study was read from as the user gave it (None: default)
@@ -124,8 +129,9 @@ def _price(profile: HardwareProfile, layers: list[dict], plans: Plan) -> list[di
 
 
 def _dense(baseline: dict[str, Any], profile: HardwareProfile | None, layers: list[dict]) -> dict[str, float]:
-    """The dense model's validation quality and its costs on `profile`, as far as they are known."""
-    out = {} if baseline.get("val_metric") is None else {"quality": float(baseline["val_metric"])}
+    """The dense model's validation and test quality and its costs on `profile`, as far as they are known."""
+    out = {k: float(baseline[b]) for k, b in (("quality", "val_metric"), ("test_quality", "test_metric"))
+           if isinstance(baseline.get(b), (int, float))}
     if profile is not None and layers:
         out.update(_price(profile, layers, stack_plans([dense_plan(len(layers))]))[0])
     return out
@@ -212,8 +218,8 @@ def _dense_bytes(layers: list[dict], trials: Sequence[optuna.trial.FrozenTrial])
 
 def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dict | None], names: Sequence[str],
                  budget: Budget, repriced: bool, dense_bytes: float) -> pd.DataFrame:
-    """One row per trial: trial, state, quality, costs, compression_ratio, trained, feasible,
-    reason, summary, and per-layer plan columns "<layer>.<field>"."""
+    """One row per trial: trial, state, quality, test_quality, costs, compression_ratio, trained,
+    feasible, reason, summary, and per-layer plan columns "<layer>.<field>"."""
     rows = []
     for t, c in zip(trials, costs):
         a = t.user_attrs
@@ -234,7 +240,9 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
             ratio = float(a.get("compression_ratio") or math.nan)
         reason = a.get("fail_reason") or (("over budget: " + ", ".join(over)) if over else None) \
             or a.get("infeasible_reason") or (None if trained else "not trained")
-        row = {"trial": t.number, "state": t.state.name, "quality": quality, **cost,
+        test = a.get(TEST_ATTR)
+        row = {"trial": t.number, "state": t.state.name, "quality": quality,
+               "test_quality": float(test) if isinstance(test, (int, float)) and trained else math.nan, **cost,
                "compression_ratio": ratio, "trained": trained, "feasible": feasible,
                "reason": reason or "", "summary": layer_summary(a["plan"], names)}
         for i, n in enumerate(names):
@@ -251,12 +259,12 @@ def front_of(view: StudyView) -> pd.DataFrame:
     return f.sort_values(["quality", "latency_ms", "trial"], ascending=asc + [True, True]).reset_index(drop=True)
 
 
-FRAME_COLUMNS = ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "feasible")
+FRAME_COLUMNS = ("trial", "quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "feasible", "test_quality")
 
 
 def pareto_frame(study: optuna.Study, profile: str | None = None) -> pd.DataFrame:
     """The feasible Pareto front of `study` on `profile` (default: the study's own), best
-    quality first: FRAME_COLUMNS and "plan" (per-layer lists). The front `hwcompress search`
+    quality first: FRAME_COLUMNS and "plan" (per-layer lists); test_quality is NaN where unknown. The front `hwcompress search`
     prints, `search --json` and compress() return, and `hwcompress report` shows."""
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):

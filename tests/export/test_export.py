@@ -18,6 +18,7 @@ from search import cli
 from search.api import make_spec
 from search.engine.config import FinetuneConfig
 from search.errors import UserError
+from search.export.exporter import RETRAIN_FACTOR
 from tests.support import results_dir, start_search
 
 
@@ -175,6 +176,51 @@ def test_export_of_a_weights_study_reproduces_the_searched_quality(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["export", "--study", "mine", "--trial", str(trial.number), "--results-dir", str(results),
                      "--out", str(out)]) == 0
-    q = json.loads((out / "config.json").read_text())["quality"]
-    # same baseline, plan, fine-tuning (K=1, same seed and steps) and split as the search
-    assert q["val_after_finetune"] == pytest.approx(trial.user_attrs["quality"], abs=1e-6)
+    c = json.loads((out / "config.json").read_text())
+    # "before": same baseline, plan, fine-tuning (K=1, same seed and steps) and split as the search
+    assert c["retrain"]["before"]["val"] == pytest.approx(trial.user_attrs["quality"], abs=1e-6)
+    assert c["retrain"]["default"] and c["retrain"]["steps"] == RETRAIN_FACTOR * 3  # tests.support: 3 steps
+
+
+def test_export_retrains_longer_than_the_search_and_reports_before_and_after(study_env, tmp_path, capsys):
+    """The default export fine-tunes RETRAIN_FACTOR x the study's steps on a cosine schedule and
+    records the budget with validation and test quality before (the search's fine-tune) and
+    after (the exported weights); --finetune-steps overrides the budget."""
+    results, _, trial = study_env
+    capsys.readouterr()
+    assert _export(results, tmp_path / "default", "--trial", str(trial)) == 0
+    text = capsys.readouterr().out
+    c = json.loads((tmp_path / "default" / "config.json").read_text())
+    r, q = c["retrain"], c["quality"]
+    assert (r["default"], r["factor"], r["search_steps"], r["steps"], r["schedule"]) == \
+        (True, RETRAIN_FACTOR, 2, 2 * RETRAIN_FACTOR, "cosine")  # study_env searched with 2 steps
+    assert (c["finetune"]["steps"], c["finetune"]["schedule"]) == (2 * RETRAIN_FACTOR, "cosine")
+    assert (r["before"]["steps"], r["before"]["schedule"]) == (2, "constant")  # what the study ran
+    assert r["after"] == {"steps": 2 * RETRAIN_FACTOR, "schedule": "cosine", "val": q["val_after_finetune"],
+                          "test": q["test"]}  # the exported weights
+    for d in (r["before"], r["after"]):
+        assert 0.0 <= d["val"] <= 1.0 and 0.0 <= d["test"] <= 1.0
+    assert r["examples"] == {"val": 180, "test": 360}  # digits: one validation example is 0.56 points
+    assert f"retrain: {2 * RETRAIN_FACTOR} steps, cosine learning rate (default: {RETRAIN_FACTOR}x the study's 2)" in text
+    assert f"accuracy before, the search's fine-tune (2 steps): val {r['before']['val']:.4f}, test {r['before']['test']:.4f}" in text
+    assert f"accuracy after, exported ({2 * RETRAIN_FACTOR} steps): val {r['after']['val']:.4f}" in text
+    # --finetune-steps sets the budget; "before" is still the search's fine-tune, measured the same way
+    assert _export(results, tmp_path / "four", "--trial", str(trial), "--finetune-steps", "4") == 0
+    assert "(--finetune-steps)" in capsys.readouterr().out
+    r4 = json.loads((tmp_path / "four" / "config.json").read_text())["retrain"]
+    assert (r4["default"], r4["steps"], r4["schedule"]) == (False, 4, "cosine")
+    assert r4["before"] == r["before"]  # deterministic: same plan, baseline, seed and steps
+
+
+def test_the_default_retrain_budget_is_the_one_the_cli_names():
+    from search.export.exporter import retrain_config
+
+    ft = FinetuneConfig(steps=300, learning_rate=1e-3, distill=True, k=4)
+    r = retrain_config(ft)
+    assert (r.steps, r.schedule, r.k) == (RETRAIN_FACTOR * 300, "cosine", 1)
+    assert (r.learning_rate, r.distill) == (1e-3, True)  # the rest as the search's
+    assert retrain_config(ft, 0).steps == 0 and retrain_config(ft, 7).steps == 7
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
+    help_text = next(a.help for a in sub._actions if a.dest == "finetune_steps")
+    assert f"default: {RETRAIN_FACTOR}x the study's" in help_text

@@ -63,13 +63,13 @@ def storage_url(tmp_path_factory):
     study.set_user_attr("baseline", {"metric_name": "accuracy", "val_metric": 0.97, "test_metric": 0.965})
     study.set_user_attr("sensitivity", SENSITIVITY)
     trials = [
-        _trial(0, 0.95, (1.0, 50.0), (0.5 * lat, 1.5 * mem), 8.0),  # xeon front (best); mcu: over memory
+        _trial(0, 0.95, (1.0, 50.0), (0.5 * lat, 1.5 * mem), 8.0, test_quality=0.93),  # xeon front (best); mcu: over memory
         _trial(1, 0.90, (0.5, 40.0), (0.5 * lat, 0.8 * mem), 2.0),  # both fronts
         _trial(2, 0.85, (0.6, 45.0), (0.4 * lat, 0.5 * mem), 3.0),  # dominated by 1 on xeon; mcu front
         _trial(3, None, (3.0, 10.0), (0.1 * lat, 0.1 * mem), 0.5, TrialState.PRUNED,
                infeasible_reason="over budget: latency_ms 3 > 2"),  # never trained
         _trial(4, None, (0.2, 5.0), (0.1 * lat, 0.1 * mem), 0.5, TrialState.FAIL, fail_reason="non-finite metric"),
-        _trial(5, 0.80, (0.3, 30.0), (0.3 * lat, 1.2 * mem), 1.0),  # xeon front (fastest); mcu: over memory
+        _trial(5, 0.80, (0.3, 30.0), (0.3 * lat, 1.2 * mem), 1.0, test_quality=0.7925),  # xeon front (fastest); mcu: over memory
     ]
     for t in trials:
         study.add_trial(t)
@@ -120,7 +120,7 @@ def test_write_report_files(written):
     assert front.loc[front["trial"] == 1, "fc1.weight_bits"].item() == 5
     assert front.loc[0, "quality"] == pytest.approx(0.95)
     md = paths.markdown.read_text()
-    assert "| 5 | 0.8 | 0.3 | 30 | 1 | 9.41 | fc1 p.50u w6 a8 \\| fc2 w8 | `hwcompress export --study s1 --trial 5 " \
+    assert "| 5 | 0.8 | 0.7925 | 0.3 | 30 | 1 | 9.41 | fc1 p.50u w6 a8 \\| fc2 w8 | `hwcompress export --study s1 --trial 5 " \
            "--out exports/s1-5` |" in md  # "|" escaped in cells; x fp32 to 3 digits
     assert "Layer sensitivity" in md and "| fc2 | 0.08 | 0.05 |" in md
     names = {p.name for p in paths.pngs}
@@ -209,3 +209,55 @@ def test_two_objectives_and_a_front_with_no_feasible_trial(tmp_path):
     paths = write_view(view, tmp_path / "bad")
     assert "No feasible trial" in paths.markdown.read_text()
     assert len(pd.read_csv(paths.csv)) == 0 and {p.name for p in paths.pngs} == {"pareto.png", "hypervolume.png"}
+
+
+def test_test_quality_is_shown_beside_validation_and_never_ranks(storage_url, tmp_path, capsys):
+    """Test quality (trial attr "test_quality", measured after the trial's fine-tuning) sits next
+    to validation quality in every front table; rank, front, order and hypervolume come from the
+    told (validation) values alone: a study whose test qualities rank the trials the other way
+    round has exactly the same front."""
+    from rich.console import Console
+
+    from search.report import html as report_html
+    from search.report.text import front_table, table_header, table_rows
+
+    view = read_study(_study(storage_url))
+    t = view.trials.set_index("trial")
+    assert t.loc[0, "test_quality"] == 0.93 and t.loc[5, "test_quality"] == 0.7925
+    assert pd.isna(t.loc[1, "test_quality"])  # not measured: shown as "-"
+    assert pd.isna(t.loc[3, "test_quality"])  # never trained
+    assert table_header(view)[:3] == ["trial", "val accuracy", "test accuracy"]
+    rows = table_rows(view)
+    assert rows[0][:3] == ["dense", "0.97", "0.965"]  # the baseline's validation and test accuracy
+    assert [r[:3] for r in rows[1:]] == [["0", "0.95", "0.93"], ["1", "0.9", "-"], ["5", "0.8", "0.7925"]]
+    md = write_view(view, tmp_path / "r").markdown.read_text()
+    assert "| trial | val accuracy | test accuracy | latency (ms) |" in md
+    assert "| 0 | 0.95 | 0.93 | 1 | 50 |" in md and "| 1 | 0.9 | - | 0.5 | 40 |" in md
+    assert "never used to rank" in md
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "<th>val accuracy</th><th>test accuracy</th>" in html and "<td>0.95</td><td>0.93</td>" in html
+    hover = [h for tr in report_html.pareto_figure(view).data if tr.name == "Pareto front" for h in tr.text]
+    assert any("quality 0.95 (test 0.93)" in h for h in hover)
+    assert list(pd.read_csv(tmp_path / "r" / "pareto.csv")["test_quality"].fillna(-1)) == [0.93, -1, 0.7925]
+    assert list(pareto_frame(_study(storage_url))["test_quality"].fillna(-1)) == [0.93, -1, 0.7925]
+    capsys.readouterr()
+    Console(width=200).print(front_table(view))
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "0.7925" in out
+    # the same trials with test qualities that rank them the other way round: nothing moves
+    url = f"sqlite:///{tmp_path}/flip.db"
+    flip = optuna.create_study(study_name="flip", storage=url, directions=["maximize", "minimize", "minimize"])
+    flip.set_metric_names(["quality", "latency_ms", "memory_kb"])
+    for key in ("spec", "layers", "baseline"):
+        flip.set_user_attr(key, _study(storage_url).user_attrs[key])
+    for tr in _study(storage_url).trials:
+        attrs = dict(tr.user_attrs)
+        if attrs.get("quality") is not None:
+            attrs["test_quality"] = 1.0 - attrs["quality"]  # the worst on validation is the best on test
+        flip.add_trial(create_trial(state=tr.state, values=tr.values, params=tr.params, distributions=tr.distributions,
+                                    user_attrs=attrs, system_attrs=tr.system_attrs))
+    other = read_study(_study(url, "flip"))
+    cols = ["trial", "rank", "pareto", "feasible", "hypervolume"]
+    pd.testing.assert_frame_equal(view.trials[cols], other.trials[cols])
+    assert list(other.front["trial"]) == list(view.front["trial"]) == [0, 1, 5]
+    assert list(other.front["test_quality"]) == [pytest.approx(0.05), pytest.approx(0.1), pytest.approx(0.2)]
