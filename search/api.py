@@ -28,6 +28,7 @@ from search.study.context import SearchContext, load_context
 from search.study.create import check_sampler, finished_count, layers_attr, metric_names, open_study
 from search.study.loop import Claimant, NothingToDo, ask_batch, run_trials
 from search.study.progress import SearchProgress, nothing_to_do
+from search.study.pruning import default_pruner, make_pruner
 from search.study.sensitivity import measure_sensitivity, warm_start_plans
 from search.study.space import extreme_plans, plan_to_params, space_for_profile
 from search.study.spec import (SPEC_ATTR, StudySpec, WeightsSource, check_study_name, profile_reference,
@@ -41,7 +42,8 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
               budget: Budget | Mapping[str, float | None] | None = None, data_dir: str | None = None,
               hparams: Mapping[str, Any] | None = None, seed: int = 0, weights: str | Path | None = None,
               objectives: Sequence[str] = DEFAULT_OBJECTIVES, sampler: str = "tpe",
-              finetune: FinetuneConfig | None = None, n_trials: int = 40) -> StudySpec:
+              finetune: FinetuneConfig | None = None, n_trials: int = 40, pruner: str | None = None,
+              rungs: Sequence[int] | None = None) -> StudySpec:
     """The record of a search on a zoo model (models.list_models), or on the user's own model
     (`model` "path/file.py:build" or "package.module:build", models.user: its task brings its
     data set, so `dataset` is None or that data set's name), from what a user gives.
@@ -49,8 +51,9 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
     `profile` is a shipped name, a TOML path or a HardwareProfile; `budget` replaces the
     profile's default bounds it names; `weights` is the user's own trained weights file
     (safetensors) in place of the cached baseline; `objectives` are command-line names
-    (quality, latency, memory, size). Raises UserError (or a models/hw_profiles error) naming
-    the first bad value.
+    (quality, latency, memory, size); `pruner` none | sha | hyperband at `rungs` (fine-tune
+    steps; search.study.pruning), both None to keep a resumed study's or take the default.
+    Raises UserError (or a models/hw_profiles error) naming the first bad value.
     """
     if is_reference(model):
         if weights is not None or hparams:
@@ -63,18 +66,20 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
                             f"{task.data.name!r}; leave --dataset out")
         return _spec(model=ref, dataset=task.data.name, data_dir=None, hparams={}, seed=seed, profile=profile,
                      budget=budget, weights=None, objectives=objectives, sampler=sampler, finetune=finetune,
-                     n_trials=n_trials)
+                     n_trials=n_trials, pruner=pruner, rungs=rungs)
     if model.endswith(".py") or "/" in model:
         raise UserError(f"--model {model}: name the function that builds the task too, e.g. {model}:build")
     dataset = dataset or "digits"
     full_hparams = models.task_hparams(model, dataset, **dict(hparams or {}))
     return _spec(model=model, dataset=dataset, data_dir=data_dir, hparams=full_hparams, seed=seed, profile=profile,
                  budget=budget, weights=None if weights is None else WeightsSource.of(weights),
-                 objectives=objectives, sampler=sampler, finetune=finetune, n_trials=n_trials)
+                 objectives=objectives, sampler=sampler, finetune=finetune, n_trials=n_trials, pruner=pruner,
+                 rungs=rungs)
 
 
 def _spec(*, profile: Any, budget: Any, objectives: Sequence[str], finetune: FinetuneConfig | None,
-          sampler: str, n_trials: int, **fields: Any) -> StudySpec:
+          sampler: str, n_trials: int, pruner: str | None = None, rungs: Sequence[int] | None = None,
+          **fields: Any) -> StudySpec:
     if n_trials < 1:
         raise UserError(f"--trials {n_trials} must be at least 1")
     prof, reference = profile_reference(profile)
@@ -82,7 +87,8 @@ def _spec(*, profile: Any, budget: Any, objectives: Sequence[str], finetune: Fin
     finetune.check()
     return StudySpec(profile=reference, profile_name=prof.name, budget=B.resolve_budget(prof, budget),
                      space=space_for_profile(prof), finetune=finetune, objectives=metric_names(objectives),
-                     sampler=check_sampler(sampler), n_trials=int(n_trials), **fields)
+                     sampler=check_sampler(sampler), n_trials=int(n_trials),
+                     pruner=make_pruner(pruner, rungs, finetune.steps), **fields)
 
 
 def default_study_name(spec: StudySpec) -> str:
@@ -145,7 +151,8 @@ def search(
     sctx = None
     # a second search started at once waits here until the first has created and set up the study
     with study_lock(storage, name):
-        study, done, stored = _open(name, storage, spec)
+        study, done, stored, spec = _open(name, storage, spec)
+        ctx.spec = spec  # the record as opened: a resume keeps the study's pruner and rungs
         claimant = Claimant(spec, joined=len(study.get_trials(deepcopy=False)))  # what the sampler was seeded with
         if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
             # the baseline is trained (or read) only now: a conflicting resume has failed before
@@ -165,18 +172,25 @@ def search(
     return study
 
 
-def _open(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[optuna.Study, int, int]:
+def _open(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec
+          ) -> tuple[optuna.Study, int, int, StudySpec]:
     """open_study (create, or resume and check the record) under the study lock; returns
-    (study, trials done, the stored trial budget). A resume may raise the trial budget or lower
-    it to no fewer than the trials done; asking for no more than are done keeps the stored one."""
+    (study, trials done, the stored trial budget, `spec` with its pruner chosen). A resume may
+    raise the trial budget or lower it to no fewer than the trials done; asking for no more
+    than are done keeps the stored one. A record with no pruner chosen takes the study's on a
+    resume (its rungs stay), the default (search.study.pruning.default_pruner) for a new study."""
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return open_study(name, storage, spec)[0], 0, spec.n_trials
+        existing = None
+    stored = None if existing is None or existing.user_attrs.get(SPEC_ATTR) is None else StudySpec.of_study(existing)
+    if spec.pruner is None:
+        spec = dataclasses.replace(spec, pruner=stored.pruner if stored else default_pruner(spec.finetune.steps))
+    if existing is None:
+        return open_study(name, storage, spec)[0], 0, spec.n_trials, spec
     done = finished_count(existing.get_trials(deepcopy=False))
-    if spec.n_trials <= done and existing.user_attrs.get(SPEC_ATTR) is not None:
-        spec = dataclasses.replace(spec, n_trials=StudySpec.of_study(existing).n_trials)
-    return open_study(name, storage, spec)[0], done, spec.n_trials
+    budget = stored.n_trials if stored is not None and spec.n_trials <= done else spec.n_trials
+    return open_study(name, storage, dataclasses.replace(spec, n_trials=budget))[0], done, budget, spec
 
 
 def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float], seeds: Sequence[P.Plan],
@@ -225,6 +239,7 @@ def compress(
     batch: int | None = None,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     sampler: str = "tpe",
+    pruner: str | None = None,
     finetune_steps: int | None = None,
     distill: bool = False,
     k: int | None = None,
@@ -247,6 +262,7 @@ def compress(
     or a HardwareProfile; `budget` a dict such as {"latency_ms": 1.0} (profile defaults
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
     `k`: plans fine-tuned together in one vmapped step (None: the fastest measured here).
+    `pruner`: none | sha | hyperband (search.study.pruning; None: the default).
     Columns of the front: trial, quality, latency_ms, memory_kb, size_kb, compression_ratio,
     feasible, plan (per-layer lists).
     """
@@ -256,7 +272,7 @@ def compress(
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))
     spec = _spec(model=task.name, dataset=data.name, seed=seed, profile=profile, budget=budget,
-                 objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials)
+                 objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials, pruner=pruner)
     study = search(spec, storage, results_dir, study_name=study_name, task=task, params=params, k=k,
                    batch=batch, progress=progress)
     return pareto_frame(study)

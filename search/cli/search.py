@@ -45,6 +45,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed")
     p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help="fine-tuning steps per trial")
+    p.add_argument("--pruner", default=None,
+                   help="none | sha | hyperband: measure each trial's validation quality at --rungs and stop those "
+                        "that fall behind (successive halving, Hyperband); stopped trials are stored as pruned and "
+                        "count toward --trials (default: a resumed study's own; none for a new study)")
+    p.add_argument("--rungs", default=None,
+                   help="comma list of fine-tune steps where --pruner compares trials, each below --finetune-steps "
+                        "(default: 1/9 and 1/3 of --finetune-steps)")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
     p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
@@ -88,6 +95,7 @@ def search_command(args: argparse.Namespace) -> int:
         budget=budget, weights=args.weights, objectives=[o for o in args.objectives.split(",") if o.strip()],
         sampler=args.sampler, n_trials=args.trials,
         finetune=FinetuneConfig(steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed),
+        pruner=args.pruner, rungs=_rungs(args.rungs),
     )
     storage = open_storage(args.storage, args.results_dir)
     with warnings.catch_warnings(record=True) as caught:
@@ -119,6 +127,16 @@ def search_command(args: argparse.Namespace) -> int:
     for note in filter(None, notes):  # stderr: --json keeps stdout one JSON object
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _rungs(text: str | None) -> list[int] | None:
+    """--rungs "16,50" as [16, 50]; UserError when an item is not a whole number."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--rungs {text!r}: give fine-tune steps as whole numbers, e.g. --rungs 16,50") from None
 
 
 def _notes(caught: list, category: type[Warning]) -> list[str]:

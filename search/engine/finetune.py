@@ -5,7 +5,8 @@ adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step
 driven from Python: on this CPU a `lax.scan` of conv backward passes was 10-20x slower),
 `refresh` (halfway through fine-tuning, ranges and BN statistics estimated again) and `evaluate` (the metric
 of K plans on one chunk of a split, with their effective params and a finiteness flag, so
-nothing else compiles). Plans are arrays passed in, so new plans never recompile. With
+nothing else compiles; rungs, search.engine.rungs, reuse it part-way through fine-tuning).
+Plans are arrays passed in, so new plans never recompile. With
 K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, the codebook
 gradient) really skips what a plan does not use, and the fine-tuning state carries no plan
 axis between steps.
@@ -31,6 +32,7 @@ from search.compression import masks as masks_lib
 from search.errors import UserError
 from search.engine.config import FinetuneConfig
 from search.engine.k_file import read_k_file, write_k_file
+from search.engine.rungs import GroupRun, RungCallback, run_in_rungs
 from search.engine.steps import (batch_table, distill_loss, masked, node, once_per_trial_options,
                                  over_plans, set_node)
 from search.compression.layers import Layer, discover_layers, task_model
@@ -60,6 +62,8 @@ class EngineResult:
     reason: list[str | None]  # why a plan failed, None when it did not
     models: list[CompressedModel] | None = None  # when return_models=True
     seconds: float = 0.0  # wall time of the call
+    steps: np.ndarray | None = None  # with rungs: [P] fine-tune steps behind each metric (a rung for a stopped plan)
+    stopped: np.ndarray | None = None  # with rungs: [P] bool, stopped at a rung by on_rung
 
 
 _K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
@@ -222,26 +226,36 @@ class Engine:
 
     # ---- public API ----------------------------------------------------------------------
     def run(self, plans: Plan | Sequence[Plan], return_models: bool = False, split: str = "val",
-            finetune: bool = True) -> EngineResult:
-        """Compress, fine-tune (config.steps) and evaluate every plan, K at a time."""
+            finetune: bool = True, rungs: Sequence[int] = (), on_rung: RungCallback | None = None) -> EngineResult:
+        """Compress, fine-tune (config.steps) and evaluate every plan, K at a time.
+
+        `rungs`: ascending fine-tune steps below config.steps at which every plan is also
+        evaluated on the validation split, and `on_rung(step, metric [P], live [P])` says which
+        go on (search.engine.rungs); the result's `steps` and `stopped` say where each ended.
+        """
         plans = self._check_plans(plans)
         t0 = time.perf_counter()
+        if rungs and finetune and self.config.steps > 0:
+            if return_models:
+                raise ValueError("rungs and return_models do not go together: rungs are for the search loop")
+            metric, ok, steps, stopped = run_in_rungs(self, plans, rungs, on_rung, split)
+            return EngineResult(metric, ok, _reasons(ok), None, time.perf_counter() - t0, steps=steps, stopped=stopped)
         metrics, finite, models = [], [], []
         p = plans.batch_shape[0]
         for start in range(0, p, self.k):
-            idx = np.minimum(np.arange(start, start + self.k), p - 1)  # pad by repeating the last plan
-            group = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], plans))
-            m, f, trained, frozen = self._run_group(group, finetune, split)
+            g = self._start(self._slice(plans, start))
+            if finetune:
+                self._train(g, self.config.steps)
+            m, f, trained = self._evaluate(g, split)
             n = min(self.k, p - start)
             metrics.append(m[:n])
             finite.append(f[:n])
             if return_models:
-                models += self._models(group, trained, frozen, m, f, n)
+                models += self._models(g.plans, trained, g.frozen, m, f, n)
         metric = np.concatenate(metrics)
         ok = np.concatenate(finite)
         metric = np.where(ok, metric, np.nan)
-        reason = [None if f else "fine-tuning diverged: loss or weights became NaN/inf" for f in ok]
-        return EngineResult(metric, ok, reason, models if return_models else None, time.perf_counter() - t0)
+        return EngineResult(metric, ok, _reasons(ok), models if return_models else None, time.perf_counter() - t0)
 
     def evaluate(self, plans: Plan | Sequence[Plan], split: str = "val", return_models: bool = False
                  ) -> EngineResult:
@@ -277,22 +291,36 @@ class Engine:
             raise UserError(f"split={split!r} is unknown: use 'val' or 'test'")
         return (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
 
-    def _run_group(self, group: Plan, finetune: bool, split: str):
-        prepare, step, evaluate = self._functions(self.k)
+    def _slice(self, plans: Plan, start: int) -> Plan:
+        """Plans start..start+K-1 on the device, the last plan repeated to fill K."""
+        idx = np.minimum(np.arange(start, start + self.k), plans.batch_shape[0] - 1)
+        return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], plans))
+
+    def _start(self, group: Plan) -> GroupRun:
+        """Compress a group of K plans: masks, codebooks, ranges, BN statistics, optimizer state."""
+        prepare = self._functions(self.k)[0]
         trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib, self._bn_x)
-        if finetune and self.config.steps > 0:
-            state, t = (trainable, opt_state, finite), jax.device_put(np.int32(0))
-            # halfway, activation ranges (and adaptive BN statistics) are estimated again on the
-            # weights fine-tuning has reached: ranges calibrated on the freshly pruned weights
-            # clipped the fine-tuned activations (resnet20/digits, every group 50% pruned at
-            # 8-bit activations: 0.36 accuracy after 150 steps without, 0.94 with; an estimate
-            # after the last step instead cost 3 points: the weights were trained on the old ones)
-            mid = self.config.steps // 2 if self.config.steps >= 2 else -1
-            for i in range(self.config.steps):
-                if i == mid:
-                    frozen = self._refresh[self.k](state[0], frozen, group, self._calib, self._bn_x)
-                state, t = step(state, t, frozen, group, self.base_params, self._x, self._y, self._table)
-            trainable, _, finite = state
+        return GroupRun(group, (trainable, opt_state, finite), jax.device_put(np.int32(0)), frozen)
+
+    def _train(self, g: GroupRun, to: int) -> None:
+        """Fine-tune a group from the step it is at to step `to` (<= config.steps)."""
+        step = self._functions(self.k)[1]
+        # halfway, activation ranges (and adaptive BN statistics) are estimated again on the
+        # weights fine-tuning has reached: ranges calibrated on the freshly pruned weights
+        # clipped the fine-tuned activations (resnet20/digits, every group 50% pruned at
+        # 8-bit activations: 0.36 accuracy after 150 steps without, 0.94 with; an estimate
+        # after the last step instead cost 3 points: the weights were trained on the old ones)
+        mid = self.config.steps // 2 if self.config.steps >= 2 else -1
+        for i in range(g.step, to):
+            if i == mid:
+                g.frozen = self._refresh[self.k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
+            g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y, self._table)
+        g.step = max(g.step, to)
+
+    def _evaluate(self, g: GroupRun, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(metric [K], finite [K], effective params) of a group's plans on a split, as they are now."""
+        evaluate = self._functions(self.k)[2]
+        trainable, _, finite = g.state
         x, y = self._split(split)
         b = self._eval_batch
         total = np.zeros(self.k)
@@ -303,13 +331,13 @@ class Engine:
             if n < b:  # pad to the compiled shape, drop the padding after
                 xb = np.concatenate([xb, np.repeat(xb[-1:], b - n, 0)])
                 yb = np.concatenate([yb, np.repeat(yb[-1:], b - n, 0)])
-            per, eff, leaves_ok = evaluate(trainable, frozen, group, jax.device_put(np.asarray(xb, np.float32)),
+            per, eff, leaves_ok = evaluate(trainable, g.frozen, g.plans, jax.device_put(np.asarray(xb, np.float32)),
                                            jax.device_put(np.asarray(yb)))
             total += np.asarray(per, np.float64)[:, :n].sum(axis=1)
         metric = total / len(x)
         ok = np.asarray(finite) & np.asarray(leaves_ok)
         ok &= np.isfinite(metric)
-        return metric, ok, eff, frozen
+        return metric, ok, eff
 
     def _models(self, group: Plan, effective, frozen, metric, finite, n: int) -> list[CompressedModel]:
         effective, frozen = jax.tree.map(np.asarray, (effective, frozen))
@@ -364,3 +392,8 @@ class Engine:
         disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
         write_k_file(self._k_file, disk)
         return best
+
+
+def _reasons(finite: np.ndarray) -> list[str | None]:
+    """Why each plan failed (None when it did not)."""
+    return [None if f else "fine-tuning diverged: loss or weights became NaN/inf" for f in finite]

@@ -3,9 +3,11 @@
 One batch: claim K trials under the study lock, turn them into a Plan [K, L], price it on
 every shipped profile (and on the target profile), tell the plans that break a budget as
 PRUNED with their constraint values and no training, fine-tune the rest in one Engine.run
-call, tell them. Optuna owns all search state, so resume, many workers and reports need
-nothing else. `hwcompress search` and every worker run the same loop (`run_trials`), so any
-number of them on one study stop at its trial budget together.
+call (with a pruner, in rungs: those that fall behind stop early and are told PRUNED with
+their last rung's quality, search.study.pruning), tell them. Optuna owns all search state,
+so resume, many workers and reports need nothing else. `hwcompress search` and every worker
+run the same loop (`run_trials`), so any number of them on one study stop at its trial
+budget together.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from search.study import storage
 from search.study.context import SearchContext
 from search.study.create import finished_count, make_sampler
 from search.study.progress import SearchProgress
+from search.study.pruning import RungJudge
 from search.study.space import plan_to_dict, suggest_plan
 from search.study.spec import StudySpec
 
@@ -88,6 +91,21 @@ class _CtrlC:
         return False
 
     @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside `allowed`, Ctrl-C held back again (a rung's decision writes the storage)."""
+        if not self.active:
+            yield
+            return
+        signal.signal(signal.SIGINT, self._hold)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.pending:
+                self.pending = False
+                signal.raise_signal(signal.SIGINT)
+
+    @contextlib.contextmanager
     def allowed(self) -> Iterator[None]:
         """Ctrl-C acts at once inside (the long fine-tuning), and one held back acts here."""
         if not self.active:
@@ -106,7 +124,8 @@ class _CtrlC:
 def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.Trial],
               ctrl_c: _CtrlC) -> dict[str, int]:
     """Price the claimed `trials` (claim_trials), reject the infeasible ones untrained,
-    fine-tune the rest, tell all; returns counts {"asked", "infeasible", "trained", "failed"}.
+    fine-tune the rest, tell all; returns counts {"asked", "infeasible", "trained", "failed",
+    "stopped"} (stopped: trained, then stopped at a rung by the study's pruner).
 
     Ctrl-C (held by `ctrl_c` while the storage is written) interrupts the fine-tuning at once;
     trials not yet told are then failed as interrupted, and do not count.
@@ -139,13 +158,15 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                 t.set_user_attr("infeasible_reason", B.violation_message(cost, ctx.budget))
                 study.tell(t, state=TrialState.PRUNED)
                 told.add(i)
-        failed = 0
+        failed = stopped_n = 0
         if feasible_idx:
             batch = P.stack_plans([plans[i] for i in feasible_idx])
             with ctrl_c.allowed():
-                result = ctx.engine.run(batch)
+                result = ctx.engine.run(batch, **_rungs(study, ctx, [trials[i] for i in feasible_idx],
+                                                        [B.costs_at(target, i) for i in feasible_idx], ctrl_c))
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)
+            stopped = np.zeros(len(feasible_idx), bool) if result.stopped is None else np.asarray(result.stopped)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
             # which K fine-tuned them: K vmapped plans and K separate runs differ by float rounding
             engine_k = int(ctx.engine.k)
@@ -157,12 +178,19 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                     t.set_user_attr("fail_reason", reasons[j] or f"fine-tuning gave a non-finite metric ({q})")
                     study.tell(t, state=TrialState.FAIL)
                     failed += 1
+                elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
+                    t.set_user_attr("quality", q)
+                    t.set_user_attr("stopped_at", int(result.steps[j]))
+                    t.set_user_attr("engine_k", engine_k)
+                    study.tell(t, state=TrialState.PRUNED)
+                    stopped_n += 1
                 else:
                     t.set_user_attr("quality", q)
                     t.set_user_attr("engine_k", engine_k)
                     study.tell(t, _tell_values(ctx, q, B.costs_at(target, i)))
                 told.add(i)
-        return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed}
+        return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed,
+                "stopped": stopped_n}
     except BaseException as e:  # Ctrl-C or a crash: completed trials stay, open ones are closed
         for i, t in enumerate(trials):
             if i not in told:
@@ -171,6 +199,21 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                 t.set_user_attr("interrupted", True)
                 study.tell(t, state=TrialState.FAIL)
         raise
+
+
+def _rungs(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.Trial], costs: Sequence[dict],
+           ctrl_c: _CtrlC) -> dict:
+    """Engine.run's rungs and on_rung for the study's pruner ({} without one)."""
+    pruner = ctx.spec.pruner
+    if pruner is None or not pruner.active:
+        return {}
+    judge = RungJudge(study, pruner, ctx.objectives, ctx.spec.profile_name, trials, costs)
+
+    def on_rung(step: int, metric: np.ndarray, live: np.ndarray) -> np.ndarray:
+        with ctrl_c.held():
+            return judge.decide(step, metric, live)
+
+    return {"rungs": pruner.rungs, "on_rung": on_rung}
 
 
 ASK_BATCH = 4  # trials asked at once unless the engine fine-tunes more in one call (K)
@@ -238,6 +281,7 @@ def claim_trials(study: optuna.Study, lock_storage: optuna.storages.BaseStorage,
     with storage.study_lock(lock_storage, study.study_name):
         if beats:
             storage.fail_stale_trials(study)
+            storage.fail_beatless_trials(study)  # its claimant died inside this lock
         stored = study.get_trials(deepcopy=False)
         done = finished_count(stored)
         running = sum(1 for t in stored if t.state == TrialState.RUNNING)

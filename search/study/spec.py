@@ -24,6 +24,7 @@ from models.train import file_sha256
 from search.cost.budget import as_budget, budget_dict
 from search.engine.config import FinetuneConfig
 from search.errors import UserError
+from search.study.pruning import PrunerConfig, make_pruner
 from search.study.space import Space
 
 SCHEMA = 1  # the record's format; a newer number than this one is refused with how to upgrade
@@ -31,7 +32,7 @@ SPEC_ATTR = "spec"  # the study user attr that holds the record
 RESUME_MAY_CHANGE = ("n_trials",)  # fields a resumed run may change (the trial budget)
 # the order differences are reported in (the rest follow, sorted)
 FIELD_ORDER = ("model", "dataset", "data_dir", "hparams", "seed", "weights", "profile", "profile_name",
-               "budget", "objectives", "sampler", "finetune", "space")
+               "budget", "objectives", "sampler", "finetune", "pruner", "space")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +83,10 @@ class StudySpec:
     space: Space
     # how each candidate is fine-tuned; k is always None here: K belongs to the machine
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # rungs and successive halving (search.study.pruning); None: not chosen, so a resume keeps
+    # the study's and a new study stores the default (search.api); a stored None (a record
+    # older than rungs) runs every trial to the full budget, as it always did
+    pruner: PrunerConfig | None = None
     # study metric names, e.g. ("quality", "latency_ms", "memory_kb")
     objectives: tuple[str, ...] = ("quality", "latency_ms", "memory_kb")
     # Optuna sampler name: tpe | nsga2 | random
@@ -95,6 +100,8 @@ class StudySpec:
         object.__setattr__(self, "hparams", jsonable(dict(self.hparams)))  # as storage gives it back
         if self.finetune.k is not None:  # K vmapped plans is how a machine runs, not what the study is
             object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, k=None))
+        if self.pruner is not None and self.pruner.kind != "none":  # every rung below the fine-tune's steps
+            make_pruner(self.pruner.kind, self.pruner.rungs, self.finetune.steps)
 
     # ------------------------------------------------------------- storage form
     def to_attrs(self) -> dict[str, Any]:
@@ -105,6 +112,7 @@ class StudySpec:
             "weights": None if self.weights is None else dataclasses.asdict(self.weights),
             "profile": self.profile, "profile_name": self.profile_name, "budget": budget_dict(self.budget),
             "space": self.space.to_dict(), "finetune": dataclasses.asdict(self.finetune),
+            "pruner": None if self.pruner is None else self.pruner.to_dict(),
             "objectives": list(self.objectives), "sampler": self.sampler, "n_trials": self.n_trials,
         })
 
@@ -129,6 +137,7 @@ class StudySpec:
                 profile=profile, profile_name=str(attrs.get("profile_name") or profile),
                 budget=as_budget(attrs.get("budget")), space=Space.from_dict(attrs["space"]),
                 finetune=FinetuneConfig(**{k: v for k, v in (attrs.get("finetune") or {}).items() if k in ft_fields}),
+                pruner=None if attrs.get("pruner") is None else PrunerConfig.from_dict(attrs["pruner"]),
                 objectives=tuple(attrs.get("objectives") or ("quality", "latency_ms", "memory_kb")),
                 sampler=str(attrs.get("sampler", "tpe")), n_trials=int(attrs.get("n_trials", 0)), schema=schema,
             )

@@ -285,6 +285,39 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def fail_beatless_trials(study: optuna.Study) -> int:
+    """Fail, and re-queue, the RUNNING trials that have no heartbeat at all; returns how many.
+
+    Call it holding the study lock. Every claim records each trial's first heartbeat before it
+    releases the lock (search.study.loop.claim_trials), so a RUNNING trial with none belongs to a
+    process that died inside the lock, between `ask` and that first beat. Optuna fails only
+    trials whose heartbeat went stale, so nothing else would ever fail this one and every
+    process would wait for it forever.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    rdb = getattr(study._storage, "_backend", study._storage)  # optuna's _CachedStorage wraps RDBStorage
+    if not isinstance(rdb, RDBStorage) or not heartbeat_enabled(study):
+        return 0
+    with _create_scoped_session(rdb.scoped_session) as session:
+        running = (session.query(models.TrialModel)
+                   .filter(models.TrialModel.study_id == study._study_id)
+                   .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING).all())
+        ids = [t.trial_id for t in running if not t.heartbeats]
+    failed = []
+    for trial_id in ids:
+        try:
+            if study._storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # told meanwhile
+            pass
+    retry = study._storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed if retry is not None else ():
+        retry(study, study._storage.get_trial(trial_id))
+    return len(failed)
+
+
 def exact_hypervolume(loss: np.ndarray, reference: np.ndarray) -> float:
     """The volume dominated by loss rows [n, m] up to `reference` [m]: Optuna's exact WFG
     algorithm (2-D/3-D fast paths), which has no public API, so it is reached only here."""

@@ -220,8 +220,8 @@ def run_worker(
     def report(counts: dict[str, int]) -> None:
         if log:
             print(f"worker {claimant.name}: {time.monotonic() - t0:.1f} s: ran {counts['asked']} trials "
-                  f"({counts['trained']} trained, {counts['infeasible']} over budget, "
-                  f"{counts['failed']} failed)", file=sys.stderr, flush=True)
+                  f"({counts['trained']} trained, {counts.get('stopped', 0)} of them stopped at a rung, "
+                  f"{counts['infeasible']} over budget, {counts['failed']} failed)", file=sys.stderr, flush=True)
 
     # K, not study.ask_batch: a worker claims only what it fine-tunes in one call, so a killed
     # worker loses the fewest trials (several workers are not reproducible run to run anyway);

@@ -122,3 +122,20 @@ def test_bad_storage_is_reported_before_training(tmp_path, capsys, url):
     err = _one_line_error(capsys)
     assert "pw" not in err
     assert not (results / "cache").exists()
+
+
+def test_a_trial_whose_claimant_died_inside_the_lock_is_failed_and_requeued(tmp_path):
+    """A process killed between `ask` and its first heartbeat (inside the study lock) leaves a
+    RUNNING trial with no heartbeat: Optuna never fails it, so every process waited for it
+    forever (bench_lock hung on one). The next claim fails it and the retry callback re-queues it."""
+    import optuna
+
+    storage = S.open_storage(None, tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    study.ask()  # claimed, then killed before record_heartbeat
+    live = study.ask()
+    S.record_heartbeat(study, [live])  # a live claimant's trial keeps running
+    with S.study_lock(storage, "s"):
+        assert S.fail_beatless_trials(study) == 1
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING], states
