@@ -60,6 +60,8 @@ def test_compress_returns_the_pareto_front_of_a_user_model(trained, tmp_path):
     assert front["quality"].is_monotonic_decreasing
     assert front["quality"].iloc[0] > 0.8  # int8 of a trained MLP keeps its accuracy
     assert all(len(p["ratio"]) == 2 for p in front["plan"])  # hidden and out were found
+    # the test split's quality of each front plan, measured right after its fine-tuning
+    assert front["test_quality"].between(0.5, 1.0).all(), front["test_quality"].tolist()
 
 
 def test_compress_names_a_bad_objective(trained, tmp_path):

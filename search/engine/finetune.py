@@ -64,6 +64,7 @@ class EngineResult:
     seconds: float = 0.0  # wall time of the call
     steps: np.ndarray | None = None  # with rungs: [P] fine-tune steps behind each metric (a rung for a stopped plan)
     stopped: np.ndarray | None = None  # with rungs: [P] bool, stopped at a rung by on_rung
+    test_metric: np.ndarray | None = None  # with also_test: [P] metric on the test split (NaN: none)
 
 
 _K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
@@ -226,21 +227,24 @@ class Engine:
 
     # ---- public API ----------------------------------------------------------------------
     def run(self, plans: Plan | Sequence[Plan], return_models: bool = False, split: str = "val",
-            finetune: bool = True, rungs: Sequence[int] = (), on_rung: RungCallback | None = None) -> EngineResult:
+            finetune: bool = True, rungs: Sequence[int] = (), on_rung: RungCallback | None = None,
+            also_test: bool = False) -> EngineResult:
         """Compress, fine-tune (config.steps) and evaluate every plan, K at a time.
 
         `rungs`: ascending fine-tune steps below config.steps at which every plan is also
         evaluated on the validation split, and `on_rung(step, metric [P], live [P])` says which
         go on (search.engine.rungs); the result's `steps` and `stopped` say where each ended.
+        `also_test`: the finished plans' test metric too (`test_metric`; shown, never ranked on).
         """
         plans = self._check_plans(plans)
         t0 = time.perf_counter()
         if rungs and finetune and self.config.steps > 0:
             if return_models:
                 raise ValueError("rungs and return_models do not go together: rungs are for the search loop")
-            metric, ok, steps, stopped = run_in_rungs(self, plans, rungs, on_rung, split)
-            return EngineResult(metric, ok, _reasons(ok), None, time.perf_counter() - t0, steps=steps, stopped=stopped)
-        metrics, finite, models = [], [], []
+            metric, ok, steps, stopped, test = run_in_rungs(self, plans, rungs, on_rung, split, also_test)
+            return EngineResult(metric, ok, _reasons(ok), None, time.perf_counter() - t0, steps=steps, stopped=stopped,
+                                test_metric=test)
+        metrics, finite, models, tests = [], [], [], []
         p = plans.batch_shape[0]
         for start in range(0, p, self.k):
             g = self._start(self._slice(plans, start))
@@ -248,6 +252,7 @@ class Engine:
                 self._train(g, self.config.steps)
             m, f, trained = self._evaluate(g, split)
             n = min(self.k, p - start)
+            tests.append(np.where(f, self._evaluate(g, "test")[0], np.nan)[:n] if also_test else np.full(n, np.nan))
             metrics.append(m[:n])
             finite.append(f[:n])
             if return_models:
@@ -255,7 +260,8 @@ class Engine:
         metric = np.concatenate(metrics)
         ok = np.concatenate(finite)
         metric = np.where(ok, metric, np.nan)
-        return EngineResult(metric, ok, _reasons(ok), models if return_models else None, time.perf_counter() - t0)
+        return EngineResult(metric, ok, _reasons(ok), models if return_models else None, time.perf_counter() - t0,
+                            test_metric=np.concatenate(tests) if also_test else None)
 
     def evaluate(self, plans: Plan | Sequence[Plan], split: str = "val", return_models: bool = False
                  ) -> EngineResult:

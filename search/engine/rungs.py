@@ -44,7 +44,8 @@ def check_rungs(rungs: Sequence[int], steps: int) -> tuple[int, ...]:
 
 
 def run_in_rungs(engine: Any, plans: Plan, rungs: Sequence[int], on_rung: RungCallback | None,
-                 split: str = "val") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 split: str = "val", also_test: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Fine-tune `plans` [P, L] to each rung, evaluate them on the validation split, ask
     `on_rung` which go on, and finish those (config.steps, evaluated on `split`). `engine` is
     the search.engine.finetune.Engine whose run() calls this.
@@ -53,7 +54,8 @@ def run_in_rungs(engine: Any, plans: Plan, rungs: Sequence[int], on_rung: RungCa
     decision at a rung sees every plan of the call. A plan whose loss or weights turn
     non-finite stops at the rung where that is seen (finite False). Returns arrays [P]:
     (metric, NaN where not finite; finite; the fine-tune steps behind each metric; whether
-    on_rung stopped the plan).
+    on_rung stopped the plan; with also_test the finished plans' test metric, NaN for the others,
+    else None).
     """
     steps_total = engine.config.steps
     rungs = check_rungs(rungs, steps_total)
@@ -65,13 +67,17 @@ def run_in_rungs(engine: Any, plans: Plan, rungs: Sequence[int], on_rung: RungCa
     live = np.ones(p, bool)  # still fine-tuning: neither stopped nor diverged
     stopped = np.zeros(p, bool)
 
-    def advance(to: int, on: str) -> None:
+    test = np.full(p, np.nan) if also_test else None
+
+    def advance(to: int, on: str, with_test: bool = False) -> None:
         for s, g in groups.items():
             engine._train(g, to)
             m, ok, _ = engine._evaluate(g, on)
             idx = np.arange(s, min(s + k, p))
             mine = idx[live[idx]]  # a plan already stopped keeps the result of its rung
             metric[mine], finite[mine], steps[mine] = m[mine - s], ok[mine - s], to
+            if with_test:
+                test[mine] = np.where(ok, engine._evaluate(g, "test")[0], np.nan)[mine - s]
 
     for r in rungs:
         advance(r, "val")
@@ -82,5 +88,5 @@ def run_in_rungs(engine: Any, plans: Plan, rungs: Sequence[int], on_rung: RungCa
         live &= keep
         for s in [s for s in groups if not live[s:s + k].any()]:
             del groups[s]  # no plan of the group goes on: its state is freed
-    advance(steps_total, split)
-    return np.where(finite, metric, np.nan), finite, steps, stopped
+    advance(steps_total, split, also_test)
+    return np.where(finite, metric, np.nan), finite, steps, stopped, test

@@ -27,16 +27,13 @@ from search.errors import UserError
 from search.report import pareto
 from search.study.create import channel_groups, layers_from_attr
 from search.study.space import plan_from_dict
-from search.study.spec import SPEC_ATTR, StudySpec
+from search.study.spec import SPEC_ATTR, TEST_ATTR, StudySpec
 
 # relative size under which a difference of two metrics is float rounding (float32 eps is 1.2e-7)
 ZERO_TOLERANCE = 1e-6
 PLAN_KEYS = ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")
 GRAN_LETTER = {"unstructured": "u", "channel": "c", "nm": "n", 0: "u", 1: "c", 2: "n"}
 FRONT_COLUMNS = ("trial", "quality", "test_quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "summary")
-# the trial user attr holding the test metric of the fine-tuned plan, measured right after its
-# fine-tuning (the weights exist only then); displayed, never ranked on
-TEST_ATTR = "test_quality"
 # what a cost column is called on a plot's axis and in a sentence, and its unit
 COST_NAMES = {"latency_ms": ("latency", "ms"), "memory_kb": ("memory", "KB"), "size_kb": ("size", "KB")}
 

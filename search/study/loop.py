@@ -36,7 +36,7 @@ from search.study.create import finished_count, make_sampler
 from search.study.progress import SearchProgress
 from search.study.pruning import RungJudge
 from search.study.space import plan_to_dict, suggest_plan
-from search.study.spec import StudySpec
+from search.study.spec import TEST_ATTR, StudySpec
 
 IDLE_POLL_S = 2.0  # how often a process with nothing to claim looks again while others still train
 
@@ -154,15 +154,16 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
             if feasible:
                 feasible_idx.append(i)
             else:
-                t.set_user_attr("quality", None)
-                t.set_user_attr("infeasible_reason", B.violation_message(cost, ctx.budget))
-                study.tell(t, state=TrialState.PRUNED)
+                with _finished_elsewhere(t):
+                    t.set_user_attr("quality", None)
+                    t.set_user_attr("infeasible_reason", B.violation_message(cost, ctx.budget))
+                    study.tell(t, state=TrialState.PRUNED)
                 told.add(i)
         failed = stopped_n = 0
         if feasible_idx:
             batch = P.stack_plans([plans[i] for i in feasible_idx])
             with ctrl_c.allowed():
-                result = ctx.engine.run(batch, **_rungs(study, ctx, [trials[i] for i in feasible_idx],
+                result = ctx.engine.run(batch, also_test=True, **_rungs(study, ctx, [trials[i] for i in feasible_idx],
                                                         [B.costs_at(target, i) for i in feasible_idx], ctrl_c))
             metric = np.asarray(result.metric, np.float64)
             finite = np.asarray(result.finite, bool)
@@ -173,21 +174,23 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
             for j, i in enumerate(feasible_idx):
                 t = trials[i]
                 q = float(metric[j])
-                if not finite[j] or not math.isfinite(q):
-                    t.set_user_attr("quality", None)
-                    t.set_user_attr("fail_reason", reasons[j] or f"fine-tuning gave a non-finite metric ({q})")
-                    study.tell(t, state=TrialState.FAIL)
-                    failed += 1
-                elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
-                    t.set_user_attr("quality", q)
-                    t.set_user_attr("stopped_at", int(result.steps[j]))
-                    t.set_user_attr("engine_k", engine_k)
-                    study.tell(t, state=TrialState.PRUNED)
-                    stopped_n += 1
-                else:
-                    t.set_user_attr("quality", q)
-                    t.set_user_attr("engine_k", engine_k)
-                    study.tell(t, _tell_values(ctx, q, B.costs_at(target, i)))
+                with _finished_elsewhere(t):
+                    if not finite[j] or not math.isfinite(q):
+                        t.set_user_attr("quality", None)
+                        t.set_user_attr("fail_reason", reasons[j] or f"fine-tuning gave a non-finite metric ({q})")
+                        study.tell(t, state=TrialState.FAIL)
+                        failed += 1
+                    elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
+                        t.set_user_attr("quality", q)
+                        t.set_user_attr("stopped_at", int(result.steps[j]))
+                        t.set_user_attr("engine_k", engine_k)
+                        study.tell(t, state=TrialState.PRUNED)
+                        stopped_n += 1
+                    else:
+                        t.set_user_attr("quality", q)
+                        t.set_user_attr(TEST_ATTR, _finite(result.test_metric[j]))  # shown beside quality, never ranked
+                        t.set_user_attr("engine_k", engine_k)
+                        study.tell(t, _tell_values(ctx, q, B.costs_at(target, i)))
                 told.add(i)
         return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed,
                 "stopped": stopped_n}
@@ -195,10 +198,28 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
         for i, t in enumerate(trials):
             if i not in told:
                 interrupted = isinstance(e, KeyboardInterrupt)
-                t.set_user_attr("fail_reason", "interrupted" if interrupted else f"{type(e).__name__}: {e}")
-                t.set_user_attr("interrupted", True)
-                study.tell(t, state=TrialState.FAIL)
+                with _finished_elsewhere(t):
+                    t.set_user_attr("fail_reason", "interrupted" if interrupted else f"{type(e).__name__}: {e}")
+                    t.set_user_attr("interrupted", True)
+                    study.tell(t, state=TrialState.FAIL)
         raise
+
+
+@contextlib.contextmanager
+def _finished_elsewhere(t: optuna.Trial) -> Iterator[None]:
+    """Tell a trial unless another process has finished it: one that failed it as stale while
+    this process still trained it (heartbeats that came late on an overloaded machine) and
+    re-queued its plan. Its result here is then dropped and the batch goes on, where the
+    storage's UpdateFinishedTrialError used to end the worker."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        warnings.warn(f"trial {t.number} was finished by another process (failed as stale and re-queued) "
+                      "while this one trained it: its result here is dropped", RuntimeWarning, stacklevel=3)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(float(v)) else None
 
 
 def _rungs(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.Trial], costs: Sequence[dict],

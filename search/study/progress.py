@@ -17,12 +17,15 @@ RELAX = 1.05  # a suggested bound: the smallest value any trial reached, plus 5%
 def summarize(trials: Sequence[FrozenTrial], pareto_size: int) -> dict[str, Any]:
     """Counts and the best quality among feasible, trained trials (None before any)."""
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True)]
-    infeasible = sum(1 for t in trials if t.state == TrialState.PRUNED)
+    # PRUNED is either over a budget (never trained) or stopped at a rung by the study's pruner
+    stopped = sum(1 for t in trials if t.state == TrialState.PRUNED and "stopped_at" in t.user_attrs)
+    infeasible = sum(1 for t in trials if t.state == TrialState.PRUNED) - stopped
     failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
     qualities = [t.user_attrs.get("quality") for t in feasible if t.user_attrs.get("quality") is not None]
     return {
         "feasible": len(feasible),
         "infeasible": infeasible,
+        "stopped": stopped,
         "failed": failed,
         "pareto": pareto_size,
         "best_quality": max(qualities) if qualities else None,
@@ -122,7 +125,8 @@ class SearchProgress:
             best = "-" if s["best_quality"] is None else f"{s['best_quality']:.4g}"
             elsewhere = f"running elsewhere {running}  " if running else ""
             info = (
-                f"feasible {s['feasible']}  infeasible {s['infeasible']}  failed {s['failed']}  "
+                f"feasible {s['feasible']}  infeasible {s['infeasible']}  "
+                + (f"stopped {s['stopped']}  " if s["stopped"] else "") + f"failed {s['failed']}  "
                 f"pareto {s['pareto']}  best {self.metric_name} {best}  {elsewhere}"
                 f"elapsed {_fmt_seconds(time.monotonic() - self.t0)}  eta {_fmt_seconds(eta)}"
             )

@@ -29,6 +29,9 @@ from search.study.space import Space
 
 SCHEMA = 1  # the record's format; a newer number than this one is refused with how to upgrade
 SPEC_ATTR = "spec"  # the study user attr that holds the record
+# the trial user attr holding the test metric of a trained plan, measured right after its
+# fine-tuning (the weights exist only then, search.study.loop); displayed, never ranked on
+TEST_ATTR = "test_quality"
 RESUME_MAY_CHANGE = ("n_trials",)  # fields a resumed run may change (the trial budget)
 # the order differences are reported in (the rest follow, sorted)
 FIELD_ORDER = ("model", "dataset", "data_dir", "hparams", "seed", "weights", "profile", "profile_name",

@@ -139,3 +139,22 @@ def test_a_trial_whose_claimant_died_inside_the_lock_is_failed_and_requeued(tmp_
         assert S.fail_beatless_trials(study) == 1
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING], states
+
+
+def test_a_trial_failed_as_stale_while_still_training_does_not_end_the_worker(tmp_path):
+    """On an overloaded machine another process may fail a live trial as stale and re-queue it;
+    telling it afterwards raised UpdateFinishedTrialError and ended the worker (bench_lock at a
+    10 s grace). Its result is now dropped with a warning and the batch goes on."""
+    import optuna
+
+    from search.study.loop import _finished_elsewhere
+
+    storage = S.open_storage(None, tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    t = study.ask()
+    optuna.load_study(study_name="s", storage=storage).tell(t.number, state=TrialState.FAIL)  # "stale"
+    with pytest.warns(RuntimeWarning, match="finished by another process"):
+        with _finished_elsewhere(t):
+            t.set_user_attr("quality", 0.9)
+            study.tell(t, [0.9])
+    assert [x.state for x in study.get_trials(deepcopy=False)] == [TrialState.FAIL]
