@@ -197,7 +197,7 @@ class Task:
         if batch_size is not None and batch_size > len(d.x_train):
             raise ModelError(f"data set {d.name!r}, training split: it has {len(d.x_train)} examples, fewer than "
                              f"the batch size {batch_size}: give at least {batch_size} training examples or use "
-                             f"a batch size of at most {len(d.x_train)}")
+                             f"a batch size of at most {len(d.x_train)} (--finetune-batch-size; compress(finetune_batch_size=...))")
         if not isinstance(self.module, nn.Module):  # NNX modules and functions are checked as they run
             return
         kwargs = dict(self.eval_kwargs)

@@ -241,6 +241,7 @@ def compress(
     sampler: str = "tpe",
     pruner: str | None = None,
     finetune_steps: int | None = None,
+    finetune_batch_size: int | None = None,
     distill: bool = False,
     k: int | None = None,
     seed: int = 0,
@@ -263,14 +264,18 @@ def compress(
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
     `k`: plans fine-tuned together in one vmapped step (None: the fastest measured here).
     `pruner`: none | sha | hyperband (search.study.pruning; None: the default).
+    `finetune_steps`, `finetune_batch_size`: each candidate's fine-tuning (None: FinetuneConfig's
+    defaults, 200 steps of 128 examples; the batch may not exceed the training split).
     Columns of the front: trial, quality, latency_ms, memory_kb, size_kb, compression_ratio,
-    feasible, plan (per-layer lists).
+    feasible, plan (per-layer lists), test_quality (the test split's, shown, never ranked on).
     """
     task = Task(name=f"custom-{type(module).__name__.lower()}", module=module, data=data, loss=loss,
                 metric=metric, metric_name=metric_name, eval_kwargs=dict(apply_kwargs or {}))
     ft = FinetuneConfig(seed=seed, distill=distill)
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))
+    if finetune_batch_size is not None:
+        ft = dataclasses.replace(ft, batch_size=int(finetune_batch_size))
     spec = _spec(model=task.name, dataset=data.name, seed=seed, profile=profile, budget=budget,
                  objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials, pruner=pruner)
     study = search(spec, storage, results_dir, study_name=study_name, task=task, params=params, k=k,

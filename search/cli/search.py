@@ -45,6 +45,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed")
     p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help="fine-tuning steps per trial")
+    p.add_argument("--finetune-batch-size", type=int, default=128,  # FinetuneConfig.batch_size
+                   help="training examples per fine-tuning step (default 128)")
     p.add_argument("--pruner", default=None,
                    help="none | sha | hyperband: measure each trial's validation quality at --rungs and stop those "
                         "that fall behind (successive halving, Hyperband); stopped trials are stored as pruned and "
@@ -94,7 +96,8 @@ def search_command(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, profile=args.profile,
         budget=budget, weights=args.weights, objectives=[o for o in args.objectives.split(",") if o.strip()],
         sampler=args.sampler, n_trials=args.trials,
-        finetune=FinetuneConfig(steps=args.finetune_steps, distill=bool(args.distill), seed=args.seed),
+        finetune=FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch_size,
+                                distill=bool(args.distill), seed=args.seed),
         pruner=args.pruner, rungs=_rungs(args.rungs),
     )
     storage = open_storage(args.storage, args.results_dir)

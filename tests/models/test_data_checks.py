@@ -161,3 +161,16 @@ def test_cli_own_model_with_bad_data_is_one_line(tmp_path, capsys, changes, matc
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert "data set 'digits'" in err and __import__("re").search(match, err), err
     assert not (results / "studies.db").exists()
+
+
+def test_compress_takes_a_batch_that_fits_a_small_training_split(tmp_path):
+    """100 training examples: the default batch (128) is refused in one line that names the
+    option, and compress(finetune_batch_size=32) searches."""
+    small = dataclasses.replace(DIGITS, x_train=DIGITS.x_train[:100], y_train=DIGITS.y_train[:100])
+    kw = dict(n_trials=1, batch=1, finetune_steps=1, k=1, metric_name="accuracy", results_dir=str(tmp_path))
+    with pytest.raises(ModelError, match="finetune_batch_size"):
+        compress(MLP(), _variables(MLP()), small, models.metrics.cross_entropy, models.metrics.accuracy,
+                 "mobile-cpu", **kw)
+    front = compress(MLP(), _variables(MLP()), small, models.metrics.cross_entropy, models.metrics.accuracy,
+                     "mobile-cpu", finetune_batch_size=32, **kw)
+    assert len(front) == 1 and np.isfinite(front["quality"].iloc[0])  # one trial, fine-tuned on batches of 32
