@@ -277,7 +277,10 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     reload_quality, _ = _metric(task, predict, back, x, y)
 
     exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
-    model, oinfo = to_onnx(lambda p, v: engine.model.apply(p, v, bn=cm.bn_stats), params, task.data.input_shape, exports,
+    # the deployed input: the test split's examples (whole images for vdsr and demosaicnet,
+    # which train on patches), the shape the ONNX model is checked and timed at
+    shape = tuple(np.shape(x)[1:])
+    model, oinfo = to_onnx(lambda p, v: engine.model.apply(p, v, bn=cm.bn_stats), params, shape, exports,
                            {"/".join(l.path) + "/kernel": l.name for l in layers})
     onnx.save(model, str(out_dir / "model.onnx"))
     sess = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -295,7 +298,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
         "format": "hwcompress-export/1",
         "source": source or {},
         "model": {"name": task.name, "hparams": task.hparams, "dataset": task.data.name,
-                  "input_shape": list(task.data.input_shape), "metric": task.metric_name},
+                  "input_shape": list(shape), "metric": task.metric_name},
         "profile": getattr(profile, "name", profile),
         "predicted": costs or {},
         "quality": {"test": quality, "test_reloaded": reload_quality, "test_onnx": onnx_quality,

@@ -77,9 +77,9 @@ def test_output_shapes_and_vdsr_starts_at_bicubic():
 
 
 def test_registry_lists_and_hparams():
-    assert models.list_models() == ["lenet300", "lenet5", "mobilenet", "mobilenetv2", "resnet20",
+    assert models.list_models() == ["demosaicnet", "lenet300", "lenet5", "mobilenet", "mobilenetv2", "resnet20",
                                     "vdsr"]
-    assert models.list_datasets() == ["digits", "fashion-mnist", "sr-images"]
+    assert models.list_datasets() == ["demosaic-images", "digits", "fashion-mnist", "sr-images"]
     task = models.get_task("vdsr", "sr-images", depth=4, width=8)
     assert task.hparams == {"depth": 4, "width": 8}
     assert task.metric_name == "psnr_db" and task.data.kind == "regression"
