@@ -6,9 +6,10 @@ Pareto front as a pandas DataFrame. `hwcompress search` builds its record with `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -157,7 +158,7 @@ def search(
         if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
             # the baseline is trained (or read) only now: a conflicting resume has failed before
             sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
-            seeds = B.seed_plans(ctx.profile, ctx.layers, spec.budget, extremes)
+            seeds = functools.partial(B.seed_plans, ctx.profile, ctx.layers, spec.budget, extremes)
             _initialize(study, sctx, min_costs, seeds, warm_start)
     if done >= spec.n_trials:
         warnings.warn(NothingToDo(nothing_to_do(name, done, spec.n_trials, stored)), stacklevel=2)
@@ -193,23 +194,26 @@ def _open(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec
     return open_study(name, storage, dataclasses.replace(spec, n_trials=budget))[0], done, budget, spec
 
 
-def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float], seeds: Sequence[P.Plan],
-                warm: bool) -> None:
+def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float],
+                seeds: Callable[[P.Plan | None], list[P.Plan]], warm: bool) -> None:
     """New study: store layers, baseline and sensitivity; enqueue the budget's seed plans
-    (search.cost.budget.seed_plans) and the warm-start trials."""
+    (`seeds(warm-start plans)`, search.cost.budget.seed_plans), then the warm-start trials."""
     info = dict(ctx.study.baseline)
     if info.get("val_metric") is None:
         dense = P.stack_plans([P.dense_plan(len(ctx.layers))])
         info["val_metric"] = float(np.asarray(ctx.engine.evaluate(dense, split="val").metric)[0])
     study.set_user_attr("layers", layers_attr(ctx.layers))
     study.set_user_attr("min_costs", min_costs)
-    if not study.get_trials(deepcopy=False):  # a set-up interrupted after enqueueing does not enqueue twice
-        for plan in seeds:
-            study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"budget_seed": True})
+    sens, warm_plans = None, []
     if warm and "sensitivity" not in study.user_attrs:
         sens = measure_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]))
+        warm_plans = warm_start_plans(sens, ctx.layers, ctx.space)
+    if not study.get_trials(deepcopy=False):  # a set-up interrupted after enqueueing does not enqueue twice
+        for plan in seeds(P.stack_plans(warm_plans) if warm_plans else None):
+            study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"budget_seed": True})
+    if sens is not None:
         study.set_user_attr("sensitivity", sens)
-        for plan in warm_start_plans(sens, ctx.layers, ctx.space):
+        for plan in warm_plans:
             study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"warm_start": True})
     # set last: its presence means the study is fully set up (an interrupt before it redoes the above)
     study.set_user_attr(

@@ -105,13 +105,18 @@ def check_reachable(profile: HardwareProfile, layers: Sequence[Layer], budget: B
     return best
 
 
-def seed_plans(profile: HardwareProfile, layers: Sequence[Layer], budget: Budget, candidates: P.Plan) -> list[P.Plan]:
-    """Plans to try first when a bound is below every uniform candidate's cost, so only a plan
-    with per-layer choices meets it (a sampler rarely draws one): for each such bound, the plan
-    whose every layer takes its cheapest candidate choice for that key (cheapest_plan)."""
+def seed_plans(profile: HardwareProfile, layers: Sequence[Layer], budget: Budget, candidates: P.Plan,
+               tried: P.Plan | None = None) -> list[P.Plan]:
+    """Plans to try first for bounds a sampler would rarely meet: a bound below every uniform
+    candidate's cost (only per-layer choices meet it), or one that none of the plans tried
+    first (`tried` [W, L], the warm-start plans) meets. For each such bound, the plan whose
+    every layer takes its cheapest candidate choice for that key (cheapest_plan)."""
     uniform = price(profile, layers, candidates)
-    return [cheapest_plan(profile, layers, candidates, k) for k in BUDGET_KEYS
-            if getattr(budget, k) is not None and float(np.min(getattr(uniform, k))) > getattr(budget, k)]
+    first = None if tried is None or tried.batch_shape[0] == 0 else price(profile, layers, tried)
+    keys = [k for k in BUDGET_KEYS if getattr(budget, k) is not None and (
+        float(np.min(getattr(uniform, k))) > getattr(budget, k)
+        or (first is not None and float(np.min(getattr(first, k))) > getattr(budget, k)))]
+    return [cheapest_plan(profile, layers, candidates, k) for k in keys]
 
 
 def budget_dict(budget: Budget) -> dict[str, float | None]:

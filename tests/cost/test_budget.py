@@ -3,12 +3,14 @@
 seeded so the search finds a feasible plan for it."""
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from hw_profiles import Budget, load_profile
 from search.api import make_spec
+from search.compression import plan as P
 from search.cost import budget as B
 from search.cost.roofline import min_costs, price
 from search.errors import UserError
@@ -47,6 +49,15 @@ def test_a_budget_a_per_layer_plan_meets_is_not_refused():
     seeds = B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=bound), extremes)
     assert len(seeds) == 1 and float(price(ctx.profile, ctx.layers, seeds[0]).size_kb[0]) <= bound
     assert not B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=uniform_best * 2), extremes)
+    # a bound some uniform plan meets but none of the plans tried first (8-bit warm starts) does:
+    # a sampler would rarely draw the former, so the cheapest plan is seeded (a fresh user's
+    # search at the refusal's suggested bound found nothing feasible in 4 trials)
+    tried = P.stack_plans([P.make_plan(np.full(len(ctx.layers), r), 0, 8, 8) for r in (0.0, 0.5, 0.9)])
+    loose = uniform_best * 1.01
+    assert float(price(ctx.profile, ctx.layers, tried).size_kb.min()) > loose
+    assert not B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=loose), extremes)
+    seeded = B.seed_plans(ctx.profile, ctx.layers, Budget(size_kb=loose), extremes, tried)
+    assert len(seeded) == 1 and float(price(ctx.profile, ctx.layers, seeded[0]).size_kb[0]) <= loose
     shown = f"{per_layer:.4g}".replace(".", r"\.")
     with pytest.raises(UserError, match=rf"smallest any plan reaches is size_kb {shown}.*--size-kb"):
         B.check_reachable(ctx.profile, ctx.layers, Budget(size_kb=per_layer / 2), extremes)
