@@ -77,12 +77,14 @@ def search_command(args: argparse.Namespace) -> int:
     from search.study.create import finished_count
     from search.study.loop import NothingToDo
     from search.study.progress import over_budget_hint
-    from search.study.spec import StudySpec
+    from search.study.spec import StudySpec, check_study_name
     from search.study.storage import default_url, load_study, open_storage
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says what matters
+    if args.study is not None:  # before the storage is opened: a refused name creates nothing
+        check_study_name(args.study)
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise UserError(f"--finetune-steps {args.finetune_steps} must be >= 0")
     if args.workers is not None and args.workers < 1:

@@ -56,6 +56,7 @@ def test_search_with_a_path_as_study_writes_nothing_outside(tmp_path, capsys, na
     assert err.startswith("error: ") and "cannot be a study name" in err and "\n" not in err
     outside = [f for f in _files(tmp_path) if f not in before and not f.startswith("root/results/")]
     assert outside == [] and not (tmp_path / "elsewhere").exists() and not (tmp_path / "root" / "escaped").exists()
+    assert [f for f in _files(tmp_path) if f not in before] == []  # not even an empty studies.db
 
 
 @pytest.fixture
