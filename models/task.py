@@ -187,13 +187,14 @@ class Task:
 
     def check(self, batch_size: int | None = None, variables: Any = None) -> None:
         """ModelError, one line naming the split and the fix, unless the data can train and
-        evaluate this model: every split (Dataset.check), a training split of at least
+        evaluate this model: a training split of at least
         `batch_size` examples, and for a Linen module outputs that fit every split's targets
         (classification: [N, C] scores with C = num_classes and every label < C; regression:
         the targets' shape), found by jax.eval_shape, so nothing is computed. `variables`: the
-        trained weights (variables dict or bare params); None checks a fresh init's shapes."""
+        trained weights (variables dict or bare params); None checks a fresh init's shapes.
+        The splits themselves were checked when the Dataset was built (Dataset.check), once:
+        a search builds several Engines, and each calls this."""
         d = self.data
-        d.check()
         if batch_size is not None and batch_size > len(d.x_train):
             raise ModelError(f"data set {d.name!r}, training split: it has {len(d.x_train)} examples, fewer than "
                              f"the batch size {batch_size}: give at least {batch_size} training examples or use "
