@@ -30,6 +30,7 @@ def _run(bound_max_bits: int, args: dict) -> list[dict]:
     import models
     from models.train import train_baseline
     from search.compression import quant
+    from search.compression.layers import get_path
     from search.compression.plan import make_plan
     from search.engine.config import FinetuneConfig
     from search.engine.finetune import Engine
@@ -46,20 +47,13 @@ def _run(bound_max_bits: int, args: dict) -> list[dict]:
             before = engine.run(plan, split="test", finetune=False, return_models=True)
             after = engine.run(plan, split="test")
             params = before.models[0].params
-            zero = [float(np.mean(np.asarray(_kernel(params, l.path)) == 0)) for l in engine.layers]
+            zero = [float(np.mean(np.asarray(get_path(params, l.path)["kernel"]) == 0)) for l in engine.layers]
             rows.append({"bound_max_bits": bound_max_bits, "bits": bits, "seed": seed,
                          "before": float(before.metric[0]), "after": float(after.metric[0]),
                          "zero_fraction": dict(zip((l.name for l in engine.layers), zero))})
             print(f"  bound qmax{' + 0.5' if bits <= bound_max_bits else ''}  w{bits}a8 seed {seed}: "
                   f"before {rows[-1]['before']:.4f} after {rows[-1]['after']:.4f}", flush=True)
     return rows
-
-
-def _kernel(params, path):
-    node = params
-    for p in path:
-        node = node[p]
-    return node["kernel"]
 
 
 def main(argv: list[str] | None = None) -> int:
