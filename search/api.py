@@ -247,6 +247,8 @@ def compress(
     finetune_steps: int | None = None,
     finetune_batch_size: int | None = None,
     distill: bool = False,
+    pruning: str = "one-shot",
+    act_ranges: str = "calibrated",
     k: int | None = None,
     seed: int = 0,
     study_name: str | None = None,
@@ -270,12 +272,14 @@ def compress(
     `pruner`: none | sha | hyperband (search.study.pruning; None: the default).
     `finetune_steps`, `finetune_batch_size`: each candidate's fine-tuning (None: FinetuneConfig's
     defaults, 200 steps of 128 examples; the batch may not exceed the training split).
+    `pruning`: "one-shot" or "gradual" (search.engine.schedule: Zhu & Gupta's cubic ramp).
+    `act_ranges`: "calibrated" or "learned" (LSQ: quant.fake_quant_act_learned).
     Columns of the front: trial, quality, latency_ms, memory_kb, size_kb, compression_ratio,
     feasible, plan (per-layer lists), test_quality (the test split's, shown, never ranked on).
     """
     task = Task(name=f"custom-{type(module).__name__.lower()}", module=module, data=data, loss=loss,
                 metric=metric, metric_name=metric_name, eval_kwargs=dict(apply_kwargs or {}))
-    ft = FinetuneConfig(seed=seed, distill=distill)
+    ft = FinetuneConfig(seed=seed, distill=distill, pruning=pruning, act_ranges=act_ranges)
     if finetune_steps is not None:
         ft = dataclasses.replace(ft, steps=int(finetune_steps))
     if finetune_batch_size is not None:

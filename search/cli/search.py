@@ -54,6 +54,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rungs", default=None,
                    help="comma list of fine-tune steps where --pruner compares trials, each below --finetune-steps "
                         "(default: 1/9 and 1/3 of --finetune-steps)")
+    p.add_argument("--pruning", default="one-shot",  # FinetuneConfig.pruning
+                   help="one-shot | gradual: masks fixed from the pretrained weights before fine-tuning, or ramped "
+                        "from dense to each plan's ratio while fine-tuning (Zhu & Gupta's cubic schedule, masks "
+                        "recomputed from the current weights; the ratio is reached halfway) (default one-shot)")
+    p.add_argument("--act-ranges", default="calibrated",  # FinetuneConfig.act_ranges
+                   help="calibrated | learned: activation quantization ranges calibrated on training examples, or "
+                        "calibrated and then trained with the weights (LSQ) (default calibrated)")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
     p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
@@ -99,7 +106,8 @@ def search_command(args: argparse.Namespace) -> int:
         budget=budget, weights=args.weights, objectives=[o for o in args.objectives.split(",") if o.strip()],
         sampler=args.sampler, n_trials=args.trials,
         finetune=FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch_size,
-                                distill=bool(args.distill), seed=args.seed),
+                                distill=bool(args.distill), seed=args.seed, pruning=args.pruning,
+                                act_ranges=args.act_ranges),
         pruner=args.pruner, rungs=_rungs(args.rungs),
     )
     storage = open_storage(args.storage, args.results_dir)

@@ -145,10 +145,18 @@ def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Seque
 
 
 def quantized_apply(model: Model, layers: Sequence[Layer], params: Any, act_lo: jax.Array,
-                    act_hi: jax.Array, act_bits: jax.Array, x: jax.Array, bn: Any = None) -> jax.Array:
+                    act_hi: jax.Array, act_bits: jax.Array, x: jax.Array, bn: Any = None,
+                    learned: bool = False) -> jax.Array:
     """Run the model with the input of every layer fake-quantized to its act_bits (`bn`: the
-    BatchNorm statistics to use, Model.apply)."""
+    BatchNorm statistics to use, Model.apply). `learned`: the ranges are trained, so they get
+    gradients (quant.fake_quant_act_learned, LSQ); the values are the same either way."""
     index = {l.path: l.index for l in layers}
+    if learned:
+        def around_learned(path, call, v):
+            i = index.get(path)
+            return call(v if i is None else quant.fake_quant_act_learned(v, act_lo[i], act_hi[i], act_bits[i]))
+
+        return model.apply(params, x, around_learned, bn=bn)
     # every layer's grid at once ([L] each): per-layer scalar arithmetic compiled as a small
     # kernel of its own per layer
     s, z, levels = quant.act_qparams(act_lo, act_hi, act_bits)

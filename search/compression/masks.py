@@ -1,8 +1,10 @@
 """Pruning masks from the pretrained weights and a plan whose ratio and granularity are traced.
 
 Computed once per trial (a rank by argsort, i.e. top-k with a traced count, not a sort per
-step) and then fixed during fine-tuning. All three granularities are computed and one is
-selected by the plan, so one compiled function serves every plan.
+step) and then fixed during fine-tuning, or, with gradual pruning, recomputed from the current
+weights a few times at a rising share of the ratio (search.engine.schedule). All three
+granularities are computed and one is selected by the plan, so one compiled function serves
+every plan.
 
 Counts (the cost model and the exporter can rely on them, see `pruned_counts`):
 - unstructured: round(ratio * n) weights with the smallest |w|, at most n - 1;

@@ -172,3 +172,26 @@ def _act_bwd(res, g):
 
 
 fake_quant_act_grid.defvjp(_act_fwd, _act_bwd)
+
+
+def round_ste(v: jax.Array) -> jax.Array:
+    """round(v) in the forward pass, identity gradient in the backward pass."""
+    return v + jax.lax.stop_gradient(jnp.round(v) - v)
+
+
+def fake_quant_act_learned(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """`fake_quant_act` with a trainable range: the same forward values, differentiated as LSQ
+    does (Esser et al., ICLR 2020, "Learned Step Size Quantization"; LSQ+ for the offset, Bhalgat
+    et al. 2020), with the straight-through estimator only on the roundings. Inside the range
+    dx_hat/dx = 1 and dx_hat/ds = round(x/s) - x/s; a clipped value has dx_hat/dx = 0 and
+    dx_hat/ds = its end of the grid, so the gradient pulls hi down where rounding error
+    dominates and up where clipping does. s = (hi - lo) / (2**b - 1) and z = round(-lo / s)
+    carry the gradient to lo and hi. FLOAT: x untouched, no gradient to the range."""
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    levels = pow2(bits) - 1.0
+    s = (hi - lo) / levels
+    s = jnp.where(s > 0, s, 1.0)
+    z = round_ste(-lo / s)
+    x_hat = (jnp.clip(round_ste(x / s) + z, 0.0, levels) - z) * s
+    return jnp.where(jnp.asarray(bits) >= FLOAT, x, x_hat)

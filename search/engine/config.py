@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from search.engine.schedule import check_schedule
 from search.errors import UserError
 
 
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules of the fine-tuning
+ACT_RANGES = ("calibrated", "learned")  # how activation quantization ranges are set
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,16 @@ class FinetuneConfig:
     # training examples adaptive BN estimates the statistics from: resnet20/digits lost 0.8 points of
     # test accuracy with 512 (sampling noise in the variances), none with all 1257
     bn_examples: int = 2048
+    # when the masks are computed (search.engine.schedule): "one-shot" from the pretrained
+    # weights before fine-tuning, or "gradual": from dense to the plan's ratio on Zhu & Gupta's
+    # cubic schedule, masks recomputed from the current weights `gradual_updates` times
+    # (None: up to 8) by step gradual_end * steps
+    pruning: str = "one-shot"
+    # activation ranges: "calibrated" on calib_examples (re-estimated halfway), or "learned":
+    # calibrated, then trained with the weights (LSQ, Esser et al. 2020; quant.fake_quant_act_learned)
+    act_ranges: str = "calibrated"
+    gradual_end: float = 0.5
+    gradual_updates: int | None = None
 
     def check(self) -> None:
         """Raise UserError naming the first field that is out of range."""
@@ -46,6 +58,8 @@ class FinetuneConfig:
             ("eval_batch", self.eval_batch >= 1, ">= 1"),
             ("bn_examples", self.bn_examples >= 2, ">= 2"),
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("act_ranges", self.act_ranges in ACT_RANGES, f"one of {', '.join(ACT_RANGES)} (--act-ranges)"),
         ):
             if not ok:
                 raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")
+        check_schedule(self)

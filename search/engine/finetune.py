@@ -1,9 +1,10 @@
 """Fine-tune and evaluate K compression plans at once, with one compile per (task, K).
 
-Four jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
+Five jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
 adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step of K plans,
 driven from Python: on this CPU a `lax.scan` of conv backward passes was 10-20x slower),
-`refresh` (halfway through fine-tuning, ranges and BN statistics estimated again) and `evaluate` (the metric
+`refresh` (halfway through fine-tuning, ranges and BN statistics estimated again), `remask`
+(gradual pruning's mask updates, search.engine.schedule) and `evaluate` (the metric
 of K plans on one chunk of a split, with their effective params and a finiteness flag, so
 nothing else compiles; rungs, search.engine.rungs, reuse it part-way through fine-tuning).
 Plans are arrays passed in, so new plans never recompile. With
@@ -13,6 +14,7 @@ axis between steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -32,6 +34,7 @@ from search.compression import masks as masks_lib
 from search.errors import UserError
 from search.engine.config import FinetuneConfig
 from search.engine.k_file import read_k_file, write_k_file
+from search.engine.schedule import mask_updates
 from search.engine.rungs import GroupRun, RungCallback, run_in_rungs
 from search.engine.steps import (batch_table, distill_loss, masked, node, once_per_trial_options,
                                  over_plans, set_node)
@@ -80,6 +83,10 @@ def forget_measured_k() -> None:
 _FN_CACHE: dict[tuple, tuple] = {}
 _FN_CACHE_SIZE = 16
 
+# learned activation ranges train log-scale offsets at this many times the weights' learning
+# rate: with Adam's unit-size steps, 5e-4 a step moved a range of 10 by at most 0.1 in 200 steps
+LEARNED_RANGE_RATE = 10.0
+
 
 class Engine:
     """Compress and fine-tune plans for one task; see the module docstring."""
@@ -112,6 +119,8 @@ class Engine:
                                if config.schedule == "cosine" else config.learning_rate)
         self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
         self._refresh: dict[int, Any] = {}  # jitted refresh of BN statistics and ranges, per K
+        self._remask: dict[int, Any] = {}  # jitted mask update of gradual pruning, per K
+        self._updates = mask_updates(config)  # {step: share of the ratio}: gradual pruning's mask updates
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
         self.k = config.k if config.k is not None else self._choose_k()
 
@@ -123,23 +132,25 @@ class Engine:
         # the other collections (BatchNorm statistics) are constants of the compiled functions
         state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
         return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
-                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, k)
+                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges, k)
 
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
             return self._fns[k]
         key = self._cache_key(k)
         if key in _FN_CACHE:
-            self._fns[k], self._refresh[k] = _FN_CACHE[key]
+            self._fns[k], self._refresh[k], self._remask[k] = _FN_CACHE[key]
             return self._fns[k]
         model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
 
-        def prepare_one(plan, base, calib, bn_x):
-            masks = masks_lib.compute_masks(base, layers, plan)
+        def prepare_one(plan, base, calib, bn_x, share):
+            # `share` of the plan's ratio pruned now: 1, or 0 where gradual pruning starts dense
+            # (codebook layers are always pruned at once: their kernels become centroids here)
+            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
+            masks = masks_lib.compute_masks(base, layers, _scaled(plan, use, share))
             # one k-means loop for every layer, skipped (K = 1) when no layer uses a codebook
             ws = [node(base, l)["kernel"] for l in layers]
             ms = [masks[l.name] for l in layers]
-            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
             c_all, a_all = jax.lax.cond(
                 jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
                 lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
@@ -158,13 +169,17 @@ class Engine:
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
             trainable = {"params": params}
+            if learned:  # log-scale offsets of the calibrated ranges, trained with the weights
+                trainable["act"] = {"lo": jnp.zeros(L), "hi": jnp.zeros(L)}
             frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi), "bn": bn}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
+        learned = cfg.act_ranges == "learned"
+
         def forward(trainable, frozen, plan, x):
             eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
-            q = frozen["q"]
-            return compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x, frozen["bn"])
+            lo, hi = act_ranges(trainable, frozen["q"])
+            return compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"], learned)
 
         def loss_one(trainable, frozen, plan, x, y, teacher):
             out = forward(trainable, frozen, plan, x)
@@ -197,32 +212,47 @@ class Engine:
             # also the effective params and whether every trained value is finite, so that
             # return_models and the NaN check need no compiles of their own
             eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
-            q = frozen["q"]
-            out = compress.quantized_apply(model, layers, eff, q.act_lo, q.act_hi, plan.act_bits, x, frozen["bn"])
+            lo, hi = act_ranges(trainable, frozen["q"])
+            out = compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"])
             ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
-            return task.metric(out, y), eff, ok
+            return task.metric(out, y), (eff, lo, hi), ok
 
         def refresh_one(trainable, frozen, plan, calib, bn_x):
             # what prepare fixed from the freshly compressed weights, estimated again on the
             # weights now: BatchNorm statistics (adaptive BN) and activation ranges
             eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else frozen["bn"]
-            lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
             q = frozen["q"]
+            # learned ranges are offsets of the calibrated ones: recalibrating would move them
+            lo, hi = (q.act_lo, q.act_hi) if learned else compress.calibrate_ranges(model, layers, eff, calib, bn)
             return {**frozen, "bn": bn, "q": compress.QuantState(q.assign, q.w_scale, lo, hi)}
 
+        def remask_one(trainable, frozen, plan, share):
+            # gradual pruning (search.engine.schedule): masks and weight scales from the weights
+            # now, at `share` of the plan's ratio; codebook layers keep theirs
+            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)
+            new = masks_lib.compute_masks(trainable["params"], layers, _scaled(plan, use, share))
+            ms = {l.name: jnp.where(use[l.index], frozen["masks"][l.name], new[l.name]) for l in layers}
+            params = masked(trainable["params"], ms, layers)
+            ws = compress.weight_scales([node(params, l)["kernel"] for l in layers], plan.weight_bits)
+            q = frozen["q"]
+            q = compress.QuantState(q.assign, dict(zip((l.name for l in layers), ws)), q.act_lo, q.act_hi)
+            return {**trainable, "params": params}, {**frozen, "masks": ms, "q": q}
+
         once = once_per_trial_options()
+        self._remask[k] = jax.jit(over_plans(remask_one, k, (0, 0, 0, None), single_in=(0, 1), single_out=True),
+                                  compiler_options=once)
         self._refresh[k] = jax.jit(over_plans(refresh_one, k, (0, 0, 0, None, None), single_in=(0, 1), single_out=True),
                                    compiler_options=once)
         fns = (
-            jax.jit(over_plans(prepare_one, k, (0, None, None, None), single_out=True), compiler_options=once),
+            jax.jit(over_plans(prepare_one, k, (0, None, None, None, None), single_out=True), compiler_options=once),
             jax.jit(step, donate_argnums=(0,)),
             jax.jit(over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
         )
         self._fns[k] = fns
         if len(_FN_CACHE) >= _FN_CACHE_SIZE:
             _FN_CACHE.pop(next(iter(_FN_CACHE)))
-        _FN_CACHE[key] = (fns, self._refresh[k])
+        _FN_CACHE[key] = (fns, self._refresh[k], self._remask[k])
         return fns
 
     # ---- public API ----------------------------------------------------------------------
@@ -247,7 +277,7 @@ class Engine:
         metrics, finite, models, tests = [], [], [], []
         p = plans.batch_shape[0]
         for start in range(0, p, self.k):
-            g = self._start(self._slice(plans, start))
+            g = self._start(self._slice(plans, start), finetune)
             if finetune:
                 self._train(g, self.config.steps)
             m, f, trained = self._evaluate(g, split)
@@ -302,10 +332,12 @@ class Engine:
         idx = np.minimum(np.arange(start, start + self.k), plans.batch_shape[0] - 1)
         return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], plans))
 
-    def _start(self, group: Plan) -> GroupRun:
-        """Compress a group of K plans: masks, codebooks, ranges, BN statistics, optimizer state."""
+    def _start(self, group: Plan, finetune: bool = True) -> GroupRun:
+        """Compress a group of K plans: masks, codebooks, ranges, BN statistics, optimizer state
+        (dense masks where gradual pruning will fine-tune them to the plan's ratio)."""
         prepare = self._functions(self.k)[0]
-        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib, self._bn_x)
+        share = jax.device_put(np.float32(0.0 if finetune and self._updates else 1.0))
+        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib, self._bn_x, share)
         return GroupRun(group, (trainable, opt_state, finite), jax.device_put(np.int32(0)), frozen)
 
     def _train(self, g: GroupRun, to: int) -> None:
@@ -316,15 +348,21 @@ class Engine:
         # clipped the fine-tuned activations (resnet20/digits, every group 50% pruned at
         # 8-bit activations: 0.36 accuracy after 150 steps without, 0.94 with; an estimate
         # after the last step instead cost 3 points: the weights were trained on the old ones)
+        # (with gradual pruning: once the last mask update has been made, if that is later)
         mid = self.config.steps // 2 if self.config.steps >= 2 else -1
+        mid = max([mid, *self._updates])
         for i in range(g.step, to):
+            if i in self._updates:
+                trainable, frozen = self._remask[self.k](g.state[0], g.frozen, g.plans,
+                                                         jax.device_put(np.float32(self._updates[i])))
+                g.state, g.frozen = (trainable, *g.state[1:]), frozen
             if i == mid:
                 g.frozen = self._refresh[self.k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
             g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y, self._table)
         g.step = max(g.step, to)
 
     def _evaluate(self, g: GroupRun, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
-        """(metric [K], finite [K], effective params) of a group's plans on a split, as they are now."""
+        """(metric [K], finite [K], (effective params, act lo, act hi)) of a group's plans on a split, as they are now."""
         evaluate = self._functions(self.k)[2]
         trainable, _, finite = g.state
         x, y = self._split(split)
@@ -352,7 +390,7 @@ class Engine:
         out = []
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
             eff, fr = jax.tree.map(lambda a: a[i], (effective, frozen))
-            lo, hi = fr["q"].act_lo, fr["q"].act_hi
+            eff, lo, hi = eff
             out.append(CompressedModel(
                 params=eff, masks=fr["masks"],
                 act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
@@ -381,7 +419,7 @@ class Engine:
             prepare = self._fns[k][0]
             group = stack_plans([dense_plan(len(self.layers))] * k)
             group = jax.tree.map(jnp.asarray, group)
-            tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x)
+            tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0))
             state, t = (tr, os_, fin), jnp.int32(0)
             state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
             jax.block_until_ready(state)
@@ -398,6 +436,20 @@ class Engine:
         disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
         write_k_file(self._k_file, disk)
         return best
+
+
+def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.Array]:
+    """([L] lo, [L] hi) each layer's input is quantized on: the calibrated range, times
+    exp(LEARNED_RANGE_RATE * offset) where FinetuneConfig.act_ranges == "learned"."""
+    if "act" not in trainable:
+        return q.act_lo, q.act_hi
+    a = trainable["act"]
+    return (q.act_lo * jnp.exp(LEARNED_RANGE_RATE * a["lo"]), q.act_hi * jnp.exp(LEARNED_RANGE_RATE * a["hi"]))
+
+
+def _scaled(plan: Plan, use: jax.Array, share: jax.Array) -> Plan:
+    """The plan with `share` of its ratio, except the layers where `use` is set."""
+    return dataclasses.replace(plan, ratio=jnp.where(use, plan.ratio, plan.ratio * share))
 
 
 def _reasons(finite: np.ndarray) -> list[str | None]:

@@ -9,24 +9,14 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-import models
 from models.metrics import accuracy
-from models.task import TrainConfig
-from models.train import evaluate, fit
+from models.train import evaluate
 from search.engine.compiles import count_compiles
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.compression.masks import pruned_counts
 from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, NM, UNIFORM, UNSTRUCTURED, dense_plan, make_plan
-
-
-@pytest.fixture(scope="module")
-def lenet300():
-    task = models.get_task("lenet300", "digits")
-    task = dataclasses.replace(task, train=TrainConfig(steps=300, batch_size=64, learning_rate=2e-3))
-    variables, _ = fit(task)
-    return task, variables["params"]
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,30 @@ def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
     assert cli.main(["measure", str(tmp_path / "e"), "--runs", "3", "--warmup", "1"]) == 0
 
 
+def test_export_of_gradual_pruning_with_learned_ranges(tmp_path):
+    """Masks made while fine-tuning and ranges trained with the weights are what is packed and
+    what the ONNX model runs: the export reloads to its quality and agrees with Flax."""
+    import models
+    from models.train import train_baseline
+    from search.compression.masks import pruned_counts
+    from search.compression.plan import CHANNEL, UNSTRUCTURED, make_plan
+    from search.engine.config import FinetuneConfig
+    from search.engine.finetune import Engine
+    from search.export.exporter import export_plan
+
+    task = models.get_task("lenet300", "digits")
+    params, _ = train_baseline(task, cache_dir=Path(results_dir(tmp_path) / "cache"))
+    plan = make_plan([0.8, 0.5, 0.0], [UNSTRUCTURED, CHANNEL, UNSTRUCTURED], 8, 5)
+    eng = Engine(task, params, FinetuneConfig(steps=20, k=1, pruning="gradual", act_ranges="learned"))
+    r = export_plan(task, params, plan, tmp_path / "e", engine=eng)
+    assert r.quality == r.reload_quality and r.onnx_agreement >= 0.99
+    layers = {l["name"]: l for l in r.config["layers"]}
+    assert layers["fc2"]["onnx_out_channels"] == 50
+    cm = eng.run(plan, return_models=True).models[0]
+    np.testing.assert_array_equal([int((cm.masks[l.name] == 0).sum()) for l in eng.layers],
+                                  pruned_counts(eng.layers, cm.plan))
+
+
 def test_export_refuses_a_non_empty_directory(tmp_path):
     from search.export.exporter import prepare_dir
 
