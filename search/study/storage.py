@@ -352,9 +352,9 @@ def record_heartbeat(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Non
         study._storage.record_heartbeat(t._trial_id)
 
 
-def trial_states(storage: BaseStorage, study: optuna.study.StudySummary | optuna.study.FrozenStudy) -> list:
-    """The TrialState of every trial of a study listed by storage.get_all_studies()."""
-    return [t.state for t in storage.get_all_trials(study._study_id, deepcopy=False)]
+def study_trials(storage: BaseStorage, study: optuna.study.StudySummary | optuna.study.FrozenStudy) -> list:
+    """Every trial (FrozenTrial, not copied) of a study listed by storage.get_all_studies()."""
+    return storage.get_all_trials(study._study_id, deepcopy=False)
 
 
 @contextlib.contextmanager

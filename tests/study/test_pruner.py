@@ -198,6 +198,11 @@ def test_a_stopped_trial_is_pruned_with_its_last_quality_and_never_on_the_front(
         assert t.user_attrs["stopped_at"] == max(map(int, rungs)) and t.user_attrs["quality"] == rungs[str(t.user_attrs["stopped_at"])]
     assert all(set(t.user_attrs["rungs"]) == {"1", "3"} and t.values[0] == t.user_attrs["quality"] for t in done)
     assert front <= {t.number for t in done}
+    from search.report.studies import list_studies
+    from search.study.storage import open_storage
+
+    row, = list_studies(open_storage(url, str(tmp_path)))  # `hwcompress studies` tells them apart
+    assert (row["stopped"], row["infeasible"], row["complete"]) == (len(stopped), 0, len(done))
 
 
 def test_the_pruner_and_rungs_are_recorded_and_survive_a_resume(base, engine, tmp_path):
