@@ -225,7 +225,7 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
     other variable collections (e.g. {"batch_stats": ...}), stored as float32 so that
     `load_variables` gives back everything `module.apply` needs.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     flat = _flatten(params)
     tensors: dict[str, np.ndarray] = {}
@@ -248,8 +248,9 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
             "params": {k: list(v.shape) for k, v in flat.items()},
             "state": {k: list(v.shape) for k, v in flat_state.items()},
             "extra": dict(extra or {}), "sha256": _digest(tensors)}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-              metadata={"hwcompress": json.dumps(meta)})
+    # the bytes written as any file is (safetensors' save_file leaves it readable by its owner only)
+    Path(path).write_bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                metadata={"hwcompress": json.dumps(meta)}))
     return infos
 
 

@@ -130,6 +130,9 @@ def test_file_roundtrip_and_errors(tmp_path):
         for leaf in ("kernel", "bias"):
             np.testing.assert_array_equal(back[k][leaf], p[k][leaf])
     assert meta["extra"]["act"]["fc1"] == [0, 1]
+    # as readable as any file written here (the umask's), not the owner only
+    (tmp_path / "plain").write_text("x")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     # wrong shapes
     bad = {**p, "fc2": {"kernel": np.zeros((8, 4)), "bias": np.zeros(4)}}
     with pytest.raises(UserError, match="shape"):
