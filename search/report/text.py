@@ -124,7 +124,8 @@ def markdown(view: StudyView) -> str:
 
 
 def front_table(view: StudyView) -> Any:
-    """The front as a rich Table for the terminal."""
+    """The front as a rich Table for the terminal: the rows of report.md (the dense baseline
+    first, as the reference), without the export commands."""
     from rich.table import Table
 
     c = counts(view)
@@ -135,9 +136,8 @@ def front_table(view: StudyView) -> Any:
     for h, j in zip(("trial", f"val {metric}", f"test {metric}", "latency ms", "memory KB", "size KB", "x fp32",
                      "layers"), "rrrrrrrl"):
         table.add_column(h, justify={"r": "right", "l": "left"}[j], overflow="fold")
-    for _, r in view.front.iterrows():
-        table.add_row(str(r["trial"]), fmt(r["quality"]), fmt(r["test_quality"]), fmt(r["latency_ms"]), fmt(r["memory_kb"]),
-                      fmt(r["size_kb"]), fmt(r["compression_ratio"], 3), r["summary"])
+    for i, (*cells, _command) in enumerate(table_rows(view)):  # the dense baseline first, as in report.md
+        table.add_row(*cells, end_section=i == 0 and bool(view.dense))
     return table
 
 

@@ -244,6 +244,8 @@ def test_test_quality_is_shown_beside_validation_and_never_ranks(storage_url, tm
     Console(width=200).print(front_table(view))
     out = capsys.readouterr().out
     assert "test accuracy" in out and "0.7925" in out
+    dense = [line for line in out.splitlines() if "dense" in line]  # the reference row, as in report.md
+    assert len(dense) == 1 and "0.965" in dense[0] and out.index("dense") < out.index("0.7925")
     # the same trials with test qualities that rank them the other way round: nothing moves
     url = f"sqlite:///{tmp_path}/flip.db"
     flip = optuna.create_study(study_name="flip", storage=url, directions=["maximize", "minimize", "minimize"])
