@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from models.task import Task
+from models.train import augment
 from search.compression import codebook
 from search.compression import compress
 from search.compression import masks as masks_lib
@@ -114,6 +115,7 @@ class Engine:
         self._calib = jax.device_put(np.asarray(data.x_train[: min(config.calib_examples, len(data.x_train))], np.float32))
         self._bn_x = jax.device_put(np.asarray(data.x_train[: min(config.bn_examples, len(data.x_train))], np.float32))
         self._table = jax.device_put(batch_table(len(data.x_train), config.batch_size, config.steps, config.seed))
+        self._aug_key = jax.random.PRNGKey(config.seed)  # an array: a new seed does not recompile
         self._eval_batch = min(config.eval_batch, len(data.x_val))
         self._opt = optax.adam(optax.cosine_decay_schedule(config.learning_rate, max(config.steps, 1))
                                if config.schedule == "cosine" else config.learning_rate)
@@ -132,7 +134,8 @@ class Engine:
         # the other collections (BatchNorm statistics) are constants of the compiled functions
         state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
         return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
-                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges, k)
+                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges,
+                (self.task.train.crop, self.task.train.flip) if c.augment else None, k)
 
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
@@ -201,9 +204,13 @@ class Engine:
         step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
                              single_out=True)
 
-        def step(state, t, frozen, plans, base, xs, ys, table):
+        crop, flip = (task.train.crop, task.train.flip) if cfg.augment else (0, False)
+
+        def step(state, t, frozen, plans, base, xs, ys, table, aug_key):
             idx = table[t]
             x, y = xs[idx], ys[idx]
+            if crop or flip:  # the task's own training augmentation, drawn anew every step
+                x = augment(x, jax.random.fold_in(aug_key, t), crop, flip)
             teacher = model.apply(base, x) if cfg.distill else None
             trainable, opt_state, finite = state
             return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher), t + 1
@@ -358,7 +365,8 @@ class Engine:
                 g.state, g.frozen = (trainable, *g.state[1:]), frozen
             if i == mid:
                 g.frozen = self._refresh[self.k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
-            g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y, self._table)
+            g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y, self._table,
+                                self._aug_key)
         g.step = max(g.step, to)
 
     def _evaluate(self, g: GroupRun, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -421,13 +429,14 @@ class Engine:
             group = jax.tree.map(jnp.asarray, group)
             tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0))
             state, t = (tr, os_, fin), jnp.int32(0)
-            state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+            state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table, self._aug_key)
             jax.block_until_ready(state)
             best = np.inf
             for _ in range(3):  # best of 3: other processes may share the CPU
                 t0 = time.perf_counter()
                 for _ in range(5):  # t may run past the table: indices are clamped, fine for timing
-                    state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table)
+                    state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table,
+                                    self._aug_key)
                 jax.block_until_ready(state)
                 best = min(best, (time.perf_counter() - t0) / (5 * k))
             self.k_timings[k] = best

@@ -150,3 +150,22 @@ def test_learned_ranges_are_trained_and_kept_in_the_model(lenet300):
     with count_compiles() as c:
         eng.run([make_plan([0.3, 0.1, 0.0], CHANNEL, 8, 5)], return_models=True)
     assert c.count == 0, c.durations
+
+
+# ---- the task's augmentation while fine-tuning -----------------------------------------
+
+def test_fine_tuning_uses_the_tasks_augmentation_without_recompiling_per_seed(lenet300):
+    from models.task import TrainConfig
+
+    task, params = lenet300
+    shifted = dataclasses.replace(task, train=TrainConfig(steps=1, crop=1, flip=True))
+    plan = [make_plan([0.5, 0.5, 0.0], UNSTRUCTURED, 8, 8)]
+    cfg = FinetuneConfig(steps=10, batch_size=64, k=1)
+    kernels = {}
+    for name, t, c in (("plain", task, cfg), ("aug", shifted, cfg), ("off", shifted, dataclasses.replace(cfg, augment=False))):
+        kernels[name] = Engine(t, params, c).run(plan, return_models=True).models[0].params["fc1"]["kernel"]
+    np.testing.assert_array_equal(kernels["off"], kernels["plain"])  # augment=False: the batches as drawn
+    assert not np.array_equal(kernels["aug"], kernels["plain"])  # shifted and flipped batches
+    with count_compiles() as c:  # the augmentation's key is an array: another seed, no compile
+        Engine(shifted, params, dataclasses.replace(cfg, seed=3)).run(plan)
+    assert c.count == 0, c.durations
