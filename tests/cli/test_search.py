@@ -34,6 +34,23 @@ def test_k_flag_sets_plans_per_step_and_a_study_resumes_with_another(tmp_path):
     assert st.user_attrs["spec"]["finetune"]["k"] is None
 
 
+def test_pruning_and_act_ranges_flags_reach_the_study_a_resume_and_the_export(tmp_path):
+    from search import cli
+
+    results = results_dir(tmp_path)
+    flags = ("--pruning", "gradual", "--act-ranges", "learned", "--finetune-steps", "4")
+    assert start_search(results, "g", 1, *flags) == 0
+    assert start_search(results, "g", 2, *flags) == 0  # the same flags resume it
+    st = _study(results, "g")
+    ft = st.user_attrs["spec"]["finetune"]
+    assert (ft["pruning"], ft["act_ranges"], len(st.trials)) == ("gradual", "learned", 2)
+    out = tmp_path / "e"
+    assert cli.main(["export", "--study", "g", "--trial", "1", "--results-dir", str(results), "--out", str(out),
+                     "--finetune-steps", "4"]) == 0
+    ft = json.loads((out / "config.json").read_text())["finetune"]
+    assert (ft["pruning"], ft["act_ranges"], ft["steps"]) == ("gradual", "learned", 4)
+
+
 def test_search_on_the_users_own_weights(tmp_path):
     """The cached baseline's file passed as --weights: same layers, the study records the file's
     hash and evaluates those weights; a changed file is refused on resume, nothing added."""
