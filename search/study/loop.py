@@ -291,7 +291,8 @@ class Claim:
 
 def claim_trials(study: optuna.Study, lock_storage: optuna.storages.BaseStorage, claimant: Claimant,
                  n_trials: int, batch: int) -> Claim:
-    """Under the study lock: fail dead processes' trials, count, and ask at most what is left.
+    """Under the study lock: fail dead processes' trials (stale heartbeats, no heartbeat at all, or
+    a claimant on this host that no longer exists), count, and ask at most what is left.
 
     Counting RUNNING trials as taken is what keeps N processes from overshooting n_trials; a
     dead process's RUNNING trial is failed here (heartbeat) and its re-queued copy is what the
@@ -303,6 +304,7 @@ def claim_trials(study: optuna.Study, lock_storage: optuna.storages.BaseStorage,
         if beats:
             storage.fail_stale_trials(study)
             storage.fail_beatless_trials(study)  # its claimant died inside this lock
+            storage.fail_dead_local_trials(study)  # its claimant was a process of this host that is gone
         stored = study.get_trials(deepcopy=False)
         done = finished_count(stored)
         running = sum(1 for t in stored if t.state == TrialState.RUNNING)

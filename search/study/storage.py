@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import os
 import sqlite3
 import tempfile
@@ -305,6 +306,41 @@ def fail_beatless_trials(study: optuna.Study) -> int:
                    .filter(models.TrialModel.study_id == study._study_id)
                    .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING).all())
         ids = [t.trial_id for t in running if not t.heartbeats]
+    return _fail_and_requeue(study, ids)
+
+
+def fail_dead_local_trials(study: optuna.Study) -> int:
+    """Fail, and re-queue, the RUNNING trials claimed by a process of this host that is gone;
+    returns how many. Call it holding the study lock.
+
+    Every claim stores its claimant as "host:pid" (search.study.loop.worker_id). A search killed
+    with SIGKILL leaves its trials RUNNING with fresh heartbeats, so the same command run again
+    at once waited up to the grace period (120 s) before Optuna failed them as stale; a pid that
+    no longer exists on this host is known dead now. Another host's trials, and a pid that
+    exists (perhaps reused), are left to the heartbeat.
+    """
+    host = socket.gethostname()
+    ids = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            ids.append(t._trial_id)
+    return _fail_and_requeue(study, ids)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fail_and_requeue(study: optuna.Study, ids: list[int]) -> int:
+    """Fail RUNNING trials by id and re-queue them with the storage's retry callback (as Optuna
+    does for stale ones); returns how many were failed here (not told meanwhile)."""
     failed = []
     for trial_id in ids:
         try:

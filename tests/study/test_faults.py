@@ -141,6 +141,32 @@ def test_a_trial_whose_claimant_died_inside_the_lock_is_failed_and_requeued(tmp_
     assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING], states
 
 
+def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(tmp_path):
+    """A search killed with SIGKILL leaves RUNNING trials with fresh heartbeats: the same command
+    run again waited out the 120 s grace period before they went stale. A claimant pid that is
+    gone from this host is dead now; a live one, and another host's, keep their trials."""
+    import socket
+    import subprocess
+
+    import optuna
+
+    storage = S.open_storage(None, tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped: its pid names no process
+    host = socket.gethostname()
+    owners = [f"{host}:{gone.pid}", f"{host}:{os.getpid()}", f"elsewhere:{gone.pid}"]
+    trials = [study.ask() for _ in owners]
+    for t, owner in zip(trials, owners):
+        t.set_user_attr("worker", owner)
+    S.record_heartbeat(study, trials)  # fresh beats: nothing is stale
+    with S.study_lock(storage, "s"):
+        S.fail_stale_trials(study)
+        assert S.fail_dead_local_trials(study) == 1
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING], states
+
+
 def test_a_trial_failed_as_stale_while_still_training_does_not_end_the_worker(tmp_path):
     """On an overloaded machine another process may fail a live trial as stale and re-queue it;
     telling it afterwards raised UpdateFinishedTrialError and ended the worker (bench_lock at a
