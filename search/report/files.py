@@ -8,6 +8,7 @@ import optuna
 
 from search.errors import UserError
 from search.report import html as report_html
+from search.report.atomic import write_atomically
 from search.report import plots as report_plots
 from search.report.text import csv_frame, markdown
 from search.report.view import StudyView, read_study
@@ -52,8 +53,11 @@ def write_view(view: StudyView, out_dir: str | Path) -> ReportPaths:
     except OSError as e:
         raise UserError(f"cannot create report directory {str(out)!r} ({e.strerror}); pass a writable --results-dir") from None
     csv, md, html = out / "pareto.csv", out / "report.md", out / "report.html"
-    csv_frame(view).to_csv(csv, index=False)
-    md.write_text(markdown(view))
-    html.write_text(report_html.render(view), encoding="utf-8")
+    # each file whole or not at all: another process may write the same report at the same time
+    write_atomically(csv, lambda p: csv_frame(view).to_csv(p, index=False))
+    text = markdown(view)
+    write_atomically(md, lambda p: p.write_text(text))
+    page = report_html.render(view)
+    write_atomically(html, lambda p: p.write_text(page, encoding="utf-8"))
     pngs = report_plots.write_all(view, out)
     return ReportPaths(out, html, md, csv, tuple(pngs))

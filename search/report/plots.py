@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from search.report.atomic import write_atomically  # noqa: E402
 from search.report.text import fmt  # noqa: E402
 from search.report.view import StudyView, heat_data, scatter_axes, sensitivity_frame  # noqa: E402
 
@@ -130,6 +131,6 @@ def write_all(view: StudyView, out_dir: Path) -> list[Path]:
 
 def _save(fig: plt.Figure, path: Path, metadata: dict[str, str] | None = None) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata=metadata)
+    write_atomically(path, lambda p: fig.savefig(p, dpi=110, metadata=metadata, format="png"))
     plt.close(fig)
     return Path(path)

@@ -1,5 +1,6 @@
 """Reports from a real Optuna study in a temporary SQLite storage, filled with hand-made
 trials whose Pareto fronts are known, on the study's profile and re-priced for another."""
+import dataclasses
 import json
 
 import optuna
@@ -137,6 +138,26 @@ def test_html_is_self_contained(written):
     assert "<script src=" not in html.replace(" ", "") and 'src="http' not in html and "cdn.plot.ly/plotly" not in html
     assert html.count("Plotly.newPlot") >= 4  # pareto, heat map, hypervolume, sensitivity
     assert "fc1 p.10u w5 a8" in html
+
+
+def test_a_report_file_is_replaced_whole_never_rewritten_in_place(storage_url, tmp_path):
+    """A reader that opened report.html (or the CSV, a plot) before a rewrite reads that whole
+    version: each file is written beside it and renamed over it, so two processes writing the
+    same report at once never interleave in one file."""
+    view = read_study(_study(storage_url))
+    paths = write_view(view, tmp_path / "r")
+    files = [paths.html, paths.markdown, paths.csv, *paths.pngs]
+    before = {f: f.read_bytes() for f in files}
+    handles = {f: open(f, "rb") for f in files}
+    try:
+        write_view(dataclasses.replace(view, name="renamed"), tmp_path / "r")
+        for f in files:
+            assert handles[f].read() == before[f], f.name  # the old version, whole
+    finally:
+        for h in handles.values():
+            h.close()
+    assert "renamed" in paths.markdown.read_text()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")) == []  # no partial files left
 
 
 def test_errors_are_one_line(storage_url):
