@@ -39,12 +39,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="plans fine-tuned together in one vmapped step (default: the fastest measured on this "
                         "machine, remembered in <results-dir>/cache/engine_k.json)")
-    p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size")
+    p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size (default quality,latency,memory)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
-    p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed")
-    p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help="fine-tuning steps per trial")
+    p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed (default 0)")
+    p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help=f"fine-tuning steps per trial (default {DEFAULT_FINETUNE_STEPS})")
     p.add_argument("--finetune-batch-size", type=int, default=128,  # FinetuneConfig.batch_size
                    help="training examples per fine-tuning step (default 128)")
     p.add_argument("--pruner", default=None,

@@ -12,7 +12,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("studies", help="list the studies in a storage",
                               description="List every study in the storage: model, data set, profile, "
                               "objectives and how many trials are complete, infeasible (over the budget, never "
-                              "trained), stopped (fell behind at a rung of --pruner), failed or running.")
+                              "trained), stopped (fell behind at a rung of --pruner), failed, running or waiting "
+                              "(queued, not started).")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="where the default studies.db lives (default results)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -37,7 +38,7 @@ def studies_command(args: argparse.Namespace) -> int:
 
     table = Table(title="studies")
     cols = ("name", "model", "dataset", "profile", "objectives", "trials", "complete", "infeasible", "stopped",
-            "failed", "running")
+            "failed", "running", "waiting")
     for c in cols:
         table.add_column(c, justify="right" if c in cols[5:] else "left")
     for r in rows:

@@ -61,8 +61,9 @@ class FinetuneConfig:
             ("eval_batch", self.eval_batch >= 1, ">= 1"),
             ("bn_examples", self.bn_examples >= 2, ">= 2"),
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-            ("act_ranges", self.act_ranges in ACT_RANGES, f"one of {', '.join(ACT_RANGES)} (--act-ranges)"),
         ):
             if not ok:
                 raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")
+        if self.act_ranges not in ACT_RANGES:
+            raise UserError(f"act_ranges {self.act_ranges!r} is unknown: use one of {', '.join(ACT_RANGES)} (--act-ranges)")
         check_schedule(self)

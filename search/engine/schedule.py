@@ -61,13 +61,12 @@ def updates_count(config: Any) -> int:
 def check_schedule(config: Any) -> None:
     """Raise UserError when a pruning schedule is unknown or cannot reach the plan's ratio."""
     if config.pruning not in PRUNING:
-        raise UserError(f"finetune pruning={config.pruning!r} is unknown: use one of {', '.join(PRUNING)} "
-                        "(--pruning)")
+        raise UserError(f"pruning {config.pruning!r} is unknown: use one of {', '.join(PRUNING)} (--pruning)")
     if not 0.0 < config.gradual_end < 1.0:
-        raise UserError(f"finetune gradual_end={config.gradual_end!r} is out of range: the ramp must end "
-                        "within fine-tuning, in (0, 1) of its steps")
+        raise UserError(f"gradual_end {config.gradual_end!r} is out of range: the ramp must end within "
+                        "fine-tuning, at a share in (0, 1) of its steps")
     if config.gradual_updates is not None and config.gradual_updates < 1:
-        raise UserError(f"finetune gradual_updates={config.gradual_updates!r} is out of range: use >= 1 "
+        raise UserError(f"gradual_updates {config.gradual_updates!r} is out of range: use >= 1 "
                         "(or None for the default)")
     if config.pruning != "gradual" or config.steps == 0:
         return
@@ -77,7 +76,6 @@ def check_schedule(config: Any) -> None:
         need = next(s for s in itertools.count(2) if n <= ramp_end(s, config.gradual_end) < s)
         fewer = f", or fewer gradual_updates (1..{e})" if e >= 1 else ""
         raise UserError(
-            f"gradual pruning cannot reach the plan's ratio in {config.steps} fine-tune steps: {n} mask "
-            f"update(s) need a ramp of at least {n} steps ending before the last step, and gradual_end="
-            f"{config.gradual_end} ends it at step {e}: give --finetune-steps >= {need}{fewer}, "
-            "or --pruning one-shot")
+            f"--pruning gradual cannot reach the plans' ratios in {config.steps} fine-tune step(s): its "
+            f"{n} mask update(s) must fit in the first {config.gradual_end:g} of the steps, before the "
+            f"last one: give --finetune-steps >= {need}{fewer}, or --pruning one-shot")

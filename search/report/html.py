@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from search.report.text import baseline_line, fmt, quality_note, table_header, table_rows
+from search.report.text import baseline_line, finetune_line, fmt, quality_note, table_header, table_rows
 from search.report.view import StudyView, counts, heat_data, scatter_axes, sensitivity_frame
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -143,7 +143,8 @@ def render(view: StudyView) -> str:
 <p>model {html.escape(view.model)};
 profile <b>{html.escape(view.profile)}</b>{' (re-priced from stored costs, no retraining)' if view.repriced else ''};
 budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(view.objectives, view.directions)))}.</p>
-<p>{c['trials']} trials priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the Pareto front.</p>
+<p>{c['trials']} trials priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the Pareto front.
+{f'Fine-tuning: {html.escape(finetune_line(view.spec))}.' if view.spec is not None else ''}</p>
 {f'<p>Dense baseline: {html.escape(baseline_line(view))}.</p>' if view.baseline or view.dense else ''}
 <h2>Pareto front</h2>{_table(view)}
 <p class="note">{html.escape(quality_note(view))}

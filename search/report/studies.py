@@ -38,5 +38,6 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "stopped": stopped,
             "failed": states.count(TrialState.FAIL),
             "running": states.count(TrialState.RUNNING),
+            "waiting": states.count(TrialState.WAITING),
         })
     return out

@@ -86,6 +86,18 @@ def baseline_line(view: StudyView) -> str:
     return "; ".join(p for p in (head, f"{', '.join(costs)} on {view.profile}" if costs else "") if p)
 
 
+def finetune_line(spec: Any) -> str:
+    """How each candidate was fine-tuned, e.g. "150 steps of 128 examples, one-shot pruning,
+    calibrated activation ranges, pruner none"."""
+    f = spec.finetune
+    parts = [f"{f.steps} steps of {f.batch_size} examples", f"{f.pruning} pruning",
+             f"{f.act_ranges} activation ranges"]
+    if f.distill:
+        parts.append("distilled from the dense model")
+    parts.append(f"pruner {spec.pruner.kind if spec.pruner is not None else 'none'}")
+    return ", ".join(parts)
+
+
 def markdown(view: StudyView) -> str:
     """report.md: what was searched, the budget, the counts, and the front as a table."""
     c = counts(view)
@@ -95,6 +107,8 @@ def markdown(view: StudyView) -> str:
              f"- profile: {view.profile}" + (" (re-priced from stored costs, no retraining)" if view.repriced else ""),
              f"- budget: {budget}", "- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
+    if view.spec is not None:
+        lines.append(f"- fine-tuning: {finetune_line(view.spec)}")
     if view.baseline:
         lines.append(f"- quality: {quality_note(view)}")
     if view.baseline or view.dense:

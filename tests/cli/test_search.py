@@ -44,6 +44,8 @@ def test_pruning_and_act_ranges_flags_reach_the_study_a_resume_and_the_export(tm
     st = _study(results, "g")
     ft = st.user_attrs["spec"]["finetune"]
     assert (ft["pruning"], ft["act_ranges"], len(st.trials)) == ("gradual", "learned", 2)
+    for report in ("report.md", "report.html"):  # the report says how its candidates were fine-tuned
+        assert "gradual pruning, learned activation ranges" in (results / "g" / report).read_text(encoding="utf-8")
     out = tmp_path / "e"
     assert cli.main(["export", "--study", "g", "--trial", "1", "--results-dir", str(results), "--out", str(out),
                      "--finetune-steps", "4"]) == 0

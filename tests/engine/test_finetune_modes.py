@@ -100,12 +100,13 @@ def test_cubic_fraction():
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"pruning": "iterative"}, r"pruning='iterative' is unknown: use one of one-shot, gradual"),
-    ({"pruning": "gradual", "gradual_end": 1.0}, r"gradual_end=1.0 is out of range"),
-    ({"pruning": "gradual", "gradual_updates": 0}, r"gradual_updates=0 is out of range"),
-    ({"pruning": "gradual", "steps": 1}, r"cannot reach the plan's ratio in 1 fine-tune steps.*--finetune-steps >= 2, or --pruning one-shot"),
+    ({"pruning": "iterative"}, r"pruning 'iterative' is unknown: use one of one-shot, gradual \(--pruning\)"),
+    ({"act_ranges": "pact"}, r"act_ranges 'pact' is unknown: use one of calibrated, learned \(--act-ranges\)"),
+    ({"pruning": "gradual", "gradual_end": 1.0}, r"gradual_end 1.0 is out of range"),
+    ({"pruning": "gradual", "gradual_updates": 0}, r"gradual_updates 0 is out of range"),
+    ({"pruning": "gradual", "steps": 1}, r"in 1 fine-tune step\(s\).*give --finetune-steps >= 2, or --pruning one-shot$"),
     ({"pruning": "gradual", "steps": 10, "gradual_updates": 8},
-     r"8 mask update\(s\).*ends it at step 5: give --finetune-steps >= 15, or fewer gradual_updates \(1..5\)"),
+     r"its 8 mask update\(s\) must fit in the first 0.5 of the steps.*--finetune-steps >= 15, or fewer gradual_updates \(1..5\)"),
 ])
 def test_schedules_that_cannot_work_are_one_line_errors(changes, match):
     with pytest.raises(UserError, match=match) as e:
