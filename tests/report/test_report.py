@@ -183,6 +183,8 @@ def test_cli_report_and_studies(storage_url, tmp_path, capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"empty", "s1"}
     assert (rows["s1"]["trials"], rows["s1"]["complete"], rows["s1"]["infeasible"], rows["s1"]["failed"]) == (6, 4, 1, 1)
+    states = ("complete", "infeasible", "stopped", "failed", "running", "waiting")
+    assert sum(rows["s1"][k] for k in states) == rows["s1"]["trials"]  # the columns add up
     assert rows["s1"]["objectives"] == ["quality", "latency_ms", "memory_kb"] and rows["s1"]["profile"] == "xeon"
     assert rows["empty"]["profile"] is None and rows["empty"]["trials"] == 0
     assert main(["studies", "--storage", storage_url]) == 0
