@@ -54,12 +54,13 @@ def _search(model: str, dataset: str, trials: int, sampler: str, steps: int, obj
 
 
 def _complete(name: str, storage: str) -> int:
-    """Complete trials of study `name` in storage (0 when it does not exist)."""
+    """Finished trials (complete, stopped at a rung, over budget or failed) of study `name` in
+    storage: what --trials counts (0 when it does not exist)."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return 0
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
 
 
 def best_ratio_within(study: optuna.Study, points: float) -> dict:
