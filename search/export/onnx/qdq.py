@@ -4,11 +4,11 @@ onnxruntime fuses DequantizeLinear -> Conv/Gemm -> QuantizeLinear into QLinearCo
 but a QDQ layer whose output is not re-quantized runs as "dequantize the weights, then float",
 every call: many times slower than float. So, for every integer layer (Q/DQ input, DQ int8/uint8 kernel):
   * chained: when its output reaches the next int8 layer's QuantizeLinear through only the bias
-    add, Relu, MaxPool, Reshape, Transpose and Clip, the bias becomes an int32 DQ input of the
-    Conv/Gemm, and the next layer's Q/DQ is repeated right after the layer (after its Relu).
-    This is exact: quantization is monotone and maps 0 to 0, so it commutes with Relu and
-    max pooling, and re-quantizing on the same grid changes nothing; only the int32 bias is
-    rounded (by at most half of s_x * s_w).
+    add, Relu, MaxPool, Reshape, Transpose, Clip and Max / Min with constant bounds (ReLU6), the
+    bias becomes an int32 DQ input of the Conv/Gemm, and the next layer's Q/DQ is repeated right
+    after the layer (after its Relu). This is exact: quantization is monotone, so it commutes
+    with Relu, clipping and max pooling (Q(max(a, c)) = max(Q(a), Q(c))), and re-quantizing on
+    the same grid changes nothing; only the int32 bias is rounded (by at most half of s_x * s_w).
   * otherwise Dense runs as MatMulInteger and Conv as ConvInteger (uint8 input with its zero
     point, uint8 kernel with zero point 128, exact int32 accumulation; onnxruntime pads with
     the input zero point, i.e. with real zeros), then Cast and one float scale s_x * s_w per
@@ -26,6 +26,7 @@ from onnx import TensorProto
 from search.export.onnx.graph import GraphBuilder
 
 CHAIN_OPS = {"Relu", "MaxPool", "Reshape", "Transpose", "Clip", "Identity"}
+BOUND_OPS = {"Max", "Min"}  # with constant bounds only
 
 
 def merge_const_adds(model: onnx.ModelProto) -> None:
@@ -78,7 +79,9 @@ def _chain(node, prod, cons, g: GraphBuilder):
         u = users[0]
         if u.op_type == "QuantizeLinear":
             return bias, ops, u
-        if u.op_type not in CHAIN_OPS:
+        if u.op_type in BOUND_OPS and all(g.arr(i) is not None for i in u.input[1:]):
+            pass  # max(x, c) / min(x, c): ReLU6 as jnp.clip writes it
+        elif u.op_type not in CHAIN_OPS:
             return None
         ops.append(u)
         out = u.output[0]
