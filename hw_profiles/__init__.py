@@ -6,9 +6,9 @@ import functools
 import tomllib
 from pathlib import Path
 
-from hw_profiles.schema import FIELDS, PRECISIONS, Budget, HardwareProfile, ProfileError, build_profile
+from hw_profiles.schema import FIELDS, KERNELS, PRECISIONS, Budget, HardwareProfile, KernelModel, ProfileError, build_profile
 
-__all__ = ["Budget", "HardwareProfile", "ProfileError", "load_profile", "list_profiles", "profile_from_text", "dump_profile"]
+__all__ = ["KERNELS", "Budget", "HardwareProfile", "KernelModel", "ProfileError", "load_profile", "list_profiles", "profile_from_text", "dump_profile"]
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
@@ -69,8 +69,10 @@ def dump_profile(profile: HardwareProfile, comments: dict[str, str] | None = Non
     source note written after the value (every number should say where it comes from)."""
     comments = comments or {}
     p = profile
+    k = p.kernels
     values: dict[str, dict[str, object]] = {
-        "": {"name": p.name, "kind": p.kind, "description": p.description},
+        "": {"name": p.name, "kind": p.kind, "description": p.description,
+             "latency_model": "kernels" if k is not None else None},
         "compute": {k: p.peak_gops[b] for k, b in PRECISIONS.items() if b in p.peak_gops}
         | {f"efficiency_{k}": v for k, v in p.efficiency.items()},
         "memory": {"bandwidth_gbs": p.bandwidth_gbs, "bandwidth_efficiency": p.bandwidth_efficiency,
@@ -82,10 +84,14 @@ def dump_profile(profile: HardwareProfile, comments: dict[str, str] | None = Non
         "sparsity": {"unstructured_min_sparsity": p.unstructured_min_sparsity,
                      "unstructured_work_factor": p.unstructured_work_factor,
                      "nm_patterns": [list(x) for x in p.nm_patterns]},
+        "kernels": {} if k is None else {"runtime": k.runtime, "samples": k.samples, "inference_us": k.inference_us}
+        | {n: [float(x) for x in k.coef[n]] for n in KERNELS},
         "budget": {"latency_ms": p.budget.latency_ms, "memory_kb": p.budget.memory_kb, "size_kb": p.budget.size_kb},
     }
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for section in FIELDS:
+        if section and not values[section]:
+            continue
         if section:
             lines += ["", f"[{section}]"]
         for key, value in values[section].items():

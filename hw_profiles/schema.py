@@ -17,6 +17,18 @@ LAYER_KINDS = ("dense", "conv", "depthwise")
 FLOAT_POLICIES = ("native", "fallback", "disallow")
 PRECISIONS = {"fp32_gops": 32, "fp16_gops": 16, "int8_gops": 8, "int4_gops": 4}
 BIT_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+LATENCY_MODELS = ("roofline", "kernels")
+# kernel-level latency (search.cost.kernels): what the runtime runs for one layer, by layer kind and
+# form: f32 (float kernel), q8 (integer kernel chained to the next integer layer: QLinearConv /
+# QGemm), i8 (integer kernel with float output: ConvInteger / MatMulInteger + Cast + Mul); and
+# `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
+# `eltwise`, one unfused elementwise or pooling op on a layer's output (ReLU, MaxPool, Add, Transpose)
+KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in ("f32", "q8", "i8")) + ("emul", "eltwise")
+# what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
+# channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups).
+# Non-negative coefficients on 1, M, N, K, MN, MK, NK, MNK are a sum of fixed costs per call, per
+# position, per channel, ..., per MAC: saturating efficiencies in each dimension, never non-monotone.
+KERNEL_FEATURES = ("1", "M", "N", "K", "MN", "MK", "NK", "MNK")
 
 
 class ProfileError(ValueError):
@@ -35,6 +47,21 @@ class Budget:
     latency_ms: float | None = None  # predicted latency of one forward pass, milliseconds
     memory_kb: float | None = None  # packed weights + peak activations, KiB (1024 bytes)
     size_kb: float | None = None  # packed model size (weights, indices, scales, biases), KiB
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """Kernel-level latency predictors learned from measurements (`hwcompress profiles calibrate`).
+
+    Latency of one inference (microseconds) = inference_us + the sum over layers of
+    coef[kernel] . features, features = KERNEL_FEATURES of the layer as exported (search.cost.kernels).
+    Every coefficient is >= 0, so more channels, MACs or elements never predict a faster kernel.
+    """
+
+    inference_us: float  # per-inference cost: session run, input and output copies, microseconds
+    coef: Mapping[str, tuple[float, ...]]  # KERNELS name -> one coefficient per KERNEL_FEATURES (us per unit)
+    runtime: str  # what was measured: runtime, version, execution provider, threads, batch
+    samples: int = 0  # kernels timed to fit them
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,7 @@ class HardwareProfile:
     nm_patterns: tuple[tuple[int, int], ...]  # (N, M): keep N of every M weights, accelerated (e.g. (2, 4))
     budget: Budget  # default budget for searches on this device
     source: str = ""  # the file it was loaded from
+    kernels: KernelModel | None = None  # latency_model = "kernels": learned predictors replace the roofline's latency
 
 
 # ---------------------------------------------------------------- field checks
@@ -104,6 +132,16 @@ def _bits(v: Any) -> str | None:
     return None
 
 
+def _coefs(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return f"wrong type {type(v).__name__}"
+    if len(v) != len(KERNEL_FEATURES):
+        return f"{len(v)} values"
+    if any(not math.isfinite(x) or x < 0 for x in v):
+        return "out of range"
+    return None
+
+
 def _patterns(v: Any) -> str | None:
     ok = isinstance(v, list) and all(
         isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
@@ -123,6 +161,7 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "name": _Field("a non-empty string", _string()),
         "kind": _Field(f"one of {list(KINDS)}", _string(KINDS)),
         "description": _Field("a non-empty string", _string()),
+        "latency_model": _Field(f"one of {list(LATENCY_MODELS)}", _string(LATENCY_MODELS), required=False),
     },
     "compute": {
         "fp32_gops": _Field(f"{_POS} (peak fp32 GOPS)", _number(0), required=False),
@@ -154,6 +193,13 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "unstructured_min_sparsity": _Field("a number in [0, 1)", _number(0, 0.999999, lo_open=False), required=False),
         "unstructured_work_factor": _Field("a number >= 1", _number(1, lo_open=False), required=False),
         "nm_patterns": _Field("a list of [N, M] pairs with 0 < N < M", _patterns, required=False),
+    },
+    "kernels": {
+        "runtime": _Field("a non-empty string (what was measured)", _string(), required=False),
+        "samples": _Field("a number >= 0 (kernels timed)", _number(0, lo_open=False), required=False),
+        "inference_us": _Field("a number >= 0 (microseconds per inference)", _number(0, lo_open=False), required=False),
+        **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)})", _coefs, required=False)
+           for k in KERNELS},
     },
     "budget": {
         "latency_ms": _Field(f"{_POS} in ms (omit for unbounded)", _number(0), required=False),
@@ -230,6 +276,7 @@ def build_profile(data: dict, source: str) -> HardwareProfile:
     if b.get("memory_kb", 0) > m["capacity_kb"]:
         raise _error(source, "budget.memory_kb", b["memory_kb"], "out of range", f"at most memory.capacity_kb ({m['capacity_kb']})")
     budget = Budget(*(float(b[k]) if k in b else None for k in ("latency_ms", "memory_kb", "size_kb")))
+    kernels = _kernel_model(f["kernels"], f[""].get("latency_model", "roofline"), source)
     return HardwareProfile(
         name=f[""]["name"],
         kind=f[""]["kind"],
@@ -252,4 +299,20 @@ def build_profile(data: dict, source: str) -> HardwareProfile:
         nm_patterns=tuple(tuple(x) for x in s.get("nm_patterns", [])),
         budget=budget,
         source=source,
+        kernels=kernels,
     )
+
+
+def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | None:
+    """The [kernels] table as a KernelModel (latency_model = "kernels"), else None."""
+    if model != "kernels":
+        if k:
+            raise _error(source, "latency_model", model, "kernels given", "'kernels' when a [kernels] table is present (or drop the table)")
+        return None
+    for key in ("runtime", "inference_us", *KERNELS):
+        if key not in k:
+            raise _error(source, f"kernels.{key}", _MISSING, "missing",
+                         FIELDS["kernels"][key].expected + "; recalibrate with `hwcompress profiles calibrate`")
+    return KernelModel(inference_us=float(k["inference_us"]),
+                       coef=MappingProxyType({n: tuple(float(x) for x in k[n]) for n in KERNELS}),
+                       runtime=k["runtime"], samples=int(k.get("samples", 0)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,22 @@ def register(subparsers: Any) -> None:
     show.add_argument("--json", action="store_true", help="the parsed profile as JSON")
     show.set_defaults(func=show_command)
     cal = sub.add_parser("calibrate", help="measure this machine in onnxruntime and write a profile",
-                         description="Micro-benchmark this machine with onnxruntime (fp32 and int8 matmul, conv "
-                         "and depthwise throughput, memory bandwidth, per-operator overhead) and write a profile "
-                         "TOML that --profile accepts.")
+                         description="Time one-layer ONNX models in the export's own forms (float, QLinear and "
+                         "integer Dense / Conv / depthwise kernels, activation rounding, elementwise ops) over "
+                         "sampled shapes in onnxruntime, learn one latency predictor per kernel kind from them, "
+                         "and write a profile TOML that --profile accepts (the roofline numbers, from matmul, conv "
+                         "and bandwidth micro-benchmarks, are kept for memory and lower bounds). --study adds the "
+                         "shapes that study's layers take under channel pruning.")
     cal.add_argument("--out", required=True, help="TOML file to write")
     cal.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
     cal.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, as `measure --threads` (default 1)")
     cal.add_argument("--seconds", type=float, default=0.3, help="timing per micro-benchmark (default 0.3)")
+    cal.add_argument("--kernel-shapes", type=int, default=40,
+                     help="sampled shapes per layer kind (dense, conv, depthwise), each timed in 3 forms (default 40)")
+    cal.add_argument("--study", default=None, help="also time the kernel shapes this study's layers take with all or half their channels")
+    cal.add_argument("--storage", default=None, help="Optuna storage URL of --study (default sqlite under --results-dir)")
+    cal.add_argument("--results-dir", default="results", help="results root of --study (default results)")
+    cal.add_argument("--roofline-only", action="store_true", help="only the micro-benchmarks: latency from the roofline")
     cal.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     cal.set_defaults(func=calibrate_command)
 
@@ -36,11 +46,17 @@ def profile_dict(profile: Any) -> dict[str, Any]:
     """A HardwareProfile as plain JSON-able values."""
     import dataclasses
 
-    d = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile)}
+    d = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile) if f.name != "kernels"}
     d["budget"] = dataclasses.asdict(profile.budget)
     d["peak_gops"] = {str(k): v for k, v in profile.peak_gops.items()}
     d["efficiency"] = dict(profile.efficiency)
     d["nm_patterns"] = [list(x) for x in profile.nm_patterns]
+    if profile.kernels is not None:
+        k = profile.kernels
+        d["kernels"] = {"inference_us": k.inference_us, "runtime": k.runtime, "samples": k.samples,
+                        "coef": {name: list(v) for name, v in k.coef.items()}}
+    else:
+        d["kernels"] = None
     return d
 
 
@@ -77,6 +93,18 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_shapes(args: argparse.Namespace) -> list:
+    """The kernel shapes the layers of --study take at 100/75/50/25% of their channels."""
+    from search.export.kernel_probes import layer_shapes
+    from search.study.context import load_context
+    from search.study.spec import SPEC_ATTR, StudySpec
+    from search.study.storage import load_study, open_storage
+
+    study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
+    spec = StudySpec.from_attrs(study.user_attrs.get(SPEC_ATTR), study.study_name)
+    return layer_shapes(load_context(spec, args.results_dir).layers)
+
+
 def calibrate_command(args: argparse.Namespace) -> int:
     import hw_profiles
     from search.cost.calibrate import calibrated_profile, measure_machine, profile_toml
@@ -86,14 +114,39 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists: pass --force to overwrite it, or another --out")
     if args.threads < 1 or args.seconds <= 0:
         raise UserError(f"--threads {args.threads} must be >= 1 and --seconds {args.seconds} > 0")
+    if args.kernel_shapes < 3:
+        raise UserError(f"--kernel-shapes {args.kernel_shapes} must be >= 3 (a predictor per kernel kind needs several shapes)")
     if not out.parent.is_dir():
         raise UserError(f"directory {out.parent} of --out does not exist: create it or pick another --out")
+    shapes = _study_shapes(args) if args.study else []  # a bad --study fails before any timing
+    kernels, note = None, ""
+    if not args.roofline_only:
+        from search.export.kernel_probes import calibrate_kernels, sampled_shapes
+
+        shapes = sampled_shapes(args.kernel_shapes) + shapes
+
+        tty = sys.stderr.isatty()
+
+        def progress(done: int, total: int) -> None:
+            if done == total or (tty and done % 25 == 0):
+                print(f"\rtiming kernels: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+        try:
+            kernels, report = calibrate_kernels(shapes, threads=args.threads, min_s=min(args.seconds, 0.3) / 6,
+                                                progress=progress)
+        except ValueError as e:  # too few usable timings of a kernel kind (a very noisy machine)
+            raise UserError(f"{e}: rerun with a larger --kernel-shapes or --seconds on a quieter machine") from None
+        note = (f"{report['kernels_timed']} kernels timed in {report['seconds']:.0f} s"
+                + (f" (with the shapes of study {args.study})" if args.study else "")
+                + f"; held-out check: median error {report.get('held_out_median_error', float('nan')) * 100:.1f}%")
     m = measure_machine(threads=args.threads, min_s=args.seconds)
-    profile = calibrated_profile(m, name=args.name)
-    text = profile_toml(profile, m)
+    profile = calibrated_profile(m, name=args.name, kernels=kernels)
+    text = profile_toml(profile, m, note=note)
     hw_profiles.profile_from_text(text, str(out))  # what we write must load like the others
     out.write_text(text, encoding="utf-8")
     print(f"fp32 {m['fp32_gops']:.1f} GOPS, int8 {m['int8_gops']:.1f} GOPS, DRAM {m['dram_gbs']:.1f} GB/s, "
           f"cached {m['cache_gbs']:.1f} GB/s, {m['op_overhead_us']:.2f} us per op")
+    if kernels is not None:
+        print(f"latency model: kernels ({note}); {kernels.inference_us:.1f} us per inference")
     print(f"wrote {out}: use it as --profile {out}")
     return 0

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hw_profiles import Budget, HardwareProfile, dump_profile, load_profile
+from hw_profiles import KERNELS, Budget, HardwareProfile, KernelModel, dump_profile, load_profile
 from search.compression import plan as P
-from search.cost.roofline import price
+from search.cost import kernels as K
+from search.cost.roofline import latency_by_kernel, price
 
 MB = 1 << 20
 
@@ -38,7 +39,7 @@ def _model(nodes: list, inputs: list, outputs: list, inits: list) -> bytes:
     return model.SerializeToString()
 
 
-def _time(model: bytes, feeds: dict[str, np.ndarray], threads: int, min_s: float) -> float:
+def time_onnx(model: bytes, feeds: dict[str, np.ndarray], threads: int, min_s: float) -> float:
     """Median seconds of one run, after warm-up, over at least `min_s` seconds of runs."""
     import onnxruntime as ort
 
@@ -87,7 +88,7 @@ def _matmul_gops(dtype: str, m: int, k: int, n: int, threads: int, min_s: float)
         node = helper.make_node("MatMulInteger", ["x", "w"], ["y"])
         out = _tensor("y", np.int32, (m, n))
     model = _model([node], [_tensor("x", x.dtype, x.shape)], [out], [_init("w", w)])
-    return 2.0 * m * k * n / _time(model, {"x": x}, threads, min_s) / 1e9
+    return 2.0 * m * k * n / time_onnx(model, {"x": x}, threads, min_s) / 1e9
 
 
 def _conv_gops(group: int, c: int, hw: int, threads: int, min_s: float) -> float:
@@ -99,7 +100,7 @@ def _conv_gops(group: int, c: int, hw: int, threads: int, min_s: float) -> float
     node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])
     model = _model([node], [_tensor("x", np.float32, x.shape)], [_tensor("y", np.float32, x.shape)], [_init("w", w)])
     macs = hw * hw * c * (c // group) * 9
-    return 2.0 * macs / _time(model, {"x": x}, threads, min_s) / 1e9
+    return 2.0 * macs / time_onnx(model, {"x": x}, threads, min_s) / 1e9
 
 
 def _bandwidth_gbs(nbytes: int, threads: int, min_s: float) -> float:
@@ -111,10 +112,10 @@ def _bandwidth_gbs(nbytes: int, threads: int, min_s: float) -> float:
     w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "w"], ["y"])
     model = _model([node], [_tensor("x", np.float32, (1, k))], [_tensor("y", np.float32, (1, n))], [_init("w", w)])
-    return w.nbytes / _time(model, {"x": np.ones((1, k), np.float32)}, threads, min_s) / 1e9
+    return w.nbytes / time_onnx(model, {"x": np.ones((1, k), np.float32)}, threads, min_s) / 1e9
 
 
-def _op_overhead_us(threads: int, min_s: float, n: int = 64) -> float:
+def op_overhead_us(threads: int, min_s: float, n: int = 64) -> float:
     """The fixed cost of one operator: a chain of n tiny Relu ops against one."""
     from onnx import helper
 
@@ -124,7 +125,7 @@ def _op_overhead_us(threads: int, min_s: float, n: int = 64) -> float:
         return _model(nodes, [_tensor("x", np.float32, (1, 16))], [_tensor("y", np.float32, (1, 16))], [])
 
     x = {"x": np.ones((1, 16), np.float32)}
-    return max((_time(chain(n), x, threads, min_s) - _time(chain(1), x, threads, min_s)) / (n - 1) * 1e6, 0.01)
+    return max((time_onnx(chain(n), x, threads, min_s) - time_onnx(chain(1), x, threads, min_s)) / (n - 1) * 1e6, 0.01)
 
 
 def _cache_kb() -> float | None:
@@ -156,13 +157,15 @@ def measure_machine(threads: int = 1, min_s: float = 0.3) -> dict[str, float]:
         "dram_gbs": _bandwidth_gbs(256 * MB, threads, min_s),
         "cache_gbs": _bandwidth_gbs(int(llc * 1024) // 8, threads, min_s),
         "llc_kb": llc,
-        "op_overhead_us": _op_overhead_us(threads, min_s),
+        "op_overhead_us": op_overhead_us(threads, min_s),
         "memory_kb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024,
     }
 
 
-def calibrated_profile(m: dict[str, float], name: str = "this-machine") -> HardwareProfile:
-    """A cpu profile from measure_machine's numbers (efficiencies relative to the matmul peak)."""
+def calibrated_profile(m: dict[str, float], name: str = "this-machine", kernels: KernelModel | None = None) -> HardwareProfile:
+    """A cpu profile from measure_machine's numbers (efficiencies relative to the matmul peak);
+    with `kernels` (search.export.kernel_probes.calibrate_kernels), latency comes from those
+    kernel-level predictors and the roofline numbers serve memory and the lower bounds only."""
     fp32, int8 = m["fp32_gops"], max(m["int8_gops"], m["fp32_gops"])  # "fewer bits never slower"
     cache = max(m["cache_gbs"], m["dram_gbs"])
     return HardwareProfile(
@@ -178,7 +181,7 @@ def calibrated_profile(m: dict[str, float], name: str = "this-machine") -> Hardw
         weight_bits=(8, 32), act_bits=(8, 32), float_policy="native",
         fallback_gops=None, fallback_layer_us=None,
         unstructured_min_sparsity=None, unstructured_work_factor=1.0, nm_patterns=(),
-        budget=Budget(),
+        budget=Budget(), kernels=kernels,
     )
 
 
@@ -199,7 +202,12 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
         "overhead.layer_us": "measured: 64 chained Relu ops against one",
         "precision.weight_bits": "onnxruntime CPU: 8-bit integer and fp32 kernels; 16 bits compute as fp32",
         "sparsity.unstructured_work_factor": "onnxruntime CPU has no sparse kernels: no speedup from sparsity",
+        "latency_model": "latency from the [kernels] predictors below (learned from timed kernels), not the roofline",
+        "kernels.inference_us": "measured: a one-Relu graph minus one operator (session run, input and output copies)",
+        "kernels.samples": "one-layer probes in the export's forms, timed in onnxruntime (search.export.kernel_probes)",
     }
+    if profile.kernels is not None:
+        how.update({f"kernels.{k}": "non-negative least squares on the relative error of the timed probes" for k in KERNELS})
     header = (f"{profile.description}.\nWritten {time.strftime('%Y-%m-%d %H:%M')} by `hwcompress profiles calibrate`"
               + (f"; {note}" if note else "") + ".")
     return dump_profile(profile, comments=how if m else {}, header=header)
@@ -228,17 +236,33 @@ def scaled_profile(base: HardwareProfile, theta: np.ndarray) -> HardwareProfile:
     )
 
 
+def _fit_kernels(base: HardwareProfile, samples: Sequence[tuple[Sequence[Any], Any, float]], name: str | None,
+                 prior: float) -> HardwareProfile:
+    """fit_profile for a kernel-level profile: one scale per kernel kind and for the per-inference
+    term (search.cost.kernels.fit_to_models), so every predictor keeps its form and monotonicity."""
+    by_kind = np.concatenate([latency_by_kernel(base, layers, P.stack_plans([plan])) for layers, plan, _ in samples])
+    model = K.fit_to_models(base.kernels, by_kind, np.array([ms for _, _, ms in samples], np.float64), prior=prior)
+    model = dataclasses.replace(model, runtime=f"{base.kernels.runtime}; scaled to {len(samples)} measured models")
+    return dataclasses.replace(base, kernels=model, name=name or f"{base.name}-fitted",
+                               description=f"{base.description}; fitted to {len(samples)} measured latencies")
+
+
 def fit_profile(base: HardwareProfile | str, samples: Sequence[tuple[Sequence[Any], Any, float]],
-                name: str | None = None, iters: int = 3000) -> HardwareProfile:
+                name: str | None = None, iters: int = 3000, prior: float = 0.5) -> HardwareProfile:
     """`base` with its throughputs, conv efficiencies, bandwidths and per-layer overhead scaled
     to fit measured latencies: samples = [(layers, plan [L], measured_ms), ...].
 
     Minimises the mean squared log ratio of predicted to measured latency (Nelder-Mead over
     log scale factors, a few restarts); the form of the profile (kernels, sparsity) is kept.
+    A profile with kernel-level predictors instead gets one scale per kernel kind and one for
+    the per-inference term (bounded linear least squares on the relative error, each scale pulled
+    toward 1 with weight `prior`: search.cost.kernels.fit_to_models).
     """
     from scipy.optimize import minimize
 
     base = load_profile(base)
+    if base.kernels is not None:
+        return _fit_kernels(base, samples, name, prior)
     groups: dict[int, tuple[Sequence[Any], list[Any], list[float]]] = {}
     for layers, plan, ms in samples:
         g = groups.setdefault(id(layers), (layers, [], []))

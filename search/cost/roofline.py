@@ -1,4 +1,10 @@
-"""The analytic cost model: latency, memory and size of K plans on one hardware profile.
+"""The cost model: latency, memory and size of K plans on one hardware profile.
+
+Latency comes from one of two models, as the profile says (`latency_model`):
+- "kernels" (profiles calibrated on a machine): learned predictors of the kernels the runtime
+  runs, one per kernel kind, plus a per-inference term (search.cost.kernels; nn-Meter's idea);
+- "roofline" (the shipped, analytic profiles of devices we cannot measure), below.
+Memory and size are always the counts below.
 
 Roofline per layer, for one example (batch 1):
 
@@ -40,6 +46,7 @@ from hw_profiles import HardwareProfile, list_profiles, load_profile
 from search.compression import plan as P
 from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
+from search.cost import kernels as K
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -64,11 +71,14 @@ class _LayerArrays:
     macs: np.ndarray
     weights: np.ndarray
     out_ch: np.ndarray
+    fan_in: np.ndarray
     bias: np.ndarray
     in_elems: np.ndarray
     out_elems: np.ndarray
     kind: np.ndarray  # index into _KINDS
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
+    chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
+    padded: np.ndarray  # [L]: SAME-padded convs (kernels.padded_convs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,10 +86,12 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
     f = lambda g: np.array([g(l) for l in layers], np.float64)
     return _LayerArrays(
         macs=f(lambda l: l.macs), weights=f(lambda l: l.weight_count), out_ch=f(lambda l: l.out_channels),
+        fan_in=f(lambda l: l.fan_in),
         bias=f(lambda l: l.out_channels if l.has_bias else 0),
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
         reads=_reads_matrix(layers),
+        chained=K.chained_to(layers), padded=K.padded_convs(layers),
     )
 
 
@@ -196,7 +208,22 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     else:
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
-    return {"lat": lat, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
+    if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
+        form = K.forms(la.chained, wb, ab, codebook, la.padded & (keep_in < 1.0))
+        integer = form != K.FORMS.index("f32")
+        # GEMM dimensions per example: positions, kept output channels, kept fan-in
+        m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
+        emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
+        lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), K.features(m, n, k), emul,
+                                 np.broadcast_to(la.out_elems * keep_out, r.shape))
+    else:
+        by_kind = None
+    return {"lat": lat, "by_kind": by_kind, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
+
+
+def _inference_ms(profile: HardwareProfile) -> float:
+    """The per-inference term (session run, input and output copies) of a kernel-level profile."""
+    return 0.0 if profile.kernels is None else profile.kernels.inference_us * 1e-3
 
 
 def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> Costs:
@@ -205,12 +232,21 @@ def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan
     parts = _parts(profile, layers, plans)
     lat_ms = parts["lat"] * 1e3
     return Costs(
-        latency_ms=lat_ms.sum(axis=1),
+        latency_ms=lat_ms.sum(axis=1) + _inference_ms(profile),
         memory_kb=parts["memory_bytes"] / 1024,
         size_kb=parts["size_bits"].sum(axis=1) / 8 / 1024,
         layer_latency_ms=lat_ms,
         layer_macs=parts["macs"],
     )
+
+
+def latency_by_kernel(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> np.ndarray:
+    """[K, len(KERNELS)] predicted milliseconds of each kernel kind (search.cost.kernels) in K
+    plans, on a profile with kernel-level predictors; ValueError for a roofline profile."""
+    profile = load_profile(profile)
+    if profile.kernels is None:
+        raise ValueError(f"profile {profile.name} has no kernel-level predictors (latency_model = 'roofline')")
+    return _parts(profile, layers, plans)["by_kind"] * 1e3
 
 
 def price_all(layers: Sequence[Layer], plans: P.Plan) -> dict[str, Costs]:
@@ -238,9 +274,10 @@ def min_costs(
         candidates = P.stack_plans([P.make_plan(np.full(L, max_ratio), g, w, a, q)
                                     for g in granularities for w in weight_bits for a in act_bits
                                     for q in P.QUANT_MODES.values()])
-    parts = _parts(load_profile(profile), layers, candidates)
+    profile = load_profile(profile)
+    parts = _parts(profile, layers, candidates)
     return {
-        "latency_ms": float(parts["lat"].min(axis=0).sum() * 1e3),
+        "latency_ms": float(parts["lat"].min(axis=0).sum() * 1e3 + _inference_ms(profile)),
         "memory_kb": float((parts["mem_bits"].min(axis=0).sum() / 8 + parts["act_peak"].min()) / 1024),
         "size_kb": float(parts["size_bits"].min(axis=0).sum() / 8 / 1024),
     }

@@ -43,21 +43,42 @@ def test_fit_profile_recovers_predictions_of_a_known_device():
 
 
 def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys):
+    """`profiles calibrate --study S`: the kernel predictors are learned from sampled shapes plus
+    the shapes the study's layers take; the profile prices with them."""
+    import optuna
+
+    from search.api import make_spec
+    from tests.support import results_dir
+
+    results = results_dir(tmp_path)
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{results / 'studies.db'}", directions=["maximize"])
+    study.set_user_attr("spec", make_spec(model="lenet300", dataset="digits", profile="mobile-cpu").to_attrs())
     out = tmp_path / "here.toml"
-    assert cli.main(["profiles", "calibrate", "--out", str(out), "--seconds", "0.02"]) == 0
+    argv = ["profiles", "calibrate", "--out", str(out), "--seconds", "0.02", "--kernel-shapes", "3"]
+    assert cli.main([*argv, "--study", "s", "--results-dir", str(results)]) == 0
     prof = hw_profiles.load_profile(str(out))
+    assert prof.kernels is not None and "study s" in out.read_text()
+    assert prof.kernels.samples > 3 * 3 * 3 + 16 + 4 * 16 + 6  # the study's shapes were timed too
     assert prof.kind == "cpu" and prof.peak_gops[32] > 0 and prof.peak_gops[8] >= prof.peak_gops[32]
     assert prof.bandwidth_gbs > 0 and prof.layer_overhead_us > 0
     assert prof.unstructured_min_sparsity is None  # onnxruntime's CPU kernels are dense
     assert "measured" in out.read_text()  # every number says where it came from
-    c = price(str(out), _lenet(), P.stack_plans([P.dense_plan(3), P.make_plan([0.5, 0.5, 0.0], P.CHANNEL, 8, 8)]))
+    c = price(str(out), _lenet(), P.stack_plans([P.dense_plan(3), P.make_plan([0.5, 0.5, 0.0], P.CHANNEL)]))
     assert 0 < c.latency_ms[1] < c.latency_ms[0]
+    capsys.readouterr()
+    assert cli.main(["profiles", "show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kernels"]["coef"]["conv_q8"] == list(prof.kernels.coef["conv_q8"])
     # a second run without --force changes nothing
     text = out.read_text()
     capsys.readouterr()
     assert cli.main(["profiles", "calibrate", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0] and out.read_text() == text
+    # a study that is not there: one line, before any timing, nothing written
+    assert cli.main([*argv, "--force", "--study", "nope", "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and out.read_text() == text
 
 
 def test_profiles_list_and_show_json(capsys):

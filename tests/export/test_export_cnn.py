@@ -17,6 +17,7 @@ import pytest
 import models
 from search.compression import plan as P
 from search.compression.groups import tie_plan
+from search.cost import kernels
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
@@ -26,6 +27,7 @@ from tests.archs import Concat, ConvBN, MobileV2, ResNet, Shared, init_variables
 
 ARCHS = {"convbn": ConvBN, "resnet": ResNet, "concat": Concat, "mobilev2": MobileV2, "shared": Shared}
 INTEGER = {"QLinearConv", "QLinearGemm", "ConvInteger", "MatMulInteger"}  # qdq.integer_kernels forms
+KERNEL_FORM = {"QLinearConv": "q8", "QLinearGemm": "q8", "ConvInteger": "i8", "MatMulInteger": "i8", "float": "f32"}
 
 
 def _task(name: str):
@@ -98,6 +100,11 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
         else:  # every conv and dense stage on integer kernels, outputs within int8 rounding
             assert {c["onnx_form"] for c in cfg["layers"]} <= INTEGER, [c["onnx_form"] for c in cfg["layers"]]
             assert r.onnx_agreement >= 0.99
+            # the kernel-level cost model expects the kernels the export runs (QLinear or Integer)
+            reads_pruned = np.array([any(s >= 0 and tied.ratio[s] > 0 for s, _ in l.reads) for l in layers])
+            expected = kernels.forms(kernels.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],
+                                     np.zeros((1, len(layers)), bool), kernels.padded_convs(layers) & reads_pruned)[0]
+            assert [kernels.FORMS[f] for f in expected] == [KERNEL_FORM[c["onnx_form"]] for c in cfg["layers"]], name
 
 
 def test_nnx_resnet_int8_channel_pruned_export_keeps_nothing_back(tmp_path):

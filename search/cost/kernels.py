@@ -1,0 +1,195 @@
+"""Kernel-level latency: predict what the runtime runs for each layer, from shapes and bits.
+
+After nn-Meter (Zhang et al., MobiSys 2021): latency is predicted per *kernel* (the fused
+operator the runtime executes), by a predictor per kernel kind learned from measurements of
+that kernel over sampled shapes, plus a per-inference term. For onnxruntime on a CPU the
+kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise layer:
+
+- `f32`: a float kernel with its folded BatchNorm, bias and ReLU (FusedConv / FusedGemm); used
+  for float, 16-bit and codebook weights, and for activations wider than 8 bits;
+- `q8`: an integer kernel whose output is re-quantized for the next integer layer
+  (QLinearConv / QGemm), when weights are uniform <= 8 bits, activations <= 8 bits, and the next
+  layer (which reads only this layer's channels, no residual add between) is integer too;
+- `i8`: an integer kernel with a float output (ConvInteger / MatMulInteger + Cast + Mul by the
+  scales), the other integer layers (the last one, and those feeding a residual add);
+- `emul`: a float kernel's input activation rounding done in float ops (Div, Round, Add, Clip,
+  Sub, Mul), for activations quantized to <= 16 bits in front of a float kernel;
+- `eltwise`: the one unfused op that follows a layer in the graph (a ReLU the runtime did not
+  fuse, a pooling, a residual Add, a layout Transpose or a flatten), on the layer's output.
+  The layers are what the cost model sees of a network, so every layer is charged one.
+
+Each predictor is linear in KERNEL_FEATURES (1, MACs, weights, input elements, output elements,
+after channel removal) with coefficients >= 0, fitted to measured latencies by non-negative least
+squares on the relative error (scikit-learn's LinearRegression(positive=True)). Non-negative
+coefficients make every predictor monotone: more channels never predict a faster kernel. The
+per-channel fixed costs that make an integer kernel with few channels slower than a float one
+are in the per-element terms. Pricing K plans stays a few numpy operations on [K, L] arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Sequence
+
+import numpy as np
+
+from hw_profiles.schema import KERNEL_FEATURES, KERNELS, LAYER_KINDS, KernelModel
+
+FORMS = ("f32", "q8", "i8")
+EMUL, ELTWISE = KERNELS.index("emul"), KERNELS.index("eltwise")
+MIN_SAMPLES = 2  # timed shapes per kernel kind below which fit refuses
+
+
+def kernel_index(kind: np.ndarray, form: np.ndarray) -> np.ndarray:
+    """Index into KERNELS of layer kinds (index into LAYER_KINDS) and forms (index into FORMS)."""
+    return np.asarray(kind) * len(FORMS) + np.asarray(form)
+
+
+def chained_to(layers: Sequence) -> np.ndarray:
+    """[L] index of the layer an integer layer re-quantizes for (QLinear chain), -1 when none.
+
+    Layer i chains into the first later layer that reads its group's channels, when that layer
+    reads only them, i's output is not in a
+    residual add (its channel group has no other non-depthwise member: a depthwise layer joins its
+    producer's group without an add), and no global pooling lies between (a Dense reading a conv's
+    channels once, not flattened, sees them averaged: ReduceMean is not a chain op). Between them
+    the export allows only ReLU, ReLU6, max pooling, flatten and transposes (onnx.qdq). A layer
+    called more than once (shared weights) does not chain; layers grouped only because one shared
+    layer reads them all are not in an add."""
+    n = len(layers)
+    out = np.full(n, -1, np.int64)
+    calls = [l.macs // max(1, int(np.prod(l.out_shape[:-1], dtype=np.int64)) * int(np.prod(l.kernel_shape, dtype=np.int64)))
+             for l in layers]  # a layer called twice (shared weights): its outputs are combined
+    for i, layer in enumerate(layers):
+        g = layer.group
+        nxt = next((l for l in layers[i + 1:] if any(src == g for src, _ in l.reads)), None)  # the first reader after it
+        if nxt is None or calls[i] > 1:
+            continue
+        members = [l for l in layers if l.group == g and l.kind != "depthwise"]
+        readers = [l for l in layers if any(src == g for src, _ in l.reads)]
+        if len(members) > 1 and all(calls[r.index] > 1 for r in readers):
+            members = [layer]  # coupled by one shared layer reading them all, not by an add
+        pooled = nxt.kind == "dense" and len(layer.out_shape) > 1 and int(np.prod(layer.out_shape[:-1])) > 1 and nxt.in_repeat == 1
+        if all(src == g for src, _ in nxt.reads) and len(members) <= 1 and not pooled:
+            out[i] = nxt.index
+    return out
+
+
+def padded_convs(layers: Sequence) -> np.ndarray:
+    """[L] whether a layer is a (non-depthwise) conv with a kernel wider than 1 and SAME padding
+    (output size ceil(input / stride)): reading a producer's removed channels, whose constant
+    values the zero padding cuts off at the borders, it gets a bias *map*, not a bias per channel."""
+    out = np.zeros(len(layers), bool)
+    for i, l in enumerate(layers):
+        if l.kind != "conv" or len(l.in_shape) < 3 or max(int(d) for d in l.kernel_shape[:-2]) <= 1:
+            continue
+        h_in, h_out = int(l.in_shape[0]), int(l.out_shape[0])
+        stride = max(1, round(h_in / max(h_out, 1)))
+        out[i] = h_out == -(-h_in // stride)
+    return out
+
+
+def forms(chained: np.ndarray, weight_bits: np.ndarray, act_bits: np.ndarray, codebook: np.ndarray,
+          bias_map: np.ndarray | None = None) -> np.ndarray:
+    """[K, L] index into FORMS of the kernel each layer runs as (the export's rules,
+    search.export.onnx.layers and qdq): integer when its weights are uniform <= 8 bits (codebook:
+    False) and its activations <= 8 bits; then q8 when it chains into an integer layer (chained:
+    chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a padded conv
+    reading removed channels, see padded_convs), else i8; f32 otherwise."""
+    integer = (np.asarray(weight_bits) <= 8) & ~np.asarray(codebook, bool) & (np.asarray(act_bits) <= 8)
+    nxt = np.where(chained >= 0, chained, 0)
+    chain = integer & (chained >= 0) & integer[..., nxt]
+    if bias_map is not None:
+        chain = chain & ~np.asarray(bias_map, bool)
+    return np.where(integer, np.where(chain, FORMS.index("q8"), FORMS.index("i8")), FORMS.index("f32"))
+
+
+def features(m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """[..., F] KERNEL_FEATURES (1, M, N, K, MN, MK, NK, MNK) of GEMM dimensions [...]: M output
+    positions, N output channels, K fan-in, per example after channel removal."""
+    m, n, k = np.broadcast_arrays(np.asarray(m, np.float64), np.asarray(n, np.float64), np.asarray(k, np.float64))
+    return np.stack([np.ones_like(m), m, n, k, m * n, m * k, n * k, m * n * k], axis=-1)
+
+
+def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
+            out_elems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
+
+    kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
+    emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
+    as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
+    one `eltwise` op each. The per-kind sums are what fit_to_models scales.
+    """
+    coef = np.array([model.coef[k] for k in KERNELS], np.float64)  # [N, F]
+    t = np.einsum("klf,klf->kl", coef[kernel], feats) * 1e-6
+    e = np.where(emul_in > 0, features(emul_in, 1.0, 1.0) @ coef[EMUL], 0.0) * 1e-6
+    g = features(out_elems, 1.0, 1.0) @ coef[ELTWISE] * 1e-6
+    by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
+    by_kind[:, EMUL] += e.sum(axis=1)
+    by_kind[:, ELTWISE] += g.sum(axis=1)
+    return t + e + g, by_kind
+
+
+def fit_to_models(model: KernelModel, by_kind: np.ndarray, measured_ms: np.ndarray,
+                  bounds: tuple[float, float] = (0.25, 4.0), prior: float = 0.5) -> KernelModel:
+    """`model` with one scale factor per kernel kind and one for the per-inference term, fitted
+    to whole-model latencies: measured_ms [S] ~ s_0 * inference + sum_n s_n * by_kind [S, N] (ms).
+
+    Bounded least squares on the relative error (scipy.optimize.lsq_linear), scales within
+    `bounds`, each pulled toward 1 (the calibration) by a ridge row of weight `prior` (a scale
+    moves only as far as the measurements ask: a kind few exports use keeps its calibration);
+    a kind that no sample uses keeps scale 1. Scaling keeps every coefficient >= 0."""
+    from scipy.optimize import lsq_linear
+
+    y = np.asarray(measured_ms, np.float64)
+    a = np.concatenate([np.full((len(y), 1), model.inference_us * 1e-3), np.asarray(by_kind, np.float64)], axis=1)
+    w = 1.0 / y
+    rel = a * w[:, None]
+    used = np.abs(rel).sum(axis=0) > 0
+    k = int(used.sum())
+    lhs = np.concatenate([rel[:, used], prior * np.eye(k)])
+    rhs = np.concatenate([np.ones(len(y)), prior * np.ones(k)])
+    res = lsq_linear(lhs, rhs, bounds=bounds)
+    scale = np.ones(a.shape[1])
+    scale[used] = res.x
+    return scaled(model, dict(zip(KERNELS, scale[1:])), float(scale[0]))
+
+
+def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: float, runtime: str) -> KernelModel:
+    """Predictors from measured kernels: samples = [(KERNELS name, KERNEL_FEATURES values, us)].
+
+    Per kernel kind, non-negative least squares on the relative error (each row weighted by
+    1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
+    ValueError naming the kind when a kind has fewer than MIN_SAMPLES samples.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    coef: dict[str, tuple[float, ...]] = {}
+    for name in KERNELS:
+        rows = [(f, y) for k, f, y in samples if k == name]
+        if len(rows) < MIN_SAMPLES:
+            raise ValueError(f"kernel {name}: {len(rows)} measurements, need at least {MIN_SAMPLES}; time more shapes")
+        x = np.array([f for f, _ in rows], np.float64)
+        y = np.array([v for _, v in rows], np.float64)
+        scale = np.maximum(x.max(axis=0), 1e-12)  # well-conditioned columns; undone below
+        reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
+        coef[name] = tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)
+    return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples))
+
+
+def scaled(model: KernelModel, kernel_scale: dict[str, float], inference_scale: float) -> KernelModel:
+    """`model` with each kernel's coefficients and the per-inference term multiplied (>= 0)."""
+    coef = {k: tuple(c * kernel_scale.get(k, 1.0) for c in v) for k, v in model.coef.items()}
+    return dataclasses.replace(model, coef=MappingProxyType(coef), inference_us=model.inference_us * inference_scale)
+
+
+def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[float], float]]) -> np.ndarray:
+    """(predicted - measured) / measured of each sample, for checking a fit on held-out kernels."""
+    out = []
+    for name, f, y in samples:
+        out.append((float(np.dot(model.coef[name], f)) - y) / y)
+    return np.array(out)
+
+
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "chained_to", "features", "fit", "fit_to_models", "forms", "padded_convs", "kernel_index", "predict",
+           "relative_errors", "scaled"]

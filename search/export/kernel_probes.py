@@ -1,0 +1,332 @@
+"""Kernel probes: one-layer ONNX models written in the export's own forms, timed in onnxruntime
+to learn the kernel-level latency predictors of search.cost.kernels.
+
+A probe is the graph the converter (search.export.onnx) writes for one Dense / Conv / depthwise
+layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every export:
+- f32: float kernel + bias + ReLU (onnxruntime fuses them);
+- q8: Q/DQ input, int8 kernel through DequantizeLinear, bias, ReLU, and the next layer's Q/DQ,
+  which the rewrite turns into QuantizeLinear -> QLinearConv / QGemm -> DequantizeLinear;
+- i8: the same without a next integer layer: ConvInteger / MatMulInteger + Cast + Mul + bias + ReLU;
+- emul: the float-op rounding of an activation (Div, Round, Add, Clip, Sub, Mul);
+- eltwise: the unfused op after a layer: ReLU, 2x2 MaxPool, residual Add, NCHW Transpose (each
+  per size; the predictor is their average cost).
+Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
+or taken from a model's layers with their channels cut as channel pruning would cut them.
+Each probe is timed at batch 1 with `threads` intra-op threads; the per-inference cost (an
+empty-ish graph) is measured separately and subtracted, so a sample is the kernel's own time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from hw_profiles.schema import KERNELS, KernelModel
+from search.cost import kernels as K
+from search.export.onnx.graph import OPSET, GraphBuilder
+from search.export.onnx.qdq import integer_kernels
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer's shape for a probe; conv and depthwise inputs are [cin, hw, hw] (NCHW)."""
+
+    kind: str  # dense | conv | depthwise
+    cin: int
+    cout: int  # = cin for depthwise
+    hw: int = 1  # input height = width (1 for dense)
+    k: int = 1  # kernel height = width
+    stride: int = 1
+
+    @property
+    def out_hw(self) -> int:
+        return 1 if self.kind == "dense" else (self.hw + self.stride - 1) // self.stride
+
+    def features(self) -> list[float]:
+        """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in)."""
+        return gemm_features(self.out_hw ** 2, self.cout, self.k * self.k * (1 if self.kind == "depthwise" else self.cin))
+
+
+def gemm_features(m: float, n: float, k: float) -> list[float]:
+    """1, M, N, K, MN, MK, NK, MNK (search.cost.kernels.features for one layer)."""
+    return [1.0, m, n, k, m * n, m * k, n * k, m * n * k]
+
+
+def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> bytes:
+    g.node("Identity", [out], name="output")
+    g.graph.node[-1].output[0] = "output"
+    g.graph.input.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x_shape)))
+    g.graph.output.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape)))
+    g.graph.name = "probe"
+    model = helper.make_model(g.graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hwcompress-probe")
+    model.ir_version = 10
+    return model
+
+
+def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.random.Generator, after_relu: bool) -> str:
+    """Emit one layer as the converter does (layers.py): its input Q/DQ and DQ int8 kernel when
+    integer, the kernel, the bias Add and a ReLU; returns the output. An input after a ReLU is
+    quantized on [0, hi] (zero point 0), which lets onnxruntime drop the ReLU in front of a
+    QuantizeLinear and fuse QLinear kernels, as in an export."""
+    dense = shape.kind == "dense"
+    group = shape.cin if shape.kind == "depthwise" else 1
+    w_shape = (shape.cin, shape.cout) if dense else (shape.cout, shape.cin // group, shape.k, shape.k)
+    q = rng.integers(-63, 64, w_shape).astype(np.int8)
+    bias = (rng.standard_normal(shape.cout) * 0.1).astype(np.float32)
+    if form == "f32":
+        w = g.const((q.astype(np.float32) * 0.01).astype(np.float32), "w")
+    else:
+        sx, zx = g.const(np.float32(0.02), "act_scale"), g.const(np.uint8(0 if after_relu else 128), "act_zp")
+        x = g.node("DequantizeLinear", [g.node("QuantizeLinear", [x, sx, zx]), sx, zx])
+        dq = [g.const(q, "wq"), g.const(np.full(shape.cout, 0.01, np.float32), "w_scale"), g.const(np.zeros(shape.cout, np.int8), "w_zp")]
+        w = g.node("DequantizeLinear", dq, name=f"{name}_w_dq", axis=1 if dense else 0)
+    if dense:
+        y = g.node("Add", [g.node("MatMul", [x, w], name=name), g.const(bias, "bias")])
+    else:
+        p = shape.k // 2
+        y = g.node("Conv", [x, w], name=name, kernel_shape=[shape.k, shape.k], strides=[shape.stride] * 2,
+                   pads=[p, p, p, p], group=group)
+        y = g.node("Add", [y, g.const(bias.reshape(1, -1, 1, 1), "bias")])
+    return g.node("Relu", [y])
+
+
+def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[bytes, tuple[int, ...]]:
+    """(serialized ONNX model, input shape) of layers applied in sequence, all in one export form:
+    f32, q8 (each re-quantized for the next, the last for a following integer layer, so all run as
+    QLinear kernels) or i8 (integer kernels with float outputs). RuntimeError when the QDQ rewrite
+    does not give the form asked for."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder()
+    first, last = shapes[0], shapes[-1]
+    dense = first.kind == "dense"
+    x_shape = (1, first.cin) if dense else (1, first.cin, first.hw, first.hw)
+    out_shape = (1, last.cout) if dense else (1, last.cout, last.out_hw, last.out_hw)
+    y = "input"
+    for i, shape in enumerate(shapes):
+        y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0)
+        if form == "i8" and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
+            y = g.node("Mul", [y, g.const(np.float32(1.0), "one")])
+    if form == "q8":  # the next integer layer's input quantization
+        sn, zn = g.const(np.float32(0.05), "act_scale"), g.const(np.uint8(0), "act_zp")
+        y = g.node("DequantizeLinear", [g.node("QuantizeLinear", [y, sn, zn]), sn, zn])
+    model = _model(g, x_shape, y, out_shape)
+    if form != "f32":
+        forms = integer_kernels(model)
+        for i in range(len(shapes)):
+            got = forms.get(f"layer{i}", "float")
+            if (form == "q8") != got.startswith("QLinear") or not (got.startswith("QLinear") or got.endswith("Integer")):
+                raise RuntimeError(f"probe {shapes[i]} {form}: the QDQ rewrite gave {got}")
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), x_shape
+
+
+def probe(shape: Shape, form: str, seed: int = 0) -> tuple[bytes, tuple[int, ...]]:
+    """One layer alone (probe_chain of one)."""
+    return probe_chain([shape], form, seed)
+
+
+def partner(shape: Shape) -> Shape:
+    """The layer that maps `shape`'s output back to its input channels (stride 1, same kernel):
+    X -> partner(X) can be repeated, so a chain of both measures them in the middle of a network."""
+    if shape.kind == "dense":
+        return Shape("dense", shape.cout, shape.cin)
+    return Shape(shape.kind, shape.cout, shape.cin, shape.out_hw, shape.k, 1)
+
+
+def emul_probe(n: int, times: int = 1) -> tuple[bytes, tuple[int, ...]]:
+    """The float-op rounding of n elements, as the converter writes it (layers.py), `times` times."""
+    g = GraphBuilder()
+    y = "input"
+    for _ in range(times):
+        sc, zc = g.const(np.float32(0.02)), g.const(np.float32(3.0))
+        r = g.node("Add", [g.node("Round", [g.node("Div", [y, sc])]), zc])
+        r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(65535.0))])
+        y = g.node("Mul", [g.node("Sub", [r, zc]), sc])
+    return _model(g, (1, n), y, (1, n)).SerializeToString(), (1, n)
+
+
+ELTWISE_OPS = ("Relu", "Add", "Transpose", "MaxPool")
+
+
+def eltwise_probe(n: int, op: str, times: int = 1) -> tuple[bytes, tuple[int, ...]]:
+    """`times` unfused ops in a row on about n elements: ReLU, a residual Add (x + relu(x)), a
+    layout Transpose (NCHW <-> NHWC), or a 2x2 MaxPool that keeps the size (stride 1, padded)."""
+    c = max(1, int(round(n / 64)))
+    shape = (1, c, 8, 8)
+    g = GraphBuilder()
+    y = "input"
+    for i in range(times):
+        if op == "MaxPool":
+            y = g.node("MaxPool", [y], kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1])
+        elif op == "Add":
+            y = g.node("Add", [y, g.node("Relu", [y])]) if i == 0 else g.node("Add", [y, y])
+        elif op == "Transpose":
+            y = g.node("Transpose", [y], perm=[0, 2, 3, 1] if i % 2 == 0 else [0, 3, 1, 2])
+        else:
+            y = g.node("Relu", [y])
+    out = (1, 8, 8, c) if op == "Transpose" and times % 2 else shape
+    return _model(g, shape, y, out).SerializeToString(), shape
+
+
+def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+
+
+def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
+    """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3."""
+    rng = np.random.default_rng(seed)
+    out: list[Shape] = []
+    for _ in range(n):
+        out.append(Shape("dense", _log_int(rng, 8, 2048), _log_int(rng, 8, 1024)))
+        hw, k, s = int(rng.choice([4, 7, 8, 14, 16, 28, 32])), int(rng.choice([1, 3, 3, 5])), int(rng.choice([1, 1, 2]))
+        budget = 6e6  # keep a probe under a few ms: MACs <= budget
+        cin, cout = _log_int(rng, 1, 256), _log_int(rng, 2, 256)
+        while cin * cout * k * k * (hw // s) ** 2 > budget and max(cin, cout) > 4:
+            cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
+        out.append(Shape("conv", cin, cout, hw, k, s))
+        c = _log_int(rng, 8, 768)
+        out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
+    return out
+
+
+def layer_shapes(layers: Sequence, keeps: Iterable[float] = (1.0, 0.5)) -> list[Shape]:
+    """The shapes a model's layers take under channel pruning: every pair of kept fractions of
+    their input and output channels from `keeps` (default all and half)."""
+    out: set[Shape] = set()
+    keeps = tuple(keeps)
+    for l in layers:
+        cin, cout = int(l.kernel_shape[-2]) * (l.groups if l.kind == "depthwise" else 1), l.out_channels
+        for ki in keeps:
+            for ko in keeps:
+                i, o = max(1, round(cin * ki)), max(1, round(cout * ko))
+                if l.kind == "dense":
+                    out.add(Shape("dense", int(l.kernel_shape[0] * ki) or 1, o))
+                elif l.kind == "depthwise":
+                    out.add(Shape("depthwise", o, o, int(l.in_shape[0]), int(l.kernel_shape[0]),
+                                  max(1, int(l.in_shape[0]) // max(int(l.out_shape[0]), 1))))
+                else:
+                    out.add(Shape("conv", i, o, int(l.in_shape[0]), int(l.kernel_shape[0]),
+                                  max(1, int(l.in_shape[0]) // max(int(l.out_shape[0]), 1))))
+    return sorted(out, key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride))
+
+
+def _session(model: bytes, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def fastest_us(sess, x: np.ndarray, min_s: float, min_runs: int = 20) -> float:
+    """Fastest run (microseconds) over at least `min_s` seconds and `min_runs` runs, after warm-up.
+
+    Other work on the machine only ever slows a run down, so the fastest run is the most
+    repeatable estimate of the kernel's own time (as Python's `timeit` advises); the cost-truth
+    bench measures exports the same way."""
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(3):
+        sess.run(None, feed)
+    best, n, start = np.inf, 0, time.perf_counter()
+    while n < min_runs or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best * 1e6
+
+
+def _relu_chain(n: int) -> bytes:
+    g = GraphBuilder()
+    y = "input"
+    for _ in range(n):
+        y = g.node("Relu", [y])
+    return _model(g, (1, 16), y, (1, 16)).SerializeToString()
+
+
+def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
+                    rounds: int = 2, progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[list[tuple[str, list[float], float]], float]:
+    """Time every shape in every form, and the emul and eltwise ops at `sizes` elements (default
+    16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
+
+    f32 and q8 layers are measured where they run in a network, between other layers of their
+    form: a shape X (at stride 1) and its partner P (back to X's input channels) as X, P, X, P
+    against X, P; the difference is one X and one P in the middle of a chain (no layout reorders,
+    quantize or dequantize at its ends: those belong to the network's first and last layers), and
+    the sample's features are X's plus P's (the predictors are linear in them). i8 layers (float
+    output, their input quantization and output scaling included), emul and eltwise ops are
+    measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
+    33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
+    interleaved rounds (the fastest run of all rounds is kept)."""
+    jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
+        ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
+    for s in shapes:
+        flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
+        pair = partner(flat)
+        feats = np.add(flat.features(), pair.features()).tolist()
+        for form in ("f32", "q8"):
+            jobs.append(("", *probe_chain([flat, pair], form), [], -1))
+            jobs.append((f"{s.kind}_{form}", *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
+        jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
+    sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
+    for n in sizes:
+        jobs.append(("emul", *emul_probe(n), gemm_features(float(n), 1.0, 1.0), 0))
+        for op in ELTWISE_OPS:
+            model, xs = eltwise_probe(n, op)
+            jobs.append(("eltwise", model, xs, gemm_features(float(np.prod(xs)), 1.0, 1.0), 0))
+    rng = np.random.default_rng(0)
+    sessions = [(_session(m, threads), rng.random(xs, dtype=np.float32)) for _, m, xs, _, _ in jobs]
+    best = np.full(len(jobs), np.inf)
+    for r in range(rounds):
+        for i, (sess, x) in enumerate(sessions):
+            best[i] = min(best[i], fastest_us(sess, x, min_s))
+            if progress is not None:
+                progress(r * len(jobs) + i + 1, rounds * len(jobs))
+    op_us = max((best[1] - best[0]) / 32, 0.0)
+    base = max(best[0] - op_us, 0.1)
+    samples = []
+    for (name, _, _, feats, ref), us in zip(jobs, best):
+        if not name:
+            continue
+        t = us - (base if ref == 0 else best[ref])
+        if t > 0.02 * us:  # a difference lost in timing noise says nothing
+            samples.append((name, feats, float(t)))
+    return samples, float(base)
+
+
+def runtime_name(threads: int) -> str:
+    """What a calibration measured, for the profile file."""
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider, {threads} thread(s), batch 1, fastest run"
+
+
+def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, rounds: int = 2,
+                      sizes: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[KernelModel, dict]:
+    """Measure the probes and fit the predictors: (KernelModel, report).
+
+    The report holds the fit's errors on its own samples and, as a check of the predictor's
+    form, those of a refit on every other sample tested on the rest (not used for the model)."""
+    t0 = time.perf_counter()
+    samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress)
+    model = K.fit(samples, base, runtime_name(threads))
+    report: dict = {"kernels_timed": len(samples), "inference_us": float(base)}
+    err = np.abs(K.relative_errors(model, samples))
+    report.update(fit_median_error=float(np.median(err)), fit_within_10pct=float(np.mean(err <= 0.10)))
+    try:
+        half = K.fit(samples[0::2], base, "check")
+        err = np.abs(K.relative_errors(half, samples[1::2]))
+        report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))
+    except ValueError:
+        pass
+    report["seconds"] = time.perf_counter() - t0
+    report["per_kernel"] = {k: int(sum(1 for n, _, _ in samples if n == k)) for k in KERNELS}
+    return model, report
