@@ -3,18 +3,23 @@
     python -m bench.bench_cost [--plans K]
 
 A 20-layer CNN-like stack (convs, depthwise convs and dense layers), K random plans priced in
-one vectorised call on every shipped profile; JSON to bench/out/bench_cost.json.
+one vectorised call on every shipped profile (roofline latency) and on a profile with
+kernel-level predictors (search.cost.kernels; `--profile FILE` adds calibrated ones, e.g. from
+`hwcompress profiles calibrate`: the work does not depend on the coefficients' values, so without
+one a synthetic set stands in); JSON to bench/out/bench_cost.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
-from hw_profiles import list_profiles, load_profile
+from hw_profiles import KERNELS, KernelModel, list_profiles, load_profile
 from search.compression import plan as P
 from search.cost.roofline import price
 from search.compression.layers import Layer
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plans", type=int, default=4096, help="plans per call (default 4096)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="append", default=[], help="also a profile TOML (repeatable)")
     args = ap.parse_args(argv)
     layers = twenty_layers()
     rng = np.random.default_rng(0)
@@ -58,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                    act_bits=rng.choice(P.ACT_BITS, (k, n)).astype(np.int32),
                    quant_mode=rng.integers(0, 2, (k, n)).astype(np.int32))
     rows = {}
-    for name in list_profiles():
-        prof = load_profile(name)
+    kernels = KernelModel(inference_us=10.0, coef=MappingProxyType({k: (1.0,) + (1e-3,) * 7 for k in KERNELS}), runtime="synthetic")
+    profiles = [load_profile(n) for n in list_profiles()] + [dataclasses.replace(load_profile("xeon"), name="kernels", kernels=kernels)]
+    profiles += [load_profile(f) for f in args.profile]
+    for prof in profiles:
+        name = prof.name
         price(prof, layers, plans)  # warm the layer-array cache
         best = min(_timed(lambda: price(prof, layers, plans)) for _ in range(args.repeats))
         first = P.Plan(*(np.asarray(getattr(plans, f))[:1] for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")))

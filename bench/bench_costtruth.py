@@ -1,19 +1,25 @@
-"""Cost-model truth: export >= 20 variants of lenet300 and lenet5, time them in onnxruntime on
-this machine, and compare with the latency a profile calibrated here predicts.
+"""Cost-model truth: export variants of lenet300, lenet5, resnet20 and mobilenetv2, time them in
+onnxruntime on this machine, and compare with the latency that profiles calibrated here predict.
 
-Part A (latency): both models at Fashion-MNIST shape (28x28x1) from their initial params (latency
-does not depend on the weights' values, so no training), variants spanning channel /
-unstructured / N:M pruning, uniform and codebook quantization, bit widths 2..16 and float.
-Every model is measured at batch 1 with onnxruntime pinned to ONE intra-op thread (the machine
-is shared), in interleaved rounds (contention from other users only slows runs, so the fastest round's
-median is kept). The profile is fitted
-(search.calibrate.fit_profile) on half of the variants and tested on the other half: Kendall tau,
-median absolute percentage error, share within +-10%. Targets: tau >= 0.9, MdAPE <= 15%.
+Part A (latency): every model at Fashion-MNIST shape (28x28x1) from its initial variables
+(latency does not depend on the weights' values, so no training; BatchNorm is folded as in any
+export), variants spanning channel / unstructured / N:M pruning, uniform and codebook
+quantization, bit widths 2..16 and float, mixed. Every export is timed at batch 1 with
+onnxruntime on ONE intra-op thread, in interleaved rounds; the estimate is the fastest run
+(contention from other work only slows runs down), the statistic calibration uses too.
+Each of `--repeats` repeats times the exports again, calibrates the kernel-level predictors
+again (`hwcompress profiles calibrate`: one-layer probes over sampled shapes, a different sample
+each repeat; "kernels"), again with the shapes the four models' layers take added ("kernels+models",
+as `profiles calibrate --study` does) and the roofline micro-benchmarks ("roofline"), then scores
+the three profiles: as calibrated (no fit on exports), and fitted (search.cost.calibrate.fit_profile) on one half, tested on the other:
+a random half, LeNets -> CNNs, CNNs -> LeNets. Reported: median and range over repeats of
+Kendall tau, median absolute percentage error, share within +-10%.
 Part B (speedup): lenet5 on digits (trained baseline from the cache), a few variants
 fine-tuned briefly; the fastest within 0.5 points of the baseline's test accuracy, against the
 fp32 ONNX export of the same model. JSON goes to bench/out/costtruth.json.
 
-    python -m bench.bench_costtruth [--rounds R] [--runs N] [--analyze-only]
+    python -m bench.bench_costtruth [--models lenet300,lenet5,resnet20,mobilenetv2] [--repeats 3]
+        [--rounds 5] [--runs 40] [--kernel-shapes 40] [--skip-speedup]
 """
 from __future__ import annotations
 
@@ -61,9 +67,9 @@ def variants(num_layers: int) -> list[tuple[str, dict]]:
 def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]:
     """Time every model in `rounds` interleaved rounds of `runs` runs (one thread, batch 1).
 
-    Other processes share this machine, and contention only ever slows a run down, so the
-    estimate is the fastest round's median ("robust_ms"); the median over all runs is kept too.
-    """
+    Other processes share this machine, and contention only ever slows a run down: the estimate
+    is the fastest run of all rounds ("fastest_ms", the statistic `profiles calibrate` times its
+    kernel probes with), and the fastest round's median ("robust_ms") is kept too."""
     from search.cost.measure import session, summarize, time_session
 
     sessions, inputs = [], []
@@ -79,40 +85,65 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]
             ms = time_session(sess, x, runs, 10)
             per_round[i].append(float(np.median(ms)))
             all_runs[i].append(ms)
-    return [{**summarize(np.concatenate(a)), "robust_ms": min(r), "round_medians_ms": r}
-            for a, r in zip(all_runs, per_round)]
+    return [{**summarize(np.concatenate(a)), "robust_ms": min(r), "fastest_ms": float(np.concatenate(a).min()),
+             "round_medians_ms": r} for a, r in zip(all_runs, per_round)]
 
 
-def collect(rounds: int, runs: int) -> list[dict]:
-    """Part A: export and time every variant of both models (fashion-mnist shape, init params)."""
+MODELS = ("lenet300", "lenet5", "resnet20", "mobilenetv2")
+LENETS = ("lenet300", "lenet5")
+CNN_VARIANTS = ("fp32", "w8a8", "w4a8", "w8a16", "w16a16", "cb4", "ch25", "ch50", "ch75", "ch50-w8a8", "ch75-w8a8",
+                "ch75-w4a8", "un90", "mixed")
+
+
+def _task(model: str, examples: int = 256):
+    """The model on Fashion-MNIST with validation and test cut to `examples` (latency does not
+    depend on them; the export checks agreement on them)."""
+    import dataclasses
+
     import models
+
+    task = models.get_task(model, "fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist")
+    d = task.data
+    return dataclasses.replace(task, data=dataclasses.replace(d, x_val=d.x_val[:examples], y_val=d.y_val[:examples],
+                                                              x_test=d.x_test[:examples], y_test=d.y_test[:examples]))
+
+
+def _layers(model: str):
+    from search.compression.layers import discover_layers, task_model
+
+    task = _task(model, 8)
+    return discover_layers(*task_model(task, task.init_variables()), np.zeros((1, 28, 28, 1), np.float32))
+
+
+def collect(models_: tuple[str, ...], where: Path) -> list[dict]:
+    """Export every variant of every model into `where` (Fashion-MNIST shape, initial variables,
+    no training: latency does not depend on the weights' values); returns the records."""
     from search.engine.config import FinetuneConfig
     from search.engine.finetune import Engine
     from search.export.exporter import export_plan
     from search.compression.plan import make_plan
     from search.study.space import plan_to_dict
 
-    records, paths = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for model in ("lenet300", "lenet5"):
-            task = models.get_task(model, "fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist")
-            params = task.init_params()
-            t0 = time.perf_counter()
-            eng = Engine(task, params, FinetuneConfig(steps=0, k=1, eval_batch=1000))
-            for name, kw in variants(len(eng.layers)):
-                plan = make_plan(**kw)
-                out = Path(tmp, f"{model}-{name}")
-                r = export_plan(task, params, plan, out, engine=eng)
-                paths.append(out / "model.onnx")
-                records.append({"model": model, "variant": name, "plan": plan_to_dict(plan),
-                                "onnx_out_channels": [l["onnx_out_channels"] for l in r.config["layers"]],
-                                "forms": [l["onnx_form"] for l in r.config["layers"]], "onnx_agreement": r.onnx_agreement,
-                                "onnx_max_abs_diff": r.onnx_max_abs_diff})
-            print(f"{model}: {len(records)} exports, {time.perf_counter() - t0:.0f} s", flush=True)
-        for rec, m in zip(records, measure_interleaved(paths, rounds, runs)):
-            rec.update(m)
-            print(f"{rec['model']:9s} {rec['variant']:10s} {m['robust_ms'] * 1e3:8.1f} us (median of all {m['median_ms'] * 1e3:.1f}, "
-                  f"p10 {m['p10_ms'] * 1e3:.1f}, p90 {m['p90_ms'] * 1e3:.1f})  channels {rec['onnx_out_channels']}  {rec['forms']}", flush=True)
+    records = []
+    for model in models_:
+        task = _task(model)
+        variables = task.init_variables()
+        t0 = time.perf_counter()
+        eng = Engine(task, variables, FinetuneConfig(steps=0, k=1, eval_batch=256))
+        free = np.array([layer.fixed is None for layer in eng.layers])
+        for name, kw in variants(len(eng.layers)):
+            if model not in LENETS and name not in CNN_VARIANTS:
+                continue
+            kw = dict(kw)
+            kw["ratio"] = np.where(free, kw["ratio"], 0.0)
+            plan = make_plan(**kw)
+            out = where / f"{model}-{name}"
+            r = export_plan(task, variables, plan, out, engine=eng, force=True)
+            records.append({"model": model, "variant": name, "plan": plan_to_dict(plan), "path": str(out / "model.onnx"),
+                            "onnx_out_channels": [l["onnx_out_channels"] for l in r.config["layers"]],
+                            "forms": [l["onnx_form"] for l in r.config["layers"]], "onnx_agreement": r.onnx_agreement,
+                            "onnx_max_abs_diff": r.onnx_max_abs_diff, "kept_back": r.config["onnx_kept_back"]})
+        print(f"{model}: {sum(r['model'] == model for r in records)} exports, {time.perf_counter() - t0:.0f} s", flush=True)
     return records
 
 
@@ -122,45 +153,61 @@ def kendall_tau(a, b) -> float:
     return float(kendalltau(a, b).statistic)
 
 
-def analyze(records: list[dict], machine: dict) -> dict:
-    """Predictions of the micro-benchmark calibrated profile as it is, then of that profile
-    fitted on half the variants (alternate by measured rank), tested on the other half."""
-    try:
-        import models
-        from search.cost.calibrate import calibrated_profile, fit_profile
-        from search.cost.roofline import price
-        from search.compression.layers import discover_layers
-        from search.compression.plan import stack_plans
-        from search.study.space import plan_from_dict
-    except ImportError as e:
-        return {"error": f"{e}: measurements saved, analysis skipped (rerun with --analyze-only)"}
-    layers = {}
-    for model in {r["model"] for r in records}:
-        task = models.get_task(model, "fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist")
-        layers[model] = discover_layers(task.module, task.init_params(), np.zeros((1, 28, 28, 1), np.float32))
-    order = sorted(range(len(records)), key=lambda i: records[i]["robust_ms"])
-    fit_idx, test_idx = sorted(order[0::2]), sorted(order[1::2])
-    base = calibrated_profile(machine)
-    samples = [(layers[records[i]["model"]], plan_from_dict(records[i]["plan"]), records[i]["robust_ms"]) for i in fit_idx]
-    profile = fit_profile(base, samples)
+def _scores(pred: np.ndarray, meas: np.ndarray) -> dict:
+    ape = np.abs(pred - meas) / meas
+    return {"n": int(len(meas)), "kendall_tau": kendall_tau(pred, meas), "mdape": float(np.median(ape)),
+            "within_10pct": float(np.mean(ape <= 0.10))}
 
-    def predict(prof, i):
-        r = records[i]
-        return float(np.asarray(price(prof, layers[r["model"]], stack_plans([plan_from_dict(r["plan"])])).latency_ms)[0])
 
-    out = {"profile": profile.name, "fitted": {"peak_gops": dict(profile.peak_gops), "efficiency": dict(profile.efficiency),
-                                               "bandwidth_gbs": profile.bandwidth_gbs, "onchip_bandwidth_gbs": profile.onchip_bandwidth_gbs,
-                                               "layer_overhead_us": profile.layer_overhead_us}}
+def analyze(records: list[dict], measured: list[float], profiles: dict) -> dict:
+    """Scores of each profile ({label: profile}) as calibrated, and fitted (search.cost.calibrate.
+    fit_profile) on one half and tested on the other: a random half (alternate by measured
+    rank), LeNets -> CNNs and CNNs -> LeNets."""
+    from search.cost.calibrate import fit_profile
+    from search.cost.roofline import price
+    from search.compression.plan import stack_plans
+    from search.study.space import plan_from_dict
+
+    layers = {m: _layers(m) for m in {r["model"] for r in records}}
+    meas = np.asarray(measured, np.float64)
+    plans = [plan_from_dict(r["plan"]) for r in records]
+
+    def predict(prof, idx):
+        return np.array([float(np.asarray(price(prof, layers[records[i]["model"]], stack_plans([plans[i]])).latency_ms)[0])
+                         for i in idx])
+
+    def fitted(base, idx):
+        return fit_profile(base, [(layers[records[i]["model"]], plans[i], meas[i]) for i in idx])
+
     every = list(range(len(records)))
-    for split, prof, idx in (("calibrated_all", base, every), ("test", profile, test_idx), ("fit", profile, fit_idx),
-                             ("all", profile, every)):
-        pred = np.array([predict(prof, i) for i in idx])
-        meas = np.array([records[i]["robust_ms"] for i in idx])
-        ape = np.abs(pred - meas) / meas
-        out[split] = {"n": len(idx), "kendall_tau": kendall_tau(pred, meas), "mdape": float(np.median(ape)),
-                      "within_10pct": float(np.mean(ape <= 0.10)),
-                      "rows": [{"model": records[i]["model"], "variant": records[i]["variant"],
-                                "measured_ms": float(m), "predicted_ms": float(p)} for i, m, p in zip(idx, meas, pred)]}
+    order = sorted(every, key=lambda i: meas[i])
+    lenet = [i for i in every if records[i]["model"] in LENETS]
+    cnn = [i for i in every if records[i]["model"] not in LENETS]
+    splits = {"random half": (sorted(order[0::2]), sorted(order[1::2]))}
+    if lenet and cnn:
+        splits.update({"LeNets -> CNNs": (lenet, cnn), "CNNs -> LeNets": (cnn, lenet)})
+    out: dict = {}
+    for label, base in profiles.items():
+        pred = predict(base, every)
+        res = {"calibrated": {**_scores(pred, meas), "predicted_ms": pred.tolist()}}
+        if cnn:
+            res["calibrated CNNs"] = _scores(pred[cnn], meas[cnn])
+        for name, (fit_idx, test_idx) in splits.items():
+            res[f"fitted: {name}"] = _scores(predict(fitted(base, fit_idx), test_idx), meas[test_idx])
+        out[label] = res
+    return out
+
+
+def summarize_repeats(analyses: list[dict]) -> dict:
+    """Median and range over repeats of every score."""
+    out: dict = {}
+    for label in analyses[0]:
+        out[label] = {}
+        for split, scores in analyses[0][label].items():
+            out[label][split] = {k: {"median": float(np.median([a[label][split][k] for a in analyses])),
+                                     "min": float(np.min([a[label][split][k] for a in analyses])),
+                                     "max": float(np.max([a[label][split][k] for a in analyses]))}
+                                 for k in ("kendall_tau", "mdape", "within_10pct")} | {"n": scores["n"]}
     return out
 
 
@@ -209,39 +256,69 @@ def speedup(rounds: int, runs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
-    ap.add_argument("--runs", type=int, default=50, help="timed runs per model and round (default 50)")
-    ap.add_argument("--analyze-only", action="store_true", help="re-analyse bench/out/costtruth.json")
-    ap.add_argument("--remeasure-machine", action="store_true", help="with --analyze-only: rerun the micro-benchmarks")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of calibration + timing (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per repeat (default 5)")
+    ap.add_argument("--runs", type=int, default=40, help="timed runs per model and round (default 40)")
+    ap.add_argument("--kernel-shapes", type=int, default=40, help="sampled shapes per layer kind for calibration (default 40)")
+    ap.add_argument("--min-s", type=float, default=0.04, help="seconds of timing per kernel probe and round (default 0.04)")
+    ap.add_argument("--skip-speedup", action="store_true", help="leave out part B (lenet5 digits speed-up)")
+    ap.add_argument("--exports", default=None,
+                    help="keep the exports in this directory and reuse them when it holds records.json (default: a temporary one)")
     args = ap.parse_args(argv)
+    from search.cost.calibrate import calibrated_profile, measure_machine
+    from search.export.kernel_probes import calibrate_kernels, layer_shapes, sampled_shapes
+
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "costtruth.json"
-    if args.analyze_only:
-        data = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory()
+    where = Path(args.exports) if args.exports else Path(tmp.name)
+    saved = where / "records.json"
+    if args.exports and saved.is_file():
+        records = [r for r in json.loads(saved.read_text()) if r["model"] in args.models.split(",")]
     else:
-        t0 = time.perf_counter()
-        data = {"threads": 1, "batch": 1, "rounds": args.rounds, "runs_per_round": args.runs,
-                "estimate": "fastest round's median (robust_ms)", "records": collect(args.rounds, args.runs)}
-        path.write_text(json.dumps(data, indent=1))  # measurements first: they are the expensive part
+        where.mkdir(parents=True, exist_ok=True)
+        records = collect(tuple(args.models.split(",")), where)
+        saved.write_text(json.dumps(records, indent=1, default=float))
+    data: dict = {"threads": 1, "batch": 1, "rounds": args.rounds, "runs_per_round": args.runs,
+                  "estimate": "fastest run over all rounds (fastest_ms)", "records": records, "repeats": []}
+    with tmp:
+        for rep in range(args.repeats):
+            t1 = time.perf_counter()
+            timing = measure_interleaved([Path(r["path"]) for r in records], args.rounds, args.runs)
+            generic = sampled_shapes(args.kernel_shapes, seed=rep)
+            kernels, report = calibrate_kernels(generic, min_s=args.min_s)
+            # as `profiles calibrate --study` does: the shapes the models' layers take, too
+            own = sorted({s for m in {r["model"] for r in records} for s in layer_shapes(_layers(m))},
+                         key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride))
+            kernels_own, report_own = calibrate_kernels(generic + own, min_s=args.min_s)
+            machine = measure_machine(threads=1)
+            profiles = {"kernels": calibrated_profile(machine, name="this-machine", kernels=kernels),
+                        "kernels+models": calibrated_profile(machine, name="this-machine-models", kernels=kernels_own),
+                        "roofline": calibrated_profile(machine, name="this-machine-roofline")}
+            measured = [m["fastest_ms"] for m in timing]
+            analysis = analyze(records, measured, profiles)
+            data["repeats"].append({"timing": timing, "calibration": report, "calibration_models": report_own,
+                                    "machine": machine, "analysis": analysis, "seconds": time.perf_counter() - t1})
+            path.write_text(json.dumps(data, indent=1, default=float))
+            k = analysis["kernels"]
+            print(f"repeat {rep + 1}: calibration {report['seconds']:.0f} s ({report['kernels_timed']} kernels, held-out "
+                  f"median error {report.get('held_out_median_error', float('nan')) * 100:.1f}%); calibrated tau "
+                  f"{k['calibrated']['kendall_tau']:.3f} MdAPE {k['calibrated']['mdape'] * 100:.1f}% within10 "
+                  f"{k['calibrated']['within_10pct'] * 100:.0f}%", flush=True)
+    data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
+    if not args.skip_speedup:
         data["speedup"] = speedup(args.rounds, args.runs)
-        data["seconds"] = time.perf_counter() - t0
-        path.write_text(json.dumps(data, indent=1))
-    if args.analyze_only and "machine" in data and not args.remeasure_machine:
-        machine = data["machine"]
-    else:
-        from search.cost.calibrate import measure_machine
-
-        machine = data["machine"] = measure_machine(threads=1)
-    data["analysis"] = analyze(data["records"], machine)
-    path.write_text(json.dumps(data, indent=1))
-    a, s = data["analysis"], data["speedup"]
-    if "error" in a:
-        print(a["error"])
-    else:
-        for split in ("calibrated_all", "test", "all"):
-            t = a[split]
-            print(f"{split:14s} n={t['n']:2d}  Kendall tau {t['kendall_tau']:.3f} (target >= 0.9)  "
-                  f"MdAPE {t['mdape'] * 100:.1f}% (target <= 15%)  within +-10%: {t['within_10pct'] * 100:.0f}%")
+    data["seconds"] = time.perf_counter() - t0
+    path.write_text(json.dumps(data, indent=1, default=float))
+    for label, res in data["summary"].items():
+        for split, sc in res.items():
+            f = lambda k, pct=False: (f"{sc[k]['median'] * (100 if pct else 1):.{0 if pct else 2}f} "
+                                      f"({sc[k]['min'] * (100 if pct else 1):.{0 if pct else 2}f}-{sc[k]['max'] * (100 if pct else 1):.{0 if pct else 2}f})")
+            print(f"{label:8s} {split:24s} n={sc['n']:2d}  tau {f('kendall_tau')}  MdAPE% {f('mdape', True)}  "
+                  f"within10% {f('within_10pct', True)}")
+    s = data.get("speedup") or {}
     if s.get("fastest_within_0.5pt"):
         b = s["fastest_within_0.5pt"]
         print(f"lenet5/digits: fastest within 0.5 pt of {s['baseline_test_accuracy']:.4f}: {b['variant']} "
