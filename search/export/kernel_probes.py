@@ -12,8 +12,9 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
   per size; the predictor is their average cost).
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
-Each probe is timed at batch 1 with `threads` intra-op threads; the per-inference cost (an
-empty-ish graph) is measured separately and subtracted, so a sample is the kernel's own time.
+Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
+middle of a chain (four layers against two), the others alone less the per-inference cost, so a
+sample is the kernel's own time (measure_kernels).
 """
 from __future__ import annotations
 
@@ -137,38 +138,33 @@ def partner(shape: Shape) -> Shape:
     return Shape(shape.kind, shape.cout, shape.cin, shape.out_hw, shape.k, 1)
 
 
-def emul_probe(n: int, times: int = 1) -> tuple[bytes, tuple[int, ...]]:
-    """The float-op rounding of n elements, as the converter writes it (layers.py), `times` times."""
+def emul_probe(n: int) -> tuple[bytes, tuple[int, ...]]:
+    """The float-op rounding of n elements, as the converter writes it (layers.py)."""
     g = GraphBuilder()
-    y = "input"
-    for _ in range(times):
-        sc, zc = g.const(np.float32(0.02)), g.const(np.float32(3.0))
-        r = g.node("Add", [g.node("Round", [g.node("Div", [y, sc])]), zc])
-        r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(65535.0))])
-        y = g.node("Mul", [g.node("Sub", [r, zc]), sc])
+    sc, zc = g.const(np.float32(0.02)), g.const(np.float32(3.0))
+    r = g.node("Add", [g.node("Round", [g.node("Div", ["input", sc])]), zc])
+    r = g.node("Clip", [r, g.const(np.float32(0)), g.const(np.float32(65535.0))])
+    y = g.node("Mul", [g.node("Sub", [r, zc]), sc])
     return _model(g, (1, n), y, (1, n)).SerializeToString(), (1, n)
 
 
 ELTWISE_OPS = ("Relu", "Add", "Transpose", "MaxPool")
 
 
-def eltwise_probe(n: int, op: str, times: int = 1) -> tuple[bytes, tuple[int, ...]]:
-    """`times` unfused ops in a row on about n elements: ReLU, a residual Add (x + relu(x)), a
-    layout Transpose (NCHW <-> NHWC), or a 2x2 MaxPool that keeps the size (stride 1, padded)."""
+def eltwise_probe(n: int, op: str) -> tuple[bytes, tuple[int, ...]]:
+    """One unfused op on about n elements: ReLU, a residual Add (x + relu(x)), a layout Transpose
+    (NCHW -> NHWC), or a 2x2 MaxPool."""
     c = max(1, int(round(n / 64)))
     shape = (1, c, 8, 8)
     g = GraphBuilder()
-    y = "input"
-    for i in range(times):
-        if op == "MaxPool":
-            y = g.node("MaxPool", [y], kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1])
-        elif op == "Add":
-            y = g.node("Add", [y, g.node("Relu", [y])]) if i == 0 else g.node("Add", [y, y])
-        elif op == "Transpose":
-            y = g.node("Transpose", [y], perm=[0, 2, 3, 1] if i % 2 == 0 else [0, 3, 1, 2])
-        else:
-            y = g.node("Relu", [y])
-    out = (1, 8, 8, c) if op == "Transpose" and times % 2 else shape
+    if op == "MaxPool":
+        y, out = g.node("MaxPool", ["input"], kernel_shape=[2, 2], strides=[2, 2]), (1, c, 4, 4)
+    elif op == "Add":
+        y, out = g.node("Add", ["input", g.node("Relu", ["input"])]), shape
+    elif op == "Transpose":
+        y, out = g.node("Transpose", ["input"], perm=[0, 2, 3, 1]), (1, 8, 8, c)
+    else:
+        y, out = g.node("Relu", ["input"]), shape
     return _model(g, shape, y, out).SerializeToString(), shape
 
 
