@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
                          "and bandwidth micro-benchmarks, are kept for memory and lower bounds). --study adds the "
                          "shapes that study's layers take under channel pruning.")
     cal.add_argument("--out", required=True, help="TOML file to write")
-    cal.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
+    cal.add_argument("--name", default=None, help="profile name (default: the --out file's name without .toml)")
     cal.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, as `measure --threads` (default 1)")
     cal.add_argument("--seconds", type=float, default=0.3, help="timing per micro-benchmark (default 0.3)")
     cal.add_argument("--kernel-shapes", type=int, default=40,
@@ -106,14 +106,23 @@ def _study_shapes(args: argparse.Namespace) -> list:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
     import hw_profiles
     from search.cost.calibrate import calibrated_profile, measure_machine, profile_toml
 
     out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: pass a file path such as {out / 'this-machine.toml'}")
     if out.exists() and not args.force:
         raise UserError(f"{out} exists: pass --force to overwrite it, or another --out")
-    if args.threads < 1 or args.seconds <= 0:
-        raise UserError(f"--threads {args.threads} must be >= 1 and --seconds {args.seconds} > 0")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be >= 1")
+    if args.seconds <= 0:
+        raise UserError(f"--seconds {args.seconds} must be > 0")
+    name = out.stem if args.name is None else args.name
+    if not name.strip():
+        raise UserError("--name must not be empty: pass a profile name such as this-machine")
     if args.kernel_shapes < 3:
         raise UserError(f"--kernel-shapes {args.kernel_shapes} must be >= 3 (a predictor per kernel kind needs several shapes)")
     if not out.parent.is_dir():
@@ -138,9 +147,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
             raise UserError(f"{e}: rerun with a larger --kernel-shapes or --seconds on a quieter machine") from None
         note = (f"{report['kernels_timed']} kernels timed in {report['seconds']:.0f} s"
                 + (f" (with the shapes of study {args.study})" if args.study else "")
-                + f"; held-out check: median error {report.get('held_out_median_error', float('nan')) * 100:.1f}%")
+                + ("; held-out check: median error " + (f"{report['held_out_median_error'] * 100:.1f}%"
+                   if np.isfinite(report.get("held_out_median_error", np.nan)) else "n/a (too few shapes per kind)")))
     m = measure_machine(threads=args.threads, min_s=args.seconds)
-    profile = calibrated_profile(m, name=args.name, kernels=kernels)
+    profile = calibrated_profile(m, name=name, kernels=kernels)
     text = profile_toml(profile, m, note=note)
     hw_profiles.profile_from_text(text, str(out))  # what we write must load like the others
     out.write_text(text, encoding="utf-8")

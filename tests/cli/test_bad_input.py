@@ -104,6 +104,12 @@ CASES = [
     # the user's own trained weights for a zoo model, with the right names but wrong shapes
     ("wrong-shape-safetensors", search("--weights", "{F}/wrong-shapes.safetensors"), "shape"),
     ("export-dir-without-export", ["measure", "{F}"], "config.json"),
+    # profiles calibrate: refused before any timing
+    ("calibrate-out-is-a-directory", ["profiles", "calibrate", "--out", "{F}", "--force"], "directory"),
+    ("calibrate-empty-name", ["profiles", "calibrate", "--out", "{F}/p.toml", "--name", " "], "--name"),
+    ("calibrate-negative-seconds", ["profiles", "calibrate", "--out", "{F}/p.toml", "--seconds", "-1"], "--seconds -1"),
+    ("calibrate-too-few-shapes", ["profiles", "calibrate", "--out", "{F}/p.toml", "--kernel-shapes", "1"], "--kernel-shapes"),
+    ("calibrate-unknown-study", ["profiles", "calibrate", "--out", "{F}/p.toml", "--study", "nope", "--results-dir", "{R}"], "nope"),
 ]
 
 

@@ -75,10 +75,6 @@ def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys):
     assert cli.main(["profiles", "calibrate", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0] and out.read_text() == text
-    # a study that is not there: one line, before any timing, nothing written
-    assert cli.main([*argv, "--force", "--study", "nope", "--results-dir", str(results)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope" in err[0] and out.read_text() == text
 
 
 def test_profiles_list_and_show_json(capsys):
