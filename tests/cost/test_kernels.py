@@ -37,8 +37,8 @@ LAYERS = (_conv(0, 3, 16, 8), _conv(1, 16, 16, 8, "depthwise", 0), _conv(2, 16, 
 
 @pytest.fixture(scope="module")
 def calibrated():
-    """A real calibration, as small as it gets: 4 shapes per kind, 3 sizes of elementwise ops."""
-    model, report = kp.calibrate_kernels(kp.sampled_shapes(4, seed=1), min_s=0.002, rounds=1, sizes=(64, 4096, 65536))
+    """A real calibration, as small as it gets: 4 shapes per kind, 4 sizes of elementwise ops."""
+    model, report = kp.calibrate_kernels(kp.sampled_shapes(4, seed=1), min_s=0.002, rounds=2, sizes=(256, 2048, 16384, 65536))
     return calibrated_profile(MACHINE, name="here", kernels=model), report
 
 
