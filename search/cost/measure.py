@@ -40,8 +40,9 @@ def read_config(export_dir: str | Path) -> dict:
     return config
 
 
-def session(model_path: str | Path, threads: int = 1) -> Any:
-    """An onnxruntime CPU session with full graph optimisation and `threads` intra-op threads."""
+def session(model_path: str | Path | bytes, threads: int = 1) -> Any:
+    """An onnxruntime CPU session with full graph optimisation and `threads` intra-op threads, of
+    a model file or of a serialized model (bytes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -51,9 +52,11 @@ def session(model_path: str | Path, threads: int = 1) -> Any:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        model = model_path if isinstance(model_path, bytes) else str(model_path)
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile types
-        raise UserError(f"{model_path} is corrupt or not an ONNX model ({str(e).splitlines()[0][:160]}); re-export it") from None
+        name = "the model" if isinstance(model_path, bytes) else model_path
+        raise UserError(f"{name} is corrupt or not an ONNX model ({str(e).splitlines()[0][:160]}); re-export it") from None
 
 
 def time_session(sess: Any, x: np.ndarray, runs: int, warmup: int) -> np.ndarray:

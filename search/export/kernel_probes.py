@@ -28,6 +28,7 @@ from onnx import TensorProto, helper
 
 from hw_profiles.schema import KERNELS, KernelModel
 from search.cost import kernels as K
+from search.cost.measure import session
 from search.export.onnx.graph import OPSET, GraphBuilder
 from search.export.onnx.qdq import integer_kernels
 
@@ -49,12 +50,7 @@ class Shape:
 
     def features(self) -> list[float]:
         """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in)."""
-        return gemm_features(self.out_hw ** 2, self.cout, self.k * self.k * (1 if self.kind == "depthwise" else self.cin))
-
-
-def gemm_features(m: float, n: float, k: float) -> list[float]:
-    """1, M, N, K, MN, MK, NK, MNK (search.cost.kernels.features for one layer)."""
-    return [1.0, m, n, k, m * n, m * k, n * k, m * n * k]
+        return K.features(self.out_hw ** 2, self.cout, self.k * self.k * (1 if self.kind == "depthwise" else self.cin)).tolist()
 
 
 def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> bytes:
@@ -210,17 +206,6 @@ def layer_shapes(layers: Sequence, keeps: Iterable[float] = (1.0, 0.5)) -> list[
     return sorted(out, key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride))
 
 
-def _session(model: bytes, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
 def fastest_us(sess, x: np.ndarray, min_s: float, min_runs: int = 20) -> float:
     """Fastest run (microseconds) over at least `min_s` seconds and `min_runs` runs, after warm-up.
 
@@ -274,12 +259,12 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
     sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
     for n in sizes:
-        jobs.append(("emul", *emul_probe(n), gemm_features(float(n), 1.0, 1.0), 0))
+        jobs.append(("emul", *emul_probe(n), K.features(n, 1, 1).tolist(), 0))
         for op in ELTWISE_OPS:
             model, xs = eltwise_probe(n, op)
-            jobs.append(("eltwise", model, xs, gemm_features(float(np.prod(xs)), 1.0, 1.0), 0))
+            jobs.append(("eltwise", model, xs, K.features(np.prod(xs), 1, 1).tolist(), 0))
     rng = np.random.default_rng(0)
-    sessions = [(_session(m, threads), rng.random(xs, dtype=np.float32)) for _, m, xs, _, _ in jobs]
+    sessions = [(session(m, threads), rng.random(xs, dtype=np.float32)) for _, m, xs, _, _ in jobs]
     best = np.full(len(jobs), np.inf)
     for r in range(rounds):
         for i, (sess, x) in enumerate(sessions):

@@ -14,6 +14,7 @@ from search.compression import plan as P
 from search.compression.layers import Layer
 from search.cost import kernels as K
 from search.cost.calibrate import calibrated_profile, fit_profile, profile_toml
+from search.cost.measure import session
 from search.cost.roofline import latency_by_kernel, price
 from search.export import kernel_probes as kp
 from tests.support import dense
@@ -48,7 +49,7 @@ def test_probes_run_as_the_export_forms_they_stand_for():
     for shape in (kp.Shape("dense", 40, 24), kp.Shape("conv", 3, 8, 8, 3, 2), kp.Shape("depthwise", 8, 8, 8, 3, 1)):
         for form in K.FORMS:
             model, xs = kp.probe(shape, form)
-            sess = kp._session(model, 1)
+            sess = session(model, 1)
             (y,) = sess.run(None, {"input": np.ones(xs, np.float32)})
             want = (1, shape.cout) if shape.kind == "dense" else (1, shape.cout, shape.out_hw, shape.out_hw)
             assert y.shape == want, (shape, form)
