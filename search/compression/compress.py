@@ -74,7 +74,7 @@ def _kernel_forward(w, scale, qmax, bits, keep) -> jax.Array:
 
 
 @jax.custom_vjp
-def effective_kernels(ws, masks, assigns, scales, bits, mode) -> list[jax.Array]:
+def effective_kernels(ws, masks, assigns, scales, bits, mode, any_codebook=None) -> list[jax.Array]:
     """The kernels the layers compute with (lists over layers; bits and mode [L]), quantized
     as the plan says. The kernels ws must already be masked (pruned weights exactly 0): the
     engine masks them once per trial and again after every optimizer update, so the hot path
@@ -93,14 +93,20 @@ def effective_kernels(ws, masks, assigns, scales, bits, mode) -> list[jax.Array]
     plans without a codebook skip. Differentiating through per-layer branches instead made
     JAX carry every branch's residuals through a conditional per layer and direction, which
     cost more per step than the quantization itself.
+
+    `any_codebook` (a scalar bool, or None: this plan's layers decide): whether the cluster sums
+    are computed at all. Under `vmap` over plans a predicate that differs per plan turns the
+    `lax.cond` into a select, so every plan paid for the scatter-add (K times the kernels'
+    size into K * L * SLOTS bins); the engine passes one flag for its whole group of K plans,
+    unbatched, and a group without codebook plans skips it.
     """
     keep = (bits >= FLOAT) | (weight_branch(bits, mode) == W_CODEBOOK)  # [L], for all layers at once
     qmax = quant.weight_qmax(bits)
     return [_kernel_forward(w, s, qmax[i], bits[i], keep[i]) for i, (w, s) in enumerate(zip(ws, scales))]
 
 
-def _kernels_fwd(ws, masks, assigns, scales, bits, mode):
-    return effective_kernels(ws, masks, assigns, scales, bits, mode), (masks, assigns, bits, mode)
+def _kernels_fwd(ws, masks, assigns, scales, bits, mode, any_codebook=None):
+    return effective_kernels(ws, masks, assigns, scales, bits, mode), (masks, assigns, bits, mode, any_codebook)
 
 
 def _cluster_grads(gs, masks, assigns, is_cb):
@@ -114,11 +120,12 @@ def _cluster_grads(gs, masks, assigns, is_cb):
 
 
 def _kernels_bwd(res, gs):
-    masks, assigns, bits, mode = res
+    masks, assigns, bits, mode, any_codebook = res
     is_cb = weight_branch(bits, mode) == W_CODEBOOK  # [L]
-    g_ws = jax.lax.cond(jnp.any(is_cb), lambda gs, ms, as_: _cluster_grads(gs, ms, as_, is_cb),
+    use = jnp.any(is_cb) if any_codebook is None else any_codebook
+    g_ws = jax.lax.cond(use, lambda gs, ms, as_: _cluster_grads(gs, ms, as_, is_cb),
                         lambda gs, ms, as_: gs, list(gs), list(masks), list(assigns))
-    return g_ws, None, None, None, None, None
+    return g_ws, None, None, None, None, None, None
 
 
 effective_kernels.defvjp(_kernels_fwd, _kernels_bwd)
@@ -132,12 +139,13 @@ def codebook_kernels(ws, masks, centroids: jax.Array, assigns, use: jax.Array) -
 
 
 def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Sequence[Layer],
-                     plan: Plan) -> Any:
-    """The params tree with every kernel replaced by its compressed version (plan of shape [L])."""
+                     plan: Plan, any_codebook: jax.Array | None = None) -> Any:
+    """The params tree with every kernel replaced by its compressed version (plan of shape [L]);
+    `any_codebook`: see `effective_kernels`."""
     nodes = [get_path(params, l.path) for l in layers]
     ks = effective_kernels([n["kernel"] for n in nodes], [masks[l.name] for l in layers],
                            [qstate.assign[l.name] for l in layers], [qstate.w_scale[l.name] for l in layers],
-                           plan.weight_bits, plan.quant_mode)
+                           plan.weight_bits, plan.quant_mode, any_codebook)
     out = params
     for l, node, k in zip(layers, nodes, ks):
         out = set_path(out, l.path, {**node, "kernel": k})

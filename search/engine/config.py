@@ -9,6 +9,9 @@ from search.errors import UserError
 
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules of the fine-tuning
 ACT_RANGES = ("calibrated", "learned")  # how activation quantization ranges are set
+# how a trial's fine-tune steps are driven: "python" calls the jitted step once per step;
+# "fused" runs up to a chunk of steps inside one jitted `lax.while_loop` on the device
+LOOPS = ("python", "fused")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class FinetuneConfig:
     alpha: float = 0.5  # weight of the distillation term (1 - alpha on the task loss)
     seed: int = 0  # batch order
     k: int | None = None  # plans per vmapped step; None = measure what is fastest here
+    # "python" or "fused" (LOOPS); None = measure which is faster here, with K, and remember it
+    loop: str | None = None
     calib_examples: int = 512  # training examples used to calibrate activation ranges
     eval_batch: int = 1024  # examples per evaluation chunk
     # re-estimate BatchNorm statistics of each compressed plan on the calibration examples
@@ -64,6 +69,9 @@ class FinetuneConfig:
         ):
             if not ok:
                 raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")
+        if self.loop is not None and self.loop not in LOOPS:
+            raise UserError(f"finetune loop {self.loop!r} is unknown: use one of {', '.join(LOOPS)}, "
+                            "or leave it out to measure the faster one here (--loop)")
         if self.act_ranges not in ACT_RANGES:
             raise UserError(f"act_ranges {self.act_ranges!r} is unknown: use one of {', '.join(ACT_RANGES)} (--act-ranges)")
         check_schedule(self)

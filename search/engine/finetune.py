@@ -1,13 +1,16 @@
-"""Fine-tune and evaluate K compression plans at once, with one compile per (task, K).
+"""Fine-tune and evaluate K compression plans at once, with one compile per (task, K, loop).
 
 Five jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
-adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step of K plans,
-driven from Python: on this CPU a `lax.scan` of conv backward passes was 10-20x slower),
-`refresh` (halfway through fine-tuning, ranges and BN statistics estimated again), `remask`
+adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step of K plans;
+with the "fused" loop, `train_n`: up to a chunk of those steps in one `lax.while_loop` on the
+device, so the device does not wait for the host between steps), `refresh` (halfway through fine-tuning, ranges and BN statistics estimated again), `remask`
 (gradual pruning's mask updates, search.engine.schedule) and `evaluate` (the metric
 of K plans on one chunk of a split, with their effective params and a finiteness flag, so
 nothing else compiles; rungs, search.engine.rungs, reuse it part-way through fine-tuning).
-Plans are arrays passed in, so new plans never recompile. With
+Plans are arrays passed in, so new plans never recompile. K and the loop driver are measured
+per backend, model and batch (`Engine._choose`): on an H200, a fused loop of one plan ran 2-3x
+faster than Python-driven steps; on this CPU, conv backward passes inside a loop ran 2-20x
+slower while an MLP's were faster. With
 K = 1 the functions are not vmapped at all, so a `lax.cond` (codebook k-means, the codebook
 gradient) really skips what a plan does not use, and the fine-tuning state carries no plan
 axis between steps.
@@ -33,7 +36,7 @@ from search.compression import codebook
 from search.compression import compress
 from search.compression import masks as masks_lib
 from search.errors import UserError
-from search.engine.config import FinetuneConfig
+from search.engine.config import LOOPS, FinetuneConfig
 from search.engine.k_file import read_k_file, write_k_file
 from search.engine.schedule import mask_updates
 from search.engine.rungs import GroupRun, RungCallback, run_in_rungs
@@ -71,7 +74,11 @@ class EngineResult:
     test_metric: np.ndarray | None = None  # with also_test: [P] metric on the test split (NaN: none)
 
 
-_K_CACHE: dict[tuple, int] = {}  # (backend, task, shapes, config) -> fastest K measured
+_K_CACHE: dict[tuple, tuple[int, str]] = {}  # (backend, task, shapes, config) -> fastest (K, loop) measured
+
+# a fused chunk runs about this long, so progress, NaN checks and Ctrl-C come back between chunks
+CHUNK_SECONDS = 0.5
+MAX_K = 64  # the largest K tried on an accelerator (per plan, K=128 was no faster than K=1 on an H200)
 
 
 def forget_measured_k() -> None:
@@ -122,9 +129,12 @@ class Engine:
         self._fns: dict[int, tuple] = {}  # jitted (prepare, step, evaluate) per K
         self._refresh: dict[int, Any] = {}  # jitted refresh of BN statistics and ranges, per K
         self._remask: dict[int, Any] = {}  # jitted mask update of gradual pruning, per K
+        self._fused: dict[int, Any] = {}  # jitted fused loop of up to n steps, per K
+        self._chunk = 4  # steps per fused call, adapted so that a call takes about CHUNK_SECONDS
         self._updates = mask_updates(config)  # {step: share of the ratio}: gradual pruning's mask updates
-        self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K
-        self.k = config.k if config.k is not None else self._choose_k()
+        self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K (chosen loop)
+        self.loop_timings: dict[str, float] = {}  # seconds per plan-step of each loop, at the first K measured
+        self.k, self.loop = self._choose()
 
     # ---- the three jitted functions, built once per K ----------------------------------
     def _cache_key(self, k: int) -> tuple:
@@ -142,7 +152,7 @@ class Engine:
             return self._fns[k]
         key = self._cache_key(k)
         if key in _FN_CACHE:
-            self._fns[k], self._refresh[k], self._remask[k] = _FN_CACHE[key]
+            self._fns[k], self._refresh[k], self._remask[k], self._fused[k] = _FN_CACHE[key]
             return self._fns[k]
         model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
 
@@ -179,20 +189,20 @@ class Engine:
 
         learned = cfg.act_ranges == "learned"
 
-        def forward(trainable, frozen, plan, x):
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
+        def forward(trainable, frozen, plan, x, any_cb):
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, any_cb)
             lo, hi = act_ranges(trainable, frozen["q"])
             return compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"], learned)
 
-        def loss_one(trainable, frozen, plan, x, y, teacher):
-            out = forward(trainable, frozen, plan, x)
+        def loss_one(trainable, frozen, plan, x, y, teacher, any_cb):
+            out = forward(trainable, frozen, plan, x, any_cb)
             loss = task.loss(out, y)
             if cfg.distill:
                 loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(out, teacher, cfg.temperature, task)
             return loss
 
-        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher):
-            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher)
+        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher, any_cb):
+            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher, any_cb)
             updates, opt_state = opt.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
             # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
@@ -201,7 +211,7 @@ class Engine:
             return trainable, opt_state, finite & jnp.isfinite(loss)
 
         # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
-        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None), single_in=(0, 1, 2, 3),
+        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None, None), single_in=(0, 1, 2, 3),
                              single_out=True)
 
         crop, flip = (task.train.crop, task.train.flip) if cfg.augment else (0, False)
@@ -213,7 +223,21 @@ class Engine:
                 x = augment(x, jax.random.fold_in(aug_key, t), crop, flip)
             teacher = model.apply(base, x) if cfg.distill else None
             trainable, opt_state, finite = state
-            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher), t + 1
+            # whether any plan of the group trains a codebook: one unbatched flag, so that a
+            # group without one skips the cluster gradients (compress.effective_kernels)
+            any_cb = jnp.any(compress.weight_branch(plans.weight_bits, plans.quant_mode) == compress.W_CODEBOOK)
+            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb), t + 1
+
+        def train_n(state, t, n, frozen, plans, base, xs, ys, table, aug_key):
+            # the fused loop: n steps in one device call (n is traced: one compile for every
+            # chunk length); it stops early once every plan of the group has diverged
+            def cond(c):
+                return (c[0] < n) & jnp.any(c[1][0][2])
+
+            def body(c):
+                return c[0] + 1, step(c[1][0], c[1][1], frozen, plans, base, xs, ys, table, aug_key)
+
+            return jax.lax.while_loop(cond, body, (jnp.int32(0), (state, t)))[1]
 
         def evaluate_one(trainable, frozen, plan, x, y):
             # also the effective params and whether every trained value is finite, so that
@@ -257,9 +281,10 @@ class Engine:
             jax.jit(over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
         )
         self._fns[k] = fns
+        self._fused[k] = jax.jit(train_n, donate_argnums=(0,))
         if len(_FN_CACHE) >= _FN_CACHE_SIZE:
             _FN_CACHE.pop(next(iter(_FN_CACHE)))
-        _FN_CACHE[key] = (fns, self._refresh[k], self._remask[k])
+        _FN_CACHE[key] = (fns, self._refresh[k], self._remask[k], self._fused[k])
         return fns
 
     # ---- public API ----------------------------------------------------------------------
@@ -358,16 +383,39 @@ class Engine:
         # (with gradual pruning: once the last mask update has been made, if that is later)
         mid = self.config.steps // 2 if self.config.steps >= 2 else -1
         mid = max([mid, *self._updates])
-        for i in range(g.step, to):
+        events = sorted({mid, *self._updates})
+        i = g.step
+        while i < to:
             if i in self._updates:
                 trainable, frozen = self._remask[self.k](g.state[0], g.frozen, g.plans,
                                                          jax.device_put(np.float32(self._updates[i])))
                 g.state, g.frozen = (trainable, *g.state[1:]), frozen
             if i == mid:
                 g.frozen = self._refresh[self.k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
-            g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y, self._table,
-                                self._aug_key)
+            end = min([e for e in events if e > i] + [to])  # the steps up to the next event
+            if self.loop == "fused":
+                self._run_fused(g, end - i)
+            else:
+                for _ in range(i, end):
+                    g.state, g.t = step(g.state, g.t, g.frozen, g.plans, self.base_params, self._x, self._y,
+                                        self._table, self._aug_key)
+            i = end
         g.step = max(g.step, to)
+
+    def _run_fused(self, g: GroupRun, n: int) -> None:
+        """n steps of a group in fused chunks of about CHUNK_SECONDS each: between chunks the
+        host gets control back (Ctrl-C), and the chunk length follows the time a chunk took."""
+        fused = self._fused[self.k]
+        while n > 0:
+            c = min(self._chunk, n)
+            t0 = time.perf_counter()
+            g.state, g.t = fused(g.state, g.t, np.int32(c), g.frozen, g.plans, self.base_params, self._x,
+                                 self._y, self._table, self._aug_key)
+            jax.block_until_ready(g.t)
+            took = time.perf_counter() - t0
+            n -= c
+            if c == self._chunk:  # a full chunk: aim the next one at CHUNK_SECONDS, at most twice as long
+                self._chunk = int(np.clip(c * CHUNK_SECONDS / max(took, 1e-6), 1, 2 * c))
 
     def _evaluate(self, g: GroupRun, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
         """(metric [K], finite [K], (effective params, act lo, act hi)) of a group's plans on a split, as they are now."""
@@ -407,44 +455,99 @@ class Engine:
                 plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
         return out
 
-    def _choose_k(self) -> int:
-        """Measure seconds per plan-step for a few K on this backend and keep the fastest.
+    def _choose(self) -> tuple[int, str]:
+        """(K, loop): the plans per vmapped step and the loop driver that fine-tune fastest per plan here.
 
-        The choice is remembered per process and, with a k_file, per machine.
+        What the config fixes is kept; the rest is measured in seconds per plan-step: first
+        both loops at K = 1 (or the config's K), then, with the faster loop, one large K
+        (`_large_k`: 4 on a CPU, from the device's memory and the model's size elsewhere),
+        and the geometric middle only when neither is clearly faster (within 20%). That is
+        at most three compiles of the step, and the winner's compiled functions are reused.
+        The choice is remembered per process and, with a k_file, per machine, device kind,
+        task and batch.
         """
+        cfg = self.config
+        if cfg.k is not None and (cfg.loop is not None or cfg.steps == 0):
+            return cfg.k, cfg.loop or "python"  # compress and evaluate only: no loop runs
         backend = jax.default_backend()
         key = (backend, jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
-               self.config.batch_size, self.config.distill, tuple(l.kernel_shape for l in self.layers))
+               cfg.batch_size, cfg.distill, tuple(l.kernel_shape for l in self.layers), cfg.k, cfg.loop)
         if key in _K_CACHE:
             return _K_CACHE[key]
         disk = read_k_file(self._k_file)
-        if repr(key) in disk:
-            _K_CACHE[key] = int(disk[repr(key)]["k"])
+        got = disk.get(repr(key), {})
+        if got.get("loop") in LOOPS and int(got.get("k", 0)) >= 1:
+            _K_CACHE[key] = int(got["k"]), str(got["loop"])
             return _K_CACHE[key]
-        candidates = (1, 4) if backend == "cpu" else (1, 2, 4, 8, 16)
-        for k in candidates:
-            _, step, _ = self._functions(k)
-            prepare = self._fns[k][0]
-            group = stack_plans([dense_plan(len(self.layers))] * k)
-            group = jax.tree.map(jnp.asarray, group)
-            tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0))
-            state, t = (tr, os_, fin), jnp.int32(0)
-            state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table, self._aug_key)
-            jax.block_until_ready(state)
-            best = np.inf
-            for _ in range(3):  # best of 3: other processes may share the CPU
-                t0 = time.perf_counter()
-                for _ in range(5):  # t may run past the table: indices are clamped, fine for timing
-                    state, t = step(state, t, fr, group, self.base_params, self._x, self._y, self._table,
-                                    self._aug_key)
-                jax.block_until_ready(state)
-                best = min(best, (time.perf_counter() - t0) / (5 * k))
-            self.k_timings[k] = best
-        best = min(self.k_timings, key=self.k_timings.get)
-        _K_CACHE[key] = best
-        disk[repr(key)] = {"k": best, "seconds_per_plan_step": {str(k): v for k, v in self.k_timings.items()}}
+        first = cfg.k if cfg.k is not None else 1
+        loops = (cfg.loop,) if cfg.loop is not None else LOOPS
+        self.loop_timings = {lp: self._time_steps(first, lp) for lp in loops}
+        loop = min(self.loop_timings, key=self.loop_timings.get)
+        self.k_timings = {first: self.loop_timings[loop]}
+        if cfg.k is None:
+            big = self._large_k()
+            if big > 1:
+                self.k_timings[big] = self._time_steps(big, loop)
+                ratio = self.k_timings[big] / self.k_timings[1]
+                mid = 2 ** int(round(np.log2(big) / 2))
+                if 0.8 < ratio < 1.25 and 1 < mid < big:
+                    self.k_timings[mid] = self._time_steps(mid, loop)
+        k = min(self.k_timings, key=self.k_timings.get)
+        _K_CACHE[key] = k, loop
+        disk[repr(key)] = {"k": k, "loop": loop, "seconds_per_plan_step": {str(n): v for n, v in self.k_timings.items()},
+                           "loop_seconds_per_plan_step": self.loop_timings}
         write_k_file(self._k_file, disk)
-        return best
+        return k, loop
+
+    def _large_k(self) -> int:
+        """The large K to measure: 4 on a CPU (plans share its few cores); elsewhere the largest
+        power of two up to MAX_K whose plans fill at most a quarter of the device's memory, at
+        about 10 floats per weight (params, gradients, Adam moments, masks, effective weights)
+        and 4 per activation (forward, backward, teacher) of a batch."""
+        if jax.default_backend() == "cpu":
+            return 4
+        weights = sum(l.params for l in self.layers)
+        acts = sum(int(np.prod(l.out_shape)) for l in self.layers) * self.config.batch_size
+        per_plan = 4 * (10 * weights + 4 * acts)
+        try:
+            limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
+        except Exception:  # a backend without memory statistics
+            limit = 0
+        if not limit:
+            return 16
+        return int(max(1, min(MAX_K, 2 ** int(np.floor(np.log2(max(1.0, limit / 4 / per_plan)))))))
+
+    def _time_steps(self, k: int, loop: str) -> float:
+        """Seconds per plan-step of K dense plans with one loop driver: best of up to 3 runs
+        of 5 steps (other processes may share the machine; no new run starts after 3 s, so a
+        slow model is timed once), after one warm-up run."""
+        _, step, _ = self._functions(k)
+        prepare, fused = self._fns[k][0], self._fused[k]
+        group = jax.device_put(stack_plans([dense_plan(len(self.layers))] * k))
+        tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0))
+        state, t = (tr, os_, fin), jnp.int32(0)
+        args = (fr, group, self.base_params, self._x, self._y, self._table, self._aug_key)
+
+        def five(state, t):  # t may run past the table: indices are clamped, fine for timing
+            if loop == "fused":
+                return fused(state, t, np.int32(5), *args)
+            for _ in range(5):
+                state, t = step(state, t, *args)
+            return state, t
+
+        state, t = five(state, t)
+        jax.block_until_ready(state)
+        best, start = np.inf, time.perf_counter()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            state, t = five(state, t)
+            jax.block_until_ready(state)
+            best = min(best, (time.perf_counter() - t0) / (5 * k))
+            if time.perf_counter() - start > 3.0:
+                break
+        if loop == "fused":  # the first chunks of a fused run last about CHUNK_SECONDS
+            self._chunk = int(np.clip(CHUNK_SECONDS / max(best * k, 1e-6), 1, 1000))
+        return float(best)
 
 
 def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.Array]:

@@ -217,8 +217,10 @@ def finetuned_quality(task, base_params: Any, plan: Plan, finetune: FinetuneConf
 
 
 def _same_finetune(a: FinetuneConfig, b: FinetuneConfig) -> bool:
-    """Whether two fine-tunes train the same weights (no steps at all, or equal but for K)."""
-    return (a.steps == 0 and b.steps == 0) or dataclasses.replace(a, k=1) == dataclasses.replace(b, k=1)
+    """Whether two fine-tunes train the same weights (no steps at all, or equal but for K and
+    the loop driver, which run the same steps)."""
+    return (a.steps == 0 and b.steps == 0) or \
+        dataclasses.replace(a, k=1, loop=None) == dataclasses.replace(b, k=1, loop=None)
 
 
 def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,

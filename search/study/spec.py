@@ -101,8 +101,9 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hparams", jsonable(dict(self.hparams)))  # as storage gives it back
-        if self.finetune.k is not None:  # K vmapped plans is how a machine runs, not what the study is
-            object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, k=None))
+        if self.finetune.k is not None or self.finetune.loop is not None:
+            # K vmapped plans and the loop driver are how a machine runs, not what the study is
+            object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, k=None, loop=None))
         if self.pruner is not None and self.pruner.kind != "none":  # every rung below the fine-tune's steps
             make_pruner(self.pruner.kind, self.pruner.rungs, self.finetune.steps)
 

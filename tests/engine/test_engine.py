@@ -1,6 +1,7 @@
 """The engine on real tasks (digits): baseline reproduction, properties after fine-tuning,
 one compile per (task, K), K vmapped plans == K separate runs, NaN handling, NNX models."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -84,13 +85,27 @@ def test_new_plans_never_recompile(engine):
 def test_k_vmapped_equals_separate_runs(lenet300, engine):
     task, params = lenet300
     plans = [make_plan([0.6, 0.4, 0.1], UNSTRUCTURED), make_plan([0.5, 0.5, 0.0], CHANNEL, 32, 8),
-             make_plan([0.5, 0.5, 0.5], NM, 8, FLOAT)]
-    wide = Engine(task, params, dataclasses.replace(engine.config, k=2))  # 3 plans: last group padded
+             make_plan([0.5, 0.5, 0.5], NM, 8, FLOAT), make_plan([0.5, 0.3, 0.0], UNSTRUCTURED, 4, 8, CODEBOOK),
+             make_plan([0.2, 0.2, 0.2], CHANNEL, 6, 6)]
+    # K = 2: a group without a codebook plan, one with one, and a last group padded
+    wide = Engine(task, params, dataclasses.replace(engine.config, k=2, loop="python"))
     a, b = engine.run(plans, return_models=True), wide.run(plans, return_models=True)
     np.testing.assert_allclose(a.metric, b.metric, atol=2.5 / len(task.data.x_val))
     for ma, mb in zip(a.models, b.models):
         for l in engine.layers:
             np.testing.assert_allclose(ma.params[l.name]["kernel"], mb.params[l.name]["kernel"], atol=2e-4)
+
+
+def test_a_group_skips_the_codebook_gradient_unless_one_of_its_plans_uses_it(lenet300, engine):
+    """The cluster gradients' scatter-add stays behind a real conditional in the vmapped step
+    (one predicate for the whole group), not a select that makes every plan pay for it."""
+    task, params = lenet300
+    wide = Engine(task, params, dataclasses.replace(engine.config, k=2, loop="python"))
+    prepare, step, _ = wide._functions(2)
+    g = wide._start(wide._slice(wide._check_plans(MIXED[:2]), 0))
+    text = step.lower(g.state, g.t, g.frozen, g.plans, wide.base_params, wide._x, wide._y, wide._table,
+                      wide._aug_key).as_text()
+    assert "stablehlo.case" in text and "scatter" in text
 
 
 def test_measured_k_is_kept_in_the_k_file(lenet300, engine, tmp_path):
@@ -101,12 +116,60 @@ def test_measured_k_is_kept_in_the_k_file(lenet300, engine, tmp_path):
 
     task, params = lenet300
     k_file = k_file_in(tmp_path)
-    first = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
-    assert set(first.k_timings) == {1, 4} and first.k == min(first.k_timings, key=first.k_timings.get)
-    assert k_file.is_file()
+    auto = dataclasses.replace(engine.config, k=None, loop=None)
+    first = Engine(task, params, auto, k_file=k_file)
+    # both loops timed at K = 1, then the faster one at the CPU's large K (no third K: 2 compiles, not 5)
+    assert set(first.loop_timings) == {"python", "fused"}
+    assert first.loop == min(first.loop_timings, key=first.loop_timings.get)
+    assert first.k_timings[1] == first.loop_timings[first.loop]
+    assert set(first.k_timings) in ({1, 4}, {1, 2, 4}) and first.k == min(first.k_timings, key=first.k_timings.get)
+    stored = json.loads(k_file.read_text())
+    assert [(v["k"], v["loop"]) for v in stored.values()] == [(first.k, first.loop)]
     forget_measured_k()  # as in a new process
-    again = Engine(task, params, dataclasses.replace(engine.config, k=None), k_file=k_file)
-    assert again.k == first.k and again.k_timings == {}
+    again = Engine(task, params, auto, k_file=k_file)
+    assert (again.k, again.loop) == (first.k, first.loop) and again.k_timings == {} and again.loop_timings == {}
+    # what the config fixes is not measured: a given K times only the two loops
+    fixed_k = Engine(task, params, dataclasses.replace(auto, k=2), k_file=k_file)
+    assert fixed_k.k == 2 and set(fixed_k.k_timings) == {2} and set(fixed_k.loop_timings) == {"python", "fused"}
+
+
+def test_fused_loop_gives_the_results_of_python_driven_steps(lenet300, engine):
+    """The fused loop (chunks of steps in one device call) runs the same steps as the
+    Python-driven loop: the same metrics and weights within float tolerance, for one plan and
+    K vmapped plans, with gradual pruning's mask updates and the halfway re-estimate falling
+    inside a run; and new plans do not recompile it (one compile per task, K and loop)."""
+    task, params = lenet300
+    for cfg in (engine.config, dataclasses.replace(engine.config, k=2, pruning="gradual", gradual_updates=3)):
+        py = Engine(task, params, dataclasses.replace(cfg, loop="python")).run(MIXED, return_models=True)
+        fused = Engine(task, params, dataclasses.replace(cfg, loop="fused"))
+        fu = fused.run(MIXED, return_models=True)
+        np.testing.assert_allclose(fu.metric, py.metric, atol=1.5 / len(task.data.x_val))
+        for a, b in zip(fu.models, py.models):
+            for l in engine.layers:
+                np.testing.assert_allclose(a.params[l.name]["kernel"], b.params[l.name]["kernel"], atol=1e-5)
+                np.testing.assert_array_equal(a.masks[l.name], b.masks[l.name])
+        with count_compiles() as c:
+            fused.run([make_plan([0.3, 0.6, 0.9], NM, [2, 5, 8], 6, UNIFORM)] * 2)
+        assert c.count == 0, c.durations
+
+
+def test_nan_in_the_middle_of_a_fused_chunk_fails_only_that_plan(lenet300, engine):
+    """Two plans fused in one group; plan 1's weights turn NaN after 10 steps, and the other
+    20 steps run as fused chunks: plan 1 fails, plan 0 ends exactly as it does alone."""
+    task, params = lenet300
+    eng = Engine(task, params, dataclasses.replace(engine.config, k=2, loop="fused"))
+    plans = eng._check_plans(MIXED[:2])
+    clean = eng.run(plans)
+    g = eng._start(eng._slice(plans, 0))
+    eng._train(g, 10)
+    trainable, opt_state, finite = g.state
+    kernel = trainable["params"]["fc2"]["kernel"]
+    trainable["params"]["fc2"]["kernel"] = kernel.at[1, 0, 0].set(jnp.nan)
+    g.state = (trainable, opt_state, finite)
+    eng._train(g, eng.config.steps)
+    metric, ok, _ = eng._evaluate(g, "val")
+    assert list(ok) == [True, False]
+    assert metric[0] == clean.metric[0]
 
 
 def test_distillation_runs_and_changes_the_result(lenet300, engine):
