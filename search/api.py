@@ -21,7 +21,7 @@ from hw_profiles import Budget, HardwareProfile
 from models.task import Dataset, LossFn, MetricFn, Task
 from search.compression import plan as P
 from search.cost import budget as B
-from search.engine.config import FinetuneConfig
+from search.engine.config import FinetuneConfig, check_loop
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.report.view import pareto_frame
@@ -35,6 +35,7 @@ from search.study.space import extreme_plans, plan_to_params, space_for_profile
 from search.study.spec import (SPEC_ATTR, StudySpec, WeightsSource, check_study_name, profile_reference,
                                safe_study_name)
 from search.study.storage import open_storage, study_lock
+from search.study.xla_cache import use_compilation_cache
 
 DEFAULT_OBJECTIVES = ("quality", "latency", "memory")
 
@@ -113,6 +114,7 @@ def search(
     baseline: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
     k: int | None = None,
+    loop: str | None = None,
     batch: int | None = None,
     run: bool = True,
     warm_start: bool = True,
@@ -126,7 +128,8 @@ def search(
     own `task`, `params` and `baseline` info instead. Before anything is trained the budget is
     checked against the smallest cost any plan reaches, and a resume against the stored record.
     `engine` replaces the Engine built from the record (e.g. one with another config); `k`
-    plans per vmapped step (None: measured here); `batch` trials asked together; run=False
+    plans per vmapped step and `loop` the step driver, "python" or "fused" (None: measured
+    here); `batch` trials asked together; run=False
     only sets the study up (baseline, sensitivity, warm-start trials), e.g. for workers.
 
     Any number of searches and workers may run on one study at once: the first sets it up
@@ -139,8 +142,11 @@ def search(
         raise UserError(f"--batch {batch} must be at least 1")
     if k is not None and k < 1:
         raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
+    check_loop(loop)
     # an unsafe name fails before any work, and the data before a study is stored
     name = check_study_name(study_name) if study_name is not None else safe_study_name(default_study_name(spec))
+    # before anything compiles: a warm start loads its XLA programs from results_dir/cache/xla
+    use_compilation_cache(results_dir)
     ctx = load_context(spec, results_dir, task=task, params=params, baseline=baseline)
     ctx.task.check(spec.finetune.batch_size if spec.finetune.steps else None, params)
     extremes = extreme_plans(len(ctx.layers), spec.space)
@@ -157,14 +163,14 @@ def search(
         claimant = Claimant(spec, joined=len(study.get_trials(deepcopy=False)))  # what the sampler was seeded with
         if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
             # the baseline is trained (or read) only now: a conflicting resume has failed before
-            sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
+            sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k, loop=loop))
             seeds = functools.partial(B.seed_plans, ctx.profile, ctx.layers, spec.budget, extremes)
             _initialize(study, sctx, min_costs, seeds, warm_start)
     if done >= spec.n_trials:
         warnings.warn(NothingToDo(nothing_to_do(name, done, spec.n_trials, stored)), stacklevel=2)
     if not run:
         return study
-    sctx = sctx or SearchContext(ctx, engine if engine is not None else ctx.engine(k=k))
+    sctx = sctx or SearchContext(ctx, engine if engine is not None else ctx.engine(k=k, loop=loop))
     bar = SearchProgress(spec.n_trials, enabled=progress, metric_name=ctx.task.metric_name)
     try:
         run_trials(study, storage, sctx, claimant, spec.n_trials, ask_batch(sctx.engine.k, batch), progress=bar)
@@ -250,6 +256,7 @@ def compress(
     pruning: str = "one-shot",
     act_ranges: str = "calibrated",
     k: int | None = None,
+    loop: str | None = None,
     seed: int = 0,
     study_name: str | None = None,
     storage: str | optuna.storages.BaseStorage = "memory",
@@ -268,7 +275,8 @@ def compress(
     targets)` a per-example quality (higher is better); `profile` a shipped name, a TOML path
     or a HardwareProfile; `budget` a dict such as {"latency_ms": 1.0} (profile defaults
     otherwise). The study lives in memory unless `storage` is a URL (then it resumes).
-    `k`: plans fine-tuned together in one vmapped step (None: the fastest measured here).
+    `k`: plans fine-tuned together in one vmapped step, `loop`: "python" or "fused" steps
+    (None: the fastest measured here).
     `pruner`: none | sha | hyperband (search.study.pruning; None: the default).
     `finetune_steps`, `finetune_batch_size`: each candidate's fine-tuning (None: FinetuneConfig's
     defaults, 200 steps of 128 examples; the batch may not exceed the training split).
@@ -287,7 +295,7 @@ def compress(
     spec = _spec(model=task.name, dataset=data.name, seed=seed, profile=profile, budget=budget,
                  objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials, pruner=pruner)
     study = search(spec, storage, results_dir, study_name=study_name, task=task, params=params, k=k,
-                   batch=batch, progress=progress)
+                   loop=loop, batch=batch, progress=progress)
     return pareto_frame(study)
 
 

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="plans fine-tuned together in one vmapped step (default: the fastest measured on this "
                         "machine, remembered in <results-dir>/cache/engine_k.json)")
+    p.add_argument("--loop", choices=("python", "fused"), default=None,
+                   help="fine-tune steps driven from Python, or fused into one device call per chunk (default: "
+                        "the faster measured on this machine, remembered with K)")
     p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size (default quality,latency,memory)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--study", default=None, help="study name (default <model>-<dataset>-<profile>)")
@@ -113,7 +116,7 @@ def search_command(args: argparse.Namespace) -> int:
     storage = open_storage(args.storage, args.results_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NothingToDo)
-        study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, batch=args.batch,
+        study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, loop=args.loop, batch=args.batch,
                        run=args.workers is None, warm_start=not args.no_warm_start,
                        progress=not (args.quiet or args.json))
     idle = _notes(caught, NothingToDo)
@@ -170,7 +173,7 @@ def _run_workers(args: argparse.Namespace, study: Any) -> None:
     if not (args.quiet or args.json):
         print(f"study {study.study_name}: {args.workers} workers on "
               f"{args.storage or f'sqlite:///{args.results_dir}/studies.db'}", file=sys.stderr, flush=True)
-    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k)
+    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k, loop=args.loop)
     if rc != 0:
         raise UserError(f"a worker of study {study.study_name} exited with code {rc}; completed trials are "
                         f"kept: run the same command again to finish the study")

@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=None, help="trials claimed and fine-tuned together (default: the engine's K)")
     p.add_argument("--k", type=int, default=None,
                    help="plans fine-tuned together in one vmapped step (default: the fastest measured on this machine)")
+    p.add_argument("--loop", choices=("python", "fused"), default=None,
+                   help="fine-tune steps driven from Python or fused on the device (default: the faster measured here)")
     p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials from this worker")
     p.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_INTERVAL,
                    help=f"seconds between heartbeats of a running trial (default {storage.HEARTBEAT_INTERVAL})")
@@ -42,7 +44,7 @@ def worker_command(args: argparse.Namespace) -> int:
     ran = run_worker(
         args.study, args.storage, args.results_dir,
         heartbeat_interval=args.heartbeat, grace_period=args.grace,
-        batch=args.batch, k=args.k, max_trials=args.max_trials,
+        batch=args.batch, k=args.k, loop=args.loop, max_trials=args.max_trials,
     )
     print(f"worker done: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0

@@ -14,6 +14,13 @@ ACT_RANGES = ("calibrated", "learned")  # how activation quantization ranges are
 LOOPS = ("python", "fused")
 
 
+def check_loop(loop: str | None) -> None:
+    """UserError unless `loop` is None (measure) or one of LOOPS."""
+    if loop is not None and loop not in LOOPS:
+        raise UserError(f"loop {loop!r} is unknown: use one of {', '.join(LOOPS)}, "
+                        "or leave it out to measure the faster one here (--loop)")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How each candidate is fine-tuned after compression."""
@@ -69,9 +76,7 @@ class FinetuneConfig:
         ):
             if not ok:
                 raise UserError(f"finetune {name}={getattr(self, name)!r} is invalid: it must be {want}")
-        if self.loop is not None and self.loop not in LOOPS:
-            raise UserError(f"finetune loop {self.loop!r} is unknown: use one of {', '.join(LOOPS)}, "
-                            "or leave it out to measure the faster one here (--loop)")
+        check_loop(self.loop)
         if self.act_ranges not in ACT_RANGES:
             raise UserError(f"act_ranges {self.act_ranges!r} is unknown: use one of {', '.join(ACT_RANGES)} (--act-ranges)")
         check_schedule(self)

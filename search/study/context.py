@@ -72,13 +72,16 @@ class StudyContext:
         """float32 bytes of every compressible layer's params (kernel + bias)."""
         return int(sum(layer.params for layer in self.layers) * 4)
 
-    def engine(self, finetune: FinetuneConfig | None = None, *, k: int | None = None) -> Engine:
+    def engine(self, finetune: FinetuneConfig | None = None, *, k: int | None = None,
+               loop: str | None = None) -> Engine:
         """The fine-tuning engine on this baseline: the record's fine-tuning unless `finetune`
-        is given; `k` plans per vmapped step (None: measured here once, kept in the results
-        directory's cache)."""
+        is given; `k` plans per vmapped step and `loop` ("python" or "fused") the step driver
+        (None: measured here once, kept in the results directory's cache)."""
         ft = finetune if finetune is not None else self.spec.finetune
         if k is not None:
             ft = dataclasses.replace(ft, k=int(k))
+        if loop is not None:
+            ft = dataclasses.replace(ft, loop=loop)
         return Engine(self.task, self.params, ft, k_file=k_file_in(self.results_dir))
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import optuna
 
+from search.engine.config import check_loop
 from search.errors import UserError
 from search.study import storage as storage_mod
+from search.study import xla_cache
 from search.study.context import SearchContext, load_context
 from search.study.create import finished_count
 from search.study.loop import IDLE_POLL_S, Claimant, run_trials, worker_id
@@ -42,6 +44,7 @@ def worker_argv(
     grace_period: int = storage_mod.GRACE_PERIOD,
     max_trials: int | None = None,
     k: int | None = None,
+    loop: str | None = None,
 ) -> list[str]:
     """The argv of one worker process: `python -m search.cli worker ...`."""
     cmd = [
@@ -56,6 +59,8 @@ def worker_argv(
         cmd += ["--max-trials", str(max_trials)]
     if k is not None:
         cmd += ["--k", str(k)]
+    if loop is not None:
+        cmd += ["--loop", loop]
     return cmd
 
 
@@ -79,6 +84,7 @@ def spawn_workers(
     grace_period: int = storage_mod.GRACE_PERIOD,
     max_trials: int | None = None,
     k: int | None = None,
+    loop: str | None = None,
     env: dict[str, str] | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> list[subprocess.Popen]:
@@ -90,14 +96,11 @@ def spawn_workers(
     url = storage_url or storage_mod.default_url(results_dir)
     # workers on one machine compile the same XLA programs: share them through a persistent
     # compilation cache under results/cache/xla, unless the user chose one
-    xla = {} if "JAX_COMPILATION_CACHE_DIR" in os.environ else {
-        "JAX_COMPILATION_CACHE_DIR": str(Path(results_dir, "cache", "xla").resolve()),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-    env = {**xla, **(env or {})}
+    env = {**xla_cache.worker_env(results_dir), **(env or {})}
     cmd = worker_argv(
         study, url, results_dir,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_trials=max_trials, k=k,
+        loop=loop,
     )
     procs = []
     for i in range(n):
@@ -170,12 +173,13 @@ def run_workers(
 
 
 def context_from_study(study: optuna.Study, results_dir: str | os.PathLike = "results",
-                       k: int | None = None) -> SearchContext:
+                       k: int | None = None, loop: str | None = None) -> SearchContext:
     """Rebuild the trial loop's context from the study's record (search.study.context), so a
     worker on any machine runs exactly the search that `hwcompress search` started; `k`
-    (plans per vmapped step) is this machine's choice, None to measure it."""
+    (plans per vmapped step) and `loop` (the step driver) are this machine's choice, None to
+    measure them."""
     ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
-    return SearchContext(ctx, ctx.engine(k=k))
+    return SearchContext(ctx, ctx.engine(k=k, loop=loop))
 
 
 def run_worker(
@@ -187,6 +191,7 @@ def run_worker(
     grace_period: int = storage_mod.GRACE_PERIOD,
     batch: int | None = None,
     k: int | None = None,
+    loop: str | None = None,
     max_trials: int | None = None,
     log: bool = True,
 ) -> int:
@@ -198,15 +203,17 @@ def run_worker(
         raise UserError(f"--max-trials {max_trials} must be at least 1")
     if k is not None and k < 1:
         raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
+    check_loop(loop)
     t0 = time.monotonic()
+    xla_cache.use_compilation_cache(results_dir)  # a worker started by hand shares it too
     storage = storage_mod.open_storage(
         storage_url, results_dir, heartbeat_interval=heartbeat_interval, grace_period=grace_period
     )
     study = storage_mod.load_study(study_name, storage)
-    ctx = context_from_study(study, results_dir, k=k)
+    ctx = context_from_study(study, results_dir, k=k, loop=loop)
     if log:
         print(f"worker {WORKER_ID}: joined study {study_name} in {time.monotonic() - t0:.1f} s "
-              f"(K={ctx.engine.k})", file=sys.stderr, flush=True)
+              f"(K={ctx.engine.k}, {ctx.engine.loop} loop)", file=sys.stderr, flush=True)
     n_trials = ctx.spec.n_trials
     # every worker its own sampler stream: two workers must not propose the same plans
     claimant = Claimant(ctx.spec, joined=len(study.get_trials(deepcopy=False)))

@@ -256,6 +256,8 @@ def test_user_errors(engine, lenet300):
         engine.evaluate(dense_plan(3), split="train")
     with pytest.raises(UserError, match="alpha"):
         Engine(task, params, FinetuneConfig(alpha=2.0))
+    with pytest.raises(UserError, match="loop 'scan' is unknown: use one of python, fused"):
+        Engine(task, params, FinetuneConfig(loop="scan"))
 
 
 def test_activation_ranges_are_estimated_again_halfway_through_fine_tuning(engine):

@@ -30,10 +30,12 @@ def _one_line_error(capsys) -> str:
 
 def test_sigint_keeps_completed_trials_and_same_command_resumes(tmp_path, capsys):
     """Ctrl-C in the middle of `hwcompress search` (a real SIGINT to this process, sent once
-    two trials are complete), then the same command again."""
+    two trials are complete), then the same command again; fine-tuning runs as fused chunks,
+    which give the host control back between them."""
     results = results_dir(tmp_path)
     n = 8
-    argv = ["search", *SEARCH, "--study", "intr", "--trials", str(n), "--results-dir", str(results)]
+    argv = ["search", *SEARCH, "--study", "intr", "--trials", str(n), "--results-dir", str(results),
+            "--loop", "fused"]
     seen: dict[int, list[float]] = {}
     searching = threading.Event()
 
