@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import html
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
-from plotly.subplots import make_subplots
 
 from search.report.text import baseline_line, finetune_line, fmt, quality_note, table_header, table_rows
 from search.report.view import StudyView, counts, heat_data, scatter_axes, sensitivity_frame
+
+if TYPE_CHECKING:  # plotly is imported where a figure is drawn: `import search.api` does not pay for it
+    import plotly.graph_objects as go
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -35,6 +36,9 @@ def pareto_figure(view: StudyView) -> go.Figure:
     """Quality against each cost objective: infeasible, feasible and front points, the dense
     baseline as a star, with hover details. Axes fit the points (search.report.view.scatter_axes);
     a budget far outside them is named above its panel instead of drawn."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     axes = scatter_axes(view)
     fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a.note for a in axes])
     fig.update_annotations(font=dict(size=12, color=BUDGET))  # the subplot titles are the budget notes
@@ -68,6 +72,9 @@ def pareto_figure(view: StudyView) -> go.Figure:
 
 def heatmap_figure(view: StudyView) -> go.Figure:
     """Weight bits and prune ratio per layer across the front, best quality first."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     bits, ratio = heat_data(view)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("weight bits", "prune ratio"), horizontal_spacing=0.12)
     fig.add_trace(go.Heatmap(z=np.log2(bits.values.astype(float)), x=list(bits.columns), y=list(bits.index),
@@ -83,6 +90,8 @@ def heatmap_figure(view: StudyView) -> go.Figure:
 
 def hypervolume_figure(view: StudyView) -> go.Figure:
     """Hypervolume after each trial, from 0 (as pareto.png's), so a tiny gain looks tiny."""
+    import plotly.graph_objects as go
+
     t = view.trials
     fig = go.Figure(go.Scatter(x=t["trial"], y=t["hypervolume"], mode="lines+markers", line_shape="hv",
                                marker=dict(size=4), name="hypervolume"))
@@ -94,6 +103,8 @@ def hypervolume_figure(view: StudyView) -> go.Figure:
 
 
 def sensitivity_figure(view: StudyView) -> go.Figure | None:
+    import plotly.graph_objects as go
+
     s = sensitivity_frame(view.sensitivity)
     if s.empty:
         return None
@@ -126,6 +137,8 @@ def _table(view: StudyView) -> str:
 
 def render(view: StudyView) -> str:
     """The whole report page as one HTML string with plotly.js inlined."""
+    from plotly.offline import get_plotlyjs
+
     c = counts(view)
     budget = ", ".join(f"{k} &le; {v:g}" for k, v in view.budget.items() if v is not None) or "none"
     figs = [pareto_figure(view), hypervolume_figure(view)]
