@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import warnings
 from typing import Any
@@ -66,7 +67,9 @@ def register(subparsers: Any) -> None:
                         "calibrated and then trained with the weights (LSQ) (default calibrated)")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
-    p.add_argument("--quiet", action="store_true", help="no progress and no table, only the final summary line")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress, no table and no report files (the summary line says how to write them "
+                        "with `hwcompress report`), only the final summary line")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (study, front)")
     p.add_argument("--weights", default=None,
                    help="your own trained weights for --model (safetensors, as `hwcompress train` saves them) "
@@ -124,9 +127,12 @@ def search_command(args: argparse.Namespace) -> int:
         _run_workers(args, study)
         study = load_study(study.study_name, storage)
     front = pareto_frame(study)
-    # the report's export commands name this storage and results directory when not the defaults
-    view = read_study(study, storage=args.storage, results_dir=args.results_dir)
-    out_dir = str(write_view(view, report_dir(args.results_dir, study.study_name)).out_dir)
+    view = out_dir = None
+    # --quiet leaves the report (seconds of plotting) to `hwcompress report`, which a study in memory cannot reach
+    if not args.quiet or args.json or args.storage == "memory":
+        # the report's export commands name this storage and results directory when not the defaults
+        view = read_study(study, storage=args.storage, results_dir=args.results_dir)
+        out_dir = str(write_view(view, report_dir(args.results_dir, study.study_name)).out_dir)
     trials = study.get_trials(deepcopy=False)
     done = finished_count(trials)
     notes = [f"{note} (pass --trials above {done} to run more)" for note in idle]
@@ -135,14 +141,27 @@ def search_command(args: argparse.Namespace) -> int:
     if args.json:
         url = args.storage or default_url(args.results_dir)
         print(json.dumps(json_summary(study, url, done, front, out_dir)))
-    elif args.quiet:
+    elif args.quiet and out_dir is not None:
         print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {out_dir}")
+    elif args.quiet:
+        print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front; "
+              f"report not written (--quiet): {report_command(args, study.study_name)}")
     else:
         _print_front(view)
         print(f"report: {out_dir}")
     for note in filter(None, notes):  # stderr: --json keeps stdout one JSON object
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def report_command(args: argparse.Namespace, study_name: str) -> str:
+    """The `hwcompress report` command that writes this search's report."""
+    cmd = ["hwcompress", "report", "--study", study_name]
+    if args.storage is not None:
+        cmd += ["--storage", args.storage]
+    if args.results_dir != "results":
+        cmd += ["--results-dir", args.results_dir]
+    return shlex.join(cmd)
 
 
 def _rungs(text: str | None) -> list[int] | None:

@@ -44,6 +44,7 @@ def test_pruning_and_act_ranges_flags_reach_the_study_a_resume_and_the_export(tm
     st = _study(results, "g")
     ft = st.user_attrs["spec"]["finetune"]
     assert (ft["pruning"], ft["act_ranges"], len(st.trials)) == ("gradual", "learned", 2)
+    assert cli.main(["report", "--study", "g", "--results-dir", str(results)]) == 0  # --quiet wrote none
     for report in ("report.md", "report.html"):  # the report says how its candidates were fine-tuned
         assert "gradual pruning, learned activation ranges" in (results / "g" / report).read_text(encoding="utf-8")
     out = tmp_path / "e"
@@ -90,3 +91,21 @@ def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capfd):
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) == 1 and None not in workers  # run by the worker process, not in-process
     assert {t.user_attrs.get("engine_k") for t in trials} == {2}
+
+
+def test_quiet_leaves_the_report_to_hwcompress_report_and_says_how(tmp_path, capsys):
+    """--quiet writes no report files (their plots took seconds of a warm start); its summary
+    line is the command that writes them, and that command does."""
+    import shlex
+
+    from search import cli
+
+    results = results_dir(tmp_path)
+    assert start_search(results, "q", 1) == 0
+    assert not (results / "q").exists()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "report not written (--quiet)" in line
+    cmd = shlex.split(line.split("(--quiet): ", 1)[1])
+    assert cmd[:2] == ["hwcompress", "report"] and cmd[cmd.index("--results-dir") + 1] == str(results)
+    assert cli.main(cmd[1:]) == 0
+    assert {"report.html", "report.md", "pareto.csv"} <= {p.name for p in (results / "q").iterdir()}
