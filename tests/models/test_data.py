@@ -111,3 +111,24 @@ def test_sr_images_deterministic_and_bicubic_info():
     # bicubic is a real loss of detail, but not a catastrophic one
     for split in ("train", "val", "test"):
         assert 20.0 < a.info["bicubic_psnr_db"][split] < 50.0
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """The bundled file read directly gives exactly sklearn.datasets.load_digits' arrays, and
+    loading digits imports no scikit-learn (seconds of every search's start)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits as sk_digits
+
+    from models.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    d = sk_digits()
+    np.testing.assert_array_equal(images, d.images)
+    np.testing.assert_array_equal(target, d.target)
+    code = "import sys; from models.data import load_digits; load_digits(0); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
