@@ -100,7 +100,10 @@ def open_storage(
             "sqlite:///path/to/studies.db, or leave --storage out for results/studies.db"
         )
     try:
-        return _rdb(sql_url, engine_kwargs, heartbeat_interval, grace_period)
+        storage = _rdb(sql_url, engine_kwargs, heartbeat_interval, grace_period)
+        if scheme == "sqlite":
+            _fast_commits(storage)
+        return storage
     except RuntimeError as e:  # optuna: schema written by another Optuna version
         raise UserError(
             f"storage {redact(url)!r} was written by another Optuna version ({_first_line(e)}): "
@@ -108,6 +111,29 @@ def open_storage(
         ) from None
     except Exception as e:  # sqlalchemy errors after our checks: still one line
         raise UserError(f"cannot open storage {redact(url)!r}: {_first_line(e)}") from None
+
+
+def _fast_commits(storage: RDBStorage) -> None:
+    """Every SQLite connection of `storage` in write-ahead-log mode with synchronous=NORMAL.
+
+    Optuna commits each suggested parameter, user attribute and tell on its own: about 700
+    commits for a 16-trial search, and with SQLite's default rollback journal each one waited
+    for the disk (3-12 ms each here, seconds per search). In WAL mode a commit appends to the
+    log and NORMAL syncs it only at checkpoints: a killed process loses nothing committed, an
+    operating-system crash or power cut may lose the last commits but never corrupts the file
+    (sqlite.org/wal.html, "synchronous"). Workers on one machine share the file as before; a
+    results directory on a network file system needs PostgreSQL anyway (WAL needs shared memory).
+    """
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened while the schema was checked get the pragmas too
 
 
 def _check_exists(url: str | None, results_dir: str | os.PathLike) -> None:

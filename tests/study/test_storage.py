@@ -39,6 +39,20 @@ def test_default_is_sqlite_under_results_dir(tmp_path):
     assert S.load_study("s1", again).study_name == "s1"
 
 
+def test_sqlite_commits_go_to_a_write_ahead_log(tmp_path):
+    """Every connection of an SQLite storage is in WAL mode with synchronous=NORMAL (1):
+    a commit does not wait for the disk, and a second process still reads what was written."""
+    storage = S.open_storage(None, tmp_path)
+    optuna.create_study(study_name="w", storage=storage).enqueue_trial({"x": 1.0})
+    with storage.engine.connect() as con:
+        assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+    code = (f"import optuna; s = optuna.load_study(study_name='w', storage='sqlite:///{tmp_path}/studies.db'); "
+            "print(len(s.get_trials()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+
+
 def test_sqlite_url_relative_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     S.open_storage("sqlite:///rel/x.db")
