@@ -160,7 +160,7 @@ def step_costs(model: str, dataset: str, batch: int, plan_args: dict) -> dict:
     """Seconds per compressed fine-tune step (engine, K=1) and per plain dense training step."""
     task = models.get_task(model, dataset)
     params = _random_params(task)
-    eng = Engine(task, params, FinetuneConfig(steps=1, batch_size=batch, k=1))
+    eng = Engine(task, params, FinetuneConfig(steps=1, batch_size=batch, k=1, loop="python"))
     with count_compiles() as cc:
         prepare, step, _ = eng._functions(1)
         plan = make_plan(**plan_args) if plan_args else None
@@ -212,7 +212,7 @@ def compile_time(model: str, dataset: str, repeats: int = 5) -> dict:
         jax.clear_caches()
         t0 = time.perf_counter()
         with count_compiles() as cc:
-            eng = Engine(task, params, FinetuneConfig(steps=2, batch_size=128, k=1))
+            eng = Engine(task, params, FinetuneConfig(steps=2, batch_size=128, k=1, loop="python"))
             eng.run([make_plan(np.full(len(eng.layers), 0.5), CHANNEL, 8, 8)], return_models=True)
         runs.append((cc.seconds, cc.count, sorted(cc.durations, reverse=True)[:4], time.perf_counter() - t0))
     with count_compiles() as again:
@@ -226,8 +226,9 @@ def compile_time(model: str, dataset: str, repeats: int = 5) -> dict:
 def choose_k(model: str, dataset: str) -> dict:
     task = models.get_task(model, dataset)
     eng = Engine(task, _random_params(task), FinetuneConfig(steps=20, batch_size=256 if model == "lenet300" else 128))
-    return {"task": f"{model}/{dataset}", "chosen_k": eng.k,
-            "seconds_per_plan_step": {str(k): v for k, v in eng.k_timings.items()}}
+    return {"task": f"{model}/{dataset}", "chosen_k": eng.k, "chosen_loop": eng.loop,
+            "seconds_per_plan_step": {str(k): v for k, v in eng.k_timings.items()},
+            "loop_seconds_per_plan_step_at_k1": eng.loop_timings}
 
 
 def main() -> None:
