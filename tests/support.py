@@ -20,15 +20,21 @@ SEARCH = ["--model", "lenet300", "--dataset", "digits", "--profile", "mobile-cpu
 _cache: Path | None = None
 
 
-def results_dir(parent: Path) -> Path:
-    """A new results dir under `parent` whose cache/ is the session's shared baseline cache."""
+def shared_cache() -> Path:
+    """The session's shared baseline cache: a baseline is trained once per pytest session
+    for every test that asks train_baseline for the same task (model, data, training config)."""
     global _cache
     if _cache is None:
         _cache = Path(tempfile.mkdtemp(prefix="hwcompress-test-cache-"))
         atexit.register(shutil.rmtree, _cache, True)
+    return _cache
+
+
+def results_dir(parent: Path) -> Path:
+    """A new results dir under `parent` whose cache/ is the session's shared baseline cache."""
     results = parent / "results"
     results.mkdir(parents=True)
-    (results / "cache").symlink_to(_cache, target_is_directory=True)
+    (results / "cache").symlink_to(shared_cache(), target_is_directory=True)
     return results
 
 

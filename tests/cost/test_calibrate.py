@@ -42,14 +42,20 @@ def test_fit_profile_recovers_predictions_of_a_known_device():
     assert np.max(np.abs(before / want - 1)) > 0.2  # the fit did the work
 
 
-def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys):
+def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys, monkeypatch):
     """`profiles calibrate --study S`: the kernel predictors are learned from sampled shapes plus
     the shapes the study's layers take; the profile prices with them."""
     import optuna
 
     from search.api import make_spec
+    from search.cost import calibrate as calibrate_mod
     from tests.support import results_dir
 
+    # the DRAM probe's 256 MiB of random weights cost ~7 of this test's ~9 s: time the same
+    # batch-1 MatMul on at most 16 MiB here (the numbers are not asserted, only that they are > 0)
+    bandwidth = calibrate_mod._bandwidth_gbs
+    monkeypatch.setattr(calibrate_mod, "_bandwidth_gbs",
+                        lambda nbytes, threads, min_s: bandwidth(min(nbytes, 16 << 20), threads, min_s))
     results = results_dir(tmp_path)
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{results / 'studies.db'}", directions=["maximize"])
     study.set_user_attr("spec", make_spec(model="lenet300", dataset="digits", profile="mobile-cpu").to_attrs())

@@ -3,6 +3,8 @@ the files are there, weights reload into Flax with exactly the exported quality,
 agrees with Flax and really has the smaller matrices; bad input gives one-line errors."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -47,10 +49,28 @@ def _export(results, out, *extra):
     return cli.main(["export", "--study", "exp", "--results-dir", str(results), "--out", str(out), *extra])
 
 
-def test_export_trial_files_reload_and_onnx(study_env, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def exported(study_env, tmp_path_factory):
+    """Two real exports of the study's trial into one directory, for the tests below (each one
+    fine-tunes, packs, writes ONNX and checks it: seconds apiece): the default retrain budget,
+    then `--finetune-steps 4 --force` over it. (out, {"default" | "four": (exit code, stdout,
+    config.json as written by that export)})."""
+    results, _, trial = study_env
+    out = tmp_path_factory.mktemp("exported") / "out"
+    runs = {}
+    for name, extra in (("default", ()), ("four", ("--finetune-steps", "4", "--force"))):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = _export(results, out, "--trial", str(trial), *extra)
+        config = json.loads((out / "config.json").read_text()) if rc == 0 else None
+        runs[name] = (rc, stdout.getvalue(), config)
+    return out, runs
+
+
+def test_export_trial_files_reload_and_onnx(study_env, exported, capsys):
     results, study, trial = study_env
-    out = tmp_path / "out"
-    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "2") == 0
+    out, runs = exported  # the --force export over the default one: it replaced every file
+    assert runs["default"][0] == 0 and runs["four"][0] == 0
     assert {p.name for p in out.iterdir()} == {"config.json", "weights.safetensors", "size.json", "model.onnx"}
     c = json.loads((out / "config.json").read_text())
     q = c["quality"]
@@ -80,10 +100,12 @@ def test_export_trial_files_reload_and_onnx(study_env, tmp_path, capsys):
     assert cli.main(["measure", str(out), "--runs", "5", "--warmup", "1"]) == 0
     text = capsys.readouterr().out
     assert "measured" in text and "predicted" in text and "mobile-cpu" in text
-    # an existing output directory is refused without --force, accepted with it
+    # an existing output directory is refused without --force and left as it was (accepted with
+    # --force: the `exported` fixture's second export, checked above)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0") == 2
     assert "--force" in capsys.readouterr().err
-    assert _export(results, out, "--trial", str(trial), "--finetune-steps", "0", "--force") == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
@@ -206,15 +228,13 @@ def test_export_of_a_weights_study_reproduces_the_searched_quality(tmp_path):
     assert c["retrain"]["default"] and c["retrain"]["steps"] == RETRAIN_FACTOR * 3  # tests.support: 3 steps
 
 
-def test_export_retrains_longer_than_the_search_and_reports_before_and_after(study_env, tmp_path, capsys):
+def test_export_retrains_longer_than_the_search_and_reports_before_and_after(exported):
     """The default export fine-tunes RETRAIN_FACTOR x the study's steps on a cosine schedule and
     records the budget with validation and test quality before (the search's fine-tune) and
     after (the exported weights); --finetune-steps overrides the budget."""
-    results, _, trial = study_env
-    capsys.readouterr()
-    assert _export(results, tmp_path / "default", "--trial", str(trial)) == 0
-    text = capsys.readouterr().out
-    c = json.loads((tmp_path / "default" / "config.json").read_text())
+    _, runs = exported
+    rc, text, c = runs["default"]
+    assert rc == 0
     r, q = c["retrain"], c["quality"]
     assert (r["default"], r["factor"], r["search_steps"], r["steps"], r["schedule"]) == \
         (True, RETRAIN_FACTOR, 2, 2 * RETRAIN_FACTOR, "cosine")  # study_env searched with 2 steps
@@ -229,9 +249,9 @@ def test_export_retrains_longer_than_the_search_and_reports_before_and_after(stu
     assert f"accuracy before, the search's fine-tune (2 steps): val {r['before']['val']:.4f}, test {r['before']['test']:.4f}" in text
     assert f"accuracy after, exported ({2 * RETRAIN_FACTOR} steps): val {r['after']['val']:.4f}" in text
     # --finetune-steps sets the budget; "before" is still the search's fine-tune, measured the same way
-    assert _export(results, tmp_path / "four", "--trial", str(trial), "--finetune-steps", "4") == 0
-    assert "(--finetune-steps)" in capsys.readouterr().out
-    r4 = json.loads((tmp_path / "four" / "config.json").read_text())["retrain"]
+    rc, text, c4 = runs["four"]
+    assert rc == 0 and "(--finetune-steps)" in text
+    r4 = c4["retrain"]
     assert (r4["default"], r4["steps"], r4["schedule"]) == (False, 4, "cosine")
     assert r4["before"] == r["before"]  # deterministic: same plan, baseline, seed and steps
 

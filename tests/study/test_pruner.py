@@ -30,7 +30,7 @@ from search.study.pruning import (PrunerConfig, bracket_of, default_rungs, domin
                                   promotable)
 from search.study.spec import StudySpec
 from search.study.workers import run_worker
-from tests.support import SEARCH, results_dir, start_search
+from tests.support import SEARCH, results_dir, shared_cache, start_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FT = FinetuneConfig(steps=9, batch_size=32, k=2, calib_examples=64)
@@ -139,9 +139,9 @@ def test_ctrl_c_waits_for_a_rung_decision_to_be_stored():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base():
     task = dataclasses.replace(models.get_task("lenet300", "digits"), train=TrainConfig(steps=150, batch_size=64))
-    params, info = train_baseline(task, cache_dir=tmp_path_factory.mktemp("cache"))
+    params, info = train_baseline(task, cache_dir=shared_cache())  # trained once per session
     return task, params, info
 
 

@@ -12,6 +12,7 @@ from search.engine.finetune import Engine
 from search.compression.layers import Layer
 from search.study.sensitivity import insensitivity_ratios, measure_sensitivity, probe_plans, warm_start_plans
 from search.study.space import space_for_profile
+from tests.support import shared_cache
 
 
 def _dense(i, name, n_in, n_out):
@@ -56,11 +57,11 @@ def test_warm_start_begins_with_uniform_int8():
     assert len(warm_start_plans(None, LAYERS, space)) == 1
 
 
-def test_measured_sensitivity_on_digits(tmp_path):
+def test_measured_sensitivity_on_digits():
     from models.train import train_baseline
 
     task = dataclasses.replace(models.get_task("lenet300", "digits"), train=TrainConfig(steps=150, batch_size=64))
-    params, info = train_baseline(task, cache_dir=tmp_path)
+    params, info = train_baseline(task, cache_dir=shared_cache())  # the same baseline as test_study's and test_pruner's
     engine = Engine(task, params, FinetuneConfig(steps=0, k=1, calib_examples=64))
     sens = measure_sensitivity(engine, engine.layers, info["val_metric"])
     assert sens["layers"] == ["fc1", "fc2", "fc3"]

@@ -13,6 +13,7 @@ from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.study.loop import finished_count
+from tests.support import shared_cache
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FT = FinetuneConfig(steps=4, batch_size=32, k=2, calib_examples=64)
@@ -33,12 +34,12 @@ class RecordingEngine(Engine):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base():
     task = models.get_task("lenet300", "digits")
     task = dataclasses.replace(task, train=TrainConfig(steps=150, batch_size=64))
     from models.train import train_baseline
 
-    params, info = train_baseline(task, cache_dir=tmp_path_factory.mktemp("cache"))
+    params, info = train_baseline(task, cache_dir=shared_cache())  # trained once per session
     return task, params, info
 
 
