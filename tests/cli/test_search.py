@@ -81,12 +81,13 @@ def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capfd):
 
     results = results_dir(tmp_path)
     argv = ["search", *[a for a in SEARCH if a != "--quiet"], "--study", "w", "--trials", "2",
-            "--results-dir", str(results), "--workers", "1", "--k", "2", "--json"]
+            "--results-dir", str(results), "--workers", "1", "--k", "2", "--loop", "fused", "--json"]
     assert cli.main(argv) == 0
     out = capfd.readouterr()
     summary = json.loads(out.out)  # --json: stdout is one JSON object, workers or not
     assert summary["study"] == "w" and summary["trials_done"] == 2
-    assert "(K=2)" in out.err  # the worker process was given --k (a CPU measures 1 or 4)
+    # the worker process was given --k and --loop (a CPU measures K 1 or 4, and may pick either loop)
+    assert "(K=2, fused loop)" in out.err
     trials = _study(results, "w").trials
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) == 1 and None not in workers  # run by the worker process, not in-process
