@@ -8,7 +8,9 @@ Ours: `python -m search.cli search --model lenet300 --dataset digits --profile m
 every cache (baseline, engine K and loop, XLA persistent cache), then --runs times with a fresh
 study each. Each run's wall clock is the whole process; the time inside trials is the union of
 the trials' [datetime_start, datetime_complete] intervals read back from the study storage, and
-the rest (imports, compiles, sensitivity pass, report) is outside trials.
+the rest (imports, compiles, sensitivity pass) is outside trials. The search runs with
+`--quiet`, which leaves the report to `hwcompress report` (the straightforward loop writes
+none either); `--report` times it with the report written (about 2 s more here).
 
 The straightforward loop: `python -m bench.bench_e2e --naive ...` as a subprocess, what a user
 writes without hwcompress: import optuna, jax, flax, optax; load the data and the trained
@@ -175,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="the searches' results directory (default: a fresh temporary one; pass one to reuse "
                          "its caches)")
     ap.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of both processes (default cpu)")
+    ap.add_argument("--report", action="store_true",
+                    help="let the search write its report (default: --quiet, which leaves it to `hwcompress "
+                         "report`, as the issue allows; the naive loop writes none either)")
     ap.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
 
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     def ours_cmd(study: str) -> list[str]:
         return [sys.executable, "-m", "search.cli", "search", "--model", MODEL, "--dataset", DATASET,
                 "--profile", PROFILE, "--trials", str(args.trials), "--finetune-steps", str(args.steps),
-                "--results-dir", results_dir, "--storage", storage, "--study", study]
+                "--results-dir", results_dir, "--storage", storage, "--study", study,
+                *([] if args.report else ["--quiet"])]
 
     naive_cmd = [sys.executable, "-m", "bench.bench_e2e", "--naive", "--trials", str(args.trials),
                  "--steps", str(args.steps), "--results-dir", results_dir]

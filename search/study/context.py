@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import flax.linen as nn
 import numpy as np
 import optuna
@@ -63,7 +64,9 @@ class StudyContext:
         """The compressible layers, plan axis order (shapes only: no training needed)."""
         probe = self._given[0] if self._given is not None else None
         if probe is None and isinstance(self.task.module, nn.Module):
-            probe = self.task.init_variables()
+            # zeros of the variables' shapes: discovery reads shapes only, and running the
+            # initializers compiled a program per start (0.9 s for lenet300, 3.7 s for resnet20)
+            probe = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(self.task.init_variables))
         model, params = task_model(self.task, probe)
         return tuple(discover_layers(model, params, np.asarray(self.task.data.x_train[:1])))
 
