@@ -31,6 +31,7 @@ from search.compression import plan as P
 from search.cost import budget as B
 from search.cost.roofline import Costs, price, price_all
 from search.study import storage
+from search.study.storage import set_trial_attrs
 from search.study.context import SearchContext
 from search.study.create import finished_count, make_sampler
 from search.study.progress import SearchProgress
@@ -143,20 +144,16 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
             cons = B.constraint_values(cost, ctx.budget)
             feasible = all(v <= 0 for v in cons.values())
             size_bytes = int(round(cost["size_kb"] * 1024))
-            t.set_user_attr("plan", plan_to_dict(plans[i]))
-            t.set_user_attr("costs", {name: B.costs_at(c, i) for name, c in everyone.items()})
-            t.set_user_attr("constraints", cons)
-            t.set_user_attr("feasible", feasible)
-            t.set_user_attr("size_bytes", size_bytes)
-            t.set_user_attr("compression_ratio", ctx.dense_bytes / max(size_bytes, 1))
-            for key, value in cons.items():
-                t.set_constraint(key, value)
+            set_trial_attrs(t, {
+                "plan": plan_to_dict(plans[i]),
+                "costs": {name: B.costs_at(c, i) for name, c in everyone.items()},
+                "constraints": cons, "feasible": feasible, "size_bytes": size_bytes,
+                "compression_ratio": ctx.dense_bytes / max(size_bytes, 1)}, cons)
             if feasible:
                 feasible_idx.append(i)
             else:
                 with _finished_elsewhere(t):
-                    t.set_user_attr("quality", None)
-                    t.set_user_attr("infeasible_reason", B.violation_message(cost, ctx.budget))
+                    set_trial_attrs(t, {"quality": None, "infeasible_reason": B.violation_message(cost, ctx.budget)})
                     study.tell(t, state=TrialState.PRUNED)
                 told.add(i)
         failed = stopped_n = 0
@@ -176,20 +173,17 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                 q = float(metric[j])
                 with _finished_elsewhere(t):
                     if not finite[j] or not math.isfinite(q):
-                        t.set_user_attr("quality", None)
-                        t.set_user_attr("fail_reason", reasons[j] or f"fine-tuning gave a non-finite metric ({q})")
+                        set_trial_attrs(t, {"quality": None, "fail_reason": reasons[j]
+                                            or f"fine-tuning gave a non-finite metric ({q})"})
                         study.tell(t, state=TrialState.FAIL)
                         failed += 1
                     elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
-                        t.set_user_attr("quality", q)
-                        t.set_user_attr("stopped_at", int(result.steps[j]))
-                        t.set_user_attr("engine_k", engine_k)
+                        set_trial_attrs(t, {"quality": q, "stopped_at": int(result.steps[j]), "engine_k": engine_k})
                         study.tell(t, state=TrialState.PRUNED)
                         stopped_n += 1
                     else:
-                        t.set_user_attr("quality", q)
-                        t.set_user_attr(TEST_ATTR, _finite(result.test_metric[j]))  # shown beside quality, never ranked
-                        t.set_user_attr("engine_k", engine_k)
+                        # the test metric is shown beside quality, never ranked on
+                        set_trial_attrs(t, {"quality": q, TEST_ATTR: _finite(result.test_metric[j]), "engine_k": engine_k})
                         study.tell(t, _tell_values(ctx, q, B.costs_at(target, i)))
                 told.add(i)
         return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed,

@@ -59,7 +59,9 @@ def test_search_on_the_users_own_weights(tmp_path):
     hash and evaluates those weights; a changed file is refused on resume, nothing added."""
     results = results_dir(tmp_path)
     assert start_search(results, "base", 1) == 0
-    cached = next((results / "cache").glob("*/params.safetensors"))
+    # this study's baseline (the shared cache may hold other lenet300/digits baselines by now)
+    key = _study(results, "base").user_attrs["baseline"]["cache_key"]
+    cached = results / "cache" / key / "params.safetensors"
     mine = tmp_path / "mine.safetensors"
     shutil.copy(cached, mine)
     assert start_search(results, "mine", 1, "--weights", str(mine)) == 0

@@ -39,6 +39,30 @@ def test_default_is_sqlite_under_results_dir(tmp_path):
     assert S.load_study("s1", again).study_name == "s1"
 
 
+@pytest.mark.parametrize("where", ["sqlite", "memory"])
+def test_trial_attrs_and_constraints_in_one_write_read_back_as_optunas_own(tmp_path, where):
+    """set_trial_attrs (one transaction on an RDB storage, the public calls elsewhere) stores
+    what Trial.set_user_attr and Trial.set_constraint store: a second reader and the
+    constrained samplers see the same attributes and constraints."""
+    storage = S.open_storage(None, tmp_path) if where == "sqlite" else optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="a", storage=storage, directions=["maximize", "minimize"])
+    mine, theirs = study.ask(), study.ask()
+    attrs, cons = {"plan": {"ratio": [0.5, 0.25]}, "feasible": False, "quality": None}, {"latency_ms": 0.5, "size_kb": -1.0}
+    S.set_trial_attrs(mine, attrs, cons)
+    for k, v in attrs.items():
+        theirs.set_user_attr(k, v)
+    for k, v in cons.items():
+        theirs.set_constraint(k, v)
+    assert mine.user_attrs == attrs  # the trial's own view is updated too
+    S.set_trial_attrs(mine, {"quality": 0.9})  # a later write replaces a key, keeps the others
+    study.tell(mine, [0.9, 1.0])
+    study.tell(theirs, [0.9, 1.0])
+    again = optuna.load_study(study_name="a", storage=storage if where == "memory" else S.default_url(tmp_path))
+    a, b = again.get_trials()
+    assert a.user_attrs == {**attrs, "quality": 0.9} and b.user_attrs == attrs
+    assert a.constraints == b.constraints == cons and a.system_attrs == b.system_attrs
+
+
 def test_sqlite_commits_go_to_a_write_ahead_log(tmp_path):
     """Every connection of an SQLite storage is in WAL mode with synchronous=NORMAL (1):
     a commit does not wait for the disk, and a second process still reads what was written."""
