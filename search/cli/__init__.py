@@ -57,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The console script and `python -m search.cli`: main(), then exit without the
+    interpreter's teardown. After a search, destroying XLA's compiled programs, thread pools
+    and every module's objects took 0.6-1 s of a 10 s warm search; exit handlers still run,
+    output is flushed and every open storage is closed first (SQLite folds its write-ahead log
+    back into the database file), so nothing stored or printed is lost. Tests call main()."""
+    import atexit
+    import os
+
+    rc = main()
+    storage = sys.modules.get("search.study.storage")
+    if storage is not None:
+        storage.close_storages()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message a user sees as one line (exit 2): search's UserError
     and the ValueError subclasses of models/ and hw_profiles/, which import nothing from search/.

@@ -1,6 +1,4 @@
 """`python -m search.cli ...`: the hwcompress command."""
-import sys
+from search.cli import run
 
-from search.cli import main
-
-sys.exit(main())
+run()

@@ -20,6 +20,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -104,6 +105,7 @@ def open_storage(
         storage = _rdb(sql_url, engine_kwargs, heartbeat_interval, grace_period)
         if scheme == "sqlite":
             _fast_commits(storage)
+        _ENGINES.add(storage.engine)
         return storage
     except RuntimeError as e:  # optuna: schema written by another Optuna version
         raise UserError(
@@ -112,6 +114,21 @@ def open_storage(
         ) from None
     except Exception as e:  # sqlalchemy errors after our checks: still one line
         raise UserError(f"cannot open storage {redact(url)!r}: {_first_line(e)}") from None
+
+
+# the SQLAlchemy engine of every RDB storage open_storage made (an engine may outlive its storage)
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def close_storages() -> None:
+    """Close the connections of every storage this process opened (search.cli.run, before it
+    exits without the interpreter's teardown): SQLite checkpoints its write-ahead log into the
+    database file when the last connection closes, so studies.db alone holds every trial."""
+    for engine in list(_ENGINES):
+        try:
+            engine.dispose()
+        except Exception:  # closing is best effort: every commit is already durable
+            pass
 
 
 def _fast_commits(storage: RDBStorage) -> None:
