@@ -78,6 +78,7 @@ _K_CACHE: dict[tuple, tuple[int, str]] = {}  # (backend, task, shapes, config) -
 
 # a fused chunk runs about this long, so progress, NaN checks and Ctrl-C come back between chunks
 CHUNK_SECONDS = 0.5
+TIMED_RUN_SECONDS = 0.1  # each timed run of the K and loop choice lasts about this long
 MAX_K = 64  # the largest K tried on an accelerator (per plan, K=128 was no faster than K=1 on an H200)
 
 
@@ -518,9 +519,11 @@ class Engine:
         return int(max(1, min(MAX_K, 2 ** int(np.floor(np.log2(max(1.0, limit / 4 / per_plan)))))))
 
     def _time_steps(self, k: int, loop: str) -> float:
-        """Seconds per plan-step of K dense plans with one loop driver: best of up to 3 runs
-        of 5 steps (other processes may share the machine; no new run starts after 3 s, so a
-        slow model is timed once), after one warm-up run."""
+        """Seconds per plan-step of K dense plans with one loop driver: the best of up to 5
+        runs (other processes may share the machine) after a warm-up run of 5 steps. A run
+        is as many steps as take about TIMED_RUN_SECONDS (at least 5): a run of 5 steps of a
+        small model lasted a few milliseconds and the choice between loops followed the noise.
+        No new run starts after 3 s, so a slow model is timed once."""
         _, step, _ = self._functions(k)
         prepare, fused = self._fns[k][0], self._fused[k]
         group = jax.device_put(stack_plans([dense_plan(len(self.layers))] * k))
@@ -528,21 +531,25 @@ class Engine:
         state, t = (tr, os_, fin), jnp.int32(0)
         args = (fr, group, self.base_params, self._x, self._y, self._table, self._aug_key)
 
-        def five(state, t):  # t may run past the table: indices are clamped, fine for timing
+        def steps(state, t, n):  # t may run past the table: indices are clamped, fine for timing
             if loop == "fused":
-                return fused(state, t, np.int32(5), *args)
-            for _ in range(5):
+                return fused(state, t, np.int32(n), *args)
+            for _ in range(n):
                 state, t = step(state, t, *args)
             return state, t
 
-        state, t = five(state, t)
+        state, t = steps(state, t, 5)  # compiles
         jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state, t = steps(state, t, 5)
+        jax.block_until_ready(state)
+        n = int(np.clip(5 * TIMED_RUN_SECONDS / max(time.perf_counter() - t0, 1e-6), 5, 500))
         best, start = np.inf, time.perf_counter()
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
-            state, t = five(state, t)
+            state, t = steps(state, t, n)
             jax.block_until_ready(state)
-            best = min(best, (time.perf_counter() - t0) / (5 * k))
+            best = min(best, (time.perf_counter() - t0) / (n * k))
             if time.perf_counter() - start > 3.0:
                 break
         if loop == "fused":  # the first chunks of a fused run last about CHUNK_SECONDS
