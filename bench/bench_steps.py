@@ -65,7 +65,7 @@ def bench_model(model: str, ks, loops, steps: int, rounds: int, data_dir: str | 
     """One row per (K, loop), K outermost; no new cell starts after `deadline` (time.time())."""
     task = models.get_task(model, "fashion-mnist", data_dir=data_dir)
     batch = BATCH[model]
-    variables = task.init_params()  # the throughput does not depend on the values
+    variables = task.init_variables()  # every collection (BatchNorm statistics); the values do not matter here
     rows = []
     for k in ks:
         for loop in loops:

@@ -3,8 +3,9 @@
 Five jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
 adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step of K plans;
 with the "fused" loop, `train_n`: up to a chunk of those steps in one `lax.while_loop` on the
-device, so the device does not wait for the host between steps), `refresh` (halfway through fine-tuning, ranges and BN statistics estimated again), `remask`
-(gradual pruning's mask updates, search.engine.schedule) and `evaluate` (the metric
+device, so the device does not wait for the host between steps), `refresh` (halfway through
+fine-tuning, ranges and BN statistics estimated again), `remask` (gradual pruning's mask
+updates, search.engine.schedule) and `evaluate` (the metric
 of K plans on one chunk of a split, with their effective params and a finiteness flag, so
 nothing else compiles; rungs, search.engine.rungs, reuse it part-way through fine-tuning).
 Plans are arrays passed in, so new plans never recompile. K and the loop driver are measured
