@@ -145,12 +145,13 @@ def search(
     check_loop(loop)
     # an unsafe name fails before any work, and the data before a study is stored
     name = check_study_name(study_name) if study_name is not None else safe_study_name(default_study_name(spec))
-    # before anything compiles: a warm start loads its XLA programs from results_dir/cache/xla
-    use_compilation_cache(results_dir)
     ctx = load_context(spec, results_dir, task=task, params=params, baseline=baseline)
     ctx.task.check(spec.finetune.batch_size if spec.finetune.steps else None, params)
     extremes = extreme_plans(len(ctx.layers), spec.space)
     min_costs = B.check_reachable(ctx.profile, ctx.layers, spec.budget, extremes)
+    # once the input is checked (bad input writes nothing), before the engine compiles: a warm
+    # start loads its XLA programs from results_dir/cache/xla
+    use_compilation_cache(results_dir)
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = open_storage(storage, results_dir)
     if spec.weights is not None:  # a bad or changed weights file fails before the study exists

@@ -128,8 +128,7 @@ def test_impossible_budget_is_refused_before_any_training(base, tmp_path):
     with pytest.raises(UserError, match="smallest any plan reaches is latency_ms"):
         search(make_spec(model=task.name, dataset="digits", profile="mobile-cpu", budget={"latency_ms": 1e-9},
                          n_trials=2), _storage(tmp_path), str(tmp_path))
-    cache = tmp_path / "cache"  # the baseline was never trained: at most the XLA cache's folder is there
-    assert not cache.exists() or {p.name for p in cache.iterdir()} <= {"xla"}
+    assert not (tmp_path / "cache").exists()  # the baseline was never trained, nothing was written
 
 
 def test_ctrl_c_keeps_completed_trials_and_resume_reruns_the_open_ones(base, engine, tmp_path, monkeypatch):
