@@ -1,8 +1,10 @@
-"""Fine-tune throughput per plan: K plans per vmapped step x the loop driver, in plan-steps/s
-and achieved FLOP/s, for lenet300, lenet5 and resnet20 (issue 15's table).
+"""Fine-tune throughput per plan (plan-steps/s, FLOP/s) for each K and loop driver.
+
+For lenet300, lenet5 and resnet20 on Fashion-MNIST (issue 15's table):
 
     PYTHONPATH=. .venv/bin/python -m bench.bench_steps [--models lenet300,lenet5,resnet20]
-        [--ks 1,2,4] [--steps 40] [--data-dir DIR] [--out bench/out/bench_steps.json]
+        [--ks 1,2,4] [--loops python,fused] [--steps 40] [--rounds 3] [--budget-s S]
+        [--data-dir DIR] [--out bench/out/bench_steps.json]
 
 Every cell is the engine's own jitted functions (search.engine.finetune.Engine with
 FinetuneConfig k=K, loop=...), fine-tuning K random plans (every layer pruned 20-80%,
@@ -93,15 +95,15 @@ def bench_model(model: str, ks, loops, steps: int, rounds: int, data_dir: str | 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="lenet300,lenet5,resnet20")
+    ap.add_argument("--models", default="lenet300,lenet5,resnet20", help="comma list of zoo models")
     ap.add_argument("--ks", default=None, help="comma list (default 1,2,4 on a CPU, 1,8,32,128 elsewhere)")
-    ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument("--loops", default=",".join(LOOPS), help="comma list of loop drivers (default python,fused)")
     ap.add_argument("--steps", type=int, default=40, help="steps per timed run")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per cell (the best is kept)")
     ap.add_argument("--data-dir", default=None, help="directory with Fashion-MNIST's IDX files (default Debian's)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new cell after this many seconds, models split it evenly (default: no limit)")
-    ap.add_argument("--out", default=str(OUT / "bench_steps.json"))
+    ap.add_argument("--out", default=str(OUT / "bench_steps.json"), help="where the JSON goes")
     args = ap.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
     ks = [int(k) for k in (args.ks or ("1,2,4" if cpu else "1,8,32,128")).split(",")]

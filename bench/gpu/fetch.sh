@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI access) before carrying the repository to an accelerator
+# Run HERE (a machine with PyPI access, after `make install`: it pins the versions of .venv)
+# before carrying the repository to an accelerator
 # machine with no network: wheels of everything hwcompress needs that such a machine lacks
 # (it has JAX with CUDA, flax, optax, numpy, pandas, scikit-learn, scikit-image, onnxruntime),
 # for its Python (PYV, default 3.12), and Fashion-MNIST's four IDX files, into

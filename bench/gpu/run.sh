@@ -2,12 +2,14 @@
 # Run ON an accelerator machine with no network, from the repository root, after
 # bench/gpu/fetch.sh filled bench/gpu/carry here and it was carried along:
 #   run(command="bash bench/gpu/run.sh", carry=["bench/gpu/carry"], timeout_s=420)
-# Installs the carried wheels that this machine lacks into a temporary folder (never over its
-# own jax, flax or optax), then, in about 5 minutes in all (BUDGET_S):
-#   1. bench.bench_steps: plan-steps/s and FLOP/s per K x loop driver, lenet300 / lenet5 /
-#      resnet20 on Fashion-MNIST -> $OUT/bench_steps.json
-#   2. the `make demo` search (lenet300 / digits, 40 trials) cold, then warm (baseline, K and
-#      loop, and the XLA cache kept in its results directory) -> $OUT/demo.json
+# (without the device tool: copy the repository, bench/gpu/carry included, to the machine and
+# run `OUT=/some/dir bash bench/gpu/run.sh` from its root). Installs the carried wheels that this
+# machine lacks into a temporary folder (never over its own jax, flax or optax), then, in about
+# 5 minutes in all (BUDGET_S):
+#   1. the `make demo` search (lenet300 / digits, 40 trials) cold, then warm twice (baseline, K
+#      and loop, and the XLA cache kept in its results directory) -> $OUT/demo.json
+#   2. bench.bench_steps with what time is left: plan-steps/s and FLOP/s per K x loop driver,
+#      lenet300 / lenet5 / resnet20 on Fashion-MNIST -> $OUT/bench_steps.json
 # Figures land in $OUT (the device tool brings it back); nothing here needs the network.
 set -euo pipefail
 OUT=${OUT:-$(mktemp -d)}

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="plans fine-tuned together in one vmapped step (default: the fastest measured on this "
                         "machine, remembered in <results-dir>/cache/engine_k.json)")
-    p.add_argument("--loop", choices=("python", "fused"), default=None,
+    p.add_argument("--loop", default=None, metavar="{python,fused}",
                    help="fine-tune steps driven from Python, or fused into one device call per chunk (default: "
                         "the faster measured on this machine, remembered with K)")
     p.add_argument("--objectives", default="quality,latency,memory", help="comma list of quality,latency,memory,size (default quality,latency,memory)")

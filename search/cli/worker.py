@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=None, help="trials claimed and fine-tuned together (default: the engine's K)")
     p.add_argument("--k", type=int, default=None,
                    help="plans fine-tuned together in one vmapped step (default: the fastest measured on this machine)")
-    p.add_argument("--loop", choices=("python", "fused"), default=None,
+    p.add_argument("--loop", default=None, metavar="{python,fused}",
                    help="fine-tune steps driven from Python or fused on the device (default: the faster measured here)")
     p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials from this worker")
     p.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_INTERVAL,

@@ -167,7 +167,7 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
             stopped = np.zeros(len(feasible_idx), bool) if result.stopped is None else np.asarray(result.stopped)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
             # which K fine-tuned them: K vmapped plans and K separate runs differ by float rounding
-            engine_k = int(ctx.engine.k)
+            engine_k, engine_loop = int(ctx.engine.k), str(ctx.engine.loop)
             for j, i in enumerate(feasible_idx):
                 t = trials[i]
                 q = float(metric[j])
@@ -178,12 +178,14 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                         study.tell(t, state=TrialState.FAIL)
                         failed += 1
                     elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
-                        set_trial_attrs(t, {"quality": q, "stopped_at": int(result.steps[j]), "engine_k": engine_k})
+                        set_trial_attrs(t, {"quality": q, "stopped_at": int(result.steps[j]), "engine_k": engine_k,
+                                            "engine_loop": engine_loop})
                         study.tell(t, state=TrialState.PRUNED)
                         stopped_n += 1
                     else:
                         # the test metric is shown beside quality, never ranked on
-                        set_trial_attrs(t, {"quality": q, TEST_ATTR: _finite(result.test_metric[j]), "engine_k": engine_k})
+                        set_trial_attrs(t, {"quality": q, TEST_ATTR: _finite(result.test_metric[j]), "engine_k": engine_k,
+                                            "engine_loop": engine_loop})
                         study.tell(t, _tell_values(ctx, q, B.costs_at(target, i)))
                 told.add(i)
         return {"asked": k, "infeasible": k - len(feasible_idx), "trained": len(feasible_idx), "failed": failed,

@@ -88,12 +88,12 @@ def test_workers_flag_runs_the_trials_in_worker_processes(tmp_path, capfd):
     out = capfd.readouterr()
     summary = json.loads(out.out)  # --json: stdout is one JSON object, workers or not
     assert summary["study"] == "w" and summary["trials_done"] == 2
-    # the worker process was given --k and --loop (a CPU measures K 1 or 4, and may pick either loop)
+    # the worker process was given --k and --loop (a CPU measures K 1, 2 or 4, and may pick either loop)
     assert "(K=2, fused loop)" in out.err
     trials = _study(results, "w").trials
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) == 1 and None not in workers  # run by the worker process, not in-process
-    assert {t.user_attrs.get("engine_k") for t in trials} == {2}
+    assert {(t.user_attrs.get("engine_k"), t.user_attrs.get("engine_loop")) for t in trials} == {(2, "fused")}
 
 
 def test_quiet_leaves_the_report_to_hwcompress_report_and_says_how(tmp_path, capsys):
