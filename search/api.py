@@ -21,7 +21,7 @@ from hw_profiles import Budget, HardwareProfile
 from models.task import Dataset, LossFn, MetricFn, Task
 from search.compression import plan as P
 from search.cost import budget as B
-from search.engine.config import FinetuneConfig, check_loop
+from search.engine.config import FinetuneConfig, check_k_and_loop
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.report.view import pareto_frame
@@ -140,9 +140,7 @@ def search(
     """
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
-    if k is not None and k < 1:
-        raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
-    check_loop(loop)
+    check_k_and_loop(k, loop)
     # an unsafe name fails before any work, and the data before a study is stored
     name = check_study_name(study_name) if study_name is not None else safe_study_name(default_study_name(spec))
     ctx = load_context(spec, results_dir, task=task, params=params, baseline=baseline)

@@ -14,6 +14,14 @@ ACT_RANGES = ("calibrated", "learned")  # how activation quantization ranges are
 LOOPS = ("python", "fused")
 
 
+def check_k_and_loop(k: int | None, loop: str | None) -> None:
+    """UserError unless K (plans per vmapped step) is None (measure) or >= 1, and `loop` None
+    (measure) or one of LOOPS: the flags `search` and `worker` share."""
+    if k is not None and k < 1:
+        raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
+    check_loop(loop)
+
+
 def check_loop(loop: str | None) -> None:
     """UserError unless `loop` is None (measure) or one of LOOPS."""
     if loop is not None and loop not in LOOPS:

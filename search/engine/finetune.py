@@ -37,8 +37,9 @@ from search.compression import codebook
 from search.compression import compress
 from search.compression import masks as masks_lib
 from search.errors import UserError
-from search.engine.config import LOOPS, FinetuneConfig
-from search.engine.k_file import read_k_file, write_k_file
+from search.engine import choice
+from search.engine.choice import forget_measured_k  # noqa: F401  (re-exported: tests and benches use it)
+from search.engine.config import FinetuneConfig
 from search.engine.schedule import mask_updates
 from search.engine.rungs import GroupRun, RungCallback, run_in_rungs
 from search.engine.steps import (batch_table, distill_loss, masked, node, once_per_trial_options,
@@ -75,17 +76,9 @@ class EngineResult:
     test_metric: np.ndarray | None = None  # with also_test: [P] metric on the test split (NaN: none)
 
 
-_K_CACHE: dict[tuple, tuple[int, str]] = {}  # (backend, task, shapes, config) -> fastest (K, loop) measured
-
 # a fused chunk runs about this long, so progress, NaN checks and Ctrl-C come back between chunks
 CHUNK_SECONDS = 0.5
 TIMED_RUN_SECONDS = 0.1  # each timed run of the K and loop choice lasts about this long
-MAX_K = 64  # the largest K tried on an accelerator (per plan, K=128 was no faster than K=1 on an H200)
-
-
-def forget_measured_k() -> None:
-    """Forget the K this process measured (as a new process would); the k_file keeps its own."""
-    _K_CACHE.clear()
 
 
 # jitted functions shared by every Engine of the same model, loss, metric, config and K, so a
@@ -458,66 +451,17 @@ class Engine:
         return out
 
     def _choose(self) -> tuple[int, str]:
-        """(K, loop): the plans per vmapped step and the loop driver that fine-tune fastest per plan here.
-
-        What the config fixes is kept; the rest is measured in seconds per plan-step: first
-        both loops at K = 1 (or the config's K), then, with the faster loop, one large K
-        (`_large_k`: 4 on a CPU, from the device's memory and the model's size elsewhere),
-        and the geometric middle only when neither is clearly faster (within 20%). That is
-        at most three compiles of the step, and the winner's compiled functions are reused.
-        The choice is remembered per process and, with a k_file, per machine, device kind,
-        task and batch.
-        """
+        """(K, loop): what the config fixes, the rest measured here (search.engine.choice) with
+        `_time_steps`, per machine, device kind, task, input shape, batch and kernel shapes."""
         cfg = self.config
         if cfg.k is not None and (cfg.loop is not None or cfg.steps == 0):
             return cfg.k, cfg.loop or "python"  # compress and evaluate only: no loop runs
-        backend = jax.default_backend()
-        key = (backend, jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
+        key = (jax.default_backend(), jax.devices()[0].device_kind, self.task.name, self.task.data.input_shape,
                cfg.batch_size, cfg.distill, tuple(l.kernel_shape for l in self.layers), cfg.k, cfg.loop)
-        if key in _K_CACHE:
-            return _K_CACHE[key]
-        disk = read_k_file(self._k_file)
-        got = disk.get(repr(key), {})
-        if got.get("loop") in LOOPS and int(got.get("k", 0)) >= 1:
-            _K_CACHE[key] = int(got["k"]), str(got["loop"])
-            return _K_CACHE[key]
-        first = cfg.k if cfg.k is not None else 1
-        loops = (cfg.loop,) if cfg.loop is not None else LOOPS
-        self.loop_timings = {lp: self._time_steps(first, lp) for lp in loops}
-        loop = min(self.loop_timings, key=self.loop_timings.get)
-        self.k_timings = {first: self.loop_timings[loop]}
-        if cfg.k is None:
-            big = self._large_k()
-            if big > 1:
-                self.k_timings[big] = self._time_steps(big, loop)
-                ratio = self.k_timings[big] / self.k_timings[1]
-                mid = 2 ** int(round(np.log2(big) / 2))
-                if 0.8 < ratio < 1.25 and 1 < mid < big:
-                    self.k_timings[mid] = self._time_steps(mid, loop)
-        k = min(self.k_timings, key=self.k_timings.get)
-        _K_CACHE[key] = k, loop
-        disk[repr(key)] = {"k": k, "loop": loop, "seconds_per_plan_step": {str(n): v for n, v in self.k_timings.items()},
-                           "loop_seconds_per_plan_step": self.loop_timings}
-        write_k_file(self._k_file, disk)
-        return k, loop
-
-    def _large_k(self) -> int:
-        """The large K to measure: 4 on a CPU (plans share its few cores); elsewhere the largest
-        power of two up to MAX_K whose plans fill at most a quarter of the device's memory, at
-        about 10 floats per weight (params, gradients, Adam moments, masks, effective weights)
-        and 4 per activation (forward, backward, teacher) of a batch."""
-        if jax.default_backend() == "cpu":
-            return 4
-        weights = sum(l.params for l in self.layers)
-        acts = sum(int(np.prod(l.out_shape)) for l in self.layers) * self.config.batch_size
-        per_plan = 4 * (10 * weights + 4 * acts)
-        try:
-            limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
-        except Exception:  # a backend without memory statistics
-            limit = 0
-        if not limit:
-            return 16
-        return int(max(1, min(MAX_K, 2 ** int(np.floor(np.log2(max(1.0, limit / 4 / per_plan)))))))
+        c = choice.choose(key, self._time_steps, self._k_file, cfg.k, cfg.loop,
+                          lambda: choice.large_k(self.layers, cfg.batch_size))
+        self.k_timings, self.loop_timings = c.k_timings, c.loop_timings
+        return c.k, c.loop
 
     def _time_steps(self, k: int, loop: str) -> float:
         """Seconds per plan-step of K dense plans with one loop driver: the best of up to 5

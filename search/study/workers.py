@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 
-from search.engine.config import check_loop
+from search.engine.config import check_k_and_loop
 from search.errors import UserError
 from search.study import storage as storage_mod
 from search.study import xla_cache
@@ -201,9 +201,7 @@ def run_worker(
         raise UserError(f"--batch {batch} must be at least 1")
     if max_trials is not None and max_trials < 1:
         raise UserError(f"--max-trials {max_trials} must be at least 1")
-    if k is not None and k < 1:
-        raise UserError(f"--k {k} must be at least 1 (or leave it out to measure the fastest K here)")
-    check_loop(loop)
+    check_k_and_loop(k, loop)
     t0 = time.monotonic()
     xla_cache.use_compilation_cache(results_dir)  # a worker started by hand shares it too
     storage = storage_mod.open_storage(
