@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill", action="store_true", help="fine-tune with distillation from the baseline")
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (peak with --schedule cosine)")
     ap.add_argument("--schedule", default="constant", help="constant or cosine (FinetuneConfig.schedule)")
+    ap.add_argument("--export-dir", default=None,
+                    help="keep each variant's export in DIR/<variant> (default: a temporary folder), "
+                         "to time it again on a quiet machine")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     task = models.get_task(args.model, args.dataset)
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown --variants {sorted(unknown)}: choose from {[n for n, _ in variants]}")
         variants = [(n, p) for n, p in variants if n in keep]
     rows, paths = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.export_dir or scratch
         for name, plan in variants:
             out = Path(tmp, name)
             steps = 0 if name == "fp32" else args.steps
