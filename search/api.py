@@ -30,7 +30,7 @@ from search.study.create import check_sampler, finished_count, layers_attr, metr
 from search.study.loop import Claimant, NothingToDo, ask_batch, run_trials
 from search.study.progress import SearchProgress, nothing_to_do
 from search.study.pruning import default_pruner, make_pruner
-from search.study.sensitivity import measure_sensitivity, warm_start_plans
+from search.study.sensitivity import cached_sensitivity, warm_start_plans
 from search.study.space import extreme_plans, plan_to_params, space_for_profile
 from search.study.spec import (SPEC_ATTR, StudySpec, WeightsSource, check_study_name, profile_reference,
                                safe_study_name)
@@ -211,7 +211,8 @@ def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, fl
     study.set_user_attr("min_costs", min_costs)
     sens, warm_plans = None, []
     if warm and "sensitivity" not in study.user_attrs:
-        sens = measure_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]))
+        sens = cached_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]),
+                                  Path(ctx.study.results_dir, "cache"), info.get("cache_key"))
         warm_plans = warm_start_plans(sens, ctx.layers, ctx.space)
     if not study.get_trials(deepcopy=False):  # a set-up interrupted after enqueueing does not enqueue twice
         for plan in seeds(P.stack_plans(warm_plans) if warm_plans else None):

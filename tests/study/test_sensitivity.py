@@ -1,5 +1,6 @@
 """Layer sensitivity probes and the warm-start plans built from them."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from search.compression import plan as P
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.compression.layers import Layer
-from search.study.sensitivity import insensitivity_ratios, measure_sensitivity, probe_plans, warm_start_plans
+from search.study.sensitivity import (cached_sensitivity, insensitivity_ratios, measure_sensitivity, probe_plans,
+                                     sensitivity_key, warm_start_plans)
 from search.study.space import space_for_profile
 from tests.support import shared_cache
 
@@ -57,7 +59,7 @@ def test_warm_start_begins_with_uniform_int8():
     assert len(warm_start_plans(None, LAYERS, space)) == 1
 
 
-def test_measured_sensitivity_on_digits():
+def test_measured_sensitivity_on_digits(tmp_path):
     from models.train import train_baseline
 
     task = dataclasses.replace(models.get_task("lenet300", "digits"), train=TrainConfig(steps=150, batch_size=64))
@@ -69,3 +71,22 @@ def test_measured_sensitivity_on_digits():
     assert all(np.isfinite(sens["prune_loss"])) and all(abs(v) < 0.5 for v in sens["prune_loss"])
     # the 10-unit output layer has the fewest weights to spare: 50% of it costs the most
     assert sens["prune_loss"][2] == pytest.approx(max(sens["prune_loss"]), abs=0.03)
+
+    # kept beside the baseline: a new study of the same baseline and settings reads it back
+    key = info["cache_key"]
+    assert cached_sensitivity(engine, engine.layers, info["val_metric"], tmp_path, key) == sens
+    (path,) = (tmp_path / "sensitivity").glob("*.json")
+    planted = {**sens, "prune_loss": [0.25, 0.5, 0.75]}
+    path.write_text(json.dumps(planted))
+    assert cached_sensitivity(engine, engine.layers, info["val_metric"], tmp_path, key) == planted
+    path.write_text("{not json")  # a damaged file is measured again and rewritten
+    assert cached_sensitivity(engine, engine.layers, info["val_metric"], tmp_path, key) == sens
+    assert json.loads(path.read_text()) == sens
+    # anything the answer depends on changes the key; the step driver and K do not
+    other = Engine(task, params, FinetuneConfig(steps=0, k=1, calib_examples=32))
+    same = Engine(task, params, FinetuneConfig(steps=0, k=2, loop="fused", calib_examples=64))
+    k0 = sensitivity_key(key, engine.layers, info["val_metric"], engine)
+    assert sensitivity_key(key, engine.layers, info["val_metric"], same) == k0
+    assert sensitivity_key(key, engine.layers, info["val_metric"], other) != k0
+    assert sensitivity_key("other-baseline", engine.layers, info["val_metric"], engine) != k0
+    assert sensitivity_key(key, engine.layers, info["val_metric"] + 0.01, engine) != k0
