@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    granularity=rng.integers(0, 3, (k, n)).astype(np.int32),
                    weight_bits=rng.choice(P.WEIGHT_BITS, (k, n)).astype(np.int32),
                    act_bits=rng.choice(P.ACT_BITS, (k, n)).astype(np.int32),
-                   quant_mode=rng.integers(0, 2, (k, n)).astype(np.int32))
+                   quant_mode=rng.integers(0, 2, (k, n)).astype(np.int32),
+                   rank=np.ones((k, n), np.float32), form=np.zeros((k, n), np.int32))
     rows = {}
     kernels = KernelModel(inference_us=10.0, coef=MappingProxyType({k: (1.0,) + (1e-3,) * 7 for k in KERNELS}), runtime="synthetic")
     profiles = [load_profile(n) for n in list_profiles()] + [dataclasses.replace(load_profile("xeon"), name="kernels", kernels=kernels)]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         name = prof.name
         price(prof, layers, plans)  # warm the layer-array cache
         best = min(_timed(lambda: price(prof, layers, plans)) for _ in range(args.repeats))
-        first = P.Plan(*(np.asarray(getattr(plans, f))[:1] for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")))
+        first = P.Plan(*(np.asarray(getattr(plans, f))[:1] for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode", "rank", "form")))
         one = min(_timed(lambda: price(prof, layers, first)) for _ in range(20))
         rows[name] = {"plans_per_s": k / best, "batch_seconds": best, "single_plan_us": one * 1e6}
         print(f"{name:11s} {k / best:12,.0f} plans/s in batches of {k}; one plan {one * 1e6:7.1f} us")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from search.compression import codebook
+from search.compression import lowrank
 from search.compression import quant
 from search.compression.layers import Layer, Model, get_path, set_path
 from search.compression.plan import CODEBOOK, FLOAT, Plan
@@ -139,13 +140,38 @@ def codebook_kernels(ws, masks, centroids: jax.Array, assigns, use: jax.Array) -
 
 
 def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Sequence[Layer],
-                     plan: Plan, any_codebook: jax.Array | None = None) -> Any:
+                     plan: Plan, any_codebook: jax.Array | None = None, bases: dict | None = None,
+                     any_lowrank: jax.Array | None = None) -> Any:
     """The params tree with every kernel replaced by its compressed version (plan of shape [L]);
-    `any_codebook`: see `effective_kernels`."""
+    `any_codebook`: see `effective_kernels`.
+
+    `bases` ({layer name: Q_m [d, d]}, `lowrank.masked_basis` of the plan's rank): a layer whose
+    plan.rank < 1 computes with its rank-r projection A @ B, factors fake-quantized at its
+    weight bits (`lowrank.project`), then masked (channel pruning zeroes B's columns); its
+    product is not quantized again. `any_lowrank` (a scalar bool, or None: this plan decides):
+    whether any plan of the engine's group factorizes; one unbatched flag, so that a group
+    without factorized plans skips the projections (a `lax.cond`, as `any_codebook`)."""
     nodes = [get_path(params, l.path) for l in layers]
-    ks = effective_kernels([n["kernel"] for n in nodes], [masks[l.name] for l in layers],
-                           [qstate.assign[l.name] for l in layers], [qstate.w_scale[l.name] for l in layers],
-                           plan.weight_bits, plan.quant_mode, any_codebook)
+    ws = [n["kernel"] for n in nodes]
+    ms = [masks[l.name] for l in layers]
+    bits = plan.weight_bits
+    fact_layers = [l for l in layers if bases and l.name in bases]
+    if fact_layers:
+        fact = plan.rank < 1  # [L]
+        use = jnp.any(fact) if any_lowrank is None else any_lowrank
+
+        def projected(ws):
+            out = list(ws)
+            for l in fact_layers:
+                k, _, _ = lowrank.project(ws[l.index], bases[l.name], bits[l.index], lowrank.right_side(l))
+                out[l.index] = jnp.where(fact[l.index], k * ms[l.index], ws[l.index])
+            return out
+
+        ws = jax.lax.cond(use, projected, lambda ws: list(ws), ws)
+        # the factors are quantized already: the product passes through as a float kernel
+        bits = jnp.where(fact, FLOAT, bits)
+    ks = effective_kernels(ws, ms, [qstate.assign[l.name] for l in layers], [qstate.w_scale[l.name] for l in layers],
+                           bits, plan.quant_mode, any_codebook)
     out = params
     for l, node, k in zip(layers, nodes, ks):
         out = set_path(out, l.path, {**node, "kernel": k})

@@ -23,6 +23,11 @@ UNIFORM = 0  # symmetric uniform fake quantization, per-output-channel scales
 CODEBOOK = 1  # Deep Compression trained quantization: 2**bits shared values per layer
 QUANT_MODES = {"uniform": UNIFORM, "codebook": CODEBOOK}
 
+# factorization forms (the layer's kernel as a product of smaller ones; rank < 1 turns it on)
+SVD = 0  # "Weight SVD" (AIMET): a Dense as two matmuls, a kxk conv as r kxk filters then a 1x1 conv
+# room for SPATIAL (kx1 then 1xk conv, AIMET's "Spatial SVD") and KRONECKER (Van Loan-Pitsianis)
+FORMS = {"svd": SVD}
+
 FLOAT = 32  # a bit width of 32 means "leave in float32"
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, FLOAT)  # allowed weight widths
 ACT_BITS = (4, 5, 6, 7, 8, 16, FLOAT)  # allowed activation widths
@@ -39,6 +44,8 @@ class Plan:
     weight_bits: np.ndarray  # int32: weight bit width, FLOAT for float32
     act_bits: np.ndarray  # int32: input-activation bit width, FLOAT for float32
     quant_mode: np.ndarray  # int32: UNIFORM | CODEBOOK
+    rank: np.ndarray  # float32: rank ratio in (0, 1] of a factorized layer, 1 = not factorized (search.compression.lowrank)
+    form: np.ndarray  # int32: the factorization's form, SVD (used where rank < 1)
 
     @property
     def num_layers(self) -> int:
@@ -54,11 +61,13 @@ def dense_plan(num_layers: int) -> Plan:
     return make_plan(np.zeros(num_layers), UNSTRUCTURED, FLOAT, FLOAT, UNIFORM)
 
 
-def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT, quant_mode=UNIFORM) -> Plan:
+def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT, quant_mode=UNIFORM,
+              rank=1.0, form=SVD) -> Plan:
     """Build a plan from scalars or per-layer sequences, broadcast to ratio's shape."""
     r = np.asarray(ratio, np.float32)
     as_int = lambda v: np.broadcast_to(np.asarray(v, np.int32), r.shape).copy()
-    return Plan(r, as_int(granularity), as_int(weight_bits), as_int(act_bits), as_int(quant_mode))
+    return Plan(r, as_int(granularity), as_int(weight_bits), as_int(act_bits), as_int(quant_mode),
+                np.broadcast_to(np.asarray(rank, np.float32), r.shape).copy(), as_int(form))
 
 
 def stack_plans(plans: Sequence[Plan]) -> Plan:
@@ -77,11 +86,17 @@ def validate_plan(plan: Plan) -> None:
     r = np.asarray(plan.ratio)
     if np.any(r < 0) or np.any(r > MAX_RATIO) or not np.all(np.isfinite(r)):
         raise ValueError(f"plan.ratio must lie in [0, {MAX_RATIO}], got {r.min()}..{r.max()}")
+    k = np.asarray(plan.rank)
+    bad = ~(np.isfinite(k) & (k > 0) & (k <= 1))
+    if np.any(bad):
+        layer = int(np.argwhere(bad)[0][-1])
+        raise ValueError(f"plan.rank of layer {layer} is {k[bad].ravel()[0]}; a rank ratio lies in (0, 1] (1 = not factorized)")
     for name, allowed in (
         ("granularity", tuple(GRANULARITIES.values())),
         ("weight_bits", WEIGHT_BITS),
         ("act_bits", ACT_BITS),
         ("quant_mode", tuple(QUANT_MODES.values())),
+        ("form", tuple(FORMS.values())),
     ):
         v = np.asarray(getattr(plan, name))
         bad = sorted(set(np.unique(v).tolist()) - set(allowed))

@@ -16,7 +16,7 @@ import numpy as np
 import hw_profiles
 import models
 from search.compression.layers import discover_layers, task_model
-from search.compression.plan import QUANT_MODES, make_plan, stack_plans
+from search.compression.plan import FORMS, QUANT_MODES, make_plan, stack_plans
 from search.cost.roofline import price
 from search.errors import UserError
 
@@ -112,6 +112,8 @@ def _predict(config: dict, profile: str) -> float | None:
     layers = discover_layers(*task_model(task, task.init_variables()), np.zeros((1, *m["input_shape"]), np.float32))
     ls = config["layers"]
     mode = [QUANT_MODES.get(l["quant_mode"], 0) for l in ls]
+    # an export from before factorization records no rank: full rank
     plan = make_plan([l["ratio"] for l in ls], [l["granularity"] for l in ls], [l["weight_bits"] for l in ls],
-                     [l["act_bits"] for l in ls], mode)
+                     [l["act_bits"] for l in ls], mode, [l.get("rank_ratio", 1.0) for l in ls],
+                     [FORMS.get(l.get("form") or "svd", 0) for l in ls])
     return float(np.asarray(price(prof, layers, stack_plans([plan])).latency_ms)[0])

@@ -28,6 +28,13 @@ Roofline per layer, for one example (batch 1):
   where the device runs sparse kernels) + biases and scales + input and output activations at
   the width the kernels use. A model whose whole memory fits on chip uses onchip bandwidth.
 
+Factorized layers (plan.rank < 1, search.compression.lowrank) are priced as the pair they
+become, A [fan_in, r] then B [r, out]: MACs = positions * (fan_in_kept * r + r * out_kept),
+weights fan_in_kept * r + r * out_kept at the layer's width (each factor with its own per-column
+scales, each stored float32 when that is smaller), dense (they take channel pruning only), and
+the r-channel intermediate activation written and read between the two. Factorizing pays only
+when r < fan_in * out / (fan_in + out); any rank may be priced.
+
 memory = weights in memory + peak over layers of (input + output activation) bytes.
 size = packed model: values at their bit width, sparse index overhead (the smaller of a bitmask
 and 5-bit relative indices as in Deep Compression; 2 bits per kept weight for N:M), per-channel
@@ -43,6 +50,7 @@ from typing import Sequence
 import numpy as np
 
 from hw_profiles import HardwareProfile, list_profiles, load_profile
+from search.compression import lowrank
 from search.compression import plan as P
 from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
@@ -79,6 +87,8 @@ class _LayerArrays:
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
     padded: np.ndarray  # [L]: SAME-padded convs (kernels.padded_convs)
+    factorizable: np.ndarray  # [L] bool: Dense or ungrouped conv (lowrank.factorizable)
+    full_rank: np.ndarray  # [L]: d = min(fan_in, out), the rank a ratio of 1 keeps
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,6 +102,8 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
         reads=_reads_matrix(layers),
         chained=K.chained_to(layers), padded=K.padded_convs(layers),
+        factorizable=np.array([lowrank.factorizable(l) for l in layers], bool),
+        full_rank=f(lowrank.full_rank),
     )
 
 
@@ -123,16 +135,19 @@ def _tables(profile: HardwareProfile) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _plan_arrays(plans: P.Plan) -> tuple[np.ndarray, ...]:
     r = np.atleast_2d(np.asarray(plans.ratio, np.float64))
     g, wb, ab, qm = (np.atleast_2d(np.asarray(getattr(plans, k), np.int64)) for k in ("granularity", "weight_bits", "act_bits", "quant_mode"))
-    return r, g, wb, ab, qm
+    return r, g, wb, ab, qm, np.atleast_2d(np.asarray(plans.rank, np.float32))
 
 
 def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> dict[str, np.ndarray]:
     """Per-layer pieces [K, L]: latency (s), weight memory bits, weight size bits, act bytes."""
     la = _layer_arrays(tuple(layers))
-    r, g, wb, ab, qm = _plan_arrays(tie_plan(plans, layers))
+    r, g, wb, ab, qm, rank = _plan_arrays(tie_plan(plans, layers))
     weff_t, aeff_t, tput_t = _tables(profile)
-    chan, unst, nm = g == P.CHANNEL, g == P.UNSTRUCTURED, g == P.NM
-    codebook = (qm == P.CODEBOOK) & (wb <= 8)  # wider codebooks run as uniform (compress.weight_branch)
+    # factorized layers (lowrank.check_plan keeps them dense, uniform, channel-pruned at most)
+    fact = (rank < 1) & la.factorizable
+    rk = np.where(fact, lowrank.achieved_rank(rank, la.full_rank.astype(np.float32)), 0.0).astype(np.float64)
+    chan, unst, nm = g == P.CHANNEL, (g == P.UNSTRUCTURED) & ~fact, (g == P.NM) & ~fact
+    codebook = (qm == P.CODEBOOK) & (wb <= 8) & ~fact  # wider codebooks run as uniform (compress.weight_branch)
 
     # kept fractions: output channels as the masks count them (one decision per group, see
     # compression.graph), input channels as the producing groups keep them
@@ -144,8 +159,11 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     nm_kept = P.NM_GROUP - pruned_nm
     density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
 
-    # effective MACs
-    dense_work = la.macs * keep_out * keep_ch
+    # effective MACs; a factorized layer's pair: positions * (fan_in * r + r * out), kept
+    positions = la.macs / la.weights
+    fan_k, out_k = la.fan_in * keep_ch, la.out_ch * keep_out
+    n_a, n_b = fan_k * rk, rk * out_k
+    dense_work = np.where(fact, positions * (n_a + n_b), la.macs * keep_out * keep_ch)
     sparsity = 1.0 - density
     thr = profile.unstructured_min_sparsity
     sparse_ok = (sparsity > 0) & (thr is not None) & (sparsity >= (thr if thr is not None else 2.0))
@@ -167,7 +185,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
 
     # weights: values, sparse indices, codebook or per-channel scales, biases (bits). A layer
     # whose quantized form would be larger than float32 (tiny layers, huge codebooks) is kept float.
-    n_w = la.weights * keep_out * keep_ch
+    n_w = np.where(fact, n_a + n_b, la.weights * keep_out * keep_ch)
     nnz = n_w * density
     kept_ch = la.out_ch * keep_out
     index_bits = np.where(nm, np.minimum(n_w, nnz * NM_INDEX_BITS), np.minimum(n_w, nnz * REL_INDEX_BITS))
@@ -179,9 +197,13 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
 
     quant_extra = np.where(codebook, np.minimum(2.0 ** wb, n_w) * 32, np.where(wb < P.FLOAT, kept_ch * 32, 0))
     bias_bits = la.bias * keep_out * 32
-    size_bits = np.minimum(stored(wb, sparse) + quant_extra, stored(32, sparse)) + bias_bits
-    mem_bits = np.minimum(stored(wb, runs_sparse) + quant_extra, stored(32, runs_sparse)) + bias_bits
-    dense_bits = np.minimum(stored(wb, False) + quant_extra, stored(32, False))  # what the host CPU reads
+    # the two factors, each at the layer's width with a scale per column, or float32 when smaller
+    scaled = wb < P.FLOAT
+    pair_bits = (np.minimum(n_a * wb + np.where(scaled, rk * 32, 0), n_a * 32)
+                 + np.minimum(n_b * wb + np.where(scaled, kept_ch * 32, 0), n_b * 32))
+    size_bits = np.where(fact, pair_bits, np.minimum(stored(wb, sparse) + quant_extra, stored(32, sparse))) + bias_bits
+    mem_bits = np.where(fact, pair_bits, np.minimum(stored(wb, runs_sparse) + quant_extra, stored(32, runs_sparse))) + bias_bits
+    dense_bits = np.where(fact, pair_bits, np.minimum(stored(wb, False) + quant_extra, stored(32, False)))  # what the host CPU reads
     extra = bias_bits
 
     # activations: input at the width its kernel reads, output at the next layer's input width
@@ -189,7 +211,9 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     out_w = np.concatenate([a_store[:, 1:], np.full_like(a_store[:, :1], P.FLOAT)], axis=1)
     in_bytes = la.in_elems * keep_in * a_store / 8
     out_bytes = la.out_elems * keep_out * out_w / 8
-    act_peak = np.max(in_bytes + out_bytes, axis=1)
+    # a factorized layer's r-channel intermediate, float32 (the pair is one layer: no re-quantization)
+    mid_bytes = positions * rk * P.FLOAT / 8
+    act_peak = np.max(np.where(fact, np.maximum(in_bytes, out_bytes) + mid_bytes, in_bytes + out_bytes), axis=1)
     memory_bytes = mem_bits.sum(axis=1) / 8 + act_peak
 
     # latency
@@ -197,24 +221,28 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     if profile.onchip_kb is not None:
         bw = np.where(memory_bytes <= profile.onchip_kb * 1024, profile.onchip_bandwidth_gbs, bw)
     eff = np.array([profile.efficiency[k] for k in _KINDS])[la.kind]
-    moved = mem_bits / 8 + in_bytes + out_bytes
+    moved = mem_bits / 8 + in_bytes + out_bytes + 2 * mid_bytes
     t_mem = moved / (bw[:, None] * 1e9 * profile.bandwidth_efficiency)
     with np.errstate(divide="ignore"):
         t_dev = np.maximum(2 * work / (tput * 1e9 * eff), t_mem) + profile.layer_overhead_us * 1e-6
     if profile.float_policy == "fallback":
         host_bw = profile.bandwidth_gbs * 1e9 * profile.bandwidth_efficiency
         fb = 2 * dense_work / (profile.fallback_gops * 1e9 * eff)  # the host has no sparse kernels
-        t_host = np.maximum(fb, (dense_bits + extra) / 8 / host_bw + (in_bytes + out_bytes) / host_bw) + profile.fallback_layer_us * 1e-6
+        t_host = np.maximum(fb, (dense_bits + extra) / 8 / host_bw + (in_bytes + out_bytes + 2 * mid_bytes) / host_bw) + profile.fallback_layer_us * 1e-6
     else:
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
         form = K.forms(la.chained, wb, ab, codebook, la.padded & (keep_in < 1.0))
+        # the export writes a factorized layer's factors in float: two f32 kernels of its kind,
+        # A (N = r, K = fan-in) then B (N = out, K = r); a predictor is linear in the features
+        form = np.where(fact, K.FORMS.index("f32"), form)
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
+        feats = np.where(fact[..., None], K.features(m, rk, k) + K.features(m, n, rk), K.features(m, n, k))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
-        lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), K.features(m, n, k), emul,
+        lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), feats, emul,
                                  np.broadcast_to(la.out_elems * keep_out, r.shape))
     else:
         by_kind = None

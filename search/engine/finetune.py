@@ -35,6 +35,7 @@ from models.task import Task
 from models.train import augment
 from search.compression import codebook
 from search.compression import compress
+from search.compression import lowrank
 from search.compression import masks as masks_lib
 from search.errors import UserError
 from search.engine import choice
@@ -60,6 +61,9 @@ class CompressedModel:
     plan: Plan  # the plan, arrays of shape [L]
     metric: float  # validation metric after fine-tuning
     finite: bool  # False when fine-tuning produced NaN/inf
+    # {layer name: (A [fan_in, r], B [r, out])} of every factorized layer (plan.rank < 1): the
+    # factors its kernel in `params` is the product of (search.compression.lowrank.factors)
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -126,6 +130,10 @@ class Engine:
         self._remask: dict[int, Any] = {}  # jitted mask update of gradual pruning, per K
         self._fused: dict[int, Any] = {}  # jitted fused loop of up to n steps, per K
         self._chunk = 4  # steps per fused call, adapted so that a call takes about CHUNK_SECONDS
+        # the SVD bases of factorizable layers (search.compression.lowrank): identities until a
+        # plan factorizes, then the pretrained kernels' singular vectors, once per engine
+        self._bases = jax.device_put(lowrank.identity_bases(self.layers))
+        self._have_bases = False
         self._updates = mask_updates(config)  # {step: share of the ratio}: gradual pruning's mask updates
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K (chosen loop)
         self.loop_timings: dict[str, float] = {}  # seconds per plan-step of each loop, at the first K measured
@@ -151,7 +159,7 @@ class Engine:
             return self._fns[k]
         model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
 
-        def prepare_one(plan, base, calib, bn_x, share):
+        def prepare_one(plan, base, calib, bn_x, share, bases, any_lr):
             # `share` of the plan's ratio pruned now: 1, or 0 where gradual pruning starts dense
             # (codebook layers are always pruned at once: their kernels become centroids here)
             use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
@@ -173,31 +181,34 @@ class Engine:
             for l, k in zip(layers, ks):
                 params = set_node(params, l, {**node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
-            eff = compress.effective_params(params, masks, q0, layers, plan)
+            # each factorizable layer's basis cut to the plan's rank, fixed for the trial
+            qm = {l.name: lowrank.masked_basis(bases[l.name], plan.rank[l.index]) for l in layers if l.name in bases}
+            eff = compress.effective_params(params, masks, q0, layers, plan, None, qm, any_lr)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
             trainable = {"params": params}
             if learned:  # log-scale offsets of the calibrated ranges, trained with the weights
                 trainable["act"] = {"lo": jnp.zeros(L), "hi": jnp.zeros(L)}
-            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi), "bn": bn}
+            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi), "bn": bn, "lowrank": qm}
             return trainable, opt.init(trainable), frozen, jnp.array(True)
 
         learned = cfg.act_ranges == "learned"
 
-        def forward(trainable, frozen, plan, x, any_cb):
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, any_cb)
+        def forward(trainable, frozen, plan, x, any_cb, any_lr):
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, any_cb,
+                                            frozen["lowrank"], any_lr)
             lo, hi = act_ranges(trainable, frozen["q"])
             return compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"], learned)
 
-        def loss_one(trainable, frozen, plan, x, y, teacher, any_cb):
-            out = forward(trainable, frozen, plan, x, any_cb)
+        def loss_one(trainable, frozen, plan, x, y, teacher, any_cb, any_lr):
+            out = forward(trainable, frozen, plan, x, any_cb, any_lr)
             loss = task.loss(out, y)
             if cfg.distill:
                 loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(out, teacher, cfg.temperature, task)
             return loss
 
-        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher, any_cb):
-            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher, any_cb)
+        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher, any_cb, any_lr):
+            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher, any_cb, any_lr)
             updates, opt_state = opt.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
             # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
@@ -206,7 +217,7 @@ class Engine:
             return trainable, opt_state, finite & jnp.isfinite(loss)
 
         # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
-        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None, None), single_in=(0, 1, 2, 3),
+        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None, None, None), single_in=(0, 1, 2, 3),
                              single_out=True)
 
         crop, flip = (task.train.crop, task.train.flip) if cfg.augment else (0, False)
@@ -221,7 +232,7 @@ class Engine:
             # whether any plan of the group trains a codebook: one unbatched flag, so that a
             # group without one skips the cluster gradients (compress.effective_kernels)
             any_cb = jnp.any(compress.weight_branch(plans.weight_bits, plans.quant_mode) == compress.W_CODEBOOK)
-            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb), t + 1
+            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb, _any_lowrank(plans)), t + 1
 
         def train_n(state, t, n, frozen, plans, base, xs, ys, table, aug_key):
             # the fused loop: n steps in one device call (n is traced: one compile for every
@@ -234,19 +245,21 @@ class Engine:
 
             return jax.lax.while_loop(cond, body, (jnp.int32(0), (state, t)))[1]
 
-        def evaluate_one(trainable, frozen, plan, x, y):
+        def evaluate_one(trainable, frozen, plan, x, y, any_lr):
             # also the effective params and whether every trained value is finite, so that
             # return_models and the NaN check need no compiles of their own
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, None,
+                                            frozen["lowrank"], any_lr)
             lo, hi = act_ranges(trainable, frozen["q"])
             out = compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"])
             ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
             return task.metric(out, y), (eff, lo, hi), ok
 
-        def refresh_one(trainable, frozen, plan, calib, bn_x):
+        def refresh_one(trainable, frozen, plan, calib, bn_x, any_lr):
             # what prepare fixed from the freshly compressed weights, estimated again on the
             # weights now: BatchNorm statistics (adaptive BN) and activation ranges
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan)
+            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, None,
+                                            frozen["lowrank"], any_lr)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else frozen["bn"]
             q = frozen["q"]
             # learned ranges are offsets of the calibrated ones: recalibrating would move them
@@ -268,12 +281,18 @@ class Engine:
         once = once_per_trial_options()
         self._remask[k] = jax.jit(over_plans(remask_one, k, (0, 0, 0, None), single_in=(0, 1), single_out=True),
                                   compiler_options=once)
-        self._refresh[k] = jax.jit(over_plans(refresh_one, k, (0, 0, 0, None, None), single_in=(0, 1), single_out=True),
+        # prepare, refresh and evaluate take the group's one unbatched "any plan factorizes" flag
+        # (compress.effective_params), computed from the plans as the step computes its own
+        refresh_k = over_plans(refresh_one, k, (0, 0, 0, None, None, None), single_in=(0, 1), single_out=True)
+        self._refresh[k] = jax.jit(lambda tr, fr, plans, calib, bn_x: refresh_k(tr, fr, plans, calib, bn_x, _any_lowrank(plans)),
                                    compiler_options=once)
+        prepare_k = over_plans(prepare_one, k, (0, None, None, None, None, None, None), single_out=True)
+        evaluate_k = over_plans(evaluate_one, k, (0, 0, 0, None, None, None), single_in=(0, 1))
         fns = (
-            jax.jit(over_plans(prepare_one, k, (0, None, None, None, None), single_out=True), compiler_options=once),
+            jax.jit(lambda plans, base, calib, bn_x, share, bases: prepare_k(plans, base, calib, bn_x, share, bases,
+                                                                              _any_lowrank(plans)), compiler_options=once),
             jax.jit(step, donate_argnums=(0,)),
-            jax.jit(over_plans(evaluate_one, k, (0, 0, 0, None, None), single_in=(0, 1)), compiler_options=once),
+            jax.jit(lambda tr, fr, plans, x, y: evaluate_k(tr, fr, plans, x, y, _any_lowrank(plans)), compiler_options=once),
         )
         self._fns[k] = fns
         self._fused[k] = jax.jit(train_n, donate_argnums=(0,))
@@ -313,7 +332,7 @@ class Engine:
             metrics.append(m[:n])
             finite.append(f[:n])
             if return_models:
-                models += self._models(g.plans, trained, g.frozen, m, f, n)
+                models += self._models(g.plans, trained, g.frozen, m, f, n, g.state[0])
         metric = np.concatenate(metrics)
         ok = np.concatenate(finite)
         metric = np.where(ok, metric, np.nan)
@@ -344,8 +363,13 @@ class Engine:
                             f"({', '.join(l.name for l in self.layers)}); build plans from engine.layers")
         try:
             validate_plan(plans)
+            lowrank.check_plan(plans, self.layers)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if not self._have_bases and np.any(np.asarray(plans.rank) < 1):
+            # the first factorized plan: the SVD of every factorizable pretrained kernel, once
+            self._bases = jax.device_put(lowrank.bases(self.layers, self.base_params))
+            self._have_bases = True
         return plans
 
     def _split(self, split: str):
@@ -364,7 +388,7 @@ class Engine:
         (dense masks where gradual pruning will fine-tune them to the plan's ratio)."""
         prepare = self._functions(self.k)[0]
         share = jax.device_put(np.float32(0.0 if finetune and self._updates else 1.0))
-        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib, self._bn_x, share)
+        trainable, opt_state, frozen, finite = prepare(group, self.base_params, self._calib, self._bn_x, share, self._bases)
         return GroupRun(group, (trainable, opt_state, finite), jax.device_put(np.int32(0)), frozen)
 
     def _train(self, g: GroupRun, to: int) -> None:
@@ -434,20 +458,23 @@ class Engine:
         ok &= np.isfinite(metric)
         return metric, ok, eff
 
-    def _models(self, group: Plan, effective, frozen, metric, finite, n: int) -> list[CompressedModel]:
-        effective, frozen = jax.tree.map(np.asarray, (effective, frozen))
+    def _models(self, group: Plan, effective, frozen, metric, finite, n: int, trainable) -> list[CompressedModel]:
+        effective, frozen, trainable = jax.tree.map(np.asarray, (effective, frozen, trainable["params"]))
         if self.k == 1:  # the state of one plan has no plan axis (see _over_plans)
-            frozen = jax.tree.map(lambda a: a[None], frozen)
+            frozen, trainable = jax.tree.map(lambda a: a[None], (frozen, trainable))
         out = []
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
-            eff, fr = jax.tree.map(lambda a: a[i], (effective, frozen))
+            eff, fr, tr = jax.tree.map(lambda a: a[i], (effective, frozen, trainable))
             eff, lo, hi = eff
+            factors = {l.name: lowrank.factors(node(tr, l)["kernel"], fr["lowrank"][l.name], int(plan.weight_bits[l.index]),
+                                               lowrank.right_side(l), float(plan.rank[l.index]), fr["masks"][l.name])
+                       for l in self.layers if l.name in fr["lowrank"] and plan.rank[l.index] < 1}
             out.append(CompressedModel(
                 params=eff, masks=fr["masks"],
                 act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
                 weight_scales={l.name: fr["q"].w_scale[l.name] for l in self.layers},
                 bn_stats={k: tuple(v) for k, v in fr["bn"].items()},
-                plan=plan, metric=float(metric[i]), finite=bool(finite[i])))
+                plan=plan, metric=float(metric[i]), finite=bool(finite[i]), factors=factors))
         return out
 
     def _choose(self) -> tuple[int, str]:
@@ -472,7 +499,7 @@ class Engine:
         _, step, _ = self._functions(k)
         prepare, fused = self._fns[k][0], self._fused[k]
         group = jax.device_put(stack_plans([dense_plan(len(self.layers))] * k))
-        tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0))
+        tr, os_, fr, fin = prepare(group, self.base_params, self._calib, self._bn_x, jnp.float32(1.0), self._bases)
         state, t = (tr, os_, fin), jnp.int32(0)
         args = (fr, group, self.base_params, self._x, self._y, self._table, self._aug_key)
 
@@ -509,6 +536,11 @@ def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.
         return q.act_lo, q.act_hi
     a = trainable["act"]
     return (q.act_lo * jnp.exp(LEARNED_RANGE_RATE * a["lo"]), q.act_hi * jnp.exp(LEARNED_RANGE_RATE * a["hi"]))
+
+
+def _any_lowrank(plans: Plan) -> jax.Array:
+    """Whether any plan of a group factorizes a layer: one unbatched flag (compress.effective_params)."""
+    return jnp.any(plans.rank < 1)
 
 
 def _scaled(plan: Plan, use: jax.Array, share: jax.Array) -> Plan:

@@ -1,6 +1,7 @@
 """The per-layer search space: what Optuna samples for each layer, and how a trial becomes a Plan.
 
-Per layer: prune ratio, granularity, weight bits, activation bits and quantization mode.
+Per layer: prune ratio, granularity, weight bits, activation bits and quantization mode, and,
+when the space turns factorization on (`ranks`, `--factorize`), a rank ratio (search.compression.lowrank).
 The choices come from the hardware profile (granularities and activation widths that have
 real kernels there) so the sampler never spends trials on what the device cannot run.
 Weight widths below the narrowest kernel stay allowed: they compute at the next wider
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
+from search.compression import lowrank
 from search.compression import plan as P
 from search.compression.layers import Layer
 
@@ -22,6 +24,9 @@ MAX_SEARCH_RATIO = 0.98  # the largest ratio the sampler proposes (plan.MAX_RATI
 STORAGE_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # packed storage widths, kernels or not
 GRAN_NAMES = {v: k for k, v in P.GRANULARITIES.items()}
 MODE_NAMES = {v: k for k, v in P.QUANT_MODES.items()}
+FORM_NAMES = {v: k for k, v in P.FORMS.items()}
+NO_RANKS = (1.0,)  # factorization off: every layer keeps its full rank
+FACTORIZE_RANKS = (1.0, 0.75, 0.5, 0.25)  # the rank ratios `--factorize` offers (SVD, plan.rank)
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,15 @@ class Space:
     quant_modes: tuple[str, ...]  # names from plan.QUANT_MODES
     max_ratio: float = MAX_SEARCH_RATIO  # largest prune ratio proposed
     ratio_step: float = RATIO_STEP  # grid of the prune ratio
+    ranks: tuple[float, ...] = NO_RANKS  # rank ratios offered to factorizable layers; (1.0,): factorization off
+
+    @property
+    def factorize(self) -> bool:
+        """Whether the space offers factorization (a rank ratio below 1)."""
+        return any(r < 1 for r in self.ranks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "granularities": list(self.granularities),
             "weight_bits": list(self.weight_bits),
             "act_bits": list(self.act_bits),
@@ -44,13 +55,17 @@ class Space:
             "max_ratio": self.max_ratio,
             "ratio_step": self.ratio_step,
         }
+        if self.factorize:  # a record without "ranks" is a study from before factorization: off
+            d["ranks"] = list(self.ranks)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Space:
         """The inverse of to_dict (a study record's "space")."""
         return cls(tuple(d["granularities"]), tuple(int(b) for b in d["weight_bits"]),
                    tuple(int(b) for b in d["act_bits"]), tuple(d["quant_modes"]),
-                   float(d["max_ratio"]), float(d["ratio_step"]))
+                   float(d["max_ratio"]), float(d["ratio_step"]),
+                   tuple(float(r) for r in d.get("ranks", NO_RANKS)))
 
 
 def _bits_of(profile: Any, *names: str) -> tuple[int, ...]:
@@ -73,14 +88,18 @@ def _has_nm(profile: Any) -> bool:
     return any(int(m) == P.NM_GROUP for _, m in (getattr(profile, "nm_patterns", None) or ()))
 
 
-def space_for_profile(profile: Any) -> Space:
+def space_for_profile(profile: Any, factorize: bool = False) -> Space:
     """The per-layer choices for a hardware profile (all choices when profile is None).
 
     Activations get only the widths with kernels (plus float unless the profile disallows
-    float); weights also get packed storage widths below the widest kernel.
+    float); weights also get packed storage widths below the widest kernel. `factorize`: also
+    a rank ratio per factorizable layer from FACTORIZE_RANKS (SVD; every profile runs the
+    pair as two dense kernels, so all of them are offered); off by default.
     """
+    ranks = FACTORIZE_RANKS if factorize else NO_RANKS
     if profile is None:
-        return Space(("unstructured", "channel", "nm"), P.WEIGHT_BITS, P.ACT_BITS, ("uniform", "codebook"))
+        return Space(("unstructured", "channel", "nm"), P.WEIGHT_BITS, P.ACT_BITS, ("uniform", "codebook"),
+                     ranks=ranks)
     grans = ["unstructured", "channel"] + (["nm"] if _has_nm(profile) else [])
     kernel_w = _bits_of(profile, "weight_bits")
     kernel_a = _bits_of(profile, "act_bits")
@@ -93,12 +112,20 @@ def space_for_profile(profile: Any) -> Space:
         act.add(P.FLOAT)
     weight_bits = sorted(b for b in weight if b in P.WEIGHT_BITS)
     act_bits = sorted(b for b in act if b in P.ACT_BITS) or [P.FLOAT]
-    return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"))
+    return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"), ranks=ranks)
 
 
 def param_names(layer: Layer) -> dict[str, str]:
     """Optuna parameter names for one layer, e.g. {"ratio": "fc1.ratio", ...}."""
-    return {f: f"{layer.name}.{f}" for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")}
+    return {f: f"{layer.name}.{f}" for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode", "rank")}
+
+
+def rank_offered(layer: Layer, space: Space, ratio: float, gran: int, bits: int, mode: int) -> bool:
+    """Whether a layer samples a rank ratio, given its group's pruning and its quantization: the
+    space factorizes, the layer is a Dense or ungrouped conv, its group prunes channels or nothing,
+    and it is not a codebook layer (search.compression.lowrank.check_plan's rules)."""
+    return (space.factorize and lowrank.factorizable(layer) and (gran == P.CHANNEL or ratio == 0)
+            and not (mode == P.CODEBOOK and bits <= 8))
 
 
 def _ratio_grid_top(space: Space) -> float:
@@ -127,7 +154,8 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
 
     Prune ratio and granularity are sampled once per channel group, for its leader
     (compression.graph): the other members take the leader's, so the plan is already tied.
-    Bit widths and quantization modes are sampled per layer."""
+    Bit widths and quantization modes are sampled per layer, then its rank ratio where
+    `rank_offered` (a conditional parameter: absent where the layer cannot factorize)."""
     top = _ratio_grid_top(space)
     prune: dict[int, tuple[float, int]] = {}
     for layer in layers:
@@ -136,16 +164,23 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
             prune[layer.index] = (
                 trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step),
                 P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))])
-    cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": []}
+    cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": [],
+                             "rank": []}
     for layer in layers:
         n = param_names(layer)
         ratio, gran = prune[layer.group]
+        gran = P.UNSTRUCTURED if layer.fixed is not None and gran == P.CHANNEL else gran  # as tie_plan runs it
         cols["ratio"].append(ratio)
-        cols["granularity"].append(gran)
-        cols["weight_bits"].append(trial.suggest_categorical(n["weight_bits"], space.weight_bits))
+        cols["granularity"].append(prune[layer.group][1])
+        bits = trial.suggest_categorical(n["weight_bits"], space.weight_bits)
+        cols["weight_bits"].append(bits)
         cols["act_bits"].append(trial.suggest_categorical(n["act_bits"], space.act_bits))
-        cols["quant_mode"].append(P.QUANT_MODES[trial.suggest_categorical(n["quant_mode"], space.quant_modes)])
-    return P.make_plan(cols["ratio"], cols["granularity"], cols["weight_bits"], cols["act_bits"], cols["quant_mode"])
+        mode = P.QUANT_MODES[trial.suggest_categorical(n["quant_mode"], space.quant_modes)]
+        cols["quant_mode"].append(mode)
+        offered = rank_offered(layer, space, ratio, gran, bits, mode)
+        cols["rank"].append(trial.suggest_categorical(n["rank"], space.ranks) if offered else 1.0)
+    return P.make_plan(cols["ratio"], cols["granularity"], cols["weight_bits"], cols["act_bits"], cols["quant_mode"],
+                       cols["rank"], P.SVD)
 
 
 def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[str, Any]:
@@ -160,6 +195,12 @@ def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[
         out[n["weight_bits"]] = nearest_bits(int(plan.weight_bits[i]), space.weight_bits)
         out[n["act_bits"]] = nearest_bits(int(plan.act_bits[i]), space.act_bits)
         out[n["quant_mode"]] = _nearest_name(MODE_NAMES[int(plan.quant_mode[i])], space.quant_modes)
+        lead = layers[layer.group]  # the group's pruning, as suggest_plan samples it for the leader
+        gran = P.GRANULARITIES[_nearest_name(GRAN_NAMES[int(plan.granularity[lead.index])], layer_granularities(lead, space))]
+        gran = P.UNSTRUCTURED if layer.fixed is not None and gran == P.CHANNEL else gran
+        if rank_offered(layer, space, snap_ratio(float(plan.ratio[lead.index]), space), gran, out[n["weight_bits"]],
+                        P.QUANT_MODES[out[n["quant_mode"]]]):
+            out[n["rank"]] = min(space.ranks, key=lambda r: (abs(r - float(plan.rank[i])), r))
     return out
 
 
@@ -181,17 +222,23 @@ def plan_to_dict(plan: P.Plan) -> dict[str, list]:
         "weight_bits": [int(b) for b in np.asarray(plan.weight_bits)],
         "act_bits": [int(b) for b in np.asarray(plan.act_bits)],
         "quant_mode": [MODE_NAMES[int(m)] for m in np.asarray(plan.quant_mode)],
+        "rank": [round(float(r), 6) for r in np.asarray(plan.rank)],
+        "form": [FORM_NAMES[int(f)] for f in np.asarray(plan.form)],
     }
 
 
 def plan_from_dict(d: dict[str, list]) -> P.Plan:
-    """Inverse of plan_to_dict (reports and exports rebuild plans from storage with it)."""
+    """Inverse of plan_to_dict (reports and exports rebuild plans from storage with it); a plan
+    stored before factorization existed has no "rank" and "form": every layer at full rank."""
+    n = len(d["ratio"])
     return P.make_plan(
         d["ratio"],
         [P.GRANULARITIES[g] for g in d["granularity"]],
         d["weight_bits"],
         d["act_bits"],
         [P.QUANT_MODES[m] for m in d["quant_mode"]],
+        d.get("rank", [1.0] * n),
+        [P.FORMS[f] for f in d.get("form", ["svd"] * n)],
     )
 
 
@@ -203,13 +250,17 @@ def extreme_plans(num_layers: int, space: Space) -> P.Plan:
     """
     top = _ratio_grid_top(space)
     rows = []
+    low = min(space.ranks)
     for g in space.granularities:
         for wb in space.weight_bits:
             for ab in space.act_bits:
                 for m in space.quant_modes:
-                    rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m]))
+                    rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], 1.0))
+                    # the smallest rank where a factorized layer may take it (channel pruning, uniform)
+                    if low < 1 and g == "channel" and (m == "uniform" or wb > 8):
+                        rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], low))
     k = len(rows)
-    arr = np.asarray(rows, np.int32)
+    arr = np.asarray([r[:4] for r in rows], np.int32)
     ones = np.ones((k, num_layers), np.int32)
     return P.Plan(
         np.full((k, num_layers), top, np.float32),
@@ -217,4 +268,6 @@ def extreme_plans(num_layers: int, space: Space) -> P.Plan:
         ones * arr[:, 1:2],
         ones * arr[:, 2:3],
         ones * arr[:, 3:4],
+        np.ones((k, num_layers), np.float32) * np.asarray([r[4] for r in rows], np.float32)[:, None],
+        np.zeros((k, num_layers), np.int32),
     )

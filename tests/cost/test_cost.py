@@ -48,6 +48,7 @@ def random_plans(rng, k: int, n_layers: int) -> P.Plan:
         weight_bits=rng.choice(P.WEIGHT_BITS, (k, n_layers)).astype(np.int32),
         act_bits=rng.choice(P.ACT_BITS, (k, n_layers)).astype(np.int32),
         quant_mode=rng.integers(0, 2, (k, n_layers)).astype(np.int32),
+        rank=np.ones((k, n_layers), np.float32), form=np.zeros((k, n_layers), np.int32),
     )
 
 
@@ -59,7 +60,7 @@ def fewer(rng, plans: P.Plan) -> P.Plan:
         granularity=plans.granularity,
         weight_bits=narrow(P.WEIGHT_BITS, plans.weight_bits),
         act_bits=narrow(P.ACT_BITS, plans.act_bits),
-        quant_mode=plans.quant_mode,
+        quant_mode=plans.quant_mode, rank=plans.rank, form=plans.form,
     )
 
 
@@ -154,3 +155,26 @@ def test_codebook_wider_than_8_bits_is_priced_as_the_uniform_kernel_it_runs():
     for name in list_profiles():
         c = price(name, layers, plans)
         assert c.size_kb[0] == c.size_kb[1] and c.latency_ms[0] == c.latency_ms[1], name
+
+
+def test_a_factorized_layer_is_priced_as_its_pair():
+    """Weight SVD of a 100x50 Dense at rank r: MACs and weights 100 r + 50 r (channel pruning
+    removes B's columns), each factor with its scales; cheaper than the layer only below
+    r = 100 * 50 / 150 = 33.3; rank 1 is the unfactorized price."""
+    layers = (dense(0, 100, 50), dense(1, 50, 10))
+    full = P.make_plan([0.0, 0.0], P.CHANNEL, 8, 8)
+    plans = P.stack_plans([full, P.make_plan([0.0, 0.0], P.CHANNEL, 8, 8, rank=[1.0, 1.0]),
+                           P.make_plan([0.5, 0.0], P.CHANNEL, 8, 8, rank=[0.5, 1.0]),  # r = 25, 25 of 50 kept
+                           P.make_plan([0.0, 0.0], P.CHANNEL, 8, 8, rank=[0.66, 1.0]),  # r = 33
+                           P.make_plan([0.0, 0.0], P.CHANNEL, 8, 8, rank=[0.68, 1.0])])  # r = 34
+    for name in list_profiles():
+        c = price(name, layers, plans)
+        assert c.layer_macs[0, 0] == c.layer_macs[1, 0] == 5000 and c.size_kb[0] == c.size_kb[1]
+        assert c.layer_macs[2, 0] == 100 * 25 + 25 * 25 and c.layer_macs[2, 1] == 25 * 10
+        assert c.layer_macs[3, 0] == 150 * 33 < 5000 < c.layer_macs[4, 0] == 150 * 34
+    bits = lambda p: price("xeon", layers, P.stack_plans([p])).size_kb[0] * 8192
+    pair = (100 * 25 * 8 + 25 * 32) + (25 * 25 * 8 + 25 * 32) + 25 * 32  # A, B (25 kept columns), bias
+    # layer 1 reads the 25 kept channels: values, its scales and bias
+    assert bits(P.make_plan([0.5, 0.0], P.CHANNEL, 8, 8, rank=[0.5, 1.0])) == pytest.approx(pair + 25 * 10 * 8 + 10 * 64)
+    assert bits(P.make_plan([0.0, 0.0], P.CHANNEL, 32, 32, rank=[0.5, 1.0])) == pytest.approx(
+        150 * 25 * 32 + 50 * 32 + 50 * 10 * 32 + 10 * 32)  # float: no scales

@@ -96,3 +96,56 @@ def test_snap_ratio_clips_and_grids():
     assert snap_ratio(0.999, space) == 0.98
     assert snap_ratio(-0.1, space) == 0.0
     assert snap_ratio(0.471, space) == pytest.approx(0.48)
+
+
+def test_factorization_is_off_by_default_and_a_conditional_choice_when_on():
+    prof = SimpleNamespace(name="p", weight_bits=(8, 16, 32), act_bits=(8, 32), nm_patterns=(), float_policy="native")
+    off = space_for_profile(prof)
+    # off: records keep their old keys, and no trial samples a rank
+    assert not off.factorize and "ranks" not in off.to_dict()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    assert np.all(suggest_plan(t, LAYERS, off).rank == 1.0) and not any(k.endswith(".rank") for k in t.params)
+    on = space_for_profile(prof, factorize=True)
+    assert type(on).from_dict(on.to_dict()) == on and on.to_dict()["ranks"] == [1.0, 0.75, 0.5, 0.25]
+    from search.compression.lowrank import check_plan
+    seen = set()
+    for _ in range(60):
+        t = study.ask()
+        plan = suggest_plan(t, LAYERS, on)
+        check_plan(plan, LAYERS)  # only combinations a factorized layer takes
+        for l in LAYERS:
+            offered = f"{l.name}.rank" in t.params
+            # offered exactly where the layer's pruning is by channel or nothing and it is no codebook
+            can = (plan.granularity[l.index] == P.CHANNEL or plan.ratio[l.index] == 0) and \
+                not (plan.quant_mode[l.index] == P.CODEBOOK and plan.weight_bits[l.index] <= 8)
+            assert offered == can, (t.params, l.name)
+            seen.add(float(plan.rank[l.index]))
+            # an enqueued copy of the plan samples the same rank
+            assert plan_to_params(plan, LAYERS, on).get(f"{l.name}.rank") == t.params.get(f"{l.name}.rank")
+        study.tell(t, 0.0)
+    assert seen == {1.0, 0.75, 0.5, 0.25}
+    # the cheapest plans include the lowest rank where a factorized layer may take it
+    ext = extreme_plans(2, on)
+    assert np.any((ext.rank == 0.25) & (ext.granularity == P.CHANNEL)) and np.all(ext.rank[ext.granularity != P.CHANNEL] == 1)
+
+
+def test_plans_stored_before_factorization_load_at_full_rank():
+    plan = P.make_plan([0.5, 0.0], [P.CHANNEL, P.UNSTRUCTURED], [8, 4], [8, 32], [0, 0], rank=[0.25, 1.0])
+    d = plan_to_dict(plan)
+    assert d["rank"] == [0.25, 1.0] and d["form"] == ["svd", "svd"]
+    back = plan_from_dict(d)
+    assert all(np.array_equal(getattr(back, f), getattr(plan, f)) for f in ("ratio", "rank", "form", "weight_bits"))
+    old = {k: v for k, v in d.items() if k not in ("rank", "form")}
+    assert np.all(plan_from_dict(old).rank == 1.0)
+
+
+def test_factorize_is_a_space_option_the_study_record_keeps():
+    from search.api import make_spec
+    from search.study.spec import StudySpec
+
+    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu", factorize=True)
+    assert spec.space.ranks == (1.0, 0.75, 0.5, 0.25)
+    assert StudySpec.from_attrs(spec.to_attrs()).space == spec.space
+    plain = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu")
+    assert not plain.space.factorize and "ranks" not in plain.to_attrs()["space"]
