@@ -45,7 +45,7 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
               hparams: Mapping[str, Any] | None = None, seed: int = 0, weights: str | Path | None = None,
               objectives: Sequence[str] = DEFAULT_OBJECTIVES, sampler: str = "tpe",
               finetune: FinetuneConfig | None = None, n_trials: int = 40, pruner: str | None = None,
-              rungs: Sequence[int] | None = None) -> StudySpec:
+              rungs: Sequence[int] | None = None, factorize: bool = False) -> StudySpec:
     """The record of a search on a zoo model (models.list_models), or on the user's own model
     (`model` "path/file.py:build" or "package.module:build", models.user: its task brings its
     data set, so `dataset` is None or that data set's name), from what a user gives.
@@ -54,7 +54,8 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
     profile's default bounds it names; `weights` is the user's own trained weights file
     (safetensors) in place of the cached baseline; `objectives` are command-line names
     (quality, latency, memory, size); `pruner` none | sha | hyperband at `rungs` (fine-tune
-    steps; search.study.pruning), both None to keep a resumed study's or take the default.
+    steps; search.study.pruning), both None to keep a resumed study's or take the default;
+    `factorize`: the space also offers each layer a rank ratio (low-rank SVD, search.study.space).
     Raises UserError (or a models/hw_profiles error) naming the first bad value.
     """
     if is_reference(model):
@@ -68,7 +69,7 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
                             f"{task.data.name!r}; leave --dataset out")
         return _spec(model=ref, dataset=task.data.name, data_dir=None, hparams={}, seed=seed, profile=profile,
                      budget=budget, weights=None, objectives=objectives, sampler=sampler, finetune=finetune,
-                     n_trials=n_trials, pruner=pruner, rungs=rungs)
+                     n_trials=n_trials, pruner=pruner, rungs=rungs, factorize=factorize)
     if model.endswith(".py") or "/" in model:
         raise UserError(f"--model {model}: name the function that builds the task too, e.g. {model}:build")
     dataset = dataset or "digits"
@@ -76,19 +77,19 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
     return _spec(model=model, dataset=dataset, data_dir=data_dir, hparams=full_hparams, seed=seed, profile=profile,
                  budget=budget, weights=None if weights is None else WeightsSource.of(weights),
                  objectives=objectives, sampler=sampler, finetune=finetune, n_trials=n_trials, pruner=pruner,
-                 rungs=rungs)
+                 rungs=rungs, factorize=factorize)
 
 
 def _spec(*, profile: Any, budget: Any, objectives: Sequence[str], finetune: FinetuneConfig | None,
           sampler: str, n_trials: int, pruner: str | None = None, rungs: Sequence[int] | None = None,
-          **fields: Any) -> StudySpec:
+          factorize: bool = False, **fields: Any) -> StudySpec:
     if n_trials < 1:
         raise UserError(f"--trials {n_trials} must be at least 1")
     prof, reference = profile_reference(profile)
     finetune = finetune if finetune is not None else FinetuneConfig()
     finetune.check()
     return StudySpec(profile=reference, profile_name=prof.name, budget=B.resolve_budget(prof, budget),
-                     space=space_for_profile(prof), finetune=finetune, objectives=metric_names(objectives),
+                     space=space_for_profile(prof, factorize), finetune=finetune, objectives=metric_names(objectives),
                      sampler=check_sampler(sampler), n_trials=int(n_trials),
                      pruner=make_pruner(pruner, rungs, finetune.steps), **fields)
 

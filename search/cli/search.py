@@ -66,6 +66,9 @@ def register(subparsers: Any) -> None:
                    help="calibrated | learned: activation quantization ranges calibrated on training examples, or "
                         "calibrated and then trained with the weights (LSQ) (default calibrated)")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
+    p.add_argument("--factorize", action="store_true",
+                   help="also search a rank ratio per layer (1, 0.75, 0.5, 0.25): low-rank factorization by SVD, a "
+                        "Dense as two matmuls, a conv as r kxk filters then a 1x1 conv (off by default)")
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
     p.add_argument("--quiet", action="store_true",
                    help="no progress, no table and no report files (the summary line says how to write them "
@@ -114,7 +117,7 @@ def search_command(args: argparse.Namespace) -> int:
         finetune=FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch_size,
                                 distill=bool(args.distill), seed=args.seed, pruning=args.pruning,
                                 act_ranges=args.act_ranges),
-        pruner=args.pruner, rungs=_rungs(args.rungs),
+        pruner=args.pruner, rungs=_rungs(args.rungs), factorize=args.factorize,
     )
     storage = open_storage(args.storage, args.results_dir)
     with warnings.catch_warnings(record=True) as caught:

@@ -77,13 +77,17 @@ class StudyView:
 def layer_summary(plan: dict[str, Sequence], names: Sequence[str]) -> str:
     """A short per-layer line, e.g. "fc1 p.90u w4 a8 | fc2 w5k a8 | fc3 fp32".
 
-    p<ratio><u|c|n>: pruned share and granularity; w<bits> (k: codebook); a<bits>; fp32: untouched.
+    p<ratio><u|c|n>: pruned share and granularity; r<ratio>: factorized at that rank ratio
+    (SVD, search.compression.lowrank); w<bits> (k: codebook); a<bits>; fp32: untouched.
     """
     parts = []
+    ranks = plan.get("rank") or [1.0] * len(names)  # plans stored before factorization: full rank
     for i, name in enumerate(names):
         r = float(plan["ratio"][i])
         wb, ab = int(plan["weight_bits"][i]), int(plan["act_bits"][i])
         bits = [] if r <= 0 else [f"p{r:.2f}".replace("p0.", "p.") + GRAN_LETTER.get(plan["granularity"][i], "?")]
+        if float(ranks[i]) < 1:
+            bits.append(f"r{float(ranks[i]):.2f}".replace("r0.", "r."))
         if wb < 32:
             bits.append(f"w{wb}" + ("k" if plan["quant_mode"][i] in ("codebook", 1) else ""))
         if ab < 32:
