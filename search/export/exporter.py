@@ -37,7 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hw_profiles import HardwareProfile, load_profile
-from search.compression import quant
+from search.compression import lowrank, quant
 from search.compression.plan import CODEBOOK, FLOAT, Plan, stack_plans
 from search.cost.budget import costs_at
 from search.cost.roofline import price
@@ -147,9 +147,11 @@ def weight_mode(bits: int, mode: int) -> str:
     return "codebook" if mode == CODEBOOK and bits <= 8 else "uniform"
 
 
-def snap_params(params: Any, layers, plan: Plan, masks, scales=None) -> tuple[dict, dict, dict]:
+def snap_params(params: Any, layers, plan: Plan, masks, scales=None, factors=None) -> tuple[dict, dict, dict]:
     """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer.
-    scales: {layer name: [out]} uniform grid scales (`CompressedModel.weight_scales`)."""
+    scales: {layer name: [out]} uniform grid scales (`CompressedModel.weight_scales`); factors:
+    {layer name: (A, B)} of factorized layers (`CompressedModel.factors`), stored as the pair
+    (pack.encode_factored) and computing with their product."""
     out = jax.tree.map(lambda a: np.array(a, np.float32), params)
     tensors, infos = {}, {}
     for l in layers:
@@ -157,7 +159,10 @@ def snap_params(params: Any, layers, plan: Plan, masks, scales=None) -> tuple[di
         node = out
         for p in l.path:
             node = node[p]
-        t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode, (scales or {}).get(l.name))
+        if factors and l.name in factors:
+            t, info = pack.encode_factored(*factors[l.name], np.shape(node["kernel"]), bits, mode)
+        else:
+            t, info = pack.encode_layer(node["kernel"], np.asarray(masks[l.name]), bits, mode, (scales or {}).get(l.name))
         node["kernel"] = pack.decode_layer(t, info)
         tensors[l.name], infos[l.name] = t, info
     return out, tensors, infos
@@ -172,7 +177,9 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
             lo, hi = act_ranges[l.name]
             s, z, _ = quant.act_qparams(jnp.float32(lo), jnp.float32(hi), ab)
             act = (float(np.float32(s)), int(z), ab)
-        if info["storage"] == "int" and wb <= 8:
+        if info["storage"] == "lowrank":  # the pair, its factors in float (no integer pair yet)
+            out[l.name] = LayerExport(l.name, "float", act=act, factors=pack.decode_factors(tensors[l.name], info))
+        elif info["storage"] == "int" and wb <= 8:
             n = int(np.prod(info["shape"]))
             m = pack.unpack_uint(tensors[l.name]["mask"], 1, n).astype(bool) if "mask" in tensors[l.name] else np.ones(n, bool)
             q = np.zeros(n, np.int64)
@@ -183,9 +190,9 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
     return out
 
 
-def _size(layers, params, masks, plan: Plan, scales) -> dict:
+def _size(layers, params, masks, plan: Plan, scales, factors=None) -> dict:
     modes = [weight_mode(int(plan.weight_bits[l.index]), int(plan.quant_mode[l.index])) for l in layers]
-    return size.model_breakdown(layers, params, masks, plan, modes, scales=scales)
+    return size.model_breakdown(layers, params, masks, plan, modes, scales=scales, factors=factors)
 
 
 def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
@@ -259,7 +266,8 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     cm = res.models[0]
     if not cm.finite:
         raise UserError("fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
-    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks, cm.weight_scales)
+    params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks, cm.weight_scales, cm.factors)
+    factors = {n: pack.decode_factors(tensors[n], infos[n]) for n in cm.factors}  # as stored
     cm = dataclasses.replace(cm, params=params)
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
     x, y = task.data.x_test, task.data.y_test
@@ -274,11 +282,13 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
     pack.save_weights(wpath, params, layers, [int(b) for b in cm.plan.weight_bits],
                       [infos[l.name]["mode"] for l in layers], {l.name: np.asarray(cm.masks[l.name]) for l in layers}, extra,
-                      scales=cm.weight_scales, state=adapted_state(engine.model.saved_state(), cm.bn_stats))
+                      scales=cm.weight_scales, state=adapted_state(engine.model.saved_state(), cm.bn_stats),
+                      factors=factors)
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = _metric(task, predict, back, x, y)
 
     exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
+    layers_by_name = {l.name: l for l in layers}
     # the deployed input: the test split's examples (whole images for vdsr and demosaicnet,
     # which train on patches), the shape the ONNX model is checked and timed at
     shape = tuple(np.shape(x)[1:])
@@ -292,7 +302,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     diff = float(np.max(np.abs(onnx_out - flax_out)))
     agree = float(np.mean(np.argmax(onnx_out, -1) == np.argmax(flax_out, -1))) if task.data.kind == "classification" else float("nan")
 
-    breakdown = _size(layers, params, cm.masks, cm.plan, cm.weight_scales)
+    breakdown = _size(layers, params, cm.masks, cm.plan, cm.weight_scales, factors)
     (out_dir / "size.json").write_text(json.dumps(breakdown, indent=1, default=_json))
     if costs is None and profile is not None:
         costs = _price(profile, layers, cm.plan)
@@ -320,9 +330,13 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                     "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
                     "onnx_weight": exports[l.name].weight,
                     "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name]),
-                    "group": layers[l.group].name, "channels_fixed": l.fixed}
+                    "group": layers[l.group].name, "channels_fixed": l.fixed,
+                    # factorization (search.compression.lowrank): the plan's ratio, the achieved rank r, the form
+                    **lowrank.describe(l, float(cm.plan.rank[l.index]), int(cm.plan.form[l.index]))}
                    for l in layers],
         "onnx_kept_back": oinfo["kept_back"],
+        # factorized layers whose quantized factors ONNX runs as float32 values (no integer pair yet)
+        "onnx_float_factors": [n for n in factors if int(cm.plan.weight_bits[layers_by_name[n].index]) < FLOAT],
         "size": breakdown["total"],
         "export_seconds": time.perf_counter() - t0,
     }

@@ -31,6 +31,9 @@ when the relative format is used; each coded stream also pays a canonical code t
 byte (the code length) per symbol. Float32 values are not Huffman coded (as in the paper);
 when the tables cost more than the code saves (tiny layers), the fixed-length codes are kept.
 A bias, when given, is stored as fp32 at every stage (held channels only after the dense stage).
+Factorized layers (search.compression.lowrank): every stage after dense counts the two factors
+A [fan_in, r] (the held fan-in rows) and B [r, out] (the held output channels, and the bias),
+each a layer of its own here (`factored_breakdown`), as the cost model prices the pair.
 """
 from __future__ import annotations
 
@@ -240,6 +243,35 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
     }
 
 
+def factored_breakdown(a: np.ndarray, b: np.ndarray, kernel_shape: Sequence[int], bits: int, *,
+                       quant_mode: str = "uniform", index_bits: int | None = None, bias: np.ndarray | None = None,
+                       out_keep: np.ndarray | None = None, in_keep: np.ndarray | None = None) -> dict:
+    """The size breakdown of a factorized layer: `size_breakdown` of A [fan_in, r] (fan-in rows
+    in `in_keep`) and of B [r, out] (output channels in `out_keep`, with the bias), added; the
+    dense stage is the original layer (kernel_shape, the bias), fp32. Both factors are stored
+    dense (every value, a scale per column at `bits` < 32); "factors" holds the two breakdowns."""
+    kind = "conv" if len(kernel_shape) > 2 else "dense"
+    ib = DEFAULT_INDEX_BITS[kind] if index_bits is None else int(index_bits)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    ba = size_breakdown(a, np.ones(a.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, in_keep=in_keep)
+    bb = size_breakdown(b, np.ones(b.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, bias=bias,
+                        out_keep=out_keep)
+    weights = int(np.prod(kernel_shape))
+    stage_bits = {s: ba["bits_by_stage"][s] + bb["bits_by_stage"][s] for s in STAGES}
+    stage_bits["dense"] = FLOAT_BITS * (weights + (0 if bias is None else int(np.size(bias))))
+    return {
+        "kind": kind, "weights": weights, "held": ba["held"] + bb["held"], "nonzero": ba["nonzero"] + bb["nonzero"],
+        "padding": 0, "rank": int(a.shape[1]),
+        "channels": {"out": bb["channels"]["out"], "fan_in": ba["channels"]["fan_in"]},
+        "index_bits": ib, "bits": int(bits), "quant_mode": quant_mode,
+        "format": {k: f"factors ({ba['format'][k]}, {bb['format'][k]})" for k in ("pruned", "quantized", "huffman")},
+        "parts": {st: {p: ba["parts"][st][p] + bb["parts"][st][p] for p in ba["parts"][st]}
+                  for st in ("pruned", "quantized", "huffman")} | {"bias": bb["parts"]["bias"]},
+        "factors": {"a": ba, "b": bb},
+        **_totals(stage_bits),
+    }
+
+
 def _nm_index_bits(m: np.ndarray, group: int | None) -> int | None:
     """Bits per kept weight of the N:M format (its position in its group), or None when the
     held mask [out, fan_in] is not N:M: every full group of `group` fan-in weights keeps the
@@ -318,13 +350,15 @@ def held_channels(layers: Sequence, masks: Mapping[str, np.ndarray],
 
 def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.ndarray], plan,
                     quant_modes: Sequence[str], *, index_bits: int | None = None,
-                    scales: Mapping[str, np.ndarray] | None = None) -> dict:
+                    scales: Mapping[str, np.ndarray] | None = None,
+                    factors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """{"total", "layers"} of a compressed model: every layer's `size_breakdown` with the
     channels and fan-in rows it holds (`held_channels`). `plan` is a search.plan.Plan [L];
     quant_modes the weight transform per layer ("uniform", "codebook" or "float"); scales
     {layer name: [out]} the uniform grids (`CompressedModel.weight_scales`). Indices
     default to the cost model's width (5 bits, search.cost.REL_INDEX_BITS) for every kind, so
-    the quantized stage is what search.cost prices as size_kb (see ARCHITECTURE.md)."""
+    the quantized stage is what search.cost prices as size_kb (see ARCHITECTURE.md). `factors`:
+    {layer name: (A, B)} of the factorized layers (`factored_breakdown`)."""
     plan = tie_plan(plan, layers)
     keeps = held_channels(layers, masks, plan.granularity)
     per = {}
@@ -332,6 +366,13 @@ def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.nd
         node = get_path(params, l.path)
         bits, g = int(plan.weight_bits[l.index]), int(plan.granularity[l.index])
         ok, ik = keeps[l.name]
+        bias = np.asarray(node["bias"]) if node.get("bias") is not None else None
+        if factors and l.name in factors:
+            per[l.name] = factored_breakdown(*factors[l.name], np.shape(node["kernel"]), bits,
+                                             quant_mode=quant_modes[l.index],
+                                             index_bits=REL_INDEX_BITS if index_bits is None else index_bits,
+                                             bias=bias, out_keep=ok, in_keep=ik)
+            continue
         per[l.name] = size_breakdown(
             np.asarray(node["kernel"]), np.asarray(masks[l.name]) != 0, bits, quant_mode=quant_modes[l.index],
             index_bits=REL_INDEX_BITS if index_bits is None else index_bits,

@@ -25,6 +25,9 @@ class LayerExport:
     act: tuple[float, float, int] | None = None  # input quantization (scale, zero point, bits)
     prune: bool = True  # remove all-zero output channels
     drop: tuple[int, ...] = ()  # output channels nobody reads (a depthwise consumer's zero filters)
+    # a factorized layer (search.compression.lowrank): (A [fan_in, r], B [r, out]) float32, whose
+    # product is the kernel; written as two MatMuls, or a kxk Conv with r filters then a 1x1 Conv
+    factors: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass

@@ -1,6 +1,13 @@
 """How the ONNX converter writes a Dense/Conv layer: its input quantization, its kernel (float,
 or integers + DequantizeLinear), removed output channels, and the constant contribution of the
-input channels its producer removed (a bias, or a bias map after a padded conv)."""
+input channels its producer removed (a bias, or a bias map after a padded conv).
+
+A factorized layer (`LayerExport.factors`, search.compression.lowrank) is written as the pair it
+is: a Dense as MatMul(x, A) then MatMul(., B); a conv as a kxk Conv with r filters (the layer's
+strides, padding and dilation, no bias) then a 1x1 Conv r -> out ("Weight SVD"). The second node
+carries the layer's name, so the bias, a folded BatchNorm and removed channels land on it; A
+loses the fan-in rows of removed input channels, B the removed output channels. Factors are
+float32 (their fake-quantized values: an integer pair is not built yet)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -99,7 +106,12 @@ class LayerRules:
         wc = w[np.ix_(rows, keep)]
         qc = None if qfull is None else qfull[np.ix_(rows, keep)]
         scale = None if qfull is None else spec.scale[keep]
-        out = self.g.node("MatMul", [x.name, self._weight(spec, wc, qc, scale, axis=1)], name=name)
+        if spec is not None and spec.factors is not None:
+            a, b = spec.factors
+            mid = self.g.node("MatMul", [x.name, self.g.const(a[rows].astype(np.float32), "w")], name=f"{name}.svd_a")
+            out = self.g.node("MatMul", [mid, self.g.const(b[:, keep].astype(np.float32), "w")], name=name)
+        else:
+            out = self.g.node("MatMul", [x.name, self._weight(spec, wc, qc, scale, axis=1)], name=name)
         if fill is not None and np.any(fill[keep] != 0):
             out = self.g.node("Add", [out, self.g.const(fill[keep].astype(np.float32))])
         return self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), False, keep, w.shape[1])
@@ -167,11 +179,20 @@ class LayerRules:
         if qfull is not None:
             qc = qfull[:, :, rows][..., keep] if p["feature_group_count"] == 1 else qfull[..., keep]
             qc, scale = qc.transpose(3, 2, 0, 1), spec.scale[keep]
-        wname = self._weight(spec, wc.transpose(3, 2, 0, 1), qc, scale, axis=0)
         pads = [int(p["padding"][0][0]), int(p["padding"][1][0]), int(p["padding"][0][1]), int(p["padding"][1][1])]
-        out = self.g.node("Conv", [x.name, wname], name=name, kernel_shape=[int(w.shape[0]), int(w.shape[1])],
-                          strides=[int(s) for s in p["window_strides"]], pads=pads,
-                          dilations=[int(d) for d in p["rhs_dilation"]], group=groups)
+        conv = dict(kernel_shape=[int(w.shape[0]), int(w.shape[1])], strides=[int(s) for s in p["window_strides"]],
+                    pads=pads, dilations=[int(d) for d in p["rhs_dilation"]])
+        if spec is not None and spec.factors is not None and groups_in == 1:
+            a, b = spec.factors  # A [kh*kw*cin, r] -> r kxk filters; B [r, out] -> a 1x1 conv
+            a4 = a.reshape(w.shape[0], w.shape[1], w.shape[2], a.shape[1])[:, :, rows]
+            mid = self.g.node("Conv", [x.name, self.g.const(a4.transpose(3, 2, 0, 1).astype(np.float32), "w")],
+                              name=f"{name}.svd_a", group=1, **conv)
+            b4 = b[:, keep].T.reshape(keep.size, b.shape[0], 1, 1).astype(np.float32)
+            out = self.g.node("Conv", [mid, self.g.const(b4, "w")], name=name, kernel_shape=[1, 1], strides=[1, 1],
+                              pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
+        else:
+            wname = self._weight(spec, wc.transpose(3, 2, 0, 1), qc, scale, axis=0)
+            out = self.g.node("Conv", [x.name, wname], name=name, group=groups, **conv)
         res = self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), True, keep, out_sel_c)
         if bias is not None and groups_in == 1:  # [1, H, W, O] map from constant channels
             b = bias[..., keep].transpose(NHWC_TO_NCHW)

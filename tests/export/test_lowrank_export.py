@@ -1,0 +1,83 @@
+"""Factorized layers exported as the pair they are (issue 18): two MatMuls for a Dense, a kxk Conv
+with r filters then a 1x1 Conv for a conv; the ONNX model agrees with Flax, reloads exactly, and
+its MACs and stored bits are the cost model's and the size breakdown's."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from search.compression import plan as P
+from search.cost.roofline import price
+from search.engine.config import FinetuneConfig
+from search.engine.finetune import Engine
+from search.export.exporter import export_plan
+from tests.export.test_export_cnn import _task
+
+U, C = P.UNSTRUCTURED, P.CHANNEL
+
+
+def _onnx_pairs(path, layers) -> dict[str, list[tuple[str, tuple, int]]]:
+    """{layer: [(op, weight dims, MACs)]} of every Conv/MatMul node of a layer ("<layer>" and
+    its factor "<layer>.svd_a"), MACs = output positions x kernel elements."""
+    model = onnx.load(str(path))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "ConvInteger", "MatMulInteger"):
+            continue
+        name = node.name.removesuffix("_int").removesuffix(".svd_a")
+        layer = next(l for l in layers if l.name == name)
+        w = node.input[1]
+        dims = inits.get(w) or inits.get(prod[w].input[0])
+        out.setdefault(name, []).append((node.op_type, dims, math.prod(layer.out_shape[:-1]) * math.prod(dims)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["lenet300", "convbn"])
+def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
+    if arch == "lenet300":  # 64 -> 96 -> 8 -> 10: fc1 factorizes on its left side, fc2 on its right
+        task = models.get_task("lenet300", "digits", hidden=[96, 8])
+        variables = task.init_variables()
+        # int8: quantized factors (run as float in ONNX), fc2 channel-pruned, fc3 on integer kernels
+        plan = P.make_plan([0.0, 0.5, 0.0], [U, C, U], 8, 8, rank=[0.25, 0.5, 1.0])
+        want_r = {"fc1": 16, "fc2": 4}
+    else:  # conv(1->4) + BN, conv(4->6, stride 2) + BN, flatten, Dense: every layer factorized
+        task, variables = _task("convbn")
+        plan = P.make_plan([0.5, 0.0, 0.0], [C, U, U], 32, 32, rank=[0.5, 0.5, 0.5])
+        want_r = {"c1": 2, "c2": 3, "fc": 5}
+    engine = Engine(task, variables, FinetuneConfig(steps=0, k=1, calib_examples=64))
+    layers = engine.layers
+    r = export_plan(task, variables, plan, tmp_path / arch, engine=engine, profile="xeon")
+    cfg = r.config
+    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-4 and r.reload_quality == r.quality
+    assert cfg["onnx_kept_back"] == []
+    cost = price("xeon", layers, P.stack_plans([plan]))
+    size = json.loads((tmp_path / arch / "size.json").read_text())
+    pairs = _onnx_pairs(tmp_path / arch / "model.onnx", layers)
+    for l, c in zip(layers, cfg["layers"]):
+        nodes = pairs[l.name]
+        assert sum(n[2] for n in nodes) == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), l.name
+        if l.name not in want_r:
+            assert len(nodes) == 1 and c["rank"] is None and c["storage"] != "lowrank"
+            continue
+        rank = want_r[l.name]
+        assert (c["rank_ratio"], c["rank"], c["form"], c["storage"]) == (float(plan.rank[l.index]), rank, "svd", "lowrank")
+        (op_a, dims_a, _), (op_b, dims_b, _) = nodes
+        kept = c["onnx_out_channels"]
+        if l.kind == "dense":  # MatMul [fan_in, r] then MatMul [r, out]
+            assert op_a == op_b == "MatMul" and dims_a[1] == rank and dims_b == (rank, kept)
+        else:  # Conv [r, cin, kh, kw] then a 1x1 Conv [out, r, 1, 1]
+            assert op_a == op_b == "Conv" and dims_a[0] == rank and dims_a[2:] == tuple(l.kernel_shape[:2])
+            assert dims_b == (kept, rank, 1, 1)
+        assert size["layers"][l.name]["rank"] == rank
+    # stored bits: the size breakdown's quantized stage is the cost model's size
+    assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
+    if arch == "lenet300":
+        assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 4
+        assert cfg["layers"][2]["onnx_form"] == "MatMulInteger"
