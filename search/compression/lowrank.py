@@ -115,11 +115,16 @@ def factors(w: np.ndarray, qm: np.ndarray, bits: int, right: bool, rank: float, 
 
 
 def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
-    """ValueError (one line, naming the layer) when a plan factorizes a layer it cannot:
-    a depthwise or grouped conv, a layer pruned weight by weight (unstructured or N:M at a
+    """ValueError (one line, naming the layer) when a rank lies outside (0, 1] or a plan
+    factorizes a layer it cannot: a depthwise or grouped conv, a layer pruned weight by weight (unstructured or N:M at a
     ratio > 0, after its group's decision), or a codebook layer. Plans [L] or [K, L]."""
-    tied = tie_plan(plan, layers)
     rank = np.asarray(plan.rank)
+    bad = ~(np.isfinite(rank) & (rank > 0) & (rank <= 1))
+    if np.any(bad):
+        i = int(np.argwhere(bad)[0][-1])
+        name = layers[i].name if i < len(layers) else f"#{i}"
+        raise ValueError(f"plan.rank of layer {name} is {rank[bad].ravel()[0]}; a rank ratio lies in (0, 1] (1 = not factorized)")
+    tied = tie_plan(plan, layers)
     fact = rank < 1
     if not np.any(fact):
         return

@@ -80,6 +80,8 @@ def test_bad_ranks_are_one_line_errors_naming_the_layer(engine):
     for bad in (0.0, 1.5, np.nan):
         with pytest.raises(ValueError, match=r"plan.rank of layer 1 .*\(0, 1\]"):
             P.validate_plan(P.make_plan(np.zeros(3), rank=[1.0, bad, 1.0]))
+        with pytest.raises(UserError, match=r"^plan.rank of layer fc2 is .*; a rank ratio lies in \(0, 1\]"):
+            engine.run([P.make_plan(np.zeros(3), rank=[1.0, bad, 1.0])])
     with pytest.raises(UserError, match=r"^plan.rank 0.5 factorizes layer fc2, which its group prunes weight by weight"):
         engine.run([P.make_plan([0.0, 0.5, 0.0], rank=[1.0, 0.5, 1.0])])
     with pytest.raises(UserError, match=r"layer fc1, a codebook layer"):
