@@ -178,3 +178,24 @@ def test_a_factorized_layer_is_priced_as_its_pair():
     assert bits(P.make_plan([0.5, 0.0], P.CHANNEL, 8, 8, rank=[0.5, 1.0])) == pytest.approx(pair + 25 * 10 * 8 + 10 * 64)
     assert bits(P.make_plan([0.0, 0.0], P.CHANNEL, 32, 32, rank=[0.5, 1.0])) == pytest.approx(
         150 * 25 * 32 + 50 * 32 + 50 * 10 * 32 + 10 * 32)  # float: no scales
+
+
+def test_a_kernel_level_profile_prices_the_pair_as_two_float_kernels():
+    """With learned kernel predictors (search.cost.kernels), a factorized Dense is two f32 dense
+    kernels, A (N = r, K = fan-in) and B (N = out, K = r), whatever its widths (the export
+    runs the factors in float), plus the layer's one eltwise op."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from hw_profiles.schema import KERNELS, KernelModel
+    from search.cost import kernels as K
+
+    coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
+    prof = dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
+    layers = (dense(0, 100, 50), dense(1, 50, 10))
+    plan = P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [8, 32], [8, 32], rank=[0.5, 1.0])  # r = 25, layer 0 at w8a8
+    got = price(prof, layers, P.stack_plans([plan])).layer_latency_ms[0, 0]
+    f32 = np.array(coef[KERNELS[K.kernel_index(0, K.FORMS.index("f32"))]])
+    pair = f32 @ (K.features(1, 25, 100) + K.features(1, 50, 25))
+    emul = K.features(100, 1, 1) @ np.array(coef["emul"])  # the input's 8-bit rounding in float ops
+    assert got == pytest.approx((pair + emul + K.features(50, 1, 1) @ np.array(coef["eltwise"])) * 1e-3, rel=1e-12)
