@@ -112,19 +112,26 @@ def features(m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
-            out_elems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
     emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
-    one `eltwise` op each. The per-kind sums are what fit_to_models scales.
+    one `eltwise` op each. `second`: (kernel [K, L], feats [K, L, F]) of a second kernel some
+    layers run (a factorized layer's B; all-zero features where none). The per-kind sums are
+    what fit_to_models scales.
     """
     coef = np.array([model.coef[k] for k in KERNELS], np.float64)  # [N, F]
     t = np.einsum("klf,klf->kl", coef[kernel], feats) * 1e-6
     e = np.where(emul_in > 0, features(emul_in, 1.0, 1.0) @ coef[EMUL], 0.0) * 1e-6
     g = features(out_elems, 1.0, 1.0) @ coef[ELTWISE] * 1e-6
     by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
+    if second is not None:
+        t2 = np.einsum("klf,klf->kl", coef[second[0]], second[1]) * 1e-6
+        by_kind += np.einsum("kl,kln->kn", t2, second[0][..., None] == np.arange(len(KERNELS)))
+        t = t + t2
     by_kind[:, EMUL] += e.sum(axis=1)
     by_kind[:, ELTWISE] += g.sum(axis=1)
     return t + e + g, by_kind

@@ -32,7 +32,9 @@ Factorized layers (plan.rank < 1, search.compression.lowrank) are priced as the 
 become, A [fan_in, r] then B [r, out]: MACs = positions * (fan_in_kept * r + r * out_kept),
 weights fan_in_kept * r + r * out_kept at the layer's width (each factor with its own per-column
 scales, each stored float32 when that is smaller), dense (they take channel pruning only), and
-the r-channel intermediate activation written and read between the two. Factorizing pays only
+the r-channel intermediate activation written and read between the two (float32). Kernel-level
+profiles price the kernels the export runs: A integer where weights and input are <= 8 bits,
+B in float. Factorizing pays only
 when r < fan_in * out / (fan_in + out); any rank may be priced.
 
 memory = weights in memory + peak over layers of (input + output activation) bytes.
@@ -234,16 +236,20 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
         form = K.forms(la.chained, wb, ab, codebook, la.padded & (keep_in < 1.0))
-        # the export writes a factorized layer's factors in float: two f32 kernels of its kind,
-        # A (N = r, K = fan-in) then B (N = out, K = r); a predictor is linear in the features
-        form = np.where(fact, K.FORMS.index("f32"), form)
+        # a factorized layer is two kernels of its kind, as the export writes them: A (N = r,
+        # K = fan-in), integer (i8: its output is not re-quantized) where its weights and input
+        # are <= 8 bits, then B (N = out, K = r) in f32 (its input is not quantized)
+        int_a = (wb <= 8) & (ab <= 8) & ~codebook
+        form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
-        feats = np.where(fact[..., None], K.features(m, rk, k) + K.features(m, n, rk), K.features(m, n, k))
+        feats = np.where(fact[..., None], K.features(m, rk, k), K.features(m, n, k))
+        second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
+                  np.where(fact[..., None], K.features(m, n, rk), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), feats, emul,
-                                 np.broadcast_to(la.out_elems * keep_out, r.shape))
+                                 np.broadcast_to(la.out_elems * keep_out, r.shape), second)
     else:
         by_kind = None
     return {"lat": lat, "by_kind": by_kind, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

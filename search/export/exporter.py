@@ -177,17 +177,26 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
             lo, hi = act_ranges[l.name]
             s, z, _ = quant.act_qparams(jnp.float32(lo), jnp.float32(hi), ab)
             act = (float(np.float32(s)), int(z), ab)
-        if info["storage"] == "lowrank":  # the pair, its factors in float (no integer pair yet)
-            out[l.name] = LayerExport(l.name, "float", act=act, factors=pack.decode_factors(tensors[l.name], info))
+        if info["storage"] == "lowrank":  # the pair: A's integers when it has them, B in float
+            t = tensors[l.name]
+            a_int = None
+            if info["a"]["storage"] == "int" and wb <= 8:
+                a_int = (_int_codes({k[2:]: v for k, v in t.items() if k.startswith("a:")}, info["a"], wb), t["a:scale"])
+            out[l.name] = LayerExport(l.name, "float", act=act, factors=pack.decode_factors(t, info), factor_q=a_int)
         elif info["storage"] == "int" and wb <= 8:
-            n = int(np.prod(info["shape"]))
-            m = pack.unpack_uint(tensors[l.name]["mask"], 1, n).astype(bool) if "mask" in tensors[l.name] else np.ones(n, bool)
-            q = np.zeros(n, np.int64)
-            q[m] = pack.unpack_int(tensors[l.name]["q"], wb, int(m.sum()))
-            out[l.name] = LayerExport(l.name, "int", q.reshape(info["shape"]), tensors[l.name]["scale"], act)
+            out[l.name] = LayerExport(l.name, "int", _int_codes(tensors[l.name], info, wb), tensors[l.name]["scale"], act)
         else:
             out[l.name] = LayerExport(l.name, "float", act=act)
     return out
+
+
+def _int_codes(t: dict, info: dict, bits: int) -> np.ndarray:
+    """The integer kernel (like the stored kernel's shape) of a layer pack stored as "int"."""
+    n = int(np.prod(info["shape"]))
+    m = pack.unpack_uint(t["mask"], 1, n).astype(bool) if "mask" in t else np.ones(n, bool)
+    q = np.zeros(n, np.int64)
+    q[m] = pack.unpack_int(t["q"], bits, int(m.sum()))
+    return q.reshape(info["shape"])
 
 
 def _size(layers, params, masks, plan: Plan, scales, factors=None) -> dict:
@@ -330,12 +339,15 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                     "onnx_out_channels": oinfo["kept"].get(l.name, l.out_channels),
                     "onnx_weight": exports[l.name].weight,
                     "onnx_form": oinfo["forms"].get(l.name, "float"), "act_range": list(cm.act_ranges[l.name]),
+                    # a factorized layer's first factor A (its second, B, is "onnx_form")
+                    "onnx_factor_form": oinfo["forms"].get(f"{l.name}.svd_a", "float") if l.name in factors else None,
                     "group": layers[l.group].name, "channels_fixed": l.fixed,
                     # factorization (search.compression.lowrank): the plan's ratio, the achieved rank r, the form
                     **lowrank.describe(l, float(cm.plan.rank[l.index]), int(cm.plan.form[l.index]))}
                    for l in layers],
         "onnx_kept_back": oinfo["kept_back"],
-        # factorized layers whose quantized factors ONNX runs as float32 values (no integer pair yet)
+        # factorized layers with quantized weights whose factor B ONNX runs as float32 values (its input,
+        # A's output, is not quantized in the model); A runs on integer kernels where its input is <= 8 bits
         "onnx_float_factors": [n for n in factors if int(cm.plan.weight_bits[layers_by_name[n].index]) < FLOAT],
         "size": breakdown["total"],
         "export_seconds": time.perf_counter() - t0,

@@ -180,10 +180,10 @@ def test_a_factorized_layer_is_priced_as_its_pair():
         150 * 25 * 32 + 50 * 32 + 50 * 10 * 32 + 10 * 32)  # float: no scales
 
 
-def test_a_kernel_level_profile_prices_the_pair_as_two_float_kernels():
-    """With learned kernel predictors (search.cost.kernels), a factorized Dense is two f32 dense
-    kernels, A (N = r, K = fan-in) and B (N = out, K = r), whatever its widths (the export
-    runs the factors in float), plus the layer's one eltwise op."""
+def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
+    """With learned kernel predictors (search.cost.kernels), a factorized Dense is two dense
+    kernels, A (N = r, K = fan-in) and B (N = out, K = r), as the export runs them: A integer
+    (i8, not chained) at w8a8, else f32 behind the input's rounding in float ops; B in f32."""
     import dataclasses
     from types import MappingProxyType
 
@@ -193,9 +193,12 @@ def test_a_kernel_level_profile_prices_the_pair_as_two_float_kernels():
     coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
     prof = dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
     layers = (dense(0, 100, 50), dense(1, 50, 10))
-    plan = P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [8, 32], [8, 32], rank=[0.5, 1.0])  # r = 25, layer 0 at w8a8
-    got = price(prof, layers, P.stack_plans([plan])).layer_latency_ms[0, 0]
-    f32 = np.array(coef[KERNELS[K.kernel_index(0, K.FORMS.index("f32"))]])
-    pair = f32 @ (K.features(1, 25, 100) + K.features(1, 50, 25))
+    plans = P.stack_plans([P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [8, 32], [8, 32], rank=[0.5, 1.0]),  # r = 25, w8a8
+                           P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [16, 32], [8, 32], rank=[0.5, 1.0])])  # w16a8
+    got = price(prof, layers, plans).layer_latency_ms[:, 0]
+    kernel = lambda form: np.array(coef["dense_" + form])
+    b = kernel("f32") @ K.features(1, 50, 25)
+    eltwise = K.features(50, 1, 1) @ np.array(coef["eltwise"])
     emul = K.features(100, 1, 1) @ np.array(coef["emul"])  # the input's 8-bit rounding in float ops
-    assert got == pytest.approx((pair + emul + K.features(50, 1, 1) @ np.array(coef["eltwise"])) * 1e-3, rel=1e-12)
+    assert got[0] == pytest.approx((kernel("i8") @ K.features(1, 25, 100) + b + eltwise) * 1e-3, rel=1e-12)
+    assert got[1] == pytest.approx((kernel("f32") @ K.features(1, 25, 100) + b + emul + eltwise) * 1e-3, rel=1e-12)

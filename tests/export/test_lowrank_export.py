@@ -44,7 +44,7 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
     if arch == "lenet300":  # 64 -> 96 -> 8 -> 10: fc1 factorizes on its left side, fc2 on its right
         task = models.get_task("lenet300", "digits", hidden=[96, 8])
         variables = task.init_variables()
-        # int8: quantized factors (run as float in ONNX), fc2 channel-pruned, fc3 on integer kernels
+        # int8: A on integer kernels, B in float (its input is not quantized), fc2 channel-pruned
         plan = P.make_plan([0.0, 0.5, 0.0], [U, C, U], 8, 8, rank=[0.25, 0.5, 1.0])
         want_r = {"fc1": 16, "fc2": 4}
     else:  # conv(1->4) + BN, conv(4->6, stride 2) + BN, flatten, Dense: every layer factorized
@@ -71,7 +71,7 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
         (op_a, dims_a, _), (op_b, dims_b, _) = nodes
         kept = c["onnx_out_channels"]
         if l.kind == "dense":  # MatMul [fan_in, r] then MatMul [r, out]
-            assert op_a == op_b == "MatMul" and dims_a[1] == rank and dims_b == (rank, kept)
+            assert op_a.startswith("MatMul") and op_b == "MatMul" and dims_a[1] == rank and dims_b == (rank, kept)
         else:  # Conv [r, cin, kh, kw] then a 1x1 Conv [out, r, 1, 1]
             assert op_a == op_b == "Conv" and dims_a[0] == rank and dims_a[2:] == tuple(l.kernel_shape[:2])
             assert dims_b == (kept, rank, 1, 1)
@@ -80,4 +80,5 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
     assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
     if arch == "lenet300":
         assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 4
-        assert cfg["layers"][2]["onnx_form"] == "MatMulInteger"
+        assert [c["onnx_factor_form"] for c in cfg["layers"]] == ["MatMulInteger", "MatMulInteger", None]
+        assert [c["onnx_form"] for c in cfg["layers"]] == ["float", "float", "MatMulInteger"]

@@ -28,6 +28,7 @@ class LayerExport:
     # a factorized layer (search.compression.lowrank): (A [fan_in, r], B [r, out]) float32, whose
     # product is the kernel; written as two MatMuls, or a kxk Conv with r filters then a 1x1 Conv
     factors: tuple[np.ndarray, np.ndarray] | None = None
+    factor_q: tuple[np.ndarray, np.ndarray] | None = None  # A's integers [fan_in, r] and [r] scales (A = q * scale)
 
 
 @dataclass

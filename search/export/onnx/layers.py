@@ -6,8 +6,10 @@ A factorized layer (`LayerExport.factors`, search.compression.lowrank) is writte
 is: a Dense as MatMul(x, A) then MatMul(., B); a conv as a kxk Conv with r filters (the layer's
 strides, padding and dilation, no bias) then a 1x1 Conv r -> out ("Weight SVD"). The second node
 carries the layer's name, so the bias, a folded BatchNorm and removed channels land on it; A
-loses the fan-in rows of removed input channels, B the removed output channels. Factors are
-float32 (their fake-quantized values: an integer pair is not built yet)."""
+loses the fan-in rows of removed input channels, B the removed output channels. A runs on
+integer kernels when it has integers (`factor_q`) and its input is quantized to <= 8 bits, as
+any layer; B's input (A's output) is not quantized in the model, so B runs in float32 (its
+fake-quantized values)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -92,7 +94,7 @@ class LayerRules:
         name, spec = self._layer(rhs)
         w = rhs.value
         qfull = spec.q if spec is not None and spec.weight == "int" else None
-        x = self._quant_input(x, spec, qfull is not None)
+        x = self._quant_input(x, spec, qfull is not None or _int_factor(spec))
         rows, fill = np.arange(w.shape[0]), None
         if x.sel is not None:
             absent = np.setdiff1d(np.arange(w.shape[0]), x.sel.keep)
@@ -108,7 +110,9 @@ class LayerRules:
         scale = None if qfull is None else spec.scale[keep]
         if spec is not None and spec.factors is not None:
             a, b = spec.factors
-            mid = self.g.node("MatMul", [x.name, self.g.const(a[rows].astype(np.float32), "w")], name=f"{name}.svd_a")
+            qa, sa = spec.factor_q or (None, None)
+            wa = self._weight(spec, a[rows], None if qa is None else qa[rows], sa, axis=1)
+            mid = self.g.node("MatMul", [x.name, wa], name=f"{name}.svd_a")
             out = self.g.node("MatMul", [mid, self.g.const(b[:, keep].astype(np.float32), "w")], name=name)
         else:
             out = self.g.node("MatMul", [x.name, self._weight(spec, wc, qc, scale, axis=1)], name=name)
@@ -139,7 +143,7 @@ class LayerRules:
         groups = groups_in = int(p["feature_group_count"])
         cin = x.shape[-1]
         qfull = spec.q if spec is not None and spec.weight == "int" else None
-        x = self._quant_input(self.nchw(x), spec, qfull is not None)
+        x = self._quant_input(self.nchw(x), spec, qfull is not None or (_int_factor(spec) and groups_in == 1))
         w2 = w.reshape(-1, w.shape[-1])
         if groups == 1:
             keep = self._out_keep(name, spec, w2)
@@ -185,8 +189,10 @@ class LayerRules:
         if spec is not None and spec.factors is not None and groups_in == 1:
             a, b = spec.factors  # A [kh*kw*cin, r] -> r kxk filters; B [r, out] -> a 1x1 conv
             a4 = a.reshape(w.shape[0], w.shape[1], w.shape[2], a.shape[1])[:, :, rows]
-            mid = self.g.node("Conv", [x.name, self.g.const(a4.transpose(3, 2, 0, 1).astype(np.float32), "w")],
-                              name=f"{name}.svd_a", group=1, **conv)
+            qa, sa = spec.factor_q or (None, None)
+            qa4 = None if qa is None else qa.reshape(a4.shape[:2] + (w.shape[2], a.shape[1]))[:, :, rows].transpose(3, 2, 0, 1)
+            wa = self._weight(spec, a4.transpose(3, 2, 0, 1), qa4, sa, axis=0)
+            mid = self.g.node("Conv", [x.name, wa], name=f"{name}.svd_a", group=1, **conv)
             b4 = b[:, keep].T.reshape(keep.size, b.shape[0], 1, 1).astype(np.float32)
             out = self.g.node("Conv", [mid, self.g.const(b4, "w")], name=name, kernel_shape=[1, 1], strides=[1, 1],
                               pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
@@ -205,3 +211,8 @@ class LayerRules:
         if x.sel is not None and p["feature_group_count"] != 1 and res.sel is not None:
             res.sel.producer = x.sel.producer
         return res
+
+
+def _int_factor(spec: LayerExport | None) -> bool:
+    """Whether a factorized layer's first factor has integers (its input then goes through Q/DQ)."""
+    return spec is not None and spec.factors is not None and spec.factor_q is not None
