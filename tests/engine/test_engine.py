@@ -21,9 +21,8 @@ from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, NM, UNIFORM, UNSTR
 
 
 @pytest.fixture(scope="module")
-def engine(lenet300):
-    task, params = lenet300
-    return Engine(task, params, FinetuneConfig(steps=30, batch_size=64, k=1))
+def engine(lenet300_engine):
+    return lenet300_engine  # conftest.py: shared with test_lowrank.py
 
 
 MIXED = [

@@ -1,26 +1,31 @@
 """Low-rank factorization in the engine (issue 18): rank 1 is the layer itself, the achieved rank
 is the plan's, fine-tuning keeps it, plans of other ranks reuse the compile, bad plans are one
 line. The trained LeNet-300-100 on digits of tests/engine/conftest.py (fc1 64x300 factorizes on
-its left side, fc2 300x100 and fc3 100x10 on their right), with test_engine.py's fine-tune
-settings, so that in a whole run the engine's functions are already compiled."""
+its left side, fc2 300x100 and fc3 100x10 on their right), on test_engine.py's engine, so that
+in a whole run its functions are already compiled."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from search.compression import lowrank
 from search.compression import plan as P
 from search.compression.layers import Layer
 from search.engine.compiles import count_compiles
-from search.engine.config import FinetuneConfig
-from search.engine.finetune import Engine
 from search.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def engine(lenet300):
-    task, params = lenet300
-    return Engine(task, params, FinetuneConfig(steps=3, batch_size=64, k=1, loop="python"))
+def engine(lenet300_engine):
+    return lenet300_engine  # conftest.py: test_engine.py's engine, compiled once per run
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """numpy's SVDs on one thread: OpenBLAS's threads spin next to JAX's (0.6 s for a 64x300 SVD)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _kernels(cm):
@@ -31,9 +36,9 @@ def test_rank_one_is_the_layer_and_the_achieved_rank_is_the_plans(engine):
     base = {n: np.asarray(engine.base_params[n]["kernel"]) for n in ("fc1", "fc2", "fc3")}
     # the projection itself at full rank: Q Q^T = I to float rounding, on either side
     bases = lowrank.bases(engine.layers, engine.base_params)
-    for l in engine.layers[:2]:
-        k, _, _ = lowrank.project(base[l.name], lowrank.masked_basis(bases[l.name], 1.0), P.FLOAT, lowrank.right_side(l))
-        np.testing.assert_allclose(np.asarray(k), base[l.name], atol=1e-5)
+    for l in engine.layers:
+        a, b = lowrank.factors(base[l.name], bases[l.name], P.FLOAT, lowrank.right_side(l), 1.0)
+        np.testing.assert_allclose(a @ b, base[l.name], atol=1e-5)
     assert [lowrank.right_side(l) for l in engine.layers] == [False, True, True]
     full, lr = engine.evaluate([P.make_plan(np.zeros(3)),
                                 P.make_plan(np.zeros(3), rank=[0.25, 0.5, 1.0])], return_models=True).models

@@ -41,17 +41,20 @@ def _onnx_pairs(path, layers) -> dict[str, list[tuple[str, tuple, int]]]:
 
 @pytest.mark.parametrize("arch", ["lenet300", "convbn"])
 def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
-    if arch == "lenet300":  # 64 -> 96 -> 8 -> 10: fc1 factorizes on its left side, fc2 on its right
-        task = models.get_task("lenet300", "digits", hidden=[96, 8])
+    # the engines' settings are test_export.py's and test_export_cnn.py's: in a whole run, compiled there
+    if arch == "lenet300":  # 64 -> 300 -> 100 -> 10: fc1 factorizes on its left side, fc2 on its right
+        task = models.get_task("lenet300", "digits")
         variables = task.init_variables()
         # int8: A on integer kernels, B in float (its input is not quantized), fc2 channel-pruned
         plan = P.make_plan([0.0, 0.5, 0.0], [U, C, U], 8, 8, rank=[0.25, 0.5, 1.0])
-        want_r = {"fc1": 16, "fc2": 4}
+        want_r = {"fc1": 16, "fc2": 50}
+        config = FinetuneConfig(steps=0, k=1)
     else:  # conv(1->4) + BN, conv(4->6, stride 2) + BN, flatten, Dense: every layer factorized
         task, variables = _task("convbn")
         plan = P.make_plan([0.5, 0.0, 0.0], [C, U, U], 32, 32, rank=[0.5, 0.5, 0.5])
         want_r = {"c1": 2, "c2": 3, "fc": 5}
-    engine = Engine(task, variables, FinetuneConfig(steps=0, k=1, calib_examples=64))
+        config = FinetuneConfig(steps=0, k=1, calib_examples=64)
+    engine = Engine(task, variables, config)
     layers = engine.layers
     r = export_plan(task, variables, plan, tmp_path / arch, engine=engine, profile="xeon")
     cfg = r.config
@@ -79,6 +82,6 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
     # stored bits: the size breakdown's quantized stage is the cost model's size
     assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
     if arch == "lenet300":
-        assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 4
+        assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 50
         assert [c["onnx_factor_form"] for c in cfg["layers"]] == ["MatMulInteger", "MatMulInteger", None]
         assert [c["onnx_form"] for c in cfg["layers"]] == ["float", "float", "MatMulInteger"]
