@@ -264,6 +264,7 @@ def compress(
     results_dir: str = "results",
     progress: bool = False,
     apply_kwargs: Mapping[str, Any] | None = None,
+    factorize: bool = False,
 ) -> pd.DataFrame:
     """Search compressed versions of your own Flax model; returns the Pareto front.
 
@@ -283,6 +284,7 @@ def compress(
     defaults, 200 steps of 128 examples; the batch may not exceed the training split).
     `pruning`: "one-shot" or "gradual" (search.engine.schedule: Zhu & Gupta's cubic ramp).
     `act_ranges`: "calibrated" or "learned" (LSQ: quant.fake_quant_act_learned).
+    `factorize`: also a rank ratio per layer (low-rank SVD, search.compression.lowrank).
     Columns of the front: trial, quality, latency_ms, memory_kb, size_kb, compression_ratio,
     feasible, plan (per-layer lists), test_quality (the test split's, shown, never ranked on).
     """
@@ -294,7 +296,8 @@ def compress(
     if finetune_batch_size is not None:
         ft = dataclasses.replace(ft, batch_size=int(finetune_batch_size))
     spec = _spec(model=task.name, dataset=data.name, seed=seed, profile=profile, budget=budget,
-                 objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials, pruner=pruner)
+                 objectives=objectives, sampler=sampler, finetune=ft, n_trials=n_trials, pruner=pruner,
+                 factorize=factorize)
     study = search(spec, storage, results_dir, study_name=study_name, task=task, params=params, k=k,
                    loop=loop, batch=batch, progress=progress)
     return pareto_frame(study)

@@ -246,9 +246,11 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
                "test_quality": float(test) if isinstance(test, (int, float)) and trained else math.nan, **cost,
                "compression_ratio": ratio, "trained": trained, "feasible": feasible,
                "reason": reason or "", "summary": layer_summary(a["plan"], names)}
+        ranks = a["plan"].get("rank") or [1.0] * len(names)  # plans stored before factorization: full rank
         for i, n in enumerate(names):
             for k in PLAN_KEYS:
                 row[f"{n}.{k}"] = a["plan"][k][i]
+            row[f"{n}.rank"] = float(ranks[i])
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
 
