@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 import zlib
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import optuna
@@ -64,6 +64,17 @@ def _tell_values(ctx: SearchContext, quality: float, cost: dict[str, float]) -> 
     return [quality if n == "quality" else cost[n] for n in ctx.objectives]
 
 
+def _deliver(handler: Any) -> None:
+    """Act on a held-back Ctrl-C as `handler`, the SIGINT handler the caller had, would: call it
+    (Python's default raises KeyboardInterrupt here), ignore it (SIG_IGN), or end the process
+    (SIG_DFL). Called directly rather than raising SIGINT again: a signal raised at this thread
+    waits while the thread blocks SIGINT, and a held Ctrl-C would then be lost."""
+    if callable(handler):
+        handler(signal.SIGINT, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 class _CtrlC:
     """Ctrl-C held back while the storage is written, delivered at the next safe point.
 
@@ -88,7 +99,7 @@ class _CtrlC:
         if self.active:
             signal.signal(signal.SIGINT, self.previous)
             if self.pending and kind is None:
-                signal.raise_signal(signal.SIGINT)  # now, with the handler the caller had
+                _deliver(self.previous)  # now, as the handler the caller had
         return False
 
     @contextlib.contextmanager
@@ -104,7 +115,7 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self.previous)
             if self.pending:
                 self.pending = False
-                signal.raise_signal(signal.SIGINT)
+                _deliver(self.previous)
 
     @contextlib.contextmanager
     def allowed(self) -> Iterator[None]:
@@ -116,7 +127,7 @@ class _CtrlC:
         try:
             if self.pending:
                 self.pending = False
-                signal.raise_signal(signal.SIGINT)
+                _deliver(self.previous)
             yield
         finally:
             signal.signal(signal.SIGINT, self._hold)
