@@ -99,9 +99,13 @@ class Engine:
     """Compress and fine-tune plans for one task; see the module docstring."""
 
     def __init__(self, task: Task, base_params: Any = None, config: FinetuneConfig = FinetuneConfig(),
-                 k_file: str | os.PathLike | None = None):
+                 k_file: str | os.PathLike | None = None, factorize: bool = False):
         """`k_file`: a JSON file that remembers the measured K per machine and task (e.g.
-        results/cache/engine_k.json); None measures once per process."""
+        results/cache/engine_k.json); None measures once per process. `factorize`: plans will
+        factorize layers (plan.rank < 1; a study whose space offers ranks), so the functions
+        are compiled with the low-rank projection from the start. Without it they are compiled
+        without it (the projection roughly doubled LeNet-5's compile time), and the first
+        factorized plan compiles them once more, with it."""
         config.check()
         task.check(config.batch_size if config.steps else None, base_params)  # every split, up front
         self.task, self.config = task, config
@@ -133,7 +137,9 @@ class Engine:
         # the SVD bases of factorizable layers (search.compression.lowrank): identities until a
         # plan factorizes, then the pretrained kernels' singular vectors, once per engine
         self._bases = jax.device_put(lowrank.identity_bases(self.layers))
-        self._have_bases = False
+        self._have_bases = False  # also: whether the functions are compiled with the projection
+        if factorize:
+            self._load_bases()
         self._updates = mask_updates(config)  # {step: share of the ratio}: gradual pruning's mask updates
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K (chosen loop)
         self.loop_timings: dict[str, float] = {}  # seconds per plan-step of each loop, at the first K measured
@@ -148,7 +154,7 @@ class Engine:
         state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
         return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
                 self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges,
-                (self.task.train.crop, self.task.train.flip) if c.augment else None, k)
+                (self.task.train.crop, self.task.train.flip) if c.augment else None, k, self._have_bases)
 
     def _functions(self, k: int) -> tuple:
         if k in self._fns:
@@ -158,6 +164,7 @@ class Engine:
             self._fns[k], self._refresh[k], self._remask[k], self._fused[k] = _FN_CACHE[key]
             return self._fns[k]
         model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
+        factorizing = self._have_bases  # without it, no plan factorizes: no projection in the programs
 
         def prepare_one(plan, base, calib, bn_x, share, bases, any_lr):
             # `share` of the plan's ratio pruned now: 1, or 0 where gradual pruning starts dense
@@ -182,7 +189,8 @@ class Engine:
                 params = set_node(params, l, {**node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
             # each factorizable layer's basis cut to the plan's rank, fixed for the trial
-            qm = {l.name: lowrank.masked_basis(bases[l.name], plan.rank[l.index]) for l in layers if l.name in bases}
+            qm = {l.name: lowrank.masked_basis(bases[l.name], plan.rank[l.index])
+                  for l in layers if factorizing and l.name in bases}
             eff = compress.effective_params(params, masks, q0, layers, plan, None, qm, any_lr)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
@@ -367,10 +375,16 @@ class Engine:
         except ValueError as e:
             raise UserError(str(e)) from None
         if not self._have_bases and np.any(np.asarray(plans.rank) < 1):
-            # the first factorized plan: the SVD of every factorizable pretrained kernel, once
-            self._bases = jax.device_put(lowrank.bases(self.layers, self.base_params))
-            self._have_bases = True
+            self._load_bases()
         return plans
+
+    def _load_bases(self) -> None:
+        """The first factorized plan (or `factorize`): the SVD of every factorizable pretrained
+        kernel, once per engine; the functions are built again with the projection."""
+        self._bases = jax.device_put(lowrank.bases(self.layers, self.base_params))
+        self._have_bases = True
+        for fns in (self._fns, self._refresh, self._remask, self._fused):
+            fns.clear()
 
     def _split(self, split: str):
         d = self.task.data

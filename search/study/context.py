@@ -85,7 +85,8 @@ class StudyContext:
             ft = dataclasses.replace(ft, k=int(k))
         if loop is not None:
             ft = dataclasses.replace(ft, loop=loop)
-        return Engine(self.task, self.params, ft, k_file=k_file_in(self.results_dir))
+        return Engine(self.task, self.params, ft, k_file=k_file_in(self.results_dir),
+                      factorize=self.spec.space.factorize)
 
 
 @dataclass(frozen=True)
