@@ -128,11 +128,18 @@ def test_bad_flags_through_the_cli(tmp_path, capsys):
 
 def test_ctrl_c_waits_for_a_rung_decision_to_be_stored():
     reached = False
-    with _CtrlC() as ctrl_c, ctrl_c.allowed():  # as during fine-tuning
-        with pytest.raises(KeyboardInterrupt):
-            with ctrl_c.held():  # as while a rung's decision writes the storage
-                os.kill(os.getpid(), signal.SIGINT)  # to the process, as a terminal's Ctrl-C is
-                reached = True
+    # Python's own handler, as in a terminal: a shell starting a command in the background
+    # ignores SIGINT for it, and a Ctrl-C the caller ignores stays ignored (_CtrlC keeps the
+    # caller's handler)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _CtrlC() as ctrl_c, ctrl_c.allowed():  # as during fine-tuning
+            with pytest.raises(KeyboardInterrupt):
+                with ctrl_c.held():  # as while a rung's decision writes the storage
+                    os.kill(os.getpid(), signal.SIGINT)  # to the process, as a terminal's Ctrl-C is
+                    reached = True
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert reached
 
 
