@@ -85,12 +85,6 @@ def bases(layers: Sequence[Layer], params: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def identity_bases(layers: Sequence[Layer]) -> dict[str, np.ndarray]:
-    """{layer name: I [d, d]} for every factorizable layer: what the engine passes until a plan
-    factorizes (same shapes as `bases`, so the real ones replace them without a recompile)."""
-    return {l.name: np.eye(full_rank(l), dtype=np.float32) for l in layers if factorizable(l)}
-
-
 def masked_basis(q: jax.Array, rank: jax.Array) -> jax.Array:
     """Q_m = Q * [j < r] over its columns: the basis cut to the achieved rank of a traced ratio."""
     d = q.shape[-1]

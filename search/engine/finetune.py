@@ -134,9 +134,9 @@ class Engine:
         self._remask: dict[int, Any] = {}  # jitted mask update of gradual pruning, per K
         self._fused: dict[int, Any] = {}  # jitted fused loop of up to n steps, per K
         self._chunk = 4  # steps per fused call, adapted so that a call takes about CHUNK_SECONDS
-        # the SVD bases of factorizable layers (search.compression.lowrank): identities until a
-        # plan factorizes, then the pretrained kernels' singular vectors, once per engine
-        self._bases = jax.device_put(lowrank.identity_bases(self.layers))
+        # the SVD bases of factorizable layers (search.compression.lowrank): none until a plan
+        # factorizes (or `factorize`), then the pretrained kernels' singular vectors, once per engine
+        self._bases: dict = {}
         self._have_bases = False  # also: whether the functions are compiled with the projection
         if factorize:
             self._load_bases()
