@@ -55,7 +55,8 @@ def make_spec(*, model: str, dataset: str | None, profile: str | Path | Hardware
     (safetensors) in place of the cached baseline; `objectives` are command-line names
     (quality, latency, memory, size); `pruner` none | sha | hyperband at `rungs` (fine-tune
     steps; search.study.pruning), both None to keep a resumed study's or take the default;
-    `factorize`: the space also offers each layer a rank ratio (low-rank SVD, search.study.space).
+    `factorize`: the space also offers each layer a rank ratio and a form (SVD, spatial SVD,
+    Kronecker: search.compression.lowrank, search.study.space).
     Raises UserError (or a models/hw_profiles error) naming the first bad value.
     """
     if is_reference(model):

@@ -67,8 +67,10 @@ def register(subparsers: Any) -> None:
                         "calibrated and then trained with the weights (LSQ) (default calibrated)")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the dense baseline")
     p.add_argument("--factorize", action="store_true",
-                   help="also search a rank ratio per layer (1, 0.75, 0.5, 0.25): low-rank factorization by SVD, a "
-                        "Dense as two matmuls, a conv as r kxk filters then a 1x1 conv (off by default)")
+                   help="also search a rank ratio per layer (1, 0.75, 0.5, 0.25) and its form where the layer takes "
+                        "more than one: svd (a Dense as two matmuls, a conv as r kxk filters then a 1x1 conv), "
+                        "spatial (a kxk conv as kx1 then 1xk convs), kronecker (a Dense as a sum of r Kronecker "
+                        "products, at 1/8 of the ratio) (off by default)")
     p.add_argument("--no-warm-start", action="store_true", help="skip layer sensitivity and warm-start trials")
     p.add_argument("--quiet", action="store_true",
                    help="no progress, no table and no report files (the summary line says how to write them "

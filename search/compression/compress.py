@@ -18,7 +18,7 @@ from search.compression import codebook
 from search.compression import lowrank
 from search.compression import quant
 from search.compression.layers import Layer, Model, get_path, set_path
-from search.compression.plan import CODEBOOK, FLOAT, Plan
+from search.compression.plan import CODEBOOK, FLOAT, FORMS, Plan
 
 # weight transform codes picked per layer by `weight_branch`
 W_FLOAT, W_UNIFORM, W_BINARY, W_CODEBOOK = 0, 1, 2, 3
@@ -145,29 +145,34 @@ def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Seque
     """The params tree with every kernel replaced by its compressed version (plan of shape [L]);
     `any_codebook`: see `effective_kernels`.
 
-    `bases` ({layer name: Q_m [d, d]}, `lowrank.masked_basis` of the plan's rank): a layer whose
-    plan.rank < 1 computes with its rank-r projection A @ B, factors fake-quantized at its
-    weight bits (`lowrank.project`), then masked (channel pruning zeroes B's columns); its
-    product is not quantized again. `any_lowrank` (a scalar bool, or None: this plan decides):
-    whether any plan of the engine's group factorizes; one unbatched flag, so that a group
-    without factorized plans skips the projections (a `lax.cond`, as `any_codebook`)."""
+    `bases` ({lowrank.basis_key(layer, form): Q_m [d, d]}, `lowrank.masked_basis` of the plan's
+    rank): a layer whose plan.rank < 1 computes, in its plan.form, with its rank-r projection
+    A @ B, factors fake-quantized at its weight bits (`lowrank.project`), then masked (channel
+    pruning zeroes B's columns); its product is not quantized again. `any_lowrank` (bool [F],
+    F = len(plan.FORMS), or None: this plan decides): whether any plan of the engine's group
+    factorizes a layer in each form; unbatched flags, so that a group skips the projections of
+    the forms none of its plans use (a `lax.cond` per form, as `any_codebook`)."""
     nodes = [get_path(params, l.path) for l in layers]
     ws = [n["kernel"] for n in nodes]
     ms = [masks[l.name] for l in layers]
     bits = plan.weight_bits
-    fact_layers = [l for l in layers if bases and l.name in bases]
-    if fact_layers:
+    if bases:
         fact = plan.rank < 1  # [L]
-        use = jnp.any(fact) if any_lowrank is None else any_lowrank
+        use = lowrank_flags(plan) if any_lowrank is None else any_lowrank
+        for f in FORMS.values():
+            fl = [l for l in layers if lowrank.basis_key(l.name, f) in bases]
+            if not fl:
+                continue
 
-        def projected(ws):
-            out = list(ws)
-            for l in fact_layers:
-                k, _, _ = lowrank.project(ws[l.index], bases[l.name], bits[l.index], lowrank.right_side(l))
-                out[l.index] = jnp.where(fact[l.index], k * ms[l.index], ws[l.index])
-            return out
+            def projected(ws, f=f, fl=fl):
+                out = list(ws)
+                for l in fl:
+                    k, _, _ = lowrank.project(ws[l.index], bases[lowrank.basis_key(l.name, f)], bits[l.index], l, f)
+                    on = fact[l.index] & (plan.form[l.index] == f)
+                    out[l.index] = jnp.where(on, k * ms[l.index], ws[l.index])
+                return out
 
-        ws = jax.lax.cond(use, projected, lambda ws: list(ws), ws)
+            ws = jax.lax.cond(use[f], projected, lambda ws: list(ws), ws)
         # the factors are quantized already: the product passes through as a float kernel
         bits = jnp.where(fact, FLOAT, bits)
     ks = effective_kernels(ws, ms, [qstate.assign[l.name] for l in layers], [qstate.w_scale[l.name] for l in layers],
@@ -176,6 +181,13 @@ def effective_params(params: Any, masks: dict, qstate: QuantState, layers: Seque
     for l, node, k in zip(layers, nodes, ks):
         out = set_path(out, l.path, {**node, "kernel": k})
     return out
+
+
+def lowrank_flags(plans: Plan) -> jax.Array:
+    """bool [F]: whether any of the plans ([L] or [K, L]) factorizes a layer in each form
+    (plan.FORMS codes); unbatched, for `effective_params`' per-form conditionals."""
+    fact = plans.rank < 1
+    return jnp.stack([jnp.any(fact & (plans.form == f)) for f in FORMS.values()])
 
 
 def quantized_apply(model: Model, layers: Sequence[Layer], params: Any, act_lo: jax.Array,

@@ -1,35 +1,50 @@
-"""Low-rank factorization by SVD as a per-layer plan choice (plan.rank, plan.form).
+"""Low-rank factorization as a per-layer plan choice (plan.rank, plan.form): three forms.
 
-A factorizable layer's kernel, as a matrix M [fan_in, out] (a conv's [kh*kw*cin, cout]), is
-replaced by a product A @ B of rank r: A [fan_in, r], B [r, out]. A Dense becomes two matmuls;
-a kxk conv becomes r kxk filters followed by a 1x1 conv r -> cout, the "Weight SVD" form
-(AIMET's name; Denton et al., NeurIPS 2014, "Exploiting Linear Structure Within Convolutional
-Networks"; Jaderberg et al., BMVC 2014, "Speeding up Convolutional Neural Networks with Low
-Rank Expansions"). The form code (plan.form, plan.FORMS) leaves room for the spatial (kx1 then
-1xk) and Kronecker forms, which are not built yet.
+Each form views a layer's kernel as a matrix R(W) [m, n] and replaces it by a product A @ B of
+rank r: A [m, r], B [r, n]. The forms differ in the view R and in the pair of layers it becomes:
 
-One compile per study, with a traced rank: the SVD of every factorizable layer's pretrained
-kernel is taken once per engine (`bases`), and its orthonormal basis Q [d, d] is kept on the
-smaller side, d = min(fan_in, out): the right singular vectors V when out <= fan_in, else the
-left ones U, ordered by singular value. A plan's rank ratio gives r = max(1, round(rank * d))
-(`achieved_rank`) and the column mask m_j = [j < r]; Q_m = Q * m (`masked_basis`). The layer
-then computes with (`project`)
+- SVD ("Weight SVD", AIMET's name; Denton et al., NeurIPS 2014, "Exploiting Linear Structure
+  Within Convolutional Networks"): R(W) = the kernel as [fan_in, out] (a conv's
+  [kh*kw*cin, cout]). A Dense becomes two matmuls; a kxk conv becomes r kxk filters, then a 1x1
+  conv r -> cout.
+- SPATIAL ("Spatial SVD", AIMET; Jaderberg et al., BMVC 2014, "Speeding up Convolutional Neural
+  Networks with Low Rank Expansions"), kxk convs with kh, kw > 1: R(W)[(y, c), (x, o)] =
+  W[y, x, c, o], [kh*cin, kw*cout]. The conv becomes a kh x 1 conv cin -> r (the layer's vertical
+  stride, padding and dilation), then a 1 x kw conv r -> cout (the horizontal ones).
+- KRONECKER (Van Loan and Pitsianis, 1993, "Approximation with Kronecker Products"), Dense
+  layers whose fan-in and width both split into two factors >= 2 (`kron_split`): with
+  fan_in = m1*m2 and out = n1*n2, W = sum_i A_i (x) B_i (A_i [m1, n1], B_i [m2, n2]) and the
+  rearrangement R(W)[(a, c), (b, d)] = W[a*m2 + b, c*n2 + d], [m1*n1, m2*n2], turns the sum of r
+  Kronecker products into a rank-r matrix: column i of A is vec(A_i), row i of B vec(B_i). The
+  layer computes, for the input as X [m1, m2], Y = sum_i A_i^T (X B_i) [n1, n2]: two batched
+  matmuls and reshapes. MACs r*(m1*m2*n2 + n1*m1*n2) and weights r*(m1*n1 + m2*n2): it pays in
+  memory at small r, hence its own small rank ratios in the search space.
 
-    right side (out <= fan_in):  A = M @ Q_m  [fan_in, d],  B = Q_m^T     [d, out]
-    left side  (out >  fan_in):  A = Q_m      [fan_in, d],  B = Q_m^T @ M [d, out]
+One compile per study, with a traced rank and form: the SVD of every layer's R(W), for every
+form it can take, is taken once per engine (`bases`, keyed by `basis_key`), and its orthonormal
+basis Q [d, d] is kept on the smaller side, d = min(m, n): the right singular vectors V when
+n <= m, else the left ones U, ordered by singular value. A plan's rank ratio gives
+r = max(1, round(rank * d)) (`achieved_rank`) and the column mask m_j = [j < r];
+Q_m = Q * m (`masked_basis`). The layer then computes with (`project`)
 
-and M_eff = A @ B = M Q_m Q_m^T (or Q_m Q_m^T M): a linear projection onto the top r singular
-directions, so gradients flow to M without a straight-through estimator, and at r = d it is M
-(Q Q^T = I; the engine skips it where rank is 1). The columns (rows) of A (B) past r are zero,
-so the shapes never change with r. Fine-tuning trains M and so A (right side) or B (left side);
-the basis stays the pretrained one. Quantization (weight_bits < 32) fake-quantizes both factors
-(symmetric, per output column, scales from each step's max |value|, straight-through gradient:
-`quant.fake_quant_weight`), never their product, so the product keeps rank r and the export can
-write the pair. Channel pruning removes output channels, i.e. columns of B; unstructured and N:M
-pruning, codebooks and depthwise or grouped convs do not combine with it (`check_plan`).
+    right side (n <= m):  A = R @ Q_m  [m, d],  B = Q_m^T     [d, n]
+    left side  (n >  m):  A = Q_m      [m, d],  B = Q_m^T @ R [d, n]
+
+and R_eff = A @ B = R Q_m Q_m^T (or Q_m Q_m^T R), W_eff = R^-1(R_eff): a linear projection onto
+the top r singular directions, so gradients flow to W without a straight-through estimator, and
+at r = d it is W (Q Q^T = I; the engine skips it where rank is 1). The columns (rows) of A (B)
+past r are zero, so the shapes never change with r. Fine-tuning trains W and so A (right side)
+or B (left side); the basis stays the pretrained one. Quantization (weight_bits < 32)
+fake-quantizes both factors (symmetric, per column, scales from each step's max |value|,
+straight-through gradient: `quant.fake_quant_weight`), never their product, so the product keeps
+rank r and the export can write the pair. Channel pruning removes output channels (B's columns
+of those channels) and input channels (A's rows of them) in the SVD and spatial forms; the
+Kronecker form, unstructured and N:M pruning, codebooks and depthwise or grouped convs do not
+combine with it (`check_plan`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -39,9 +54,43 @@ import numpy as np
 from search.compression import quant
 from search.compression.groups import tie_plan
 from search.compression.layers import Layer, get_path
-from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, FORMS
+from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, FORMS, KRONECKER, SPATIAL, SVD
 
 FORM_NAMES = {v: k for k, v in FORMS.items()}
+
+
+def kron_split(n: int) -> tuple[int, int] | None:
+    """(a, b) with a * b = n, 2 <= a <= b and a as large as possible (the most balanced split),
+    or None when n has no such split (n prime or below 4)."""
+    n = int(n)
+    for a in range(math.isqrt(n), 1, -1):
+        if n % a == 0:
+            return a, n // a
+    return None
+
+
+def form_problem(layer: Layer, form: int) -> str | None:
+    """Why a layer cannot take a form (one clause naming what it needs), None when it can."""
+    form = int(form)
+    if form not in FORM_NAMES:
+        return f"form {form} is not a factorization form ({', '.join(f'{v} = {k}' for k, v in FORMS.items())})"
+    if layer.kind not in ("dense", "conv") or layer.groups != 1:
+        return f"it is a {layer.kind} layer with {layer.groups} groups; only Dense and ungrouped conv layers factorize"
+    if form == SPATIAL and (layer.kind != "conv" or min(layer.kernel_shape[:2]) < 2):
+        return (f"the spatial form needs a conv with a kernel of at least 2x2, and its kernel is "
+                f"{'x'.join(str(d) for d in layer.kernel_shape[:-2]) or 'a Dense matrix'}")
+    if form == KRONECKER:
+        if layer.kind != "dense":
+            return "the Kronecker form factorizes Dense layers only"
+        if kron_split(layer.fan_in) is None or kron_split(layer.out_channels) is None:
+            return (f"the Kronecker form needs fan-in and width that split into two factors >= 2, "
+                    f"and {layer.fan_in} x {layer.out_channels} does not")
+    return None
+
+
+def forms_of(layer: Layer) -> tuple[int, ...]:
+    """The forms (plan.FORMS codes) the layer can take, SVD first; () when it cannot factorize."""
+    return tuple(f for f in FORMS.values() if form_problem(layer, f) is None)
 
 
 def factorizable(layer: Layer) -> bool:
@@ -49,14 +98,62 @@ def factorizable(layer: Layer) -> bool:
     return layer.kind == "dense" or (layer.kind == "conv" and layer.groups == 1)
 
 
-def full_rank(layer: Layer) -> int:
-    """d = min(fan_in, out): the largest rank of the layer's kernel matrix."""
-    return int(min(layer.fan_in, layer.out_channels))
+def matrix_shape(layer: Layer, form: int = SVD) -> tuple[int, int]:
+    """(m, n) of the matrix R(W) the form factorizes (module docstring)."""
+    form = int(form)
+    if form == SPATIAL:
+        kh, kw, cin, cout = layer.kernel_shape
+        return int(kh * cin), int(kw * cout)
+    if form == KRONECKER:
+        (m1, m2), (n1, n2) = kron_split(layer.fan_in), kron_split(layer.out_channels)
+        return m1 * n1, m2 * n2
+    return int(layer.fan_in), int(layer.out_channels)
 
 
-def right_side(layer: Layer) -> bool:
-    """True when the basis is the right singular vectors V [out, out] (out <= fan_in)."""
-    return layer.out_channels <= layer.fan_in
+def full_rank(layer: Layer, form: int = SVD) -> int:
+    """d = min(m, n): the largest rank of the layer's matrix R(W) in a form."""
+    return int(min(matrix_shape(layer, form)))
+
+
+def right_side(layer: Layer, form: int = SVD) -> bool:
+    """True when the basis is the right singular vectors V [n, n] (n <= m)."""
+    m, n = matrix_shape(layer, form)
+    return n <= m
+
+
+def to_matrix(w: Any, layer: Layer, form: int = SVD) -> Any:
+    """R(W) [m, n] of a kernel w (numpy or jax array, the layer's kernel shape)."""
+    form = int(form)
+    if form == SPATIAL:
+        kh, kw, cin, cout = layer.kernel_shape
+        return w.transpose(0, 2, 1, 3).reshape(kh * cin, kw * cout)
+    if form == KRONECKER:
+        (m1, m2), (n1, n2) = kron_split(layer.fan_in), kron_split(layer.out_channels)
+        return w.reshape(m1, m2, n1, n2).transpose(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+    return w.reshape(-1, layer.out_channels)
+
+
+def from_matrix(r: Any, layer: Layer, form: int = SVD) -> Any:
+    """The kernel (the layer's kernel shape) whose R(W) is r: the inverse of `to_matrix`."""
+    return kernel_from_matrix(r, layer.kernel_shape, form)
+
+
+def kernel_from_matrix(r: Any, shape: Sequence[int], form: int = SVD) -> Any:
+    """`from_matrix` from the kernel's shape alone (Dense [in, out], conv [kh, kw, cin, cout])."""
+    form = int(form)
+    shape = tuple(int(d) for d in shape)
+    if form == SPATIAL:
+        kh, kw, cin, cout = shape
+        return r.reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+    if form == KRONECKER:
+        (m1, m2), (n1, n2) = kron_split(int(np.prod(shape[:-1]))), kron_split(shape[-1])
+        return r.reshape(m1, n1, m2, n2).transpose(0, 2, 1, 3).reshape(shape)
+    return r.reshape(shape)
+
+
+def basis_key(name: str, form: int) -> str:
+    """The key of a layer's basis in a form (`bases`): its name for SVD, "name@form" otherwise."""
+    return name if int(form) == SVD else f"{name}@{FORM_NAMES[int(form)]}"
 
 
 def achieved_rank(rank: Any, d: Any, xp: Any = np) -> Any:
@@ -67,21 +164,20 @@ def achieved_rank(rank: Any, d: Any, xp: Any = np) -> Any:
 
 
 def bases(layers: Sequence[Layer], params: Any) -> dict[str, np.ndarray]:
-    """{layer name: Q [d, d] float32} for every factorizable layer: the orthonormal singular
-    vectors of its kernel matrix M [fan_in, out] on the smaller side (columns ordered by
-    singular value, largest first). numpy's SVD, once per engine, on one BLAS thread: next to
-    JAX's threads OpenBLAS's own spun, and the SVD of a 64x300 kernel took 0.6 s instead of 2 ms
-    (2-core machine under load)."""
+    """{basis_key(layer, form): Q [d, d] float32} for every layer and every form it can take
+    (`forms_of`): the orthonormal singular vectors of R(W) [m, n] on the smaller side (columns
+    ordered by singular value, largest first). numpy's SVD, once per engine, on one BLAS thread:
+    next to JAX's threads OpenBLAS's own spun, and the SVD of a 64x300 kernel took 0.6 s instead
+    of 2 ms (2-core machine under load)."""
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
     out = {}
     with threadpool_limits(limits=1, user_api="blas"):
         for l in layers:
-            if not factorizable(l):
-                continue
-            m = np.asarray(get_path(params, l.path)["kernel"], np.float64).reshape(-1, l.out_channels)
-            u, _, vt = np.linalg.svd(m, full_matrices=False)  # u [fan_in, d], vt [d, out]
-            out[l.name] = np.ascontiguousarray(vt.T if right_side(l) else u).astype(np.float32)
+            w = np.asarray(get_path(params, l.path)["kernel"], np.float64)
+            for f in forms_of(l):
+                u, _, vt = np.linalg.svd(to_matrix(w, l, f), full_matrices=False)  # u [m, d], vt [d, n]
+                out[basis_key(l.name, f)] = np.ascontiguousarray(vt.T if right_side(l, f) else u).astype(np.float32)
     return out
 
 
@@ -91,30 +187,86 @@ def masked_basis(q: jax.Array, rank: jax.Array) -> jax.Array:
     return q * (jnp.arange(d) < achieved_rank(rank, d, jnp)).astype(q.dtype)
 
 
-def project(w: jax.Array, qm: jax.Array, bits: jax.Array, right: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(M_eff like w, A [fan_in, d], B [d, out]) of a kernel w and a masked basis qm [d, d]
+def project(w: jax.Array, qm: jax.Array, bits: jax.Array, layer: Layer, form: int = SVD
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(W_eff like w, A [m, d], B [d, n]) of a kernel w in a form and a masked basis qm [d, d]
     (`masked_basis`); A and B fake-quantized at `bits` (FLOAT: untouched)."""
-    w2 = w.reshape(-1, w.shape[-1])
-    a, b = (w2 @ qm, qm.T) if right else (qm, qm.T @ w2)
+    r = to_matrix(w, layer, form)
+    a, b = (r @ qm, qm.T) if right_side(layer, form) else (qm, qm.T @ r)
     a, b = quant.fake_quant_weight(a, bits), quant.fake_quant_weight(b, bits)
-    return (a @ b).reshape(w.shape), a, b
+    return from_matrix(a @ b, layer, form), a, b
 
 
-def factors(w: np.ndarray, qm: np.ndarray, bits: int, right: bool, rank: float, mask: np.ndarray | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The pair a factorized layer is exported as: (A [fan_in, r], B [r, out]) float32, from the
-    trained kernel w and its masked basis qm (`masked_basis`), as `project` computes them, in
-    numpy (on the host, no compile); B's removed output channels (all-zero columns of `mask`,
+def factors(w: np.ndarray, qm: np.ndarray, bits: int, layer: Layer, form: int, rank: float,
+            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The pair a factorized layer is exported as: (A [m, r], B [r, n]) float32, from the trained
+    kernel w and its masked basis qm (`masked_basis`), as `project` computes them, in numpy (on
+    the host, no compile); B's columns of removed output channels (all-zero channels of `mask`,
     like w) set to 0."""
-    w2 = np.asarray(w, np.float32).reshape(-1, np.shape(w)[-1])
     qm = np.asarray(qm, np.float32)
-    a, b = (w2 @ qm, qm.T.copy()) if right else (qm.copy(), qm.T @ w2)
+    rm = to_matrix(np.asarray(w, np.float32), layer, form)
+    a, b = (rm @ qm, qm.T.copy()) if right_side(layer, form) else (qm.copy(), qm.T @ rm)
     a, b = _fake_quant_np(a, bits), _fake_quant_np(b, bits)
     r = int(achieved_rank(rank, qm.shape[-1]))
     a, b = a[:, :r], b[:r]
     if mask is not None:
-        b = b * np.asarray(mask).reshape(-1, b.shape[1]).any(axis=0)
+        kept = np.asarray(mask).reshape(-1, layer.out_channels).any(axis=0)
+        b = b * factor_keeps(layer, form, kept, None)[1]
     return np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+
+
+def factor_keeps(layer: Layer, form: int, out_keep: np.ndarray | None, in_keep: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(A's rows bool [m], B's columns bool [n]) that a layer's kept output channels (bool [out])
+    and kept fan-in rows (bool [fan_in], the kernel's flattened leading axes) keep in a form;
+    None keeps all. Kronecker layers keep everything (`check_plan` refuses pruning them)."""
+    m, n = matrix_shape(layer, form)
+    ok = np.ones(layer.out_channels, bool) if out_keep is None else np.asarray(out_keep, bool).ravel()
+    ik = np.ones(layer.fan_in, bool) if in_keep is None else np.asarray(in_keep, bool).ravel()
+    form = int(form)
+    if form == SPATIAL:
+        kh, kw, cin, _ = layer.kernel_shape
+        return ik.reshape(kh, kw, cin).any(axis=1).ravel(), np.tile(ok, kw)
+    if form == KRONECKER:
+        return np.ones(m, bool), np.ones(n, bool)
+    return ik, ok
+
+
+def geometry(layers: Sequence[Layer]) -> dict[str, np.ndarray]:
+    """What the cost model needs of every form, arrays [F, L] float64 (F = len(FORMS), zeros where
+    a layer cannot take the form), for one example, per unit of rank r:
+    "ok" (bool) the layer takes the form; "d" full rank; "wa", "wb" weights of A and B per rank
+    (A's part scales with the kept fan-in, B's with the kept output channels, except Kronecker);
+    "ma", "mb" MACs of the first and second kernel per rank; "mid" elements of the intermediate
+    activation per rank; "bcols" B's columns (its per-column scales) at full width;
+    "pa", "pb" GEMM rows (M) of the two kernels, "ka" the first's K and "nb" the second's N at
+    full width, "kb" the second's K per rank (Kronecker: the first's M is pa * r and its N is nb;
+    see `search.cost.roofline`)."""
+    F, L = len(FORMS), len(layers)
+    z = lambda: np.zeros((F, L))
+    g = {k: z() for k in ("d", "wa", "wb", "ma", "mb", "mid", "bcols", "pa", "pb", "ka", "nb", "kb")}
+    g["ok"] = np.zeros((F, L), bool)
+    for l in layers:
+        pos = l.macs / max(l.weight_count, 1)  # output positions per example (every call)
+        for f in forms_of(l):
+            i = l.index
+            g["ok"][f, i] = True
+            g["d"][f, i] = full_rank(l, f)
+            if f == SPATIAL:
+                kh, kw, cin, cout = l.kernel_shape
+                mid_pos = pos * l.in_shape[-2] / l.out_shape[-2]  # kh x 1 output: H_out x W_in
+                vals = dict(wa=kh * cin, wb=kw * cout, ma=mid_pos * kh * cin, mb=pos * kw * cout, mid=mid_pos,
+                            bcols=kw * cout, pa=mid_pos, pb=pos, ka=kh * cin, nb=cout, kb=kw)
+            elif f == KRONECKER:
+                (m1, m2), (n1, n2) = kron_split(l.fan_in), kron_split(l.out_channels)
+                vals = dict(wa=m1 * n1, wb=m2 * n2, ma=pos * m1 * m2 * n2, mb=pos * n1 * m1 * n2, mid=pos * m1 * n2,
+                            bcols=m2 * n2, pa=pos * m1, pb=pos * n1, ka=m2, nb=n2, kb=m1)
+            else:
+                vals = dict(wa=l.fan_in, wb=l.out_channels, ma=pos * l.fan_in, mb=pos * l.out_channels, mid=pos,
+                            bcols=l.out_channels, pa=pos, pb=pos, ka=l.fan_in, nb=l.out_channels, kb=1)
+            for k, v in vals.items():
+                g[k][f, i] = v
+    return g
 
 
 def _fake_quant_np(x: np.ndarray, bits: int) -> np.ndarray:
@@ -134,8 +286,11 @@ def _fake_quant_np(x: np.ndarray, bits: int) -> np.ndarray:
 
 def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
     """ValueError (one line, naming the layer) when a rank lies outside (0, 1] or a plan
-    factorizes a layer it cannot: a depthwise or grouped conv, a layer pruned weight by weight (unstructured or N:M at a
-    ratio > 0, after its group's decision), or a codebook layer. Plans [L] or [K, L]."""
+    factorizes a layer it cannot: a form the layer's shape does not allow (`form_problem`: a
+    depthwise or grouped conv, the spatial form on a 1x1 conv or a Dense, the Kronecker form on a
+    conv or on a fan-in or width with no split), a layer pruned weight by weight (unstructured or
+    N:M at a ratio > 0, after its group's decision), a codebook layer, or a Kronecker layer whose
+    own or input channels are pruned. Plans [L] or [K, L]."""
     rank = np.asarray(plan.rank)
     bad = ~(np.isfinite(rank) & (rank > 0) & (rank <= 1))
     if np.any(bad):
@@ -147,27 +302,43 @@ def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
     if not np.any(fact):
         return
     ratio, gran = np.asarray(tied.ratio), np.asarray(tied.granularity)
-    bits, mode = np.asarray(plan.weight_bits), np.asarray(plan.quant_mode)
+    bits, mode, form = np.asarray(plan.weight_bits), np.asarray(plan.quant_mode), np.asarray(plan.form)
     for l in layers:
         f = fact[..., l.index]
         if not np.any(f):
             continue
         r = float(rank[..., l.index][f].ravel()[0])
-        if not factorizable(l):
-            raise ValueError(f"plan.rank {r} factorizes layer {l.name}, a {l.kind} layer with {l.groups} groups; "
-                             f"only Dense and ungrouped conv layers factorize: give it rank 1")
+        for fm in np.unique(form[..., l.index][f]):
+            why = form_problem(l, int(fm))
+            if why is not None:
+                allowed = ", ".join(FORM_NAMES[x] for x in forms_of(l)) or "none: give it rank 1"
+                raise ValueError(f"plan.rank {r} factorizes layer {l.name} in form "
+                                 f"{FORM_NAMES.get(int(fm), int(fm))}, but {why}; its forms: {allowed}")
         if np.any(f & (gran[..., l.index] != CHANNEL) & (ratio[..., l.index] > 0)):
             raise ValueError(f"plan.rank {r} factorizes layer {l.name}, which its group prunes weight by weight; "
                              f"a factorized layer takes channel pruning only: use granularity channel, ratio 0 or rank 1")
         if np.any(f & (mode[..., l.index] == CODEBOOK) & (bits[..., l.index] <= 8)):
             raise ValueError(f"plan.rank {r} factorizes layer {l.name}, a codebook layer; its factors are quantized "
                              f"uniformly: use quant_mode uniform or rank 1")
+        kron = f & (form[..., l.index] == KRONECKER)
+        if np.any(kron):
+            pruned_in = np.zeros(kron.shape, bool)
+            for src, _ in l.reads:
+                if src >= 0:
+                    pruned_in |= (gran[..., src] == CHANNEL) & (ratio[..., src] > 0)
+            if np.any(kron & ((ratio[..., l.index] > 0) | pruned_in)):
+                raise ValueError(f"plan.rank {r} factorizes layer {l.name} in form kronecker, but its own or its input "
+                                 f"channels are pruned; a Kronecker layer keeps every channel: use form svd or ratio 0")
 
 
 def describe(layer: Layer, rank: float, form: int) -> dict:
     """What config.json records about a layer's factorization: the plan's ratio, the achieved
-    rank r, the form and which side the basis is on."""
-    fact = factorizable(layer) and rank < 1
-    return {"rank_ratio": float(rank), "rank": int(achieved_rank(rank, full_rank(layer))) if fact else None,
-            "form": FORM_NAMES.get(int(form), str(form)) if fact else None, "full_rank": full_rank(layer)}
-
+    rank r, the form, the full rank in that form and (Kronecker) the factor shapes."""
+    fact = rank < 1 and form_problem(layer, form) is None
+    out = {"rank_ratio": float(rank), "rank": int(achieved_rank(rank, full_rank(layer, form))) if fact else None,
+           "form": FORM_NAMES.get(int(form), str(form)) if fact else None,
+           "full_rank": full_rank(layer, form if fact else SVD) if factorizable(layer) else None}
+    if fact and int(form) == KRONECKER:
+        (m1, m2), (n1, n2) = kron_split(layer.fan_in), kron_split(layer.out_channels)
+        out["kronecker"] = {"a": [m1, n1], "b": [m2, n2]}
+    return out

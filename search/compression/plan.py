@@ -25,8 +25,9 @@ QUANT_MODES = {"uniform": UNIFORM, "codebook": CODEBOOK}
 
 # factorization forms (the layer's kernel as a product of smaller ones; rank < 1 turns it on)
 SVD = 0  # "Weight SVD" (AIMET): a Dense as two matmuls, a kxk conv as r kxk filters then a 1x1 conv
-# room for SPATIAL (kx1 then 1xk conv, AIMET's "Spatial SVD") and KRONECKER (Van Loan-Pitsianis)
-FORMS = {"svd": SVD}
+SPATIAL = 1  # "Spatial SVD" (AIMET; Jaderberg et al. 2014): a kxk conv as a kx1 conv to r channels, then a 1xk conv
+KRONECKER = 2  # a Dense as a sum of r Kronecker products A_i (x) B_i (Van Loan and Pitsianis 1993)
+FORMS = {"svd": SVD, "spatial": SPATIAL, "kronecker": KRONECKER}
 
 FLOAT = 32  # a bit width of 32 means "leave in float32"
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, FLOAT)  # allowed weight widths
@@ -45,7 +46,7 @@ class Plan:
     act_bits: np.ndarray  # int32: input-activation bit width, FLOAT for float32
     quant_mode: np.ndarray  # int32: UNIFORM | CODEBOOK
     rank: np.ndarray  # float32: rank ratio in (0, 1] of a factorized layer, 1 = not factorized (search.compression.lowrank)
-    form: np.ndarray  # int32: the factorization's form, SVD (used where rank < 1)
+    form: np.ndarray  # int32: the factorization's form, SVD | SPATIAL | KRONECKER (used where rank < 1)
 
     @property
     def num_layers(self) -> int:

@@ -28,14 +28,15 @@ Roofline per layer, for one example (batch 1):
   where the device runs sparse kernels) + biases and scales + input and output activations at
   the width the kernels use. A model whose whole memory fits on chip uses onchip bandwidth.
 
-Factorized layers (plan.rank < 1, search.compression.lowrank) are priced as the pair they
-become, A [fan_in, r] then B [r, out]: MACs = positions * (fan_in_kept * r + r * out_kept),
-weights fan_in_kept * r + r * out_kept at the layer's width (each factor with its own per-column
-scales, each stored float32 when that is smaller), dense (they take channel pruning only), and
-the r-channel intermediate activation written and read between the two (float32). Kernel-level
-profiles price the kernels the export runs: A integer where weights and input are <= 8 bits,
-B in float. Factorizing pays only
-when r < fan_in * out / (fan_in + out); any rank may be priced.
+Factorized layers (plan.rank < 1, search.compression.lowrank) are priced as the pair of layers
+their form becomes (`lowrank.geometry`): SVD, A [fan_in, r] then B [r, out], MACs
+positions * (fan_in_kept * r + r * out_kept); spatial, a kh x 1 conv to r channels at
+H_out x W_in positions then a 1 x kw conv; Kronecker, r * (m1*m2*n2 + n1*m1*n2) MACs. Weights:
+both factors at the layer's width (each with its own per-column scales, each stored float32 when
+that is smaller), dense (they take channel pruning only), and the intermediate activation is
+written and read between the two (float32). Kernel-level profiles price the kernels the export
+runs: A integer where weights and input are <= 8 bits (SVD and spatial), B and both Kronecker
+matmuls in float. SVD pays only when r < fan_in * out / (fan_in + out); any rank may be priced.
 
 memory = weights in memory + peak over layers of (input + output activation) bytes.
 size = packed model: values at their bit width, sparse index overhead (the smaller of a bitmask
@@ -89,8 +90,7 @@ class _LayerArrays:
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
     padded: np.ndarray  # [L]: SAME-padded convs (kernels.padded_convs)
-    factorizable: np.ndarray  # [L] bool: Dense or ungrouped conv (lowrank.factorizable)
-    full_rank: np.ndarray  # [L]: d = min(fan_in, out), the rank a ratio of 1 keeps
+    geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
 @functools.lru_cache(maxsize=256)
@@ -104,8 +104,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
         reads=_reads_matrix(layers),
         chained=K.chained_to(layers), padded=K.padded_convs(layers),
-        factorizable=np.array([lowrank.factorizable(l) for l in layers], bool),
-        full_rank=f(lowrank.full_rank),
+        geo=lowrank.geometry(layers),
     )
 
 
@@ -137,17 +136,23 @@ def _tables(profile: HardwareProfile) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _plan_arrays(plans: P.Plan) -> tuple[np.ndarray, ...]:
     r = np.atleast_2d(np.asarray(plans.ratio, np.float64))
     g, wb, ab, qm = (np.atleast_2d(np.asarray(getattr(plans, k), np.int64)) for k in ("granularity", "weight_bits", "act_bits", "quant_mode"))
-    return r, g, wb, ab, qm, np.atleast_2d(np.asarray(plans.rank, np.float32))
+    return (r, g, wb, ab, qm, np.atleast_2d(np.asarray(plans.rank, np.float32)),
+            np.atleast_2d(np.asarray(plans.form, np.int64)))
 
 
 def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> dict[str, np.ndarray]:
     """Per-layer pieces [K, L]: latency (s), weight memory bits, weight size bits, act bytes."""
     la = _layer_arrays(tuple(layers))
-    r, g, wb, ab, qm, rank = _plan_arrays(tie_plan(plans, layers))
+    r, g, wb, ab, qm, rank, form_code = _plan_arrays(tie_plan(plans, layers))
     weff_t, aeff_t, tput_t = _tables(profile)
-    # factorized layers (lowrank.check_plan keeps them dense, uniform, channel-pruned at most)
-    fact = (rank < 1) & la.factorizable
-    rk = np.where(fact, lowrank.achieved_rank(rank, la.full_rank.astype(np.float32)), 0.0).astype(np.float64)
+    # factorized layers (lowrank.check_plan keeps them dense, uniform, channel-pruned at most), in
+    # their form: geo[name] [K, L] is the form's figure of each layer (lowrank.geometry)
+    cols = np.arange(len(layers))
+    fi = np.clip(form_code, 0, len(P.FORMS) - 1)
+    geo = {k: v[fi, cols] for k, v in la.geo.items()}
+    fact = (rank < 1) & geo["ok"]
+    kron = fact & (form_code == P.KRONECKER)
+    rk = np.where(fact, lowrank.achieved_rank(rank, geo["d"].astype(np.float32)), 0.0).astype(np.float64)
     chan, unst, nm = g == P.CHANNEL, (g == P.UNSTRUCTURED) & ~fact, (g == P.NM) & ~fact
     codebook = (qm == P.CODEBOOK) & (wb <= 8) & ~fact  # wider codebooks run as uniform (compress.weight_branch)
 
@@ -161,11 +166,11 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     nm_kept = P.NM_GROUP - pruned_nm
     density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
 
-    # effective MACs; a factorized layer's pair: positions * (fan_in * r + r * out), kept
-    positions = la.macs / la.weights
-    fan_k, out_k = la.fan_in * keep_ch, la.out_ch * keep_out
-    n_a, n_b = fan_k * rk, rk * out_k
-    dense_work = np.where(fact, positions * (n_a + n_b), la.macs * keep_out * keep_ch)
+    # effective MACs; a factorized layer's pair, its A part with the kept fan-in, its B part with
+    # the kept output channels (a Kronecker layer keeps every channel)
+    keep_a, keep_b = np.where(kron, 1.0, keep_ch), np.where(kron, 1.0, keep_out)
+    n_a, n_b = rk * geo["wa"] * keep_a, rk * geo["wb"] * keep_b
+    dense_work = np.where(fact, rk * (geo["ma"] * keep_a + geo["mb"] * keep_b), la.macs * keep_out * keep_ch)
     sparsity = 1.0 - density
     thr = profile.unstructured_min_sparsity
     sparse_ok = (sparsity > 0) & (thr is not None) & (sparsity >= (thr if thr is not None else 2.0))
@@ -202,7 +207,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     # the two factors, each at the layer's width with a scale per column, or float32 when smaller
     scaled = wb < P.FLOAT
     pair_bits = (np.minimum(n_a * wb + np.where(scaled, rk * 32, 0), n_a * 32)
-                 + np.minimum(n_b * wb + np.where(scaled, kept_ch * 32, 0), n_b * 32))
+                 + np.minimum(n_b * wb + np.where(scaled, geo["bcols"] * keep_b * 32, 0), n_b * 32))
     size_bits = np.where(fact, pair_bits, np.minimum(stored(wb, sparse) + quant_extra, stored(32, sparse))) + bias_bits
     mem_bits = np.where(fact, pair_bits, np.minimum(stored(wb, runs_sparse) + quant_extra, stored(32, runs_sparse))) + bias_bits
     dense_bits = np.where(fact, pair_bits, np.minimum(stored(wb, False) + quant_extra, stored(32, False)))  # what the host CPU reads
@@ -213,8 +218,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     out_w = np.concatenate([a_store[:, 1:], np.full_like(a_store[:, :1], P.FLOAT)], axis=1)
     in_bytes = la.in_elems * keep_in * a_store / 8
     out_bytes = la.out_elems * keep_out * out_w / 8
-    # a factorized layer's r-channel intermediate, float32 (the pair is one layer: no re-quantization)
-    mid_bytes = positions * rk * P.FLOAT / 8
+    # a factorized layer's intermediate, float32 (the pair is one layer: no re-quantization)
+    mid_bytes = geo["mid"] * rk * P.FLOAT / 8
     act_peak = np.max(np.where(fact, np.maximum(in_bytes, out_bytes) + mid_bytes, in_bytes + out_bytes), axis=1)
     memory_bytes = mem_bits.sum(axis=1) / 8 + act_peak
 
@@ -236,17 +241,19 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
         form = K.forms(la.chained, wb, ab, codebook, la.padded & (keep_in < 1.0))
-        # a factorized layer is two kernels of its kind, as the export writes them: A (N = r,
-        # K = fan-in), integer (i8: its output is not re-quantized) where its weights and input
-        # are <= 8 bits, then B (N = out, K = r) in f32 (its input is not quantized)
-        int_a = (wb <= 8) & (ab <= 8) & ~codebook
+        # a factorized layer is two kernels of its kind, as the export writes them: A (SVD and
+        # spatial: N = r, K = its kept fan-in), integer (i8: its output is not re-quantized) where
+        # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
+        # form) in f32 (its input is not quantized); Kronecker: two f32 batched matmuls
+        int_a = (wb <= 8) & (ab <= 8) & ~codebook & ~kron
         form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
-        feats = np.where(fact[..., None], K.features(m, rk, k), K.features(m, n, k))
+        fa = K.features(np.where(kron, geo["pa"] * rk, geo["pa"]), np.where(kron, geo["nb"], rk), geo["ka"] * keep_a)
+        feats = np.where(fact[..., None], fa, K.features(m, n, k))
         second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
-                  np.where(fact[..., None], K.features(m, n, rk), 0.0))
+                  np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), feats, emul,
                                  np.broadcast_to(la.out_elems * keep_out, r.shape), second)

@@ -61,9 +61,10 @@ class CompressedModel:
     plan: Plan  # the plan, arrays of shape [L]
     metric: float  # validation metric after fine-tuning
     finite: bool  # False when fine-tuning produced NaN/inf
-    # {layer name: (A [fan_in, r], B [r, out])} of every factorized layer (plan.rank < 1): the
-    # factors its kernel in `params` is the product of (search.compression.lowrank.factors)
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # {layer name: (form, A [m, r], B [r, n])} of every factorized layer (plan.rank < 1): the form
+    # (plan.FORMS) and the factors its kernel in `params` is the product of, rearranged
+    # (search.compression.lowrank.factors, .from_matrix)
+    factors: dict[str, tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -189,8 +190,8 @@ class Engine:
                 params = set_node(params, l, {**node(params, l), "kernel": k})
             q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
             # each factorizable layer's basis cut to the plan's rank, fixed for the trial
-            qm = {l.name: lowrank.masked_basis(bases[l.name], plan.rank[l.index])
-                  for l in layers if factorizing and l.name in bases}
+            qm = {lowrank.basis_key(l.name, f): lowrank.masked_basis(bases[lowrank.basis_key(l.name, f)], plan.rank[l.index])
+                  for l in layers if factorizing for f in lowrank.forms_of(l)}
             eff = compress.effective_params(params, masks, q0, layers, plan, None, qm, any_lr)
             bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
             lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
@@ -480,9 +481,11 @@ class Engine:
         for i, plan in enumerate(unstack_plans(jax.tree.map(np.asarray, group))[:n]):
             eff, fr, tr = jax.tree.map(lambda a: a[i], (effective, frozen, trainable))
             eff, lo, hi = eff
-            factors = {l.name: lowrank.factors(node(tr, l)["kernel"], fr["lowrank"][l.name], int(plan.weight_bits[l.index]),
-                                               lowrank.right_side(l), float(plan.rank[l.index]), fr["masks"][l.name])
-                       for l in self.layers if l.name in fr["lowrank"] and plan.rank[l.index] < 1}
+            key = lambda l: lowrank.basis_key(l.name, int(plan.form[l.index]))
+            factors = {l.name: (int(plan.form[l.index]),) + lowrank.factors(
+                           node(tr, l)["kernel"], fr["lowrank"][key(l)], int(plan.weight_bits[l.index]), l,
+                           int(plan.form[l.index]), float(plan.rank[l.index]), fr["masks"][l.name])
+                       for l in self.layers if key(l) in fr["lowrank"] and plan.rank[l.index] < 1}
             out.append(CompressedModel(
                 params=eff, masks=fr["masks"],
                 act_ranges={l.name: (float(lo[l.index]), float(hi[l.index])) for l in self.layers},
@@ -553,8 +556,9 @@ def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.
 
 
 def _any_lowrank(plans: Plan) -> jax.Array:
-    """Whether any plan of a group factorizes a layer: one unbatched flag (compress.effective_params)."""
-    return jnp.any(plans.rank < 1)
+    """bool [F]: whether any plan of a group factorizes a layer in each form, unbatched
+    (compress.effective_params)."""
+    return compress.lowrank_flags(plans)
 
 
 def _scaled(plan: Plan, use: jax.Array, share: jax.Array) -> Plan:

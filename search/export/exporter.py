@@ -150,7 +150,7 @@ def weight_mode(bits: int, mode: int) -> str:
 def snap_params(params: Any, layers, plan: Plan, masks, scales=None, factors=None) -> tuple[dict, dict, dict]:
     """Encode every kernel as it will be stored -> (exported params, tensors, infos) per layer.
     scales: {layer name: [out]} uniform grid scales (`CompressedModel.weight_scales`); factors:
-    {layer name: (A, B)} of factorized layers (`CompressedModel.factors`), stored as the pair
+    {layer name: (form, A, B)} of factorized layers (`CompressedModel.factors`), stored as the pair
     (pack.encode_factored) and computing with their product."""
     out = jax.tree.map(lambda a: np.array(a, np.float32), params)
     tensors, infos = {}, {}
@@ -180,7 +180,7 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
         if info["storage"] == "lowrank":  # the pair: A's integers when it has them, B in float
             t = tensors[l.name]
             a_int = None
-            if info["a"]["storage"] == "int" and wb <= 8:
+            if info["a"]["storage"] == "int" and wb <= 8 and info.get("form", "svd") != "kronecker":
                 a_int = (_int_codes({k[2:]: v for k, v in t.items() if k.startswith("a:")}, info["a"], wb), t["a:scale"])
             out[l.name] = LayerExport(l.name, "float", act=act, factors=pack.decode_factors(t, info), factor_q=a_int)
         elif info["storage"] == "int" and wb <= 8:

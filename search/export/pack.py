@@ -5,9 +5,10 @@ layer is stored as: the kept weights only (packed integers + per-channel scales,
 codebook indices + codebook, or float32 values), a 1-bit mask, and bits/shape in the metadata.
 The integers are re-derived from the *effective* kernels (masked and fake-quantized, exactly
 what the model computes with) and checked: loading gives back those kernels bit for bit.
-A factorized layer (search.compression.lowrank) stores its two factors A [fan_in, r] and
-B [r, out] instead, each encoded as a layer of its own (storage "lowrank"); its kernel is their
-product, computed in float32 the same way on export and on load.
+A factorized layer (search.compression.lowrank) stores its two factors A [m, r] and B [r, n]
+instead, each encoded as a layer of its own (storage "lowrank", with its form); its kernel is
+their product, rearranged back from the form's matrix view, computed in float32 the same way on
+export and on load.
 No pickle: tensors are raw arrays, the structure is JSON in the safetensors metadata.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from search.compression.lowrank import FORM_NAMES, kernel_from_matrix
+from search.compression.plan import FORMS
 from search.compression.quant import grid_scales
 from search.errors import UserError
 
@@ -161,33 +164,38 @@ def encode_layer(kernel: np.ndarray, mask: np.ndarray | None, bits: int, mode: s
     return tensors, info
 
 
-def encode_factored(a: np.ndarray, b: np.ndarray, shape: Sequence[int], bits: int, mode: str) -> tuple[dict, dict]:
-    """Encode a factorized layer -> (tensors, info): the factors A [fan_in, r] and B [r, out]
-    each as `encode_layer` does (no mask: B's removed output channels are zero columns, which
-    the export drops; scales inferred, exact for fake-quantized factors), info["storage"]
-    "lowrank" with the rank, both factors' infos and the layer's kernel shape. `decode_layer`
-    gives back A @ B as the kernel."""
+def encode_factored(form: int, a: np.ndarray, b: np.ndarray, shape: Sequence[int], bits: int, mode: str
+                    ) -> tuple[dict, dict]:
+    """Encode a factorized layer -> (tensors, info): the factors A [m, r] and B [r, n] of its
+    form (plan.FORMS) each as `encode_layer` does (no mask: B's columns of removed output
+    channels are zero, which the export drops; scales inferred, exact for fake-quantized
+    factors), info["storage"] "lowrank" with the form's name, the rank, both factors' infos and
+    the layer's kernel shape. `decode_layer` gives back the kernel whose matrix is A @ B."""
     ta, ia = encode_layer(a, None, bits, mode)
     tb, ib = encode_layer(b, None, bits, mode)
     tensors = {**{f"a:{k}": v for k, v in ta.items()}, **{f"b:{k}": v for k, v in tb.items()}}
     info = {"shape": [int(d) for d in shape], "bits": int(bits), "mode": mode, "storage": "lowrank",
-            "rank": int(np.shape(a)[1]), "kept": ia["kept"] + ib["kept"], "note": "", "a": ia, "b": ib,
-            "max_abs_change": max(ia["max_abs_change"], ib["max_abs_change"])}
+            "form": FORM_NAMES[int(form)], "rank": int(np.shape(a)[1]), "kept": ia["kept"] + ib["kept"], "note": "",
+            "a": ia, "b": ib, "max_abs_change": max(ia["max_abs_change"], ib["max_abs_change"])}
     return tensors, info
 
 
-def decode_factors(tensors: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(A [fan_in, r], B [r, out]) float32 of a layer `encode_factored` stored."""
+def decode_factors(tensors: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(form, A [m, r], B [r, n]) float32 of a layer `encode_factored` stored (a file written
+    before the form was recorded holds the SVD form)."""
     part = lambda p: decode_layer({k[2:]: v for k, v in tensors.items() if k.startswith(p + ":")}, info[p])
-    return part("a"), part("b")
+    form = info.get("form", "svd")
+    if form not in FORMS:
+        raise ValueError(f"factorized layer stored in unknown form {form!r}; known forms: {', '.join(FORMS)}")
+    return FORMS[form], part("a"), part("b")
 
 
 def decode_layer(tensors: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> np.ndarray:
     """Inverse of encode_layer (and of encode_factored): the effective float32 kernel."""
     shape = tuple(int(d) for d in info["shape"])
     if info["storage"] == "lowrank":
-        a, b = decode_factors(tensors, info)
-        return np.matmul(a, b, dtype=np.float32).reshape(shape)
+        form, a, b = decode_factors(tensors, info)
+        return np.ascontiguousarray(kernel_from_matrix(np.matmul(a, b, dtype=np.float32), shape, form))
     size = int(np.prod(shape))
     m = unpack_uint(tensors["mask"], 1, size).astype(bool) if "mask" in tensors else np.ones(size, bool)
     n, bits = int(m.sum()), int(info["bits"])
@@ -244,15 +252,15 @@ def save_weights(path: str | Path, params: Mapping[str, Any], layers: Sequence[A
                  extra: Mapping[str, Any] | None = None,
                  scales: Mapping[str, np.ndarray] | None = None,
                  state: Mapping[str, Any] | None = None,
-                 factors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, dict]:
+                 factors: Mapping[str, tuple[int, np.ndarray, np.ndarray]] | None = None) -> dict[str, dict]:
     """Write effective params as packed weights; returns per-layer info (storage, notes).
 
     `layers` are search.layers.Layer (only .name and .path are used); other leaves (biases)
     are stored as float32. `extra` goes into the metadata as JSON (e.g. activation ranges).
     `scales`: {layer name: [out] uniform grid scales} (`encode_layer`). `state`: the model's
     other variable collections (e.g. {"batch_stats": ...}), stored as float32 so that
-    `load_variables` gives back everything `module.apply` needs. `factors`: {layer name: (A, B)}
-    of the factorized layers, stored as the pair (`encode_factored`) instead of the kernel.
+    `load_variables` gives back everything `module.apply` needs. `factors`: {layer name:
+    (form, A, B)} of the factorized layers, stored as the pair (`encode_factored`) instead of the kernel.
     """
     from safetensors.numpy import save
 

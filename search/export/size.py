@@ -40,10 +40,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from search.compression import lowrank
 from search.compression.groups import tie_plan
 from search.compression.layers import get_path
 from search.compression.plan import CHANNEL, NM, NM_GROUP
@@ -243,30 +244,39 @@ def size_breakdown(kernel_values: np.ndarray, mask: np.ndarray | None, bits: int
     }
 
 
-def factored_breakdown(a: np.ndarray, b: np.ndarray, kernel_shape: Sequence[int], bits: int, *,
+def factored_breakdown(form: int, a: np.ndarray, b: np.ndarray, kernel_shape: Sequence[int], bits: int, *,
                        quant_mode: str = "uniform", index_bits: int | None = None, bias: np.ndarray | None = None,
-                       out_keep: np.ndarray | None = None, in_keep: np.ndarray | None = None) -> dict:
-    """The size breakdown of a factorized layer: `size_breakdown` of A [fan_in, r] (fan-in rows
-    in `in_keep`) and of B [r, out] (output channels in `out_keep`, with the bias), added; the
-    dense stage is the original layer (kernel_shape, the bias), fp32. Both factors are stored
-    dense (every value, a scale per column at `bits` < 32); "factors" holds the two breakdowns."""
+                       out_keep: np.ndarray | None = None, in_keep: np.ndarray | None = None,
+                       layer: Any = None) -> dict:
+    """The size breakdown of a factorized layer in a form (plan.FORMS, search.compression.lowrank):
+    `size_breakdown` of A [m, r] (the rows of kept fan-in rows `in_keep`, bool [fan_in]) and of
+    B [r, n] (the columns of kept output channels `out_keep`, bool [out]), added, with the bias of
+    the kept output channels; `layer` (search.compression.layers.Layer) maps the keeps onto the
+    factors' rows and columns (`lowrank.factor_keeps`; None: the SVD form's, rows and columns are
+    fan-in and output channels). The dense stage is the original layer (kernel_shape, the bias),
+    fp32. Both factors are stored dense (every value, a scale per column at `bits` < 32);
+    "factors" holds the two breakdowns."""
     kind = "conv" if len(kernel_shape) > 2 else "dense"
     ib = DEFAULT_INDEX_BITS[kind] if index_bits is None else int(index_bits)
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    ba = size_breakdown(a, np.ones(a.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, in_keep=in_keep)
-    bb = size_breakdown(b, np.ones(b.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, bias=bias,
-                        out_keep=out_keep)
+    out_n = int(kernel_shape[-1])
+    ok = np.ones(out_n, bool) if out_keep is None else np.asarray(out_keep, bool).ravel()
+    ik = np.ones(int(np.prod(kernel_shape[:-1])), bool) if in_keep is None else np.asarray(in_keep, bool).ravel()
+    a_rows, b_cols = (ik, ok) if layer is None else lowrank.factor_keeps(layer, form, ok, ik)
+    ba = size_breakdown(a, np.ones(a.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, in_keep=a_rows)
+    bb = size_breakdown(b, np.ones(b.shape, bool), bits, quant_mode=quant_mode, index_bits=ib, out_keep=b_cols)
+    extra = 0 if bias is None else FLOAT_BITS * int(np.asarray(bias).ravel()[ok].size)
     weights = int(np.prod(kernel_shape))
-    stage_bits = {s: ba["bits_by_stage"][s] + bb["bits_by_stage"][s] for s in STAGES}
+    stage_bits = {s: ba["bits_by_stage"][s] + bb["bits_by_stage"][s] + extra for s in STAGES}
     stage_bits["dense"] = FLOAT_BITS * (weights + (0 if bias is None else int(np.size(bias))))
     return {
         "kind": kind, "weights": weights, "held": ba["held"] + bb["held"], "nonzero": ba["nonzero"] + bb["nonzero"],
-        "padding": 0, "rank": int(a.shape[1]),
-        "channels": {"out": bb["channels"]["out"], "fan_in": ba["channels"]["fan_in"]},
+        "padding": 0, "rank": int(a.shape[1]), "form": lowrank.FORM_NAMES[int(form)],
+        "channels": {"out": [int(ok.sum()), int(ok.size)], "fan_in": [int(ik.sum()), int(ik.size)]},
         "index_bits": ib, "bits": int(bits), "quant_mode": quant_mode,
         "format": {k: f"factors ({ba['format'][k]}, {bb['format'][k]})" for k in ("pruned", "quantized", "huffman")},
         "parts": {st: {p: ba["parts"][st][p] + bb["parts"][st][p] for p in ba["parts"][st]}
-                  for st in ("pruned", "quantized", "huffman")} | {"bias": bb["parts"]["bias"]},
+                  for st in ("pruned", "quantized", "huffman")} | {"bias": extra},
         "factors": {"a": ba, "b": bb},
         **_totals(stage_bits),
     }
@@ -351,14 +361,14 @@ def held_channels(layers: Sequence, masks: Mapping[str, np.ndarray],
 def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.ndarray], plan,
                     quant_modes: Sequence[str], *, index_bits: int | None = None,
                     scales: Mapping[str, np.ndarray] | None = None,
-                    factors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+                    factors: Mapping[str, tuple[int, np.ndarray, np.ndarray]] | None = None) -> dict:
     """{"total", "layers"} of a compressed model: every layer's `size_breakdown` with the
     channels and fan-in rows it holds (`held_channels`). `plan` is a search.plan.Plan [L];
     quant_modes the weight transform per layer ("uniform", "codebook" or "float"); scales
     {layer name: [out]} the uniform grids (`CompressedModel.weight_scales`). Indices
     default to the cost model's width (5 bits, search.cost.REL_INDEX_BITS) for every kind, so
     the quantized stage is what search.cost prices as size_kb (see ARCHITECTURE.md). `factors`:
-    {layer name: (A, B)} of the factorized layers (`factored_breakdown`)."""
+    {layer name: (form, A, B)} of the factorized layers (`factored_breakdown`)."""
     plan = tie_plan(plan, layers)
     keeps = held_channels(layers, masks, plan.granularity)
     per = {}
@@ -371,7 +381,7 @@ def model_breakdown(layers: Sequence, params: Mapping, masks: Mapping[str, np.nd
             per[l.name] = factored_breakdown(*factors[l.name], np.shape(node["kernel"]), bits,
                                              quant_mode=quant_modes[l.index],
                                              index_bits=REL_INDEX_BITS if index_bits is None else index_bits,
-                                             bias=bias, out_keep=ok, in_keep=ik)
+                                             bias=bias, out_keep=ok, in_keep=ik, layer=l)
             continue
         per[l.name] = size_breakdown(
             np.asarray(node["kernel"]), np.asarray(masks[l.name]) != 0, bits, quant_mode=quant_modes[l.index],

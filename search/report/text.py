@@ -19,7 +19,7 @@ def csv_frame(view: StudyView) -> pd.DataFrame:
     # a layer's rank ratio only when some trial factorizes (search --factorize): other studies'
     # pareto.csv keeps its columns
     ranks = [f"{n}.rank" for n in view.layer_names]
-    keys = PLAN_KEYS + (("rank",) if ranks[0] in view.trials and (view.trials[ranks].to_numpy() < 1).any() else ())
+    keys = PLAN_KEYS + (("rank", "form") if ranks[0] in view.trials and (view.trials[ranks].to_numpy() < 1).any() else ())
     plan_cols = [f"{n}.{k}" for n in view.layer_names for k in keys]
     return f[list(FRONT_COLUMNS) + ["feasible"] + plan_cols]
 

@@ -33,6 +33,7 @@ from search.study.spec import SPEC_ATTR, TEST_ATTR, StudySpec
 ZERO_TOLERANCE = 1e-6
 PLAN_KEYS = ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode")
 GRAN_LETTER = {"unstructured": "u", "channel": "c", "nm": "n", 0: "u", 1: "c", 2: "n"}
+FORM_LETTER = {"spatial": "s", "kronecker": "k"}  # after a rank ratio; SVD has none
 FRONT_COLUMNS = ("trial", "quality", "test_quality", "latency_ms", "memory_kb", "size_kb", "compression_ratio", "summary")
 # what a cost column is called on a plot's axis and in a sentence, and its unit
 COST_NAMES = {"latency_ms": ("latency", "ms"), "memory_kb": ("memory", "KB"), "size_kb": ("size", "KB")}
@@ -77,17 +78,19 @@ class StudyView:
 def layer_summary(plan: dict[str, Sequence], names: Sequence[str]) -> str:
     """A short per-layer line, e.g. "fc1 p.90u w4 a8 | fc2 w5k a8 | fc3 fp32".
 
-    p<ratio><u|c|n>: pruned share and granularity; r<ratio>: factorized at that rank ratio
-    (SVD, search.compression.lowrank); w<bits> (k: codebook); a<bits>; fp32: untouched.
+    p<ratio><u|c|n>: pruned share and granularity; r<ratio>[s|k]: factorized at that rank ratio
+    (SVD; s: spatial SVD, k: Kronecker; search.compression.lowrank); w<bits> (k: codebook);
+    a<bits>; fp32: untouched.
     """
     parts = []
     ranks = plan.get("rank") or [1.0] * len(names)  # plans stored before factorization: full rank
+    forms = plan.get("form") or ["svd"] * len(names)
     for i, name in enumerate(names):
         r = float(plan["ratio"][i])
         wb, ab = int(plan["weight_bits"][i]), int(plan["act_bits"][i])
         bits = [] if r <= 0 else [f"p{r:.2f}".replace("p0.", "p.") + GRAN_LETTER.get(plan["granularity"][i], "?")]
         if float(ranks[i]) < 1:
-            bits.append(f"r{float(ranks[i]):.2f}".replace("r0.", "r."))
+            bits.append(f"r{float(ranks[i]):.2f}".replace("r0.", "r.") + FORM_LETTER.get(forms[i], ""))
         if wb < 32:
             bits.append(f"w{wb}" + ("k" if plan["quant_mode"][i] in ("codebook", 1) else ""))
         if ab < 32:
@@ -247,10 +250,12 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
                "compression_ratio": ratio, "trained": trained, "feasible": feasible,
                "reason": reason or "", "summary": layer_summary(a["plan"], names)}
         ranks = a["plan"].get("rank") or [1.0] * len(names)  # plans stored before factorization: full rank
+        forms = a["plan"].get("form") or ["svd"] * len(names)
         for i, n in enumerate(names):
             for k in PLAN_KEYS:
                 row[f"{n}.{k}"] = a["plan"][k][i]
             row[f"{n}.rank"] = float(ranks[i])
+            row[f"{n}.form"] = forms[i] if float(ranks[i]) < 1 else ""
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial", kind="stable").reset_index(drop=True)
 

@@ -1,7 +1,8 @@
 """The per-layer search space: what Optuna samples for each layer, and how a trial becomes a Plan.
 
 Per layer: prune ratio, granularity, weight bits, activation bits and quantization mode, and,
-when the space turns factorization on (`ranks`, `--factorize`), a rank ratio (search.compression.lowrank).
+when the space turns factorization on (`ranks`, `--factorize`), a rank ratio and, where the layer
+can take more than one, a factorization form (search.compression.lowrank).
 The choices come from the hardware profile (granularities and activation widths that have
 real kernels there) so the sampler never spends trials on what the device cannot run.
 Weight widths below the narrowest kernel stay allowed: they compute at the next wider
@@ -26,7 +27,11 @@ GRAN_NAMES = {v: k for k, v in P.GRANULARITIES.items()}
 MODE_NAMES = {v: k for k, v in P.QUANT_MODES.items()}
 FORM_NAMES = {v: k for k, v in P.FORMS.items()}
 NO_RANKS = (1.0,)  # factorization off: every layer keeps its full rank
-FACTORIZE_RANKS = (1.0, 0.75, 0.5, 0.25)  # the rank ratios `--factorize` offers (SVD, plan.rank)
+FACTORIZE_RANKS = (1.0, 0.75, 0.5, 0.25)  # the rank ratios `--factorize` offers (plan.rank)
+# a Kronecker layer takes this share of the sampled ratio: r * (m1*n1 + m2*n2) weights and
+# r * (m1*m2*n2 + n1*m1*n2) MACs pay only at small r (lowrank's docstring), so its ratios are
+# 0.09, 0.06 and 0.03 (e.g. r = 11, 8, 4 for a 64 x 300 Dense, whose full rank is 120)
+KRONECKER_RANK_SCALE = 0.125
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Space:
     max_ratio: float = MAX_SEARCH_RATIO  # largest prune ratio proposed
     ratio_step: float = RATIO_STEP  # grid of the prune ratio
     ranks: tuple[float, ...] = NO_RANKS  # rank ratios offered to factorizable layers; (1.0,): factorization off
+    forms: tuple[str, ...] = ("svd",)  # factorization forms offered (names from plan.FORMS), where a layer takes them
 
     @property
     def factorize(self) -> bool:
@@ -57,6 +63,7 @@ class Space:
         }
         if self.factorize:  # a record without "ranks" is a study from before factorization: off
             d["ranks"] = list(self.ranks)
+            d["forms"] = list(self.forms)
         return d
 
     @classmethod
@@ -65,7 +72,8 @@ class Space:
         return cls(tuple(d["granularities"]), tuple(int(b) for b in d["weight_bits"]),
                    tuple(int(b) for b in d["act_bits"]), tuple(d["quant_modes"]),
                    float(d["max_ratio"]), float(d["ratio_step"]),
-                   tuple(float(r) for r in d.get("ranks", NO_RANKS)))
+                   tuple(float(r) for r in d.get("ranks", NO_RANKS)),
+                   tuple(d.get("forms", ("svd",))))  # before the spatial and Kronecker forms: SVD only
 
 
 def _bits_of(profile: Any, *names: str) -> tuple[int, ...]:
@@ -93,13 +101,15 @@ def space_for_profile(profile: Any, factorize: bool = False) -> Space:
 
     Activations get only the widths with kernels (plus float unless the profile disallows
     float); weights also get packed storage widths below the widest kernel. `factorize`: also
-    a rank ratio per factorizable layer from FACTORIZE_RANKS (SVD; every profile runs the
-    pair as two dense kernels, so all of them are offered); off by default.
+    a rank ratio per factorizable layer from FACTORIZE_RANKS, in every form (plan.FORMS) the
+    layer takes (every profile runs the factors as dense kernels, so all of them are offered);
+    off by default.
     """
     ranks = FACTORIZE_RANKS if factorize else NO_RANKS
+    forms = tuple(P.FORMS) if factorize else ("svd",)
     if profile is None:
         return Space(("unstructured", "channel", "nm"), P.WEIGHT_BITS, P.ACT_BITS, ("uniform", "codebook"),
-                     ranks=ranks)
+                     ranks=ranks, forms=forms)
     grans = ["unstructured", "channel"] + (["nm"] if _has_nm(profile) else [])
     kernel_w = _bits_of(profile, "weight_bits")
     kernel_a = _bits_of(profile, "act_bits")
@@ -112,12 +122,13 @@ def space_for_profile(profile: Any, factorize: bool = False) -> Space:
         act.add(P.FLOAT)
     weight_bits = sorted(b for b in weight if b in P.WEIGHT_BITS)
     act_bits = sorted(b for b in act if b in P.ACT_BITS) or [P.FLOAT]
-    return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"), ranks=ranks)
+    return Space(tuple(grans), tuple(weight_bits), tuple(act_bits), ("uniform", "codebook"), ranks=ranks, forms=forms)
 
 
 def param_names(layer: Layer) -> dict[str, str]:
     """Optuna parameter names for one layer, e.g. {"ratio": "fc1.ratio", ...}."""
-    return {f: f"{layer.name}.{f}" for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode", "rank")}
+    return {f: f"{layer.name}.{f}" for f in ("ratio", "granularity", "weight_bits", "act_bits", "quant_mode", "rank",
+                                             "form")}
 
 
 def rank_offered(layer: Layer, space: Space, ratio: float, gran: int, bits: int, mode: int) -> bool:
@@ -126,6 +137,21 @@ def rank_offered(layer: Layer, space: Space, ratio: float, gran: int, bits: int,
     and it is not a codebook layer (search.compression.lowrank.check_plan's rules)."""
     return (space.factorize and lowrank.factorizable(layer) and (gran == P.CHANNEL or ratio == 0)
             and not (mode == P.CODEBOOK and bits <= 8))
+
+
+def layer_forms(layer: Layer, space: Space) -> tuple[str, ...]:
+    """The forms offered to a layer that samples a rank (`rank_offered`): those of the space the
+    layer's shape takes (lowrank.forms_of), fixed per layer (one Optuna distribution)."""
+    names = [lowrank.FORM_NAMES[f] for f in lowrank.forms_of(layer) if lowrank.FORM_NAMES[f] in space.forms]
+    return tuple(names) or ("svd",)
+
+
+def channels_pruned(layer: Layer, prune: dict[int, tuple[float, int]]) -> bool:
+    """Whether a plan whose groups prune as `prune` ({leader index: (ratio, granularity)})
+    removes channels of the layer or of its inputs (its group prunes, or a producing group
+    removes channels): a Kronecker layer then takes the SVD form (lowrank.check_plan)."""
+    own = prune[layer.group][0] > 0
+    return own or any(src >= 0 and prune[src][1] == P.CHANNEL and prune[src][0] > 0 for src, _ in layer.reads)
 
 
 def _ratio_grid_top(space: Space) -> float:
@@ -155,7 +181,10 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
     Prune ratio and granularity are sampled once per channel group, for its leader
     (compression.graph): the other members take the leader's, so the plan is already tied.
     Bit widths and quantization modes are sampled per layer, then its rank ratio where
-    `rank_offered` (a conditional parameter: absent where the layer cannot factorize)."""
+    `rank_offered` (a conditional parameter: absent where the layer cannot factorize), and below
+    1 its form where it has a choice (`layer_forms`); a Kronecker layer takes
+    KRONECKER_RANK_SCALE of the sampled ratio, and one whose own or input channels the plan
+    prunes takes the SVD form instead (it would have to keep them)."""
     top = _ratio_grid_top(space)
     prune: dict[int, tuple[float, int]] = {}
     for layer in layers:
@@ -165,7 +194,7 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
                 trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step),
                 P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))])
     cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": [],
-                             "rank": []}
+                             "rank": [], "form": []}
     for layer in layers:
         n = param_names(layer)
         ratio, gran = prune[layer.group]
@@ -178,9 +207,17 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
         mode = P.QUANT_MODES[trial.suggest_categorical(n["quant_mode"], space.quant_modes)]
         cols["quant_mode"].append(mode)
         offered = rank_offered(layer, space, ratio, gran, bits, mode)
-        cols["rank"].append(trial.suggest_categorical(n["rank"], space.ranks) if offered else 1.0)
+        rank, form = (trial.suggest_categorical(n["rank"], space.ranks) if offered else 1.0), "svd"
+        if rank < 1:
+            choices = layer_forms(layer, space)
+            form = trial.suggest_categorical(n["form"], choices) if len(choices) > 1 else choices[0]
+            if form == "kronecker" and channels_pruned(layer, prune):
+                form = "svd"  # a Kronecker layer keeps every channel; the same rank in SVD form
+            rank = rank * KRONECKER_RANK_SCALE if form == "kronecker" else rank
+        cols["rank"].append(rank)
+        cols["form"].append(P.FORMS[form])
     return P.make_plan(cols["ratio"], cols["granularity"], cols["weight_bits"], cols["act_bits"], cols["quant_mode"],
-                       cols["rank"], P.SVD)
+                       cols["rank"], cols["form"])
 
 
 def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[str, Any]:
@@ -200,7 +237,12 @@ def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[
         gran = P.UNSTRUCTURED if layer.fixed is not None and gran == P.CHANNEL else gran
         if rank_offered(layer, space, snap_ratio(float(plan.ratio[lead.index]), space), gran, out[n["weight_bits"]],
                         P.QUANT_MODES[out[n["quant_mode"]]]):
-            out[n["rank"]] = min(space.ranks, key=lambda r: (abs(r - float(plan.rank[i])), r))
+            form = FORM_NAMES[int(plan.form[i])]
+            rank = float(plan.rank[i]) / (KRONECKER_RANK_SCALE if form == "kronecker" and plan.rank[i] < 1 else 1.0)
+            out[n["rank"]] = min(space.ranks, key=lambda r: (abs(r - rank), r))
+            choices = layer_forms(layer, space)
+            if out[n["rank"]] < 1 and len(choices) > 1:
+                out[n["form"]] = _nearest_name(form, choices)
     return out
 
 
@@ -255,19 +297,24 @@ def extreme_plans(num_layers: int, space: Space) -> P.Plan:
         for wb in space.weight_bits:
             for ab in space.act_bits:
                 for m in space.quant_modes:
-                    rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], 1.0))
-                    # the smallest rank where a factorized layer may take it (channel pruning, uniform)
+                    rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], 1.0, P.SVD))
+                    # the smallest rank where a factorized layer may take it (channel pruning, uniform),
+                    # in every form (a layer that cannot take a form is priced unfactorized)
                     if low < 1 and g == "channel" and (m == "uniform" or wb > 8):
-                        rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], low))
+                        rows += [(P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m],
+                                  low * (KRONECKER_RANK_SCALE if f == "kronecker" else 1.0), P.FORMS[f]) for f in space.forms]
+                        if "kronecker" in space.forms:  # a Kronecker layer keeps its channels: unpruned
+                            rows.append((P.GRANULARITIES[g], wb, ab, P.QUANT_MODES[m], low * KRONECKER_RANK_SCALE,
+                                         P.KRONECKER, 0.0))
     k = len(rows)
     arr = np.asarray([r[:4] for r in rows], np.int32)
     ones = np.ones((k, num_layers), np.int32)
     return P.Plan(
-        np.full((k, num_layers), top, np.float32),
+        np.ones((k, num_layers), np.float32) * np.asarray([r[6] if len(r) > 6 else top for r in rows], np.float32)[:, None],
         ones * arr[:, :1],
         ones * arr[:, 1:2],
         ones * arr[:, 2:3],
         ones * arr[:, 3:4],
         np.ones((k, num_layers), np.float32) * np.asarray([r[4] for r in rows], np.float32)[:, None],
-        np.zeros((k, num_layers), np.int32),
+        ones * np.asarray([r[5] for r in rows], np.int32)[:, None],
     )

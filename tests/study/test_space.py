@@ -1,4 +1,5 @@
 """The per-layer search space: sampling, round trips through Optuna params, extremes."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -108,9 +109,13 @@ def test_factorization_is_off_by_default_and_a_conditional_choice_when_on():
     assert np.all(suggest_plan(t, LAYERS, off).rank == 1.0) and not any(k.endswith(".rank") for k in t.params)
     on = space_for_profile(prof, factorize=True)
     assert type(on).from_dict(on.to_dict()) == on and on.to_dict()["ranks"] == [1.0, 0.75, 0.5, 0.25]
+    assert on.forms == ("svd", "spatial", "kronecker")
+    # a record from before the spatial and Kronecker forms offers SVD only
+    old = {k: v for k, v in on.to_dict().items() if k != "forms"}
+    assert type(on).from_dict(old).forms == ("svd",)
     from search.compression.lowrank import check_plan
-    seen = set()
-    for _ in range(60):
+    seen, forms = set(), set()
+    for _ in range(80):
         t = study.ask()
         plan = suggest_plan(t, LAYERS, on)
         check_plan(plan, LAYERS)  # only combinations a factorized layer takes
@@ -121,13 +126,32 @@ def test_factorization_is_off_by_default_and_a_conditional_choice_when_on():
                 not (plan.quant_mode[l.index] == P.CODEBOOK and plan.weight_bits[l.index] <= 8)
             assert offered == can, (t.params, l.name)
             seen.add(float(plan.rank[l.index]))
-            # an enqueued copy of the plan samples the same rank
-            assert plan_to_params(plan, LAYERS, on).get(f"{l.name}.rank") == t.params.get(f"{l.name}.rank")
+            forms.add(int(plan.form[l.index]))
+            # both layers take svd and kronecker (64 = 8*8, 30 = 5*6, 10 = 2*5), not spatial (no conv):
+            # a form is sampled below rank 1; Kronecker where the layer keeps its channels (these
+            # layers' inputs are no layer's), else the same rank in SVD form
+            assert (f"{l.name}.form" in t.params) == (plan.rank[l.index] < 1), (t.params, l.name)
+            if t.params.get(f"{l.name}.form") == "kronecker":
+                assert (plan.form[l.index] == P.KRONECKER) == (plan.ratio[l.index] == 0)
+        # an enqueued copy of the plan samples the same plan (ratios on Optuna's float grid)
+        again = suggest_plan(optuna.trial.FixedTrial(plan_to_params(plan, LAYERS, on)), LAYERS, on)
+        assert all(np.allclose(getattr(again, f), getattr(plan, f)) for f in ("ratio", "rank", "form", "weight_bits"))
         study.tell(t, 0.0)
-    assert seen == {1.0, 0.75, 0.5, 0.25}
+    assert seen >= {1.0, 0.75, 0.5, 0.25} and forms >= {P.SVD}
+    # unpruned, Kronecker layers take 1/8 of the sampled ratio (space.KRONECKER_RANK_SCALE)
+    keep_all = dataclasses.replace(on, max_ratio=0.0)
+    kron = set()
+    for _ in range(40):
+        t = study.ask()
+        plan = suggest_plan(t, LAYERS, keep_all)
+        check_plan(plan, LAYERS)
+        kron |= {float(r) for r, f in zip(plan.rank, plan.form) if f == P.KRONECKER}
+        study.tell(t, 0.0)
+    assert kron == {0.09375, 0.0625, 0.03125}
     # the cheapest plans include the lowest rank where a factorized layer may take it
     ext = extreme_plans(2, on)
     assert np.any((ext.rank == 0.25) & (ext.granularity == P.CHANNEL)) and np.all(ext.rank[ext.granularity != P.CHANNEL] == 1)
+    assert np.any((ext.rank == 0.03125) & (ext.form == P.KRONECKER) & (ext.ratio == 0))
 
 
 def test_plans_stored_before_factorization_load_at_full_rank():
@@ -145,7 +169,7 @@ def test_factorize_is_a_space_option_the_study_record_keeps():
     from search.study.spec import StudySpec
 
     spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu", factorize=True)
-    assert spec.space.ranks == (1.0, 0.75, 0.5, 0.25)
+    assert spec.space.ranks == (1.0, 0.75, 0.5, 0.25) and spec.space.forms == ("svd", "spatial", "kronecker")
     assert StudySpec.from_attrs(spec.to_attrs()).space == spec.space
     plain = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu")
     assert not plain.space.factorize and "ranks" not in plain.to_attrs()["space"]

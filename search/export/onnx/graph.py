@@ -25,10 +25,11 @@ class LayerExport:
     act: tuple[float, float, int] | None = None  # input quantization (scale, zero point, bits)
     prune: bool = True  # remove all-zero output channels
     drop: tuple[int, ...] = ()  # output channels nobody reads (a depthwise consumer's zero filters)
-    # a factorized layer (search.compression.lowrank): (A [fan_in, r], B [r, out]) float32, whose
-    # product is the kernel; written as two MatMuls, or a kxk Conv with r filters then a 1x1 Conv
-    factors: tuple[np.ndarray, np.ndarray] | None = None
-    factor_q: tuple[np.ndarray, np.ndarray] | None = None  # A's integers [fan_in, r] and [r] scales (A = q * scale)
+    # a factorized layer (search.compression.lowrank): (form, A [m, r], B [r, n]) float32 (form a
+    # plan.FORMS code), whose product is the kernel's matrix in that form; written as the pair
+    # of layers the form is (search.export.onnx.layers)
+    factors: tuple[int, np.ndarray, np.ndarray] | None = None
+    factor_q: tuple[np.ndarray, np.ndarray] | None = None  # A's integers [m, r] and [r] scales (A = q * scale)
 
 
 @dataclass

@@ -3,18 +3,25 @@ or integers + DequantizeLinear), removed output channels, and the constant contr
 input channels its producer removed (a bias, or a bias map after a padded conv).
 
 A factorized layer (`LayerExport.factors`, search.compression.lowrank) is written as the pair it
-is: a Dense as MatMul(x, A) then MatMul(., B); a conv as a kxk Conv with r filters (the layer's
-strides, padding and dilation, no bias) then a 1x1 Conv r -> out ("Weight SVD"). The second node
-carries the layer's name, so the bias, a folded BatchNorm and removed channels land on it; A
-loses the fan-in rows of removed input channels, B the removed output channels. A runs on
-integer kernels when it has integers (`factor_q`) and its input is quantized to <= 8 bits, as
-any layer; B's input (A's output) is not quantized in the model, so B runs in float32 (its
-fake-quantized values)."""
+is, in its form:
+- SVD: a Dense as MatMul(x, A) then MatMul(., B); a conv as a kxk Conv with r filters (the
+  layer's strides, padding and dilation, no bias) then a 1x1 Conv r -> out ("Weight SVD");
+- spatial: a kh x 1 Conv cin -> r (the vertical stride, padding and dilation) then a 1 x kw Conv
+  r -> out (the horizontal ones);
+- Kronecker (Dense): x as [N, 1, m1, m2], MatMul with the stacked B_i [r, m2, n2], reshaped to
+  [N, r*m1, n2], MatMul of the stacked A_i^T [n1, r*m1] with it, reshaped to [N, n1*n2].
+The second node carries the layer's name, so the bias, a folded BatchNorm and removed channels
+land on it; A loses the fan-in rows of removed input channels, B the removed output channels.
+A runs on integer kernels when it has integers (`factor_q`; SVD and spatial forms) and its input
+is quantized to <= 8 bits, as any layer; B's input (A's output) is not quantized in the model,
+so B runs in float32 (its fake-quantized values), and so do both Kronecker factors."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
+from search.compression.lowrank import kron_split
+from search.compression.plan import KRONECKER, SPATIAL
 from search.export.onnx.graph import (
     NHWC_TO_NCHW,
     Act,
@@ -108,8 +115,10 @@ class LayerRules:
         wc = w[np.ix_(rows, keep)]
         qc = None if qfull is None else qfull[np.ix_(rows, keep)]
         scale = None if qfull is None else spec.scale[keep]
-        if spec is not None and spec.factors is not None:
-            a, b = spec.factors
+        if spec is not None and spec.factors is not None and spec.factors[0] == KRONECKER:
+            out = self._kronecker(name, x, spec.factors[1], spec.factors[2], w.shape)
+        elif spec is not None and spec.factors is not None:
+            _, a, b = spec.factors
             qa, sa = spec.factor_q or (None, None)
             wa = self._weight(spec, a[rows], None if qa is None else qa[rows], sa, axis=1)
             mid = self.g.node("MatMul", [x.name, wa], name=f"{name}.svd_a")
@@ -119,6 +128,20 @@ class LayerRules:
         if fill is not None and np.any(fill[keep] != 0):
             out = self.g.node("Add", [out, self.g.const(fill[keep].astype(np.float32))])
         return self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), False, keep, w.shape[1])
+
+    def _kronecker(self, name, x, a, b, shape):
+        """A Kronecker-factorized Dense (A [m1*n1, r], B [r, m2*n2]: lowrank's rearrangement),
+        its output [N, n1*n2] before the bias; every channel kept (lowrank.check_plan)."""
+        (m1, m2), (n1, n2) = kron_split(shape[0]), kron_split(shape[1])
+        r = a.shape[1]
+        g = self.g
+        x4 = g.node("Reshape", [x.name, g.const(np.array([-1, 1, m1, m2], np.int64), "shape")])
+        bst = b.reshape(r, m2, n2).astype(np.float32)  # B_i = row i of B as [m2, n2]
+        t = g.node("MatMul", [x4, g.const(bst, "w")], name=f"{name}.svd_a")  # [N, r, m1, n2]
+        t3 = g.node("Reshape", [t, g.const(np.array([-1, r * m1, n2], np.int64), "shape")])
+        at = a.T.reshape(r, m1, n1).reshape(r * m1, n1).T.astype(np.float32)  # A_i = column i of A as [m1, n1]
+        y = g.node("MatMul", [g.const(np.ascontiguousarray(at), "w"), t3], name=name)  # [N, n1, n2]
+        return g.node("Reshape", [y, g.const(np.array([-1, n1 * n2], np.int64), "shape")])
 
     def _layer_out(self, name, out, shape, nchw, keep, c):
         if name is not None:
@@ -186,8 +209,22 @@ class LayerRules:
         pads = [int(p["padding"][0][0]), int(p["padding"][1][0]), int(p["padding"][0][1]), int(p["padding"][1][1])]
         conv = dict(kernel_shape=[int(w.shape[0]), int(w.shape[1])], strides=[int(s) for s in p["window_strides"]],
                     pads=pads, dilations=[int(d) for d in p["rhs_dilation"]])
-        if spec is not None and spec.factors is not None and groups_in == 1:
-            a, b = spec.factors  # A [kh*kw*cin, r] -> r kxk filters; B [r, out] -> a 1x1 conv
+        if spec is not None and spec.factors is not None and groups_in == 1 and spec.factors[0] == SPATIAL:
+            _, a, b = spec.factors  # A [kh*cin, r] -> a kh x 1 conv to r; B [r, kw*out] -> a 1 x kw conv
+            kh, kw, r = w.shape[0], w.shape[1], a.shape[1]
+            a4 = a.reshape(kh, w.shape[2], r)[:, rows].transpose(2, 1, 0)[..., None]  # [r, cin, kh, 1]
+            qa, sa = spec.factor_q or (None, None)
+            qa4 = None if qa is None else qa.reshape(kh, w.shape[2], r)[:, rows].transpose(2, 1, 0)[..., None]
+            wa = self._weight(spec, a4, qa4, sa, axis=0)
+            mid = self.g.node("Conv", [x.name, wa], name=f"{name}.svd_a", group=1, kernel_shape=[kh, 1],
+                              strides=[conv["strides"][0], 1], pads=[pads[0], 0, pads[2], 0],
+                              dilations=[conv["dilations"][0], 1])
+            b4 = b.reshape(r, kw, w.shape[3])[..., keep].transpose(2, 0, 1)[:, :, None, :].astype(np.float32)
+            out = self.g.node("Conv", [mid, self.g.const(np.ascontiguousarray(b4), "w")], name=name,
+                              kernel_shape=[1, kw], strides=[1, conv["strides"][1]], pads=[0, pads[1], 0, pads[3]],
+                              dilations=[1, conv["dilations"][1]], group=1)
+        elif spec is not None and spec.factors is not None and groups_in == 1:
+            _, a, b = spec.factors  # A [kh*kw*cin, r] -> r kxk filters; B [r, out] -> a 1x1 conv
             a4 = a.reshape(w.shape[0], w.shape[1], w.shape[2], a.shape[1])[:, :, rows]
             qa, sa = spec.factor_q or (None, None)
             qa4 = None if qa is None else qa.reshape(a4.shape[:2] + (w.shape[2], a.shape[1]))[:, :, rows].transpose(3, 2, 0, 1)
