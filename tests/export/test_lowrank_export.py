@@ -38,6 +38,25 @@ def _onnx_pairs(path, layers) -> dict[str, list[tuple[str, tuple, int]]]:
     return out
 
 
+def _export_priced(task, variables, plan, config, out):
+    """Export `plan` and check what every factorized export must hold: ONNX agrees with Flax and
+    reloads exactly, nothing is kept back, every layer's ONNX MACs are the cost model's and the
+    stored bits the size breakdown's quantized stage = the cost model's size. Returns (layers,
+    config.json's layers, size.json, {layer: [(op, weight dims, MACs)]})."""
+    engine = Engine(task, variables, config)
+    layers = engine.layers
+    r = export_plan(task, variables, plan, out, engine=engine, profile="xeon")
+    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-4 and r.reload_quality == r.quality
+    assert r.config["onnx_kept_back"] == []
+    cost = price("xeon", layers, P.stack_plans([plan]))
+    size = json.loads((out / "size.json").read_text())
+    pairs = _onnx_pairs(out / "model.onnx", layers)
+    for l in layers:
+        assert sum(n[2] for n in pairs[l.name]) == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), l.name
+    assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
+    return layers, r.config, size, pairs
+
+
 @pytest.mark.parametrize("arch", ["lenet300", "convbn"])
 def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
     # the engines' settings are test_export.py's and test_export_cnn.py's: in a whole run, compiled there
@@ -53,18 +72,9 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
         plan = P.make_plan([0.5, 0.0, 0.0], [C, U, U], 32, 32, rank=[0.5, 0.5, 0.5])
         want_r = {"c1": 2, "c2": 3, "fc": 5}
         config = FinetuneConfig(steps=0, k=1, calib_examples=64)
-    engine = Engine(task, variables, config)
-    layers = engine.layers
-    r = export_plan(task, variables, plan, tmp_path / arch, engine=engine, profile="xeon")
-    cfg = r.config
-    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-4 and r.reload_quality == r.quality
-    assert cfg["onnx_kept_back"] == []
-    cost = price("xeon", layers, P.stack_plans([plan]))
-    size = json.loads((tmp_path / arch / "size.json").read_text())
-    pairs = _onnx_pairs(tmp_path / arch / "model.onnx", layers)
+    layers, cfg, size, pairs = _export_priced(task, variables, plan, config, tmp_path / arch)
     for l, c in zip(layers, cfg["layers"]):
         nodes = pairs[l.name]
-        assert sum(n[2] for n in nodes) == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), l.name
         if l.name not in want_r:
             assert len(nodes) == 1 and c["rank"] is None and c["storage"] != "lowrank"
             continue
@@ -78,8 +88,6 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
             assert op_a == op_b == "Conv" and dims_a[0] == rank and dims_a[2:] == tuple(l.kernel_shape[:2])
             assert dims_b == (kept, rank, 1, 1)
         assert size["layers"][l.name]["rank"] == rank
-    # stored bits: the size breakdown's quantized stage is the cost model's size
-    assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
     if arch == "lenet300":
         assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 50
         assert [c["onnx_factor_form"] for c in cfg["layers"]] == ["MatMulInteger", "MatMulInteger", None]
@@ -106,18 +114,9 @@ def test_spatial_and_kronecker_forms_export_as_priced_pairs(arch, tmp_path):
         plan = P.make_plan([0.5, 0.0, 0.0], [C, U, U], 8, 8, rank=[0.67, 0.5, 0.25], form=[SP, SP, KR])
         want = {"c1": (2, "spatial"), "c2": (6, "spatial"), "fc": (4, "kronecker")}  # d = 3, 12 and 16
         config = FinetuneConfig(steps=0, k=1, calib_examples=64)
-    engine = Engine(task, variables, config)
-    layers = engine.layers
-    r = export_plan(task, variables, plan, tmp_path / arch, engine=engine, profile="xeon")
-    cfg = r.config
-    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-4 and r.reload_quality == r.quality
-    assert cfg["onnx_kept_back"] == []
-    cost = price("xeon", layers, P.stack_plans([plan]))
-    size = json.loads((tmp_path / arch / "size.json").read_text())
-    pairs = _onnx_pairs(tmp_path / arch / "model.onnx", layers)
+    layers, cfg, size, pairs = _export_priced(task, variables, plan, config, tmp_path / arch)
     for l, c in zip(layers, cfg["layers"]):
         nodes = pairs[l.name]
-        assert sum(n[2] for n in nodes) == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), l.name
         if l.name not in want:
             assert len(nodes) == 1 and c["rank"] is None
             continue
@@ -134,7 +133,6 @@ def test_spatial_and_kronecker_forms_export_as_priced_pairs(arch, tmp_path):
             kh, kw, cin, _ = l.kernel_shape
             assert op_a in ("Conv", "ConvInteger") and op_b == "Conv"
             assert dims_a[0] == rank and dims_a[2:] == (kh, 1) and dims_b == (kept, rank, 1, kw)
-    assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
     if arch == "convbn":  # int8 spatial first factors on integer kernels; Kronecker's run in float
         assert [c["onnx_factor_form"] for c in cfg["layers"]][:2] == ["ConvInteger", "ConvInteger"]
         assert cfg["layers"][2]["onnx_factor_form"] == "float"
