@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 
@@ -36,8 +37,10 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
     for line in retrain_lines(c):
         print("  " + line)
+    # agreement of predicted classes: NaN for an image-restoration model, which has none
+    same = "" if math.isnan(r.onnx_agreement) else f", same predictions {r.onnx_agreement:.2%}"
     print(f"  {c['model']['metric']}: Flax {r.quality:.4f}, reloaded {r.reload_quality:.4f}, ONNX {r.onnx_quality:.4f} "
-          f"(max |ONNX - Flax| {r.onnx_max_abs_diff:.2e}, same predictions {r.onnx_agreement:.2%})")
+          f"(max |ONNX - Flax| {r.onnx_max_abs_diff:.2e}{same})")
     from search.export.exporter import ONNX_MIN_AGREEMENT
 
     if r.onnx_agreement < ONNX_MIN_AGREEMENT:
@@ -46,11 +49,25 @@ def export_command(args: argparse.Namespace) -> int:
                                  for k in ("dense", "pruned", "quantized", "huffman")))
     for l in c["layers"]:
         print(f"  {l['name']:12s} {l['out_channels']:4d} -> {l['onnx_out_channels']:4d} ch, w{l['weight_bits']} a{l['act_bits']} "
-              f"{l['quant_mode']:8s} onnx {l['onnx_form']}")
+              f"{l['quant_mode']:8s} onnx {l['onnx_form']}{rank_text(l)}")
     for name, pred in (c.get("predicted") or {}).items():
         if name == c.get("profile"):
             print(f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, {pred.get('memory_kb', float('nan')):.1f} KB memory")
     return 0
+
+
+def rank_text(layer: dict) -> str:
+    """A factorized layer's rank for its printed line, from config.json's "rank" (the achieved
+    rank r), "full_rank", "rank_ratio" and "form" (search.compression.lowrank.describe), e.g.
+    ", rank 16 of 64 (svd, ratio 0.25; first factor onnx int8)"; "" for a layer not factorized
+    (rank None) or an export written before factorization existed (no "rank")."""
+    r = layer.get("rank")
+    if r is None:
+        return ""
+    full = f" of {layer['full_rank']}" if layer.get("full_rank") is not None else ""
+    ratio = f", ratio {layer['rank_ratio']:g}" if layer.get("rank_ratio") is not None else ""
+    first = f"; first factor onnx {layer['onnx_factor_form']}" if layer.get("onnx_factor_form") else ""
+    return f", rank {r}{full} ({layer.get('form') or 'svd'}{ratio}{first})"
 
 
 def retrain_lines(config: dict) -> list[str]:
