@@ -14,12 +14,17 @@ as `profiles calibrate --study` does) and the roofline micro-benchmarks ("roofli
 the three profiles: as calibrated (no fit on exports), and fitted (search.cost.calibrate.fit_profile) on one half, tested on the other:
 a random half, LeNets -> CNNs, CNNs -> LeNets. Reported: median and range over repeats of
 Kendall tau, median absolute percentage error, share within +-10%.
+Factorized exports (issue 18, low-rank SVD; marked "factorized" in the records and with * in the
+table printed per export): the LeNets also export plans whose layers but the logits run at rank
+ratio 0.5 or 0.25 (fp32 and w8a8, and rank 0.25 with half the channels pruned), priced as the
+pair each factorized layer becomes; their scores are also given on their own ("calibrated
+factorized"). `--no-factorized` leaves them out.
 Part B (speedup): lenet5 on digits (trained baseline from the cache), a few variants
 fine-tuned briefly; the fastest within 0.5 points of the baseline's test accuracy, against the
 fp32 ONNX export of the same model. JSON goes to bench/out/costtruth.json.
 
     python -m bench.bench_costtruth [--models lenet300,lenet5,resnet20,mobilenetv2] [--repeats 3]
-        [--rounds 5] [--runs 40] [--kernel-shapes 40] [--skip-speedup]
+        [--rounds 5] [--runs 40] [--kernel-shapes 40] [--skip-speedup] [--no-factorized]
 """
 from __future__ import annotations
 
@@ -61,6 +66,25 @@ def variants(num_layers: int) -> list[tuple[str, dict]]:
         ("nm50", dict(ratio=r(0.5), granularity=2)),
         ("mixed", dict(ratio=[0.5] + [0.0] * (L - 1), granularity=1, weight_bits=[32] + [8] * (L - 1),
                        act_bits=[32] + [8] * (L - 1))),
+    ]
+
+
+def factorized_variants(num_layers: int) -> list[tuple[str, dict]]:
+    """(name, make_plan kwargs) of low-rank plans (search.compression.lowrank, SVD): every layer
+    but the logits at rank ratio 0.5 or 0.25, fp32 and w8a8, and rank 0.25 with half its output
+    channels pruned (a factorized layer takes channel pruning only)."""
+    L = num_layers
+
+    def rk(x):
+        return [x] * (L - 1) + [1.0]
+
+    none = [0.0] * L
+    return [
+        ("fz-r50", dict(ratio=none, rank=rk(0.5))),
+        ("fz-r25", dict(ratio=none, rank=rk(0.25))),
+        ("fz-r50-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rk(0.5))),
+        ("fz-r25-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rk(0.25))),
+        ("fz-r25-ch50", dict(ratio=[0.5] * (L - 1) + [0.0], granularity=1, rank=rk(0.25))),
     ]
 
 
@@ -115,9 +139,11 @@ def _layers(model: str):
     return discover_layers(*task_model(task, task.init_variables()), np.zeros((1, 28, 28, 1), np.float32))
 
 
-def collect(models_: tuple[str, ...], where: Path) -> list[dict]:
+def collect(models_: tuple[str, ...], where: Path, factorized: bool = True) -> list[dict]:
     """Export every variant of every model into `where` (Fashion-MNIST shape, initial variables,
-    no training: latency does not depend on the weights' values); returns the records."""
+    no training: latency does not depend on the weights' values), and the LeNets' factorized
+    variants unless `factorized` is False; returns the records ("factorized": whether the plan
+    factorizes a layer)."""
     from search.engine.config import FinetuneConfig
     from search.engine.finetune import Engine
     from search.export.exporter import export_plan
@@ -131,7 +157,8 @@ def collect(models_: tuple[str, ...], where: Path) -> list[dict]:
         t0 = time.perf_counter()
         eng = Engine(task, variables, FinetuneConfig(steps=0, k=1, eval_batch=256))
         free = np.array([layer.fixed is None for layer in eng.layers])
-        for name, kw in variants(len(eng.layers)):
+        fz = factorized_variants(len(eng.layers)) if factorized and model in LENETS else []
+        for name, kw in variants(len(eng.layers)) + fz:
             if model not in LENETS and name not in CNN_VARIANTS:
                 continue
             kw = dict(kw)
@@ -139,9 +166,14 @@ def collect(models_: tuple[str, ...], where: Path) -> list[dict]:
             plan = make_plan(**kw)
             out = where / f"{model}-{name}"
             r = export_plan(task, variables, plan, out, engine=eng, force=True)
-            records.append({"model": model, "variant": name, "plan": plan_to_dict(plan), "path": str(out / "model.onnx"),
+            records.append({"model": model, "variant": name, "factorized": bool(np.any(np.asarray(plan.rank) < 1)),
+                            "plan": plan_to_dict(plan), "path": str(out / "model.onnx"),
                             "onnx_out_channels": [l["onnx_out_channels"] for l in r.config["layers"]],
-                            "forms": [l["onnx_form"] for l in r.config["layers"]], "onnx_agreement": r.onnx_agreement,
+                            "forms": [l["onnx_form"] for l in r.config["layers"]],
+                            # a factorized layer: its achieved rank and the ONNX form of its first factor
+                            "ranks": [l.get("rank") for l in r.config["layers"]],
+                            "factor_forms": [l.get("onnx_factor_form") for l in r.config["layers"]],
+                            "onnx_agreement": r.onnx_agreement,
                             "onnx_max_abs_diff": r.onnx_max_abs_diff, "kept_back": r.config["onnx_kept_back"]})
         print(f"{model}: {sum(r['model'] == model for r in records)} exports, {time.perf_counter() - t0:.0f} s", flush=True)
     return records
@@ -192,6 +224,9 @@ def analyze(records: list[dict], measured: list[float], profiles: dict) -> dict:
         res = {"calibrated": {**_scores(pred, meas), "predicted_ms": pred.tolist()}}
         if cnn:
             res["calibrated CNNs"] = _scores(pred[cnn], meas[cnn])
+        fz = [i for i in every if records[i].get("factorized")]
+        if len(fz) > 1:
+            res["calibrated factorized"] = _scores(pred[fz], meas[fz])
         for name, (fit_idx, test_idx) in splits.items():
             res[f"fitted: {name}"] = _scores(predict(fitted(base, fit_idx), test_idx), meas[test_idx])
         out[label] = res
@@ -254,6 +289,19 @@ def speedup(rounds: int, runs: int) -> dict:
             "speedup_over_fp32_onnx": None if best is None else fp32["median_ms"] / best["median_ms"]}
 
 
+def print_exports(records: list[dict], repeat: dict) -> None:
+    """Predicted against measured latency per export (one repeat's), factorized exports marked *."""
+    labels = list(repeat["analysis"])
+    print("\nper export, last repeat: measured (fastest run) and predicted by each calibrated profile, us; "
+          "* factorized (low-rank)")
+    print(f"{'model':12s} {'variant':14s} {'measured':>9s} " + " ".join(f"{lab:>15s}" for lab in labels))
+    for i, (rec, m) in enumerate(zip(records, repeat["timing"])):
+        pred = [repeat["analysis"][lab]["calibrated"]["predicted_ms"][i] for lab in labels]
+        mark = "*" if rec.get("factorized") else " "
+        print(f"{rec['model']:12s} {rec['variant'] + mark:14s} {m['fastest_ms'] * 1e3:9.1f} "
+              + " ".join(f"{p * 1e3:15.1f}" for p in pred))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
@@ -263,23 +311,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-shapes", type=int, default=40, help="sampled shapes per layer kind for calibration (default 40)")
     ap.add_argument("--min-s", type=float, default=0.04, help="seconds of timing per kernel probe and round (default 0.04)")
     ap.add_argument("--skip-speedup", action="store_true", help="leave out part B (lenet5 digits speed-up)")
+    ap.add_argument("--out", default=None, help="JSON output (default bench/out/costtruth.json)")
+    ap.add_argument("--no-factorized", action="store_true", help="leave out the LeNets' factorized (low-rank) exports")
     ap.add_argument("--exports", default=None,
                     help="keep the exports in this directory and reuse them when it holds records.json (default: a temporary one)")
     args = ap.parse_args(argv)
     from search.cost.calibrate import calibrated_profile, measure_machine
     from search.export.kernel_probes import calibrate_kernels, layer_shapes, sampled_shapes
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "costtruth.json"
+    path = Path(args.out) if args.out else OUT / "costtruth.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory()
     where = Path(args.exports) if args.exports else Path(tmp.name)
     saved = where / "records.json"
     if args.exports and saved.is_file():
-        records = [r for r in json.loads(saved.read_text()) if r["model"] in args.models.split(",")]
+        records = [r for r in json.loads(saved.read_text()) if r["model"] in args.models.split(",")
+                   and not (args.no_factorized and r.get("factorized"))]
     else:
         where.mkdir(parents=True, exist_ok=True)
-        records = collect(tuple(args.models.split(",")), where)
+        records = collect(tuple(args.models.split(",")), where, factorized=not args.no_factorized)
         saved.write_text(json.dumps(records, indent=1, default=float))
     data: dict = {"threads": 1, "batch": 1, "rounds": args.rounds, "runs_per_round": args.runs,
                   "estimate": "fastest run over all rounds (fastest_ms)", "records": records, "repeats": []}
@@ -308,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{k['calibrated']['kendall_tau']:.3f} MdAPE {k['calibrated']['mdape'] * 100:.1f}% within10 "
                   f"{k['calibrated']['within_10pct'] * 100:.0f}%", flush=True)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
+    print_exports(records, data["repeats"][-1])
     if not args.skip_speedup:
         data["speedup"] = speedup(args.rounds, args.runs)
     data["seconds"] = time.perf_counter() - t0
