@@ -63,11 +63,17 @@ def _complete(name: str, storage: str) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
 
 
-def best_ratio_within(study: optuna.Study, points: float) -> dict:
-    """The most compressed trained trial whose quality is within `points` (absolute %) of baseline."""
-    base = study.user_attrs["baseline"]["val_metric"]
+def best_ratio_within(study: optuna.Study, points: float, split: str = "val") -> dict:
+    """The most compressed trained trial whose quality is within `points` of the baseline's:
+    absolute percentage points of an accuracy, dB of a PSNR (metric psnr_db). `split` "val"
+    compares validation quality (what the search ranked on), "test" the test quality each trial
+    records beside it (baseline: its test metric; trials without one are left out)."""
+    attrs = study.user_attrs["baseline"]
+    base = attrs["val_metric"] if split == "val" else attrs["test_metric"]
+    key = "quality" if split == "val" else "test_quality"
+    tol = points if attrs.get("metric_name") == "psnr_db" else points / 100
     ok = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-          if t.user_attrs["quality"] >= base - points / 100]
+          if t.user_attrs.get(key) is not None and t.user_attrs[key] >= base - tol]
     if not ok:
         return {"baseline": base, "ratio": None}
     t = max(ok, key=lambda t: t.user_attrs["compression_ratio"])
