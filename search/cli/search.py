@@ -49,8 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--seed", type=int, default=0, help="data split, sampler and fine-tuning seed (default 0)")
     p.add_argument("--finetune-steps", type=int, default=DEFAULT_FINETUNE_STEPS, help=f"fine-tuning steps per trial (default {DEFAULT_FINETUNE_STEPS})")
-    p.add_argument("--finetune-batch-size", type=int, default=128,  # FinetuneConfig.batch_size
-                   help="training examples per fine-tuning step (default 128)")
+    p.add_argument("--finetune-batch-size", type=int, default=None,
+                   help="training examples per fine-tuning step (default 128; an image-restoration model's "
+                        "training batch, 16 for vdsr and demosaicnet)")
     p.add_argument("--pruner", default=None,
                    help="none | sha | hyperband: measure each trial's validation quality at --rungs and stop those "
                         "that fall behind (successive halving, Hyperband); stopped trials are stored as pruned and "
@@ -88,6 +89,7 @@ def register(subparsers: Any) -> None:
 def search_command(args: argparse.Namespace) -> int:
     """Run the search the flags describe, then print the front (table, JSON or one line)."""
     # imported here, not at the top: `hwcompress --help` stays fast (no JAX)
+    import models
     from search.api import make_spec, search
     from search.engine.config import FinetuneConfig
     from search.report.files import report_dir, write_view
@@ -116,7 +118,8 @@ def search_command(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, profile=args.profile,
         budget=budget, weights=args.weights, objectives=[o for o in args.objectives.split(",") if o.strip()],
         sampler=args.sampler, n_trials=args.trials,
-        finetune=FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch_size,
+        finetune=FinetuneConfig(steps=args.finetune_steps, batch_size=models.finetune_batch_size(args.model, args.dataset)
+                                if args.finetune_batch_size is None else args.finetune_batch_size,
                                 distill=bool(args.distill), seed=args.seed, pruning=args.pruning,
                                 act_ranges=args.act_ranges),
         pruner=args.pruner, rungs=_rungs(args.rungs), factorize=args.factorize,

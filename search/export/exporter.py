@@ -38,6 +38,7 @@ from optuna.trial import TrialState
 
 from hw_profiles import HardwareProfile, load_profile
 from search.compression import lowrank, quant
+from search.compression.layers import discover_layers
 from search.compression.plan import CODEBOOK, FLOAT, Plan, stack_plans
 from search.cost.budget import costs_at
 from search.cost.roofline import price
@@ -313,8 +314,17 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
 
     breakdown = _size(layers, params, cm.masks, cm.plan, cm.weight_scales, factors)
     (out_dir / "size.json").write_text(json.dumps(breakdown, indent=1, default=_json))
+    searched_costs = None
+    if shape != tuple(task.data.input_shape):
+        # a model trained on patches is deployed on whole images: the search's costs are the
+        # patch's; config.json predicts the exported model at its own input shape (what
+        # `hwcompress measure` compares with), and keeps the search's beside it
+        searched_costs, costs = costs, None
+        layers_priced = discover_layers(engine.model, engine.base_params, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    else:
+        layers_priced = layers
     if costs is None and profile is not None:
-        costs = _price(profile, layers, cm.plan)
+        costs = _price(profile, layers_priced, cm.plan)
     config = {
         "format": "hwcompress-export/1",
         "source": source or {},
@@ -322,6 +332,9 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                   "input_shape": list(shape), "metric": task.metric_name},
         "profile": getattr(profile, "name", profile),
         "predicted": costs or {},
+        # the costs the search ranked on, at its training input shape, where that differs from input_shape
+        "predicted_at_search_input": None if searched_costs is None else
+        {"input_shape": list(task.data.input_shape), "costs": searched_costs},
         "quality": {"test": quality, "test_reloaded": reload_quality, "test_onnx": onnx_quality,
                     "val_after_finetune": float(cm.metric), "onnx_max_abs_diff": diff,
                     "onnx_agreement": agree, "onnx_min_agreement": ONNX_MIN_AGREEMENT},
@@ -404,7 +417,9 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
         raise UserError(f"--finetune-steps {finetune_steps} must be >= 0")
     check_target(Path(out_dir), force)  # before the baseline is rebuilt
     ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
-    searched = dataclasses.replace(ctx.spec.finetune, k=1)
+    # one plan at a time, on the loop the search measured (a fixed K and loop measure nothing)
+    searched = dataclasses.replace(ctx.spec.finetune, k=1, loop=ctx.spec.finetune.loop
+                                   or trial.user_attrs.get("engine_loop") or "python")
     budget = {"default": finetune_steps is None, "factor": RETRAIN_FACTOR, "search_steps": searched.steps}
     plan = plan_from_dict(trial.user_attrs["plan"])
     return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=retrain_config(searched, finetune_steps),

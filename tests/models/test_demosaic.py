@@ -17,6 +17,9 @@ from models.errors import ModelError
 from models.demosaicnet import DemosaicNet, depth_to_space, masked_mosaic
 from models.train import evaluate, train_baseline
 from search.api import make_spec, search
+from search.compression import plan as P
+from search.compression.layers import discover_layers, task_model
+from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.export.exporter import export_plan
 from search.study.space import plan_from_dict
@@ -170,8 +173,20 @@ def test_search_on_mobile_npu_runs(searched):
 def test_search_result_exports(searched, tmp_path):
     task, variables, study = searched
     trial = next(t for t in study.trials if t.state.name == "COMPLETE")
-    result = export_plan(task, variables, plan_from_dict(trial.user_attrs["plan"]), tmp_path / "export",
-                         finetune=FinetuneConfig(steps=2, batch_size=16, k=1), profile="mobile-npu")
+    plan = plan_from_dict(trial.user_attrs["plan"])
+    result = export_plan(task, variables, plan, tmp_path / "export", finetune=FinetuneConfig(steps=2, batch_size=16, k=1),
+                         profile="mobile-npu", costs=trial.user_attrs["costs"])
     q = result.config["quality"]
     assert q["test"] == q["test_reloaded"] and abs(q["test_onnx"] - q["test"]) < 0.05
     assert (tmp_path / "export" / "model.onnx").is_file()
+    # trained on patches, exported for whole images: predicted at the exported input, the search's
+    # patch costs kept beside
+    image = tuple(task.data.x_test.shape[1:])
+    assert result.config["model"]["input_shape"] == list(image) != list(task.data.input_shape)
+    model, params = task_model(task, variables)
+    whole = discover_layers(model, params, np.zeros((1, *image), np.float32))
+    want = price("mobile-npu", whole, P.stack_plans([plan]))
+    assert result.config["predicted"]["mobile-npu"]["latency_ms"] == pytest.approx(float(want.latency_ms[0]), rel=1e-9)
+    searched_at = result.config["predicted_at_search_input"]
+    assert searched_at["input_shape"] == list(task.data.input_shape) and searched_at["costs"] == trial.user_attrs["costs"]
+    assert result.config["predicted"]["mobile-npu"]["latency_ms"] > 4 * searched_at["costs"]["mobile-npu"]["latency_ms"]

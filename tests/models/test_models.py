@@ -118,3 +118,13 @@ def test_unknown_hparam_lists_valid_ones():
         models.get_task("mobilenetv2", "digits", blocks=[[6, 24, 2]])
     with pytest.raises(ModelError, match="width > 0"):
         models.get_task("mobilenetv2", "digits", width=0)
+
+
+def test_image_restoration_models_fine_tune_on_their_training_batch():
+    """`hwcompress search`'s default fine-tune batch: 128 for a classifier, the training batch of
+    patches (16) for vdsr and demosaicnet, and 128 for a model that is not the zoo's."""
+    assert models.finetune_batch_size("lenet300", "digits") == 128
+    assert models.finetune_batch_size("resnet20", "fashion-mnist") == 128
+    assert models.finetune_batch_size("vdsr", "sr-images") == models.get_task("vdsr", "sr-images").train.batch_size == 16
+    assert models.finetune_batch_size("demosaicnet", "demosaic-images") == 16
+    assert models.finetune_batch_size("my_model.py:build", "demosaic-images") == 128
