@@ -34,8 +34,8 @@ recorded times. vdsr and demosaicnet fine-tune on 16 patches a step, as their ba
 The time estimate comes from smoke runs on the shared 2-core machine (6 trials of 30 steps): per
 trial about 0.4 + 0.0014 x steps s (lenet300), 2.5 + 0.064 x steps (lenet5), 3 + 0.1 x steps
 (vdsr), 1 + 0.12 x steps (demosaicnet); about 10 s of process start per study, 10-25 s more for a
-factorizing study's first compile, a warm-up of 15-35 s per model, and 50-70 s per DemosaicNet
-export (the export measures its loop driver again: minutes of compiles on a fresh machine). Add
+factorizing study's first compile, a warm-up of 15-35 s per model, and 30-50 s per DemosaicNet
+export (measured in the full run: 1332 s in all). Add
 the baselines' training when results/cache lacks them (lenet300 36 s, lenet5 194 s, vdsr 159 s,
 demosaicnet 287 s).
 """
