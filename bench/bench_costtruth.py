@@ -14,10 +14,11 @@ as `profiles calibrate --study` does) and the roofline micro-benchmarks ("roofli
 the three profiles: as calibrated (no fit on exports), and fitted (search.cost.calibrate.fit_profile) on one half, tested on the other:
 a random half, LeNets -> CNNs, CNNs -> LeNets. Reported: median and range over repeats of
 Kendall tau, median absolute percentage error, share within +-10%.
-Factorized exports (issue 18, low-rank SVD; marked "factorized" in the records and with * in the
+Factorized exports (issue 18, low-rank; marked "factorized" in the records and with * in the
 table printed per export): the LeNets also export plans whose layers but the logits run at rank
-ratio 0.5 or 0.25 (fp32 and w8a8, and rank 0.25 with half the channels pruned), priced as the
-pair each factorized layer becomes; their scores are also given on their own ("calibrated
+ratio 0.5 or 0.25 in the SVD form (fp32 and w8a8, and rank 0.25 with half the channels pruned),
+lenet5's convs in the spatial form and the Dense layers as r = 8 Kronecker products (fp32 and
+w8a8), priced as the pair each factorized layer becomes; their scores are also given on their own ("calibrated
 factorized"). `--no-factorized` leaves them out.
 Part B (speedup): lenet5 on digits (trained baseline from the cache), a few variants
 fine-tuned briefly; the fastest within 0.5 points of the baseline's test accuracy, against the
@@ -69,23 +70,42 @@ def variants(num_layers: int) -> list[tuple[str, dict]]:
     ]
 
 
-def factorized_variants(num_layers: int) -> list[tuple[str, dict]]:
-    """(name, make_plan kwargs) of low-rank plans (search.compression.lowrank, SVD): every layer
-    but the logits at rank ratio 0.5 or 0.25, fp32 and w8a8, and rank 0.25 with half its output
-    channels pruned (a factorized layer takes channel pruning only)."""
-    L = num_layers
+def factorized_variants(layers) -> list[tuple[str, dict]]:
+    """(name, make_plan kwargs) of low-rank plans (search.compression.lowrank): every layer but
+    the logits at rank ratio 0.5 or 0.25 in the SVD form, fp32 and w8a8, and rank 0.25 with half
+    its output channels pruned (a factorized layer takes channel pruning only); the convs in the
+    spatial form at rank 0.25 (fp32, w8a8), and the Dense layers but the logits as r = 8
+    Kronecker products (fp32, w8a8)."""
+    from search.compression.lowrank import forms_of, full_rank
+    from search.compression.plan import FORMS
+
+    L = len(layers)
+    SP, KR = FORMS["spatial"], FORMS["kronecker"]
 
     def rk(x):
         return [x] * (L - 1) + [1.0]
 
     none = [0.0] * L
-    return [
+    out = [
         ("fz-r50", dict(ratio=none, rank=rk(0.5))),
         ("fz-r25", dict(ratio=none, rank=rk(0.25))),
         ("fz-r50-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rk(0.5))),
         ("fz-r25-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rk(0.25))),
         ("fz-r25-ch50", dict(ratio=[0.5] * (L - 1) + [0.0], granularity=1, rank=rk(0.25))),
     ]
+    spatial = [i for i, l in enumerate(layers[:-1]) if SP in forms_of(l)]
+    if spatial:
+        rank = [0.25 if i in spatial else 1.0 for i in range(L)]
+        form = [SP if i in spatial else 0 for i in range(L)]
+        out += [("fz-spatial-r25", dict(ratio=none, rank=rank, form=form)),
+                ("fz-spatial-r25-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rank, form=form))]
+    kron = [i for i, l in enumerate(layers[:-1]) if KR in forms_of(l)]
+    if kron:
+        rank = [8 / full_rank(l, KR) if i in kron else 1.0 for i, l in enumerate(layers)]
+        form = [KR if i in kron else 0 for i in range(L)]
+        out += [("fz-kron-r8", dict(ratio=none, rank=rank, form=form)),
+                ("fz-kron-r8-w8a8", dict(ratio=none, weight_bits=8, act_bits=8, rank=rank, form=form))]
+    return out
 
 
 def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]:
@@ -157,7 +177,7 @@ def collect(models_: tuple[str, ...], where: Path, factorized: bool = True) -> l
         t0 = time.perf_counter()
         eng = Engine(task, variables, FinetuneConfig(steps=0, k=1, eval_batch=256))
         free = np.array([layer.fixed is None for layer in eng.layers])
-        fz = factorized_variants(len(eng.layers)) if factorized and model in LENETS else []
+        fz = factorized_variants(eng.layers) if factorized and model in LENETS else []
         for name, kw in variants(len(eng.layers)) + fz:
             if model not in LENETS and name not in CNN_VARIANTS:
                 continue
