@@ -95,7 +95,7 @@ def forms_of(layer: Layer) -> tuple[int, ...]:
 
 def factorizable(layer: Layer) -> bool:
     """Whether the layer's kernel is one matrix [fan_in, out]: a Dense, or a conv with one group."""
-    return layer.kind == "dense" or (layer.kind == "conv" and layer.groups == 1)
+    return form_problem(layer, SVD) is None
 
 
 def matrix_shape(layer: Layer, form: int = SVD) -> tuple[int, int]:
@@ -321,14 +321,21 @@ def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
             raise ValueError(f"plan.rank {r} factorizes layer {l.name}, a codebook layer; its factors are quantized "
                              f"uniformly: use quant_mode uniform or rank 1")
         kron = f & (form[..., l.index] == KRONECKER)
-        if np.any(kron):
-            pruned_in = np.zeros(kron.shape, bool)
-            for src, _ in l.reads:
-                if src >= 0:
-                    pruned_in |= (gran[..., src] == CHANNEL) & (ratio[..., src] > 0)
-            if np.any(kron & ((ratio[..., l.index] > 0) | pruned_in)):
+        if np.any(kron & channels_pruned(l, ratio, gran)):
                 raise ValueError(f"plan.rank {r} factorizes layer {l.name} in form kronecker, but its own or its input "
                                  f"channels are pruned; a Kronecker layer keeps every channel: use form svd or ratio 0")
+
+
+def channels_pruned(layer: Layer, ratio: np.ndarray, granularity: np.ndarray) -> np.ndarray:
+    """bool [...]: whether plans (tied ratio and granularity, [..., L]) prune the layer (its
+    group's ratio > 0) or remove channels of its input (a producing group prunes by channel):
+    what a Kronecker layer cannot take (it keeps every channel)."""
+    ratio, granularity = np.asarray(ratio), np.asarray(granularity)
+    out = ratio[..., layer.index] > 0
+    for src, _ in layer.reads:
+        if src >= 0:
+            out = out | ((granularity[..., src] == CHANNEL) & (ratio[..., src] > 0))
+    return out
 
 
 def describe(layer: Layer, rank: float, form: int) -> dict:

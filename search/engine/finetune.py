@@ -241,7 +241,7 @@ class Engine:
             # whether any plan of the group trains a codebook: one unbatched flag, so that a
             # group without one skips the cluster gradients (compress.effective_kernels)
             any_cb = jnp.any(compress.weight_branch(plans.weight_bits, plans.quant_mode) == compress.W_CODEBOOK)
-            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb, _any_lowrank(plans)), t + 1
+            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb, compress.lowrank_flags(plans)), t + 1
 
         def train_n(state, t, n, frozen, plans, base, xs, ys, table, aug_key):
             # the fused loop: n steps in one device call (n is traced: one compile for every
@@ -290,18 +290,18 @@ class Engine:
         once = once_per_trial_options()
         self._remask[k] = jax.jit(over_plans(remask_one, k, (0, 0, 0, None), single_in=(0, 1), single_out=True),
                                   compiler_options=once)
-        # prepare, refresh and evaluate take the group's one unbatched "any plan factorizes" flag
+        # prepare, refresh and evaluate take the group's unbatched per-form "any plan factorizes" flags
         # (compress.effective_params), computed from the plans as the step computes its own
         refresh_k = over_plans(refresh_one, k, (0, 0, 0, None, None, None), single_in=(0, 1), single_out=True)
-        self._refresh[k] = jax.jit(lambda tr, fr, plans, calib, bn_x: refresh_k(tr, fr, plans, calib, bn_x, _any_lowrank(plans)),
+        self._refresh[k] = jax.jit(lambda tr, fr, plans, calib, bn_x: refresh_k(tr, fr, plans, calib, bn_x, compress.lowrank_flags(plans)),
                                    compiler_options=once)
         prepare_k = over_plans(prepare_one, k, (0, None, None, None, None, None, None), single_out=True)
         evaluate_k = over_plans(evaluate_one, k, (0, 0, 0, None, None, None), single_in=(0, 1))
         fns = (
             jax.jit(lambda plans, base, calib, bn_x, share, bases: prepare_k(plans, base, calib, bn_x, share, bases,
-                                                                              _any_lowrank(plans)), compiler_options=once),
+                                                                              compress.lowrank_flags(plans)), compiler_options=once),
             jax.jit(step, donate_argnums=(0,)),
-            jax.jit(lambda tr, fr, plans, x, y: evaluate_k(tr, fr, plans, x, y, _any_lowrank(plans)), compiler_options=once),
+            jax.jit(lambda tr, fr, plans, x, y: evaluate_k(tr, fr, plans, x, y, compress.lowrank_flags(plans)), compiler_options=once),
         )
         self._fns[k] = fns
         self._fused[k] = jax.jit(train_n, donate_argnums=(0,))
@@ -553,12 +553,6 @@ def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.
         return q.act_lo, q.act_hi
     a = trainable["act"]
     return (q.act_lo * jnp.exp(LEARNED_RANGE_RATE * a["lo"]), q.act_hi * jnp.exp(LEARNED_RANGE_RATE * a["hi"]))
-
-
-def _any_lowrank(plans: Plan) -> jax.Array:
-    """bool [F]: whether any plan of a group factorizes a layer in each form, unbatched
-    (compress.effective_params)."""
-    return compress.lowrank_flags(plans)
 
 
 def _scaled(plan: Plan, use: jax.Array, share: jax.Array) -> Plan:

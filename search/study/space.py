@@ -146,12 +146,10 @@ def layer_forms(layer: Layer, space: Space) -> tuple[str, ...]:
     return tuple(names) or ("svd",)
 
 
-def channels_pruned(layer: Layer, prune: dict[int, tuple[float, int]]) -> bool:
-    """Whether a plan whose groups prune as `prune` ({leader index: (ratio, granularity)})
-    removes channels of the layer or of its inputs (its group prunes, or a producing group
-    removes channels): a Kronecker layer then takes the SVD form (lowrank.check_plan)."""
-    own = prune[layer.group][0] > 0
-    return own or any(src >= 0 and prune[src][1] == P.CHANNEL and prune[src][0] > 0 for src, _ in layer.reads)
+def _tied(prune: dict[int, tuple[float, int]], layers: Sequence[Layer]) -> tuple[np.ndarray, np.ndarray]:
+    """([L] ratio, [L] granularity) of every layer from its group's decision ({leader index:
+    (ratio, granularity)})."""
+    return (np.array([prune[l.group][0] for l in layers]), np.array([prune[l.group][1] for l in layers]))
 
 
 def _ratio_grid_top(space: Space) -> float:
@@ -211,7 +209,7 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
         if rank < 1:
             choices = layer_forms(layer, space)
             form = trial.suggest_categorical(n["form"], choices) if len(choices) > 1 else choices[0]
-            if form == "kronecker" and channels_pruned(layer, prune):
+            if form == "kronecker" and lowrank.channels_pruned(layer, *_tied(prune, layers)):
                 form = "svd"  # a Kronecker layer keeps every channel; the same rank in SVD form
             rank = rank * KRONECKER_RANK_SCALE if form == "kronecker" else rank
         cols["rank"].append(rank)
