@@ -268,7 +268,12 @@ def _inference_ms(profile: HardwareProfile) -> float:
 
 
 def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> Costs:
-    """Costs of plans ([L] or [K, L]) on a profile (object, shipped name or TOML path)."""
+    """Costs of plans ([L] or [K, L]) on a profile (object, shipped name or TOML path).
+    ValueError (one line, naming the field or the layer) for a plan out of range
+    (plan.validate_plan) or factorizing a layer it cannot (lowrank.check_plan), as the engine
+    and the export refuse it, instead of a price for a plan nothing can run."""
+    P.validate_plan(plans)
+    lowrank.check_plan(plans, layers)
     profile = load_profile(profile)
     parts = _parts(profile, layers, plans)
     lat_ms = parts["lat"] * 1e3

@@ -202,3 +202,18 @@ def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
     emul = K.features(100, 1, 1) @ np.array(coef["emul"])  # the input's 8-bit rounding in float ops
     assert got[0] == pytest.approx((kernel("i8") @ K.features(1, 25, 100) + b + eltwise) * 1e-3, rel=1e-12)
     assert got[1] == pytest.approx((kernel("f32") @ K.features(1, 25, 100) + b + emul + eltwise) * 1e-3, rel=1e-12)
+
+
+def test_plans_nothing_runs_are_refused_in_one_line_not_priced():
+    """price() refuses what the engine and the export refuse (issue 18's bad input): a rank ratio
+    outside (0, 1], and a form the layer's shape does not take."""
+    layers = (dense(0, 100, 50), dense(1, 50, 7))  # 7 is prime: fc1 has no Kronecker split
+    for rank in (1.5, 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"plan.rank of layer .* a rank ratio lies in \(0, 1\]"):
+            price("xeon", layers, P.make_plan(np.zeros(2), rank=[rank, 1.0]))
+    with pytest.raises(ValueError, match=r"^plan.rank 0.5 factorizes layer fc0 in form spatial, but .*; its forms: svd, kronecker$"):
+        price("xeon", layers, P.make_plan(np.zeros(2), rank=[0.5, 1.0], form=P.SPATIAL))
+    with pytest.raises(ValueError, match=r"layer fc1 in form kronecker, but .* 50 x 7 does not; its forms: svd$"):
+        price("xeon", layers, P.make_plan(np.zeros(2), rank=[1.0, 0.5], form=P.KRONECKER))
+    ok = price("xeon", layers, P.make_plan(np.zeros(2), rank=[0.5, 1.0], form=P.KRONECKER))
+    assert ok.layer_macs.shape == (1, 2)
