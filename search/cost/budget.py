@@ -111,7 +111,7 @@ def seed_plans(profile: HardwareProfile, layers: Sequence[Layer], budget: Budget
     candidate's cost (only per-layer choices meet it), or one that none of the plans tried
     first (`tried` [W, L], the warm-start plans) meets. For each such bound, the plan whose
     every layer takes its cheapest candidate choice for that key (cheapest_plan)."""
-    uniform = price(profile, layers, candidates)
+    uniform = price(profile, layers, candidates, check=False)  # per-layer choices, as min_costs prices them
     first = None if tried is None or tried.batch_shape[0] == 0 else price(profile, layers, tried)
     keys = [k for k in BUDGET_KEYS if getattr(budget, k) is not None and (
         float(np.min(getattr(uniform, k))) > getattr(budget, k)

@@ -267,13 +267,17 @@ def _inference_ms(profile: HardwareProfile) -> float:
     return 0.0 if profile.kernels is None else profile.kernels.inference_us * 1e-3
 
 
-def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> Costs:
+def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan, *, check: bool = True) -> Costs:
     """Costs of plans ([L] or [K, L]) on a profile (object, shipped name or TOML path).
     ValueError (one line, naming the field or the layer) for a plan out of range
     (plan.validate_plan) or factorizing a layer it cannot (lowrank.check_plan), as the engine
-    and the export refuse it, instead of a price for a plan nothing can run."""
-    P.validate_plan(plans)
-    lowrank.check_plan(plans, layers)
+    and the export refuse it, instead of a price for a plan nothing can run. `check=False`
+    prices rows of per-layer choices that are not plans to run (the search space's uniform
+    candidates, search.study.space.extreme_plans, as min_costs does): a layer given a form
+    its shape does not take is priced unfactorized."""
+    if check:
+        P.validate_plan(plans)
+        lowrank.check_plan(plans, layers)
     profile = load_profile(profile)
     parts = _parts(profile, layers, plans)
     lat_ms = parts["lat"] * 1e3
