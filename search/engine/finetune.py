@@ -154,7 +154,9 @@ class Engine:
         # the other collections (BatchNorm statistics) are constants of the compiled functions
         state = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(m.state))).hexdigest()
         return (m.kind, ident, repr(sorted(m.kwargs.items())), state, self.layers, self.task.loss, self.task.metric,
-                self.task.data.kind, c.learning_rate, c.schedule, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges,
+                self.task.data.kind, c.learning_rate,
+                # the schedule shapes the step program only; an engine that never steps shares its programs
+                c.schedule if c.steps else None, c.steps if c.schedule == "cosine" else 0, c.distill, c.temperature, c.alpha, c.adaptive_bn, c.act_ranges,
                 (self.task.train.crop, self.task.train.flip) if c.augment else None, k, self._have_bases)
 
     def _functions(self, k: int) -> tuple:

@@ -19,8 +19,9 @@ from search.study.space import plan_to_params
 from search.study.spec import StudySpec
 from tests.support import TOY, results_dir, start_search
 
-# K and the loop given: a test run alone measures neither (seconds of compiles)
-FLAGS = ("--factorize", "--k", "1", "--loop", "python")
+# K and the loop given: a test run alone measures neither (seconds of compiles); no fine-tune
+# steps: the search's engine then shares its factorizing programs with the export's (steps 0)
+FLAGS = ("--factorize", "--k", "1", "--loop", "python", "--finetune-steps", "0")
 
 
 def test_a_factorizing_study_reports_exports_and_reprices(tmp_path, capsys):
