@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from search.compression import quant
-from search.compression.groups import tie_plan
+from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer, get_path
 from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, FORMS, KRONECKER, SPATIAL, SVD
 
@@ -247,26 +247,53 @@ def geometry(layers: Sequence[Layer]) -> dict[str, np.ndarray]:
     g = {k: z() for k in ("d", "wa", "wb", "ma", "mb", "mid", "bcols", "pa", "pb", "ka", "nb", "kb")}
     g["ok"] = np.zeros((F, L), bool)
     for l in layers:
-        pos = l.macs / max(l.weight_count, 1)  # output positions per example (every call)
         for f in forms_of(l):
             i = l.index
             g["ok"][f, i] = True
             g["d"][f, i] = full_rank(l, f)
-            if f == SPATIAL:
-                kh, kw, cin, cout = l.kernel_shape
-                mid_pos = pos * l.in_shape[-2] / l.out_shape[-2]  # kh x 1 output: H_out x W_in
-                vals = dict(wa=kh * cin, wb=kw * cout, ma=mid_pos * kh * cin, mb=pos * kw * cout, mid=mid_pos,
-                            bcols=kw * cout, pa=mid_pos, pb=pos, ka=kh * cin, nb=cout, kb=kw)
-            elif f == KRONECKER:
-                (m1, m2), (n1, n2) = kron_split(l.fan_in), kron_split(l.out_channels)
-                vals = dict(wa=m1 * n1, wb=m2 * n2, ma=pos * m1 * m2 * n2, mb=pos * n1 * m1 * n2, mid=pos * m1 * n2,
-                            bcols=m2 * n2, pa=pos * m1, pb=pos * n1, ka=m2, nb=n2, kb=m1)
-            else:
-                vals = dict(wa=l.fan_in, wb=l.out_channels, ma=pos * l.fan_in, mb=pos * l.out_channels, mid=pos,
-                            bcols=l.out_channels, pa=pos, pb=pos, ka=l.fan_in, nb=l.out_channels, kb=1)
-            for k, v in vals.items():
+            for k, v in _form_geometry(l, f).items():
                 g[k][f, i] = v
     return g
+
+
+def _form_geometry(l: Layer, f: int) -> dict[str, float]:
+    """One layer's `geometry` figures in form f (except "ok" and "d")."""
+    pos = l.macs / max(l.weight_count, 1)  # output positions per example (every call)
+    if f == SPATIAL:
+        kh, kw, cin, cout = l.kernel_shape
+        mid_pos = pos * l.in_shape[-2] / l.out_shape[-2]  # kh x 1 output: H_out x W_in
+        return dict(wa=kh * cin, wb=kw * cout, ma=mid_pos * kh * cin, mb=pos * kw * cout, mid=mid_pos,
+                    bcols=kw * cout, pa=mid_pos, pb=pos, ka=kh * cin, nb=cout, kb=kw)
+    if f == KRONECKER:
+        (m1, m2), (n1, n2) = kron_split(l.fan_in), kron_split(l.out_channels)
+        return dict(wa=m1 * n1, wb=m2 * n2, ma=pos * m1 * m2 * n2, mb=pos * n1 * m1 * n2, mid=pos * m1 * n2,
+                    bcols=m2 * n2, pa=pos * m1, pb=pos * n1, ka=m2, nb=n2, kb=m1)
+    return dict(wa=l.fan_in, wb=l.out_channels, ma=pos * l.fan_in, mb=pos * l.out_channels, mid=pos,
+                bcols=l.out_channels, pa=pos, pb=pos, ka=l.fan_in, nb=l.out_channels, kb=1)
+
+
+def pays(layer: Layer, layers: Sequence[Layer], form: int, rank: float, ratio: np.ndarray,
+         granularity: np.ndarray) -> bool:
+    """Whether factorizing `layer` at a rank ratio in a form holds fewer weights than the layer
+    unfactorized with the same kept channels: r (wa k_in + wb k_out) < fan_in out k_in k_out, the
+    cost model's counts (search.cost.roofline), where k_out and k_in are the kept fractions of its
+    output and input channels under the tied plan (ratio, granularity [L], groups.tie_plan;
+    a Kronecker layer keeps every channel). A 300 x 100 Dense at rank ratio 0.75 (r = 75) holds
+    30,000 weights either way; with 54 of its 100 outputs pruned, rank 0.5 (50 x 346 = 17,300)
+    holds more than the pruned layer (13,800)."""
+    if rank >= 1 or form_problem(layer, form) is not None:
+        return False
+    ratio, granularity = np.asarray(ratio, np.float64), np.asarray(granularity)
+    keep = lambda i: (kept_channels(ratio[i], layers[i].out_channels) / layers[i].out_channels
+                      if granularity[i] == CHANNEL else 1.0)
+    k_out = keep(layer.index)
+    total = sum(c for _, c in layer.reads)
+    k_in = sum(c * (keep(src) if src >= 0 else 1.0) for src, c in layer.reads) / total if total else 1.0
+    if int(form) == KRONECKER:
+        k_out = k_in = 1.0
+    g = _form_geometry(layer, int(form))
+    r = float(achieved_rank(rank, full_rank(layer, form)))
+    return r * (g["wa"] * k_in + g["wb"] * k_out) < layer.fan_in * layer.out_channels * k_in * k_out
 
 
 def _fake_quant_np(x: np.ndarray, bits: int) -> np.ndarray:

@@ -64,11 +64,35 @@ def dense_plan(num_layers: int) -> Plan:
 
 def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT, quant_mode=UNIFORM,
               rank=1.0, form=SVD) -> Plan:
-    """Build a plan from scalars or per-layer sequences, broadcast to ratio's shape."""
+    """Build a plan from scalars or per-layer sequences, broadcast to ratio's shape.
+
+    granularity, quant_mode and form take their codes (CHANNEL, KRONECKER, ...) or their names
+    ("channel", "kronecker", ...), alone or per layer.
+
+    Raises:
+        ValueError: a name that is not one of the field's (the message lists them).
+    """
     r = np.asarray(ratio, np.float32)
     as_int = lambda v: np.broadcast_to(np.asarray(v, np.int32), r.shape).copy()
-    return Plan(r, as_int(granularity), as_int(weight_bits), as_int(act_bits), as_int(quant_mode),
-                np.broadcast_to(np.asarray(rank, np.float32), r.shape).copy(), as_int(form))
+    return Plan(r, as_int(_codes(granularity, GRANULARITIES, "granularity")), as_int(weight_bits),
+                as_int(act_bits), as_int(_codes(quant_mode, QUANT_MODES, "quant_mode")),
+                np.broadcast_to(np.asarray(rank, np.float32), r.shape).copy(),
+                as_int(_codes(form, FORMS, "form")))
+
+
+def _codes(value, names: dict[str, int], field: str):
+    """Names of a field's values (alone or in a sequence) -> their int codes; codes pass through."""
+    def one(v):
+        if isinstance(v, str):
+            if v not in names:
+                raise ValueError(f"{field} {v!r} is not one of {list(names)}; pass one of these names or its code")
+            return names[v]
+        return v
+    if isinstance(value, str):
+        return one(value)
+    if isinstance(value, (list, tuple)):
+        return [one(v) for v in value]
+    return value
 
 
 def stack_plans(plans: Sequence[Plan]) -> Plan:

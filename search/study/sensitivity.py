@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from search.compression import lowrank
 from search.compression import plan as P
 from search.compression.layers import Layer
-from search.study.space import Space, nearest_bits, snap_ratio
+from search.study.space import Space, nearest_bits, rank_offered, snap_ratio
 
 PROBE_RATIO = 0.5  # each layer alone pruned to 50%
 PROBE_BITS = 4  # each layer alone at 4-bit weights
@@ -130,13 +131,16 @@ def insensitivity_ratios(sens: dict[str, Any], layers: Sequence[Layer], target: 
 
 
 def warm_start_plans(sens: dict[str, Any] | None, layers: Sequence[Layer], space: Space) -> list[P.Plan]:
-    """The first trials: uniform int8, then int8 pruning weighted by insensitivity at a few
+    """The first trials: uniform int8 (and, where the space factorizes, uniform int8 with every
+    factorizable layer at its smallest weight-saving rank, `factorized_warm_start`), then int8 pruning weighted by insensitivity at a few
     target sparsities, and a Deep Compression-like plan (90% pruning, 5-bit codebook)."""
     n = len(layers)
     w8 = nearest_bits(8, space.weight_bits)
     a8 = nearest_bits(8, space.act_bits)
     gran = P.UNSTRUCTURED if "unstructured" in space.granularities else P.CHANNEL
     plans = [P.make_plan(np.zeros(n), gran, w8, a8, P.UNIFORM)]
+    if space.factorize:
+        plans.append(factorized_warm_start(layers, space, gran, w8, a8))
     if sens is None:
         return plans
     for target in WARM_TARGETS:
@@ -145,3 +149,19 @@ def warm_start_plans(sens: dict[str, Any] | None, layers: Sequence[Layer], space
         w5 = nearest_bits(5, space.weight_bits)
         plans.append(P.make_plan(insensitivity_ratios(sens, layers, 0.9, space), gran, w5, a8, P.CODEBOOK))
     return plans
+
+
+def factorized_warm_start(layers: Sequence[Layer], space: Space, gran: int, weight_bits: int, act_bits: int) -> P.Plan:
+    """A plan with nothing pruned, uniform weights and activations at the given widths, and every
+    layer that can factorize (`rank_offered`) at the largest of the space's rank ratios below 1
+    that holds fewer weights than the layer (lowrank.pays) in the SVD form: so that a short
+    `--factorize` study tries factorization among its first trials. Layers where no rank pays keep
+    rank 1."""
+    n = len(layers)
+    zeros, grans = np.zeros(n), np.full(n, gran)
+    ranks = np.ones(n, np.float32)
+    for layer in layers:
+        if rank_offered(layer, space, 0.0, gran, weight_bits, P.UNIFORM):
+            ranks[layer.index] = next((r for r in sorted(space.ranks, reverse=True)
+                                       if r < 1 and lowrank.pays(layer, layers, P.SVD, r, zeros, grans)), 1.0)
+    return P.make_plan(zeros, gran, weight_bits, act_bits, P.UNIFORM, ranks, P.SVD)

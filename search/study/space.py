@@ -146,6 +146,18 @@ def layer_forms(layer: Layer, space: Space) -> tuple[str, ...]:
     return tuple(names) or ("svd",)
 
 
+def pruned_forms(layer: Layer, space: Space, tied: tuple[np.ndarray, np.ndarray]) -> tuple[str, ...]:
+    """`layer_forms` that a layer can take under its tied pruning (ratio, granularity [L]): no
+    Kronecker where its own or its input channels are pruned (it keeps every channel). Where this
+    leaves one form the trial samples none (`<layer>.form` absent), so the stored params are the
+    forms that ran; a Kronecker layer is a Dense, whose other form is SVD."""
+    pruned = lowrank.channels_pruned(layer, *tied)
+    choices = tuple(f for f in layer_forms(layer, space) if not (pruned and f == "kronecker"))
+    if len(choices) not in (1, len(layer_forms(layer, space))):  # one Optuna distribution per name
+        raise ValueError(f"layer {layer.name}: forms {choices} under pruning are neither one form nor all of its forms")
+    return choices or ("svd",)
+
+
 def _tied(prune: dict[int, tuple[float, int]], layers: Sequence[Layer]) -> tuple[np.ndarray, np.ndarray]:
     """([L] ratio, [L] granularity) of every layer from its group's decision ({leader index:
     (ratio, granularity)})."""
@@ -207,11 +219,12 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
         offered = rank_offered(layer, space, ratio, gran, bits, mode)
         rank, form = (trial.suggest_categorical(n["rank"], space.ranks) if offered else 1.0), "svd"
         if rank < 1:
-            choices = layer_forms(layer, space)
+            tied = _tied(prune, layers)
+            choices = pruned_forms(layer, space, tied)
             form = trial.suggest_categorical(n["form"], choices) if len(choices) > 1 else choices[0]
-            if form == "kronecker" and lowrank.channels_pruned(layer, *_tied(prune, layers)):
-                form = "svd"  # a Kronecker layer keeps every channel; the same rank in SVD form
             rank = rank * KRONECKER_RANK_SCALE if form == "kronecker" else rank
+            if not lowrank.pays(layer, layers, P.FORMS[form], rank, *tied):
+                rank, form = 1.0, "svd"  # as large as the layer it replaces: the layer itself, unfactorized
         cols["rank"].append(rank)
         cols["form"].append(P.FORMS[form])
     return P.make_plan(cols["ratio"], cols["granularity"], cols["weight_bits"], cols["act_bits"], cols["quant_mode"],
@@ -222,6 +235,9 @@ def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[
     """The Optuna params that reproduce a plan [L] (for enqueue_trial); values snap to the
     space, and a group's pruning is its leader's (the params `suggest_plan` samples)."""
     out: dict[str, Any] = {}
+    tied = _tied({l.index: (snap_ratio(float(plan.ratio[l.index]), space), P.GRANULARITIES[_nearest_name(
+        GRAN_NAMES[int(plan.granularity[l.index])], layer_granularities(l, space))]) for l in layers
+        if l.group == l.index}, layers)
     for i, layer in enumerate(layers):
         n = param_names(layer)
         if layer.group == layer.index:
@@ -238,7 +254,7 @@ def plan_to_params(plan: P.Plan, layers: Sequence[Layer], space: Space) -> dict[
             form = FORM_NAMES[int(plan.form[i])]
             rank = float(plan.rank[i]) / (KRONECKER_RANK_SCALE if form == "kronecker" and plan.rank[i] < 1 else 1.0)
             out[n["rank"]] = min(space.ranks, key=lambda r: (abs(r - rank), r))
-            choices = layer_forms(layer, space)
+            choices = pruned_forms(layer, space, tied)
             if out[n["rank"]] < 1 and len(choices) > 1:
                 out[n["form"]] = _nearest_name(form, choices)
     return out

@@ -132,6 +132,13 @@ def test_bad_ranks_are_one_line_errors_naming_the_layer(engine):
     with pytest.raises(ValueError, match=r"layer head in form kronecker, but the Kronecker form needs fan-in and width "
                                          r"that split into two factors >= 2, and 7 x 10 does not; its forms: svd$"):
         lowrank.check_plan(P.make_plan(np.zeros(1), rank=0.5, form=P.KRONECKER), [prime])
+    # forms, granularities and quantization modes by name, alone or per layer, as by code
+    named = P.make_plan([0.5, 0.0, 0.0], "channel", rank=[1.0, 0.5, 0.5], form=["svd", "svd", "kronecker"],
+                        quant_mode="codebook")
+    assert list(named.form) == [P.SVD, P.SVD, P.KRONECKER] and np.all(named.granularity == P.CHANNEL)
+    assert np.all(named.quant_mode == P.CODEBOOK)
+    with pytest.raises(ValueError, match=r"^form 'kron' is not one of \['svd', 'spatial', 'kronecker'\]"):
+        P.make_plan(np.zeros(3), rank=0.5, form="kron")
     # a Kronecker layer keeps its channels: fc2 pruned by channel, or reading fc1's pruned channels
     for ratio in ([0.0, 0.5, 0.0], [0.5, 0.0, 0.0]):
         with pytest.raises(UserError, match=r"layer fc2 in form kronecker, but its own or its input channels are pruned"):

@@ -54,6 +54,9 @@ def _export_priced(task, variables, plan, config, out):
     for l in layers:
         assert sum(n[2] for n in pairs[l.name]) == pytest.approx(float(cost.layer_macs[0, l.index]), rel=1e-9), l.name
     assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
+    for l, c in zip(layers, r.config["layers"]):
+        # config.json's held weights are size.json's and the ONNX model's weight elements
+        assert c["held_weights"] == size["layers"][l.name]["held"] == sum(int(np.prod(n[1])) for n in pairs[l.name]), l.name
     return layers, r.config, size, pairs
 
 
@@ -90,6 +93,8 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
         assert size["layers"][l.name]["rank"] == rank
     if arch == "lenet300":
         assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 50
+        # fc2's packed factors hold 50 x (300 + 100); the model drops B's 50 removed columns
+        assert (cfg["layers"][1]["kept_weights"], cfg["layers"][1]["held_weights"]) == (20_000, 17_500)
         assert [c["onnx_factor_form"] for c in cfg["layers"]] == ["MatMulInteger", "MatMulInteger", None]
         assert [c["onnx_form"] for c in cfg["layers"]] == ["float", "float", "MatMulInteger"]
 

@@ -8,7 +8,9 @@ import pytest
 
 from search.compression import plan as P
 from search.compression.layers import Layer
+from search.compression import lowrank
 from search.study.space import (
+    KRONECKER_RANK_SCALE,
     extreme_plans,
     nearest_bits,
     plan_from_dict,
@@ -128,16 +130,25 @@ def test_factorization_is_off_by_default_and_a_conditional_choice_when_on():
             seen.add(float(plan.rank[l.index]))
             forms.add(int(plan.form[l.index]))
             # both layers take svd and kronecker (64 = 8*8, 30 = 5*6, 10 = 2*5), not spatial (no conv):
-            # a form is sampled below rank 1; Kronecker where the layer keeps its channels (these
-            # layers' inputs are no layer's), else the same rank in SVD form
-            assert (f"{l.name}.form" in t.params) == (plan.rank[l.index] < 1), (t.params, l.name)
-            if t.params.get(f"{l.name}.form") == "kronecker":
-                assert (plan.form[l.index] == P.KRONECKER) == (plan.ratio[l.index] == 0)
+            # a form is sampled below rank 1 where the layer keeps its channels (these layers'
+            # inputs are no layer's); a pruned layer takes SVD without sampling one, so the
+            # stored params are the forms that ran
+            drawn = t.params.get(f"{l.name}.rank", 1.0)
+            assert (f"{l.name}.form" in t.params) == (drawn < 1 and plan.ratio[l.index] == 0), (t.params, l.name)
+            if plan.rank[l.index] < 1:
+                form = P.FORMS[t.params.get(f"{l.name}.form", "svd")]
+                assert plan.form[l.index] == form
+                assert lowrank.pays(l, LAYERS, form, float(plan.rank[l.index]), plan.ratio, plan.granularity)
+            elif drawn < 1:  # a drawn rank as large as the layer runs the layer unfactorized
+                form = P.FORMS[t.params.get(f"{l.name}.form", "svd")]
+                scaled = drawn * (KRONECKER_RANK_SCALE if form == P.KRONECKER else 1)
+                assert not lowrank.pays(l, LAYERS, form, scaled, plan.ratio, plan.granularity), (t.params, l.name)
         # an enqueued copy of the plan samples the same plan (ratios on Optuna's float grid)
         again = suggest_plan(optuna.trial.FixedTrial(plan_to_params(plan, LAYERS, on)), LAYERS, on)
         assert all(np.allclose(getattr(again, f), getattr(plan, f)) for f in ("ratio", "rank", "form", "weight_bits"))
         study.tell(t, 0.0)
-    assert seen >= {1.0, 0.75, 0.5, 0.25} and forms >= {P.SVD}
+    # 0.75 is drawn but never pays on these layers (64 x 30: r = 23, 2,162 > 1,920 weights)
+    assert seen >= {1.0, 0.5, 0.25} and 0.75 not in seen and forms >= {P.SVD}
     # unpruned, Kronecker layers take 1/8 of the sampled ratio (space.KRONECKER_RANK_SCALE)
     keep_all = dataclasses.replace(on, max_ratio=0.0)
     kron = set()
@@ -152,6 +163,35 @@ def test_factorization_is_off_by_default_and_a_conditional_choice_when_on():
     ext = extreme_plans(2, on)
     assert np.any((ext.rank == 0.25) & (ext.granularity == P.CHANNEL)) and np.all(ext.rank[ext.granularity != P.CHANNEL] == 1)
     assert np.any((ext.rank == 0.03125) & (ext.form == P.KRONECKER) & (ext.ratio == 0))
+
+
+def test_a_rank_pays_only_when_the_factors_hold_fewer_weights_than_the_pruned_layer():
+    fc = _dense(0, "fc", 300, 100)
+    grans = np.array([P.CHANNEL])
+    # unpruned, r (300 + 100) against 30,000: rank 0.75 (r = 75) holds as much, 0.5 (r = 50) less
+    assert not lowrank.pays(fc, (fc,), P.SVD, 0.75, np.zeros(1), grans)
+    assert lowrank.pays(fc, (fc,), P.SVD, 0.5, np.zeros(1), grans)
+    # 54 of 100 outputs pruned: 50 x 346 = 17,300 against 300 x 46 = 13,800
+    assert not lowrank.pays(fc, (fc,), P.SVD, 0.5, np.array([0.54]), grans)
+    assert lowrank.pays(fc, (fc,), P.SVD, 0.25, np.array([0.54]), grans)
+    # rank 1 and a form the layer cannot take never pay
+    assert not lowrank.pays(fc, (fc,), P.SVD, 1.0, np.zeros(1), grans)
+    assert not lowrank.pays(fc, (fc,), P.SPATIAL, 0.25, np.zeros(1), grans)
+
+
+def test_a_factorizing_space_tries_factorization_in_its_first_trials():
+    from search.study.sensitivity import warm_start_plans
+    prof = SimpleNamespace(name="p", weight_bits=(8, 16, 32), act_bits=(8, 32), nm_patterns=(), float_policy="native")
+    on, off = space_for_profile(prof, factorize=True), space_for_profile(prof)
+    assert all(np.all(p.rank == 1) for p in warm_start_plans(None, LAYERS, off))
+    plans = warm_start_plans(None, LAYERS, on)
+    # the second warm start: every layer at the largest offered rank that pays (64 x 30: 0.5, r = 15,
+    # 1,410 < 1,920; 30 x 10: 0.5, r = 5, 200 < 300), nothing pruned, int8
+    assert len(plans) == 2 and np.allclose(plans[1].rank, [0.5, 0.5]) and np.all(plans[1].ratio == 0)
+    assert np.all(plans[1].form == P.SVD) and np.all(plans[1].weight_bits == 8)
+    lowrank.check_plan(plans[1], LAYERS)
+    again = suggest_plan(optuna.trial.FixedTrial(plan_to_params(plans[1], LAYERS, on)), LAYERS, on)
+    assert np.allclose(again.rank, plans[1].rank)
 
 
 def test_plans_stored_before_factorization_load_at_full_rank():
