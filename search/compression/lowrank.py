@@ -240,8 +240,8 @@ def geometry(layers: Sequence[Layer]) -> dict[str, np.ndarray]:
     "ma", "mb" MACs of the first and second kernel per rank; "mid" elements of the intermediate
     activation per rank; "bcols" B's columns (its per-column scales) at full width;
     "pa", "pb" GEMM rows (M) of the two kernels, "ka" the first's K and "nb" the second's N at
-    full width, "kb" the second's K per rank (Kronecker: the first's M is pa * r and its N is nb;
-    see `search.cost.roofline`)."""
+    full width, "kb" the second's K per rank (Kronecker: the first kernel is r GEMMs of M = pa,
+    N = nb, K = ka; see `search.cost.roofline`)."""
     F, L = len(FORMS), len(layers)
     z = lambda: np.zeros((F, L))
     g = {k: z() for k in ("d", "wa", "wb", "ma", "mb", "mid", "bcols", "pa", "pb", "ka", "nb", "kb")}

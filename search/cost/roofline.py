@@ -244,13 +244,16 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
         # a factorized layer is two kernels of its kind, as the export writes them: A (SVD and
         # spatial: N = r, K = its kept fan-in), integer (i8: its output is not re-quantized) where
         # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
-        # form) in f32 (its input is not quantized); Kronecker: two f32 batched matmuls
+        # form) in f32 (its input is not quantized); Kronecker: two f32 batched matmuls, the first
+        # r GEMMs of [m1, m2] @ [m2, n2] per example (onnxruntime runs a broadcast MatMul as one
+        # GEMM call per batch entry: r calls, each with its fixed cost), the second one GEMM
         int_a = (wb <= 8) & (ab <= 8) & ~codebook & ~kron
         form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
-        fa = K.features(np.where(kron, geo["pa"] * rk, geo["pa"]), np.where(kron, geo["nb"], rk), geo["ka"] * keep_a)
+        fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
+                      K.features(geo["pa"], rk, geo["ka"] * keep_a))
         feats = np.where(fact[..., None], fa, K.features(m, n, k))
         second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
                   np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"]), 0.0))

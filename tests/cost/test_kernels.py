@@ -180,3 +180,20 @@ def test_shipped_profiles_say_they_are_analytic():
     for name in hw_profiles.list_profiles():
         p = hw_profiles.load_profile(name)
         assert p.kernels is None and 'latency_model = "roofline"' in open(p.source).read()
+
+
+def test_a_kronecker_layer_is_priced_as_r_gemm_calls_then_one(calibrated):
+    """onnxruntime runs the Kronecker form's broadcast MatMul as one GEMM call per stacked B_i:
+    with only a fixed cost per dense_f32 call (1 us), a 64 x 300 Dense (8 x 8 by 15 x 20) at
+    rank r costs r + 1 calls, plus the per-inference term and its one elementwise op."""
+    profile, _ = calibrated
+    coef = {k: (0.0,) * len(K.KERNEL_FEATURES) for k in KERNELS}
+    coef["dense_f32"] = (1.0,) + (0.0,) * (len(K.KERNEL_FEATURES) - 1)
+    only_calls = dataclasses.replace(profile, kernels=dataclasses.replace(
+        profile.kernels, coef=coef, inference_us=0.0))
+    fc = (dense(0, 64, 300),)
+    for rank, r in ((0.03125, 4), (0.0625, 8)):  # full rank min(8 * 15, 8 * 20) = 120: r = 3.75 -> 4, 7.5 -> 8
+        plan = P.make_plan(np.zeros(1), rank=rank, form="kronecker")
+        assert price(only_calls, fc, P.stack_plans([plan])).latency_ms[0] * 1e3 == pytest.approx(r + 1)
+    # the SVD form of the same layer: two calls whatever the rank
+    assert price(only_calls, fc, P.stack_plans([P.make_plan(np.zeros(1), rank=0.25)])).latency_ms[0] * 1e3 == pytest.approx(2)
