@@ -1,6 +1,6 @@
 """Fine-tune and evaluate K compression plans at once, with one compile per (task, K, loop).
 
-Five jitted functions serve a whole study: `prepare` (masks, codebooks, activation ranges,
+Five jitted functions (built in search.engine.programs) serve a whole study: `prepare` (masks, codebooks, activation ranges,
 adaptive BN statistics, optimizer state for K plans), `step` (one fine-tune step of K plans;
 with the "fused" loop, `train_n`: up to a chunk of those steps in one `lax.while_loop` on the
 device, so the device does not wait for the host between steps), `refresh` (halfway through
@@ -32,21 +32,17 @@ import numpy as np
 import optax
 
 from models.task import Task
-from models.train import augment
-from search.compression import codebook
 from search.compression import compress
 from search.compression import lowrank
-from search.compression import masks as masks_lib
 from search.errors import UserError
-from search.engine import choice
+from search.engine import choice, programs
 from search.engine.choice import forget_measured_k  # noqa: F401  (re-exported: tests and benches use it)
 from search.engine.config import FinetuneConfig
 from search.engine.schedule import mask_updates
 from search.engine.rungs import GroupRun, RungCallback, run_in_rungs
-from search.engine.steps import (batch_table, distill_loss, masked, node, once_per_trial_options,
-                                 over_plans, set_node)
+from search.engine.steps import batch_table, node
 from search.compression.layers import Layer, discover_layers, task_model
-from search.compression.plan import CODEBOOK, Plan, dense_plan, stack_plans, unstack_plans, validate_plan
+from search.compression.plan import Plan, dense_plan, stack_plans, unstack_plans, validate_plan
 
 
 @dataclass(frozen=True)
@@ -88,13 +84,8 @@ TIMED_RUN_SECONDS = 0.1  # each timed run of the K and loop choice lasts about t
 
 # jitted functions shared by every Engine of the same model, loss, metric, config and K, so a
 # study that builds a new Engine per batch of trials still compiles once
-_FN_CACHE: dict[tuple, tuple] = {}
+_FN_CACHE: dict[tuple, programs.Programs] = {}
 _FN_CACHE_SIZE = 16
-
-# learned activation ranges train log-scale offsets at this many times the weights' learning
-# rate: with Adam's unit-size steps, 5e-4 a step moved a range of 10 by at most 0.1 in 200 steps
-LEARNED_RANGE_RATE = 10.0
-
 
 class Engine:
     """Compress and fine-tune plans for one task; see the module docstring."""
@@ -163,154 +154,15 @@ class Engine:
         if k in self._fns:
             return self._fns[k]
         key = self._cache_key(k)
-        if key in _FN_CACHE:
-            self._fns[k], self._refresh[k], self._remask[k], self._fused[k] = _FN_CACHE[key]
-            return self._fns[k]
-        model, layers, task, cfg, opt = self.model, self.layers, self.task, self.config, self._opt
-        factorizing = self._have_bases  # without it, no plan factorizes: no projection in the programs
-
-        def prepare_one(plan, base, calib, bn_x, share, bases, any_lr):
-            # `share` of the plan's ratio pruned now: 1, or 0 where gradual pruning starts dense
-            # (codebook layers are always pruned at once: their kernels become centroids here)
-            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)  # [L]
-            masks = masks_lib.compute_masks(base, layers, _scaled(plan, use, share))
-            # one k-means loop for every layer, skipped (K = 1) when no layer uses a codebook
-            ws = [node(base, l)["kernel"] for l in layers]
-            ms = [masks[l.name] for l in layers]
-            c_all, a_all = jax.lax.cond(
-                jnp.any(use), lambda: codebook.kmeans_codebooks(ws, ms, plan.weight_bits),
-                lambda: (jnp.zeros((len(layers), codebook.SLOTS), ws[0].dtype),
-                         [jnp.zeros(w.shape, jnp.int32) for w in ws]))
-            assign = {l.name: jnp.where(use[l.index], a_all[l.index], 0) for l in layers}
-            masked = [w * m for w, m in zip(ws, ms)]
-            L = len(layers)
-            wscale = dict(zip((l.name for l in layers), compress.weight_scales(masked, plan.weight_bits)))
-            # a codebook layer's kernel holds its centroids from here on (compress.effective_kernels)
-            ks = compress.codebook_kernels(masked, ms, c_all, [assign[l.name] for l in layers], use)
-            params = base
-            for l, k in zip(layers, ks):
-                params = set_node(params, l, {**node(params, l), "kernel": k})
-            q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
-            # each factorizable layer's basis cut to the plan's rank, fixed for the trial
-            qm = {lowrank.basis_key(l.name, f): lowrank.masked_basis(bases[lowrank.basis_key(l.name, f)], plan.rank[l.index])
-                  for l in layers if factorizing for f in lowrank.forms_of(l)}
-            eff = compress.effective_params(params, masks, q0, layers, plan, None, qm, any_lr)
-            bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else {}  # adaptive BN (EagleEye)
-            lo, hi = compress.calibrate_ranges(model, layers, eff, calib, bn)
-            trainable = {"params": params}
-            if learned:  # log-scale offsets of the calibrated ranges, trained with the weights
-                trainable["act"] = {"lo": jnp.zeros(L), "hi": jnp.zeros(L)}
-            frozen = {"masks": masks, "q": compress.QuantState(assign, wscale, lo, hi), "bn": bn, "lowrank": qm}
-            return trainable, opt.init(trainable), frozen, jnp.array(True)
-
-        learned = cfg.act_ranges == "learned"
-
-        def forward(trainable, frozen, plan, x, any_cb, any_lr):
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, any_cb,
-                                            frozen["lowrank"], any_lr)
-            lo, hi = act_ranges(trainable, frozen["q"])
-            return compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"], learned)
-
-        def loss_one(trainable, frozen, plan, x, y, teacher, any_cb, any_lr):
-            out = forward(trainable, frozen, plan, x, any_cb, any_lr)
-            loss = task.loss(out, y)
-            if cfg.distill:
-                loss = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(out, teacher, cfg.temperature, task)
-            return loss
-
-        def step_one(trainable, opt_state, frozen, finite, plan, x, y, teacher, any_cb, any_lr):
-            loss, grads = jax.value_and_grad(loss_one)(trainable, frozen, plan, x, y, teacher, any_cb, any_lr)
-            updates, opt_state = opt.update(grads, opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
-            # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
-            # Adam's moments may move them): one read of each mask per step, fused with the update
-            trainable = {**trainable, "params": masked(trainable["params"], frozen["masks"], layers)}
-            return trainable, opt_state, finite & jnp.isfinite(loss)
-
-        # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
-        step_k = over_plans(step_one, k, (0, 0, 0, 0, 0, None, None, None, None, None), single_in=(0, 1, 2, 3),
-                             single_out=True)
-
-        crop, flip = (task.train.crop, task.train.flip) if cfg.augment else (0, False)
-
-        def step(state, t, frozen, plans, base, xs, ys, table, aug_key):
-            idx = table[t]
-            x, y = xs[idx], ys[idx]
-            if crop or flip:  # the task's own training augmentation, drawn anew every step
-                x = augment(x, jax.random.fold_in(aug_key, t), crop, flip)
-            teacher = model.apply(base, x) if cfg.distill else None
-            trainable, opt_state, finite = state
-            # whether any plan of the group trains a codebook: one unbatched flag, so that a
-            # group without one skips the cluster gradients (compress.effective_kernels)
-            any_cb = jnp.any(compress.weight_branch(plans.weight_bits, plans.quant_mode) == compress.W_CODEBOOK)
-            return step_k(trainable, opt_state, frozen, finite, plans, x, y, teacher, any_cb, compress.lowrank_flags(plans)), t + 1
-
-        def train_n(state, t, n, frozen, plans, base, xs, ys, table, aug_key):
-            # the fused loop: n steps in one device call (n is traced: one compile for every
-            # chunk length); it stops early once every plan of the group has diverged
-            def cond(c):
-                return (c[0] < n) & jnp.any(c[1][0][2])
-
-            def body(c):
-                return c[0] + 1, step(c[1][0], c[1][1], frozen, plans, base, xs, ys, table, aug_key)
-
-            return jax.lax.while_loop(cond, body, (jnp.int32(0), (state, t)))[1]
-
-        def evaluate_one(trainable, frozen, plan, x, y, any_lr):
-            # also the effective params and whether every trained value is finite, so that
-            # return_models and the NaN check need no compiles of their own
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, None,
-                                            frozen["lowrank"], any_lr)
-            lo, hi = act_ranges(trainable, frozen["q"])
-            out = compress.quantized_apply(model, layers, eff, lo, hi, plan.act_bits, x, frozen["bn"])
-            ok = jnp.all(jnp.isfinite(jnp.concatenate([a.ravel() for a in jax.tree.leaves(trainable)])))
-            return task.metric(out, y), (eff, lo, hi), ok
-
-        def refresh_one(trainable, frozen, plan, calib, bn_x, any_lr):
-            # what prepare fixed from the freshly compressed weights, estimated again on the
-            # weights now: BatchNorm statistics (adaptive BN) and activation ranges
-            eff = compress.effective_params(trainable["params"], frozen["masks"], frozen["q"], layers, plan, None,
-                                            frozen["lowrank"], any_lr)
-            bn = model.bn_statistics(eff, bn_x) if cfg.adaptive_bn else frozen["bn"]
-            q = frozen["q"]
-            # learned ranges are offsets of the calibrated ones: recalibrating would move them
-            lo, hi = (q.act_lo, q.act_hi) if learned else compress.calibrate_ranges(model, layers, eff, calib, bn)
-            return {**frozen, "bn": bn, "q": compress.QuantState(q.assign, q.w_scale, lo, hi)}
-
-        def remask_one(trainable, frozen, plan, share):
-            # gradual pruning (search.engine.schedule): masks and weight scales from the weights
-            # now, at `share` of the plan's ratio; codebook layers keep theirs
-            use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)
-            new = masks_lib.compute_masks(trainable["params"], layers, _scaled(plan, use, share))
-            ms = {l.name: jnp.where(use[l.index], frozen["masks"][l.name], new[l.name]) for l in layers}
-            params = masked(trainable["params"], ms, layers)
-            ws = compress.weight_scales([node(params, l)["kernel"] for l in layers], plan.weight_bits)
-            q = frozen["q"]
-            q = compress.QuantState(q.assign, dict(zip((l.name for l in layers), ws)), q.act_lo, q.act_hi)
-            return {**trainable, "params": params}, {**frozen, "masks": ms, "q": q}
-
-        once = once_per_trial_options()
-        self._remask[k] = jax.jit(over_plans(remask_one, k, (0, 0, 0, None), single_in=(0, 1), single_out=True),
-                                  compiler_options=once)
-        # prepare, refresh and evaluate take the group's unbatched per-form "any plan factorizes" flags
-        # (compress.effective_params), computed from the plans as the step computes its own
-        refresh_k = over_plans(refresh_one, k, (0, 0, 0, None, None, None), single_in=(0, 1), single_out=True)
-        self._refresh[k] = jax.jit(lambda tr, fr, plans, calib, bn_x: refresh_k(tr, fr, plans, calib, bn_x, compress.lowrank_flags(plans)),
-                                   compiler_options=once)
-        prepare_k = over_plans(prepare_one, k, (0, None, None, None, None, None, None), single_out=True)
-        evaluate_k = over_plans(evaluate_one, k, (0, 0, 0, None, None, None), single_in=(0, 1))
-        fns = (
-            jax.jit(lambda plans, base, calib, bn_x, share, bases: prepare_k(plans, base, calib, bn_x, share, bases,
-                                                                              compress.lowrank_flags(plans)), compiler_options=once),
-            jax.jit(step, donate_argnums=(0,)),
-            jax.jit(lambda tr, fr, plans, x, y: evaluate_k(tr, fr, plans, x, y, compress.lowrank_flags(plans)), compiler_options=once),
-        )
-        self._fns[k] = fns
-        self._fused[k] = jax.jit(train_n, donate_argnums=(0,))
-        if len(_FN_CACHE) >= _FN_CACHE_SIZE:
-            _FN_CACHE.pop(next(iter(_FN_CACHE)))
-        _FN_CACHE[key] = (fns, self._refresh[k], self._remask[k], self._fused[k])
-        return fns
+        if key not in _FN_CACHE:
+            if len(_FN_CACHE) >= _FN_CACHE_SIZE:
+                _FN_CACHE.pop(next(iter(_FN_CACHE)))
+            _FN_CACHE[key] = programs.build(self.model, self.layers, self.task, self.config, self._opt, k,
+                                            self._have_bases)
+        p = _FN_CACHE[key]
+        self._fns[k] = (p.prepare, p.step, p.evaluate)
+        self._refresh[k], self._remask[k], self._fused[k] = p.refresh, p.remask, p.fused
+        return self._fns[k]
 
     # ---- public API ----------------------------------------------------------------------
     def run(self, plans: Plan | Sequence[Plan], return_models: bool = False, split: str = "val",
@@ -546,20 +398,6 @@ class Engine:
         if loop == "fused":  # the first chunks of a fused run last about CHUNK_SECONDS
             self._chunk = int(np.clip(CHUNK_SECONDS / max(best * k, 1e-6), 1, 1000))
         return float(best)
-
-
-def act_ranges(trainable: dict, q: compress.QuantState) -> tuple[jax.Array, jax.Array]:
-    """([L] lo, [L] hi) each layer's input is quantized on: the calibrated range, times
-    exp(LEARNED_RANGE_RATE * offset) where FinetuneConfig.act_ranges == "learned"."""
-    if "act" not in trainable:
-        return q.act_lo, q.act_hi
-    a = trainable["act"]
-    return (q.act_lo * jnp.exp(LEARNED_RANGE_RATE * a["lo"]), q.act_hi * jnp.exp(LEARNED_RANGE_RATE * a["hi"]))
-
-
-def _scaled(plan: Plan, use: jax.Array, share: jax.Array) -> Plan:
-    """The plan with `share` of its ratio, except the layers where `use` is set."""
-    return dataclasses.replace(plan, ratio=jnp.where(use, plan.ratio, plan.ratio * share))
 
 
 def _reasons(finite: np.ndarray) -> list[str | None]:
