@@ -132,8 +132,9 @@ def insensitivity_ratios(sens: dict[str, Any], layers: Sequence[Layer], target: 
 
 def warm_start_plans(sens: dict[str, Any] | None, layers: Sequence[Layer], space: Space) -> list[P.Plan]:
     """The first trials: uniform int8 (and, where the space factorizes, uniform int8 with every
-    factorizable layer at its smallest weight-saving rank, `factorized_warm_start`), then int8 pruning weighted by insensitivity at a few
-    target sparsities, and a Deep Compression-like plan (90% pruning, 5-bit codebook)."""
+    factorizable layer at the largest offered rank that saves weights, `factorized_warm_start`),
+    then int8 pruning weighted by insensitivity at a few target sparsities, and a Deep
+    Compression-like plan (90% pruning, 5-bit codebook)."""
     n = len(layers)
     w8 = nearest_bits(8, space.weight_bits)
     a8 = nearest_bits(8, space.act_bits)
