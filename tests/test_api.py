@@ -69,3 +69,24 @@ def test_compress_names_a_bad_objective(trained, tmp_path):
     with pytest.raises(UserError, match="unknown objective 'speed'"):
         compress(model, None, data, loss, accuracy, "mobile-cpu", objectives=("quality", "speed"),
                  results_dir=str(tmp_path))
+
+
+def test_a_hand_built_plan_is_priced_and_exported_as_the_readme_shows(tmp_path):
+    """The README's "A plan of your own": make_plan by names, price, export_plan; the export's
+    quantized size is the price's size_kb."""
+    import models
+    from models.train import train_baseline
+    from search import Engine, FinetuneConfig, export_plan, make_plan, price
+    from tests.support import shared_cache
+
+    task = models.get_task("lenet300", "digits")
+    variables, _ = train_baseline(task, cache_dir=str(shared_cache()))
+    engine = Engine(task, variables, FinetuneConfig(steps=2, k=1))
+    assert [l.name for l in engine.layers] == ["fc1", "fc2", "fc3"]
+    plan = make_plan([0.5, 0.0, 0.0], "channel", weight_bits=8, act_bits=8, rank=[0.5, 1.0, 1.0], form="svd")
+    cost = price("mobile-cpu", engine.layers, plan)
+    result = export_plan(task, variables, plan, tmp_path / "mine", engine=engine, profile="mobile-cpu")
+    assert result.config["size"]["bytes_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 1024)
+    assert result.config["layers"][0]["rank"] == 32 and result.onnx_agreement >= 0.99
+    with pytest.raises(ValueError, match=r"^plan.rank of layer fc2 is 1.5; a rank ratio lies in \(0, 1\]"):
+        price("mobile-cpu", engine.layers, make_plan([0.5, 0.0, 0.0], "channel", rank=[1.0, 1.5, 1.0]))

@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="final fine-tune steps, cosine learning-rate decay (default: 5x the study's fine-tune steps; "
-                   "0: compress only); config.json records the quality before and after it")
+                   "0: compress only; the study's own steps: the search's fine-tune, its schedule too); "
+                   "config.json records the quality before and after it")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="results root: studies.db and the baseline cache (default results)")
@@ -88,5 +89,5 @@ def retrain_lines(config: dict) -> list[str]:
     lines.append(f"{metric} after, exported ({a['steps']} steps): {q(a)}")
     if b is not None and b["val"] is not None and a["val"] < b["val"]:
         lines.append(f"warning: the retrain lowered validation {metric}; pass --finetune-steps {b['steps']} "
-                     "to export at the search's budget")
+                     "to export the search's own fine-tune (its steps and schedule)")
     return lines

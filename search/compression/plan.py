@@ -106,24 +106,35 @@ def unstack_plans(plan: Plan) -> list[Plan]:
     return [jax.tree.map(lambda a: np.asarray(a)[i], plan) for i in range(k)]
 
 
-def validate_plan(plan: Plan) -> None:
-    """Raise ValueError naming the field and value when a plan is out of range."""
+def validate_plan(plan: Plan, layers: Sequence | None = None) -> None:
+    """Raise ValueError (one line) naming the field, the first layer with a bad value (its name
+    from `layers`, else its index) and the allowed values, when a plan [L] or [K, L] is out of
+    range."""
+    def where(bad: np.ndarray) -> tuple[str, tuple[int, ...]]:
+        """(the first bad layer's name or index, its position in the plan's arrays)"""
+        i = tuple(int(x) for x in np.argwhere(bad)[0])
+        return (layers[i[-1]].name if layers is not None and i[-1] < len(layers) else str(i[-1])), i
+
     r = np.asarray(plan.ratio)
-    if np.any(r < 0) or np.any(r > MAX_RATIO) or not np.all(np.isfinite(r)):
-        raise ValueError(f"plan.ratio must lie in [0, {MAX_RATIO}], got {r.min()}..{r.max()}")
+    bad = ~(np.isfinite(r) & (r >= 0) & (r <= MAX_RATIO))
+    if np.any(bad):
+        name, i = where(bad)
+        raise ValueError(f"plan.ratio of layer {name} is {r[i]}; a prune ratio lies in [0, {MAX_RATIO}]")
     k = np.asarray(plan.rank)
     bad = ~(np.isfinite(k) & (k > 0) & (k <= 1))
     if np.any(bad):
-        layer = int(np.argwhere(bad)[0][-1])
-        raise ValueError(f"plan.rank of layer {layer} is {k[bad].ravel()[0]}; a rank ratio lies in (0, 1] (1 = not factorized)")
-    for name, allowed in (
-        ("granularity", tuple(GRANULARITIES.values())),
-        ("weight_bits", WEIGHT_BITS),
-        ("act_bits", ACT_BITS),
-        ("quant_mode", tuple(QUANT_MODES.values())),
-        ("form", tuple(FORMS.values())),
+        name, i = where(bad)
+        raise ValueError(f"plan.rank of layer {name} is {k[i]}; a rank ratio lies in (0, 1] (1 = not factorized)")
+    for field, allowed, names in (
+        ("granularity", tuple(GRANULARITIES.values()), GRANULARITIES),
+        ("weight_bits", WEIGHT_BITS, None),
+        ("act_bits", ACT_BITS, None),
+        ("quant_mode", tuple(QUANT_MODES.values()), QUANT_MODES),
+        ("form", tuple(FORMS.values()), FORMS),
     ):
-        v = np.asarray(getattr(plan, name))
-        bad = sorted(set(np.unique(v).tolist()) - set(allowed))
-        if bad:
-            raise ValueError(f"plan.{name} has {bad}; allowed values are {list(allowed)}")
+        v = np.asarray(getattr(plan, field))
+        bad = ~np.isin(v, allowed)
+        if np.any(bad):
+            name, i = where(bad)
+            legal = ", ".join(f"{c} = {n}" for n, c in names.items()) if names else ", ".join(map(str, allowed))
+            raise ValueError(f"plan.{field} of layer {name} is {v[i]}; allowed values are {legal}")

@@ -278,9 +278,9 @@ def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan
     prices rows of per-layer choices that are not plans to run (the search space's uniform
     candidates, search.study.space.extreme_plans, as min_costs does): a layer given a form
     its shape does not take is priced unfactorized."""
-    if check:
-        P.validate_plan(plans)
+    if check:  # as the engine checks: the factorization's errors first, naming the layer and its forms
         lowrank.check_plan(plans, layers)
+        P.validate_plan(plans, layers)
     profile = load_profile(profile)
     parts = _parts(profile, layers, plans)
     lat_ms = parts["lat"] * 1e3

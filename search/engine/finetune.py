@@ -226,7 +226,7 @@ class Engine:
                             f"({', '.join(l.name for l in self.layers)}); build plans from engine.layers")
         try:
             lowrank.check_plan(plans, self.layers)  # first: its errors name the layer
-            validate_plan(plans)
+            validate_plan(plans, self.layers)
         except ValueError as e:
             raise UserError(str(e)) from None
         if not self._have_bases and np.any(np.asarray(plans.rank) < 1):

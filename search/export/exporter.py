@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -214,8 +215,12 @@ def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.nd
 def retrain_config(search: FinetuneConfig, steps: int | None = None) -> FinetuneConfig:
     """The export's final fine-tune of a plan the search fine-tuned with `search`: `steps`
     (None: RETRAIN_FACTOR x search.steps) with the learning rate decaying to 0 on a cosine
-    (Loshchilov & Hutter 2017), one plan at a time; everything else as the search's."""
+    (Loshchilov & Hutter 2017), one plan at a time; everything else as the search's. At the
+    search's own step count it is the search's fine-tune, schedule included (so an export can
+    reproduce the trial the search measured)."""
     n = RETRAIN_FACTOR * search.steps if steps is None else int(steps)
+    if n == search.steps:
+        return dataclasses.replace(search, k=1)
     return dataclasses.replace(search, steps=n, schedule="cosine", k=1)
 
 
@@ -313,7 +318,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     agree = float(np.mean(np.argmax(onnx_out, -1) == np.argmax(flax_out, -1))) if task.data.kind == "classification" else float("nan")
 
     breakdown = _size(layers, params, cm.masks, cm.plan, cm.weight_scales, factors)
-    (out_dir / "size.json").write_text(json.dumps(breakdown, indent=1, default=_json))
+    (out_dir / "size.json").write_text(_strict_json(breakdown))
     searched_costs = None
     if shape != tuple(task.data.input_shape):
         # a model trained on patches is deployed on whole images: the search's costs are the
@@ -369,7 +374,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
         "size": breakdown["total"],
         "export_seconds": time.perf_counter() - t0,
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=_json))
+    (out_dir / "config.json").write_text(_strict_json(config))
     return ExportResult(out_dir, quality, reload_quality, onnx_quality, diff, agree, config)
 
 
@@ -392,6 +397,25 @@ def _json(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     return str(v)
+
+
+def _finite(v: Any) -> Any:
+    """v with numpy values as Python ones and NaN or infinite floats as None, recursively."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (np.generic, np.ndarray)):
+        return _finite(_json(v))
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _strict_json(v: Any) -> str:
+    """Standard JSON (RFC 8259, what JSON.parse reads): a value that is not a number (a PSNR
+    model's class agreement, an unbounded figure) is written as null, not NaN or Infinity."""
+    return json.dumps(_finite(v), indent=1, default=_json, allow_nan=False)
 
 
 def _price(profile: HardwareProfile | str | Path, layers, plan: Plan) -> dict:

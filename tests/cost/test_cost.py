@@ -209,8 +209,13 @@ def test_plans_nothing_runs_are_refused_in_one_line_not_priced():
     outside (0, 1], and a form the layer's shape does not take."""
     layers = (dense(0, 100, 50), dense(1, 50, 7))  # 7 is prime: fc1 has no Kronecker split
     for rank in (1.5, 0.0, -1.0):
-        with pytest.raises(ValueError, match=r"plan.rank of layer .* a rank ratio lies in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"^plan.rank of layer fc0 is .*; a rank ratio lies in \(0, 1\]"):
             price("xeon", layers, P.make_plan(np.zeros(2), rank=[rank, 1.0]))
+    # out-of-range fields name the layer and the allowed values (codes with their names)
+    with pytest.raises(ValueError, match=r"^plan.form of layer fc1 is 7; allowed values are 0 = svd, 1 = spatial, 2 = kronecker$"):
+        price("xeon", layers, P.make_plan(np.zeros(2), form=[0, 7]))
+    with pytest.raises(ValueError, match=r"^plan.weight_bits of layer fc0 is 9; allowed values are 1, 2, .*, 16, 32$"):
+        price("xeon", layers, P.make_plan(np.zeros(2), weight_bits=[9, 8]))
     with pytest.raises(ValueError, match=r"^plan.rank 0.5 factorizes layer fc0 in form spatial, but .*; its forms: svd, kronecker$"):
         price("xeon", layers, P.make_plan(np.zeros(2), rank=[0.5, 1.0], form=P.SPATIAL))
     with pytest.raises(ValueError, match=r"layer fc1 in form kronecker, but .* 50 x 7 does not; its forms: svd$"):

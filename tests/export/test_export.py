@@ -4,6 +4,7 @@ agrees with Flax and really has the smaller matrices; bad input gives one-line e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -264,6 +265,8 @@ def test_the_default_retrain_budget_is_the_one_the_cli_names():
     assert (r.steps, r.schedule, r.k) == (RETRAIN_FACTOR * 300, "cosine", 1)
     assert (r.learning_rate, r.distill) == (1e-3, True)  # the rest as the search's
     assert retrain_config(ft, 0).steps == 0 and retrain_config(ft, 7).steps == 7
+    # at the search's own steps, the search's fine-tune (its schedule), which the export warning advises
+    assert retrain_config(ft, 300) == dataclasses.replace(ft, k=1)
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
     help_text = next(a.help for a in sub._actions if a.dest == "finetune_steps")

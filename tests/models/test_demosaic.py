@@ -4,6 +4,8 @@ set's splits, the bilinear reference scored exactly as the model is, and a tiny 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import flax.linen as nn
 import jax
@@ -179,6 +181,13 @@ def test_search_result_exports(searched, tmp_path):
     q = result.config["quality"]
     assert q["test"] == q["test_reloaded"] and abs(q["test_onnx"] - q["test"]) < 0.05
     assert (tmp_path / "export" / "model.onnx").is_file()
+    # standard JSON (what JSON.parse reads): a PSNR model's class agreement is null, not NaN
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    for name in ("config.json", "size.json"):
+        written = json.loads((tmp_path / "export" / name).read_text(), parse_constant=no_constants)
+    assert written is not None and math.isnan(q["onnx_agreement"])
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["quality"]["onnx_agreement"] is None
     # trained on patches, exported for whole images: predicted at the exported input, the search's
     # patch costs kept beside
     image = tuple(task.data.x_test.shape[1:])
