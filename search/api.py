@@ -21,6 +21,7 @@ from hw_profiles import Budget, HardwareProfile
 from models.task import Dataset, LossFn, MetricFn, Task
 from search.compression import plan as P
 from search.cost import budget as B
+from search.cost.roofline import price
 from search.engine.config import FinetuneConfig, check_k_and_loop
 from search.engine.finetune import Engine
 from search.errors import UserError
@@ -201,6 +202,19 @@ def _open(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec
     return open_study(name, storage, dataclasses.replace(spec, n_trials=budget))[0], done, budget, spec
 
 
+def _priced_warm_starts(ctx: SearchContext, plans: list[P.Plan]) -> list[P.Plan]:
+    """The warm-start plans without a factorized one (search.study.sensitivity.
+    factorized_warm_start, the second) that the profile prices no cheaper than its unfactorized
+    twin (the first, uniform int8) on any of the study's cost objectives: it would only lose
+    quality (a DemosaicNet on mobile-npu: two kernels per conv cost more latency and memory)."""
+    if not ctx.space.factorize or len(plans) < 2 or not np.any(np.asarray(plans[1].rank) < 1):
+        return plans
+    keys = [k for k in ctx.objectives if k != "quality"]
+    costs = price(ctx.profile, ctx.layers, P.stack_plans(plans[:2]))
+    cheaper = any(float(np.asarray(getattr(costs, k))[1]) < float(np.asarray(getattr(costs, k))[0]) for k in keys)
+    return plans if cheaper else plans[:1] + plans[2:]
+
+
 def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, float],
                 seeds: Callable[[P.Plan | None], list[P.Plan]], warm: bool) -> None:
     """New study: store layers, baseline and sensitivity; enqueue the budget's seed plans
@@ -215,7 +229,7 @@ def _initialize(study: optuna.Study, ctx: SearchContext, min_costs: dict[str, fl
     if warm and "sensitivity" not in study.user_attrs:
         sens = cached_sensitivity(ctx.engine, ctx.layers, float(info["val_metric"]),
                                   Path(ctx.study.results_dir, "cache"), info.get("cache_key"))
-        warm_plans = warm_start_plans(sens, ctx.layers, ctx.space)
+        warm_plans = _priced_warm_starts(ctx, warm_start_plans(sens, ctx.layers, ctx.space))
     if not study.get_trials(deepcopy=False):  # a set-up interrupted after enqueueing does not enqueue twice
         for plan in seeds(P.stack_plans(warm_plans) if warm_plans else None):
             study.enqueue_trial(plan_to_params(plan, ctx.layers, ctx.space), user_attrs={"budget_seed": True})

@@ -213,3 +213,21 @@ def test_factorize_is_a_space_option_the_study_record_keeps():
     assert StudySpec.from_attrs(spec.to_attrs()).space == spec.space
     plain = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu")
     assert not plain.space.factorize and "ranks" not in plain.to_attrs()["space"]
+
+
+def test_a_factorized_warm_start_no_cheaper_than_plain_int8_is_not_tried():
+    """Three 3x3 convs at 24x24 on mobile-npu (DemosaicNet's shape): factorized, each is two
+    kernels with an intermediate, dearer in latency and memory than plain int8, only smaller."""
+    from hw_profiles import load_profile
+    from search.api import _priced_warm_starts
+    from search.study.sensitivity import warm_start_plans
+    from tests.cost.test_kernels import _conv
+
+    convs = (_conv(0, 4, 32, 24), _conv(1, 32, 32, 24, src=0), _conv(2, 32, 32, 24, src=1))
+    npu = load_profile("mobile-npu")
+    space = space_for_profile(npu, factorize=True)
+    plans = warm_start_plans(None, convs, space)
+    assert len(plans) == 2 and np.any(plans[1].rank < 1)
+    ctx = lambda objectives: SimpleNamespace(space=space, objectives=objectives, profile=npu, layers=convs)
+    assert _priced_warm_starts(ctx(("quality", "latency_ms", "memory_kb")), plans) == plans[:1]
+    assert _priced_warm_starts(ctx(("quality", "size_kb")), plans) == plans
