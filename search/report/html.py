@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from search.report.text import baseline_line, finetune_line, fmt, quality_note, table_header, table_rows
-from search.report.view import StudyView, counts, heat_data, scatter_axes, sensitivity_frame
+from search.report.view import StudyView, counts, heat_data, rank_data, scatter_axes, sensitivity_frame
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: `import search.api` does not pay for it
     import plotly.graph_objects as go
@@ -76,13 +76,20 @@ def heatmap_figure(view: StudyView) -> go.Figure:
     from plotly.subplots import make_subplots
 
     bits, ratio = heat_data(view)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("weight bits", "prune ratio"), horizontal_spacing=0.12)
+    ranks = rank_data(view)
+    titles = ("weight bits", "prune ratio") + (() if ranks is None else ("rank ratio (s spatial, k Kronecker)",))
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.12)
     fig.add_trace(go.Heatmap(z=np.log2(bits.values.astype(float)), x=list(bits.columns), y=list(bits.index),
                              colorscale="Viridis", zmin=0, zmax=5, text=bits.values, texttemplate="%{text}",
                              hovertemplate="%{y} %{x}: %{text} bits<extra></extra>",
-                             colorbar=dict(x=0.44, tickvals=list(range(6)), ticktext=[str(2**k) for k in range(6)])), 1, 1)
+                             colorbar=dict(x=0.44 if ranks is None else 0.27, tickvals=list(range(6)), ticktext=[str(2**k) for k in range(6)])), 1, 1)
     fig.add_trace(go.Heatmap(z=ratio.values, x=list(ratio.columns), y=list(ratio.index), colorscale="Magma",
-                             reversescale=True, zmin=0, zmax=1, texttemplate="%{z:.2f}"), 1, 2)
+                             reversescale=True, zmin=0, zmax=1, texttemplate="%{z:.2f}",
+                             colorbar=dict(x=1.02 if ranks is None else 0.64)), 1, 2)
+    if ranks is not None:  # a factorizing study; blank where a layer is not factorized
+        fig.add_trace(go.Heatmap(z=ranks[0].values, x=list(ranks[0].columns), y=list(ranks[0].index), colorscale="Cividis",
+                                 zmin=0, zmax=1, text=ranks[1].values, texttemplate="%{text}",
+                                 hovertemplate="%{y} %{x}: rank ratio %{z:.3g} %{text}<extra></extra>"), 1, 3)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title="Per-layer plan across the front", height=max(300, 40 * len(bits.index) + 150))
     return fig

@@ -14,7 +14,7 @@ import numpy as np
 
 from search.report.atomic import write_atomically
 from search.report.text import fmt
-from search.report.view import StudyView, heat_data, scatter_axes, sensitivity_frame
+from search.report.view import StudyView, heat_data, rank_data, scatter_axes, sensitivity_frame
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,20 +68,24 @@ def layer_heatmap(view: StudyView, path: Path) -> Path:
     """Weight bits (log2 colour scale) and prune ratio per layer (rows) across the front
     (columns, best quality first, labelled with trial and quality)."""
     bits, ratio = heat_data(view)
+    ranks = rank_data(view)
     labels = [f"#{t}\n{q:.3g}" for t, q in zip(view.front["trial"], view.front["quality"])]
     w = min(14.0, max(4.0, 0.5 * bits.shape[1] + 2.5))
     h = max(2.5, 0.4 * bits.shape[0] + 1.6)
-    fig, axes = _subplots(1, 2, figsize=(2 * w, h))
-    panels = ((axes[0][0], np.log2(bits.to_numpy(float)), bits.to_numpy(float), "weight bits", "viridis", (0, 5), "{:.0f}"),
-              (axes[0][1], ratio.to_numpy(float), ratio.to_numpy(float), "prune ratio", "magma_r", (0, 1), "{:.2f}"))
-    for ax, colour, text, title, cmap, (lo, hi), cell in panels:
+    fig, axes = _subplots(1, 2 if ranks is None else 3, figsize=((2 if ranks is None else 3) * w, h))
+    fmt = lambda a, cell: np.vectorize(cell.format, otypes=[str])(a) if a.size else a.astype(str)
+    panels = [(axes[0][0], np.log2(bits.to_numpy(float)), fmt(bits.to_numpy(float), "{:.0f}"), "weight bits", "viridis", (0, 5)),
+              (axes[0][1], ratio.to_numpy(float), fmt(ratio.to_numpy(float), "{:.2f}"), "prune ratio", "magma_r", (0, 1))]
+    if ranks is not None:  # a factorizing study: the rank ratio (s: spatial, k: Kronecker), blank at rank 1
+        panels.append((axes[0][2], ranks[0].to_numpy(float), ranks[1].to_numpy(str), "rank ratio", "cividis", (0, 1)))
+    for ax, colour, text, title, cmap, (lo, hi) in panels:
         im = ax.imshow(colour, aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
         ax.set_yticks(range(len(bits.index)), bits.index)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         if text.size <= 400:
             for (i, j), v in np.ndenumerate(text):
-                dark = (colour[i, j] - lo) / (hi - lo) < 0.5 if cmap == "viridis" else (colour[i, j] - lo) / (hi - lo) > 0.5
-                ax.text(j, i, cell.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+                dark = (colour[i, j] - lo) / (hi - lo) > 0.5 if cmap == "magma_r" else (colour[i, j] - lo) / (hi - lo) < 0.5
+                ax.text(j, i, v, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_title(f"{title} across the front (columns: trial, quality)", fontsize=9)
         bar = fig.colorbar(im, ax=ax, shrink=0.8)
         if title == "weight bits":

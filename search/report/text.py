@@ -113,6 +113,11 @@ def markdown(view: StudyView) -> str:
              f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
     if view.spec is not None:
         lines.append(f"- fine-tuning: {finetune_line(view.spec)}")
+        sp = view.spec.space
+        lines.append(f"- space: pruning {', '.join(sp.granularities)}; weight bits {', '.join(map(str, sp.weight_bits))}; "
+                     f"activation bits {', '.join(map(str, sp.act_bits))}; "
+                     + (f"factorization (--factorize) at rank ratios {', '.join(f'{r:g}' for r in sp.ranks if r < 1)}, "
+                        f"forms {', '.join(sp.forms)}" if sp.factorize else "no factorization"))
     if view.baseline:
         lines.append(f"- quality: {quality_note(view)}")
     if view.baseline or view.dense:

@@ -296,6 +296,24 @@ def heat_data(view: StudyView) -> tuple[pd.DataFrame, pd.DataFrame]:
     return bits, ratio
 
 
+def rank_data(view: StudyView) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(rank ratio, its label) per layer (rows) for each front trial (columns, as heat_data's),
+    the label marking the form as the layers column does ("0.25s" spatial, "0.06k" Kronecker,
+    "" unfactorized); None when no front plan factorizes a layer."""
+    f = view.front
+    names = list(view.layer_names)
+    if f.empty or not names or f"{names[0]}.rank" not in f:
+        return None
+    cols = [f"#{t}" for t in f["trial"]]
+    rank = pd.DataFrame([[float(v) for v in f[f"{n}.rank"]] for n in names], index=names, columns=cols)
+    if not (rank.to_numpy() < 1).any():
+        return None
+    mark = {"spatial": "s", "kronecker": "k"}
+    label = pd.DataFrame([[f"{r:.2f}{mark.get(str(fm), '')}" if r < 1 else "" for r, fm in zip(rank.loc[n], f[f"{n}.form"])]
+                          for n in names], index=names, columns=cols)
+    return rank, label
+
+
 def sensitivity_frame(sens: dict[str, Any] | None) -> pd.DataFrame:
     """Study attr "sensitivity" -> rows (layer, probe, loss): the quality lost by each layer
     alone pruned to prune_ratio and alone at `bits`-bit weights (search.sensitivity)."""

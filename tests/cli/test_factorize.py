@@ -42,6 +42,8 @@ def test_a_factorizing_study_reports_exports_and_reprices(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["report", "--study", "f", "--results-dir", str(results)]) == 0
     assert {"report.html", "report.md", "pareto.csv"} <= {p.name for p in (results / "f").iterdir()}
+    assert "factorization (--factorize) at rank ratios 0.75, 0.5, 0.25, forms svd, spatial, kronecker" in \
+        (results / "f" / "report.md").read_text()
 
     out = tmp_path / "export"
     assert cli.main(["export", "--study", "f", "--trial", "1", "--out", str(out), "--results-dir", str(results),

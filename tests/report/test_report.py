@@ -286,3 +286,18 @@ def test_test_quality_is_shown_beside_validation_and_never_ranks(storage_url, tm
     pd.testing.assert_frame_equal(view.trials[cols], other.trials[cols])
     assert list(other.front["trial"]) == list(view.front["trial"]) == [0, 1, 5]
     assert list(other.front["test_quality"]) == [pytest.approx(0.05), pytest.approx(0.1), pytest.approx(0.2)]
+
+
+def test_the_layer_heat_maps_show_ranks_only_for_a_front_that_factorizes():
+    from types import SimpleNamespace
+
+    from search.report.view import rank_data
+
+    front = pd.DataFrame({"trial": [3, 7], "a.rank": [1.0, 0.5], "a.form": ["", "svd"],
+                          "b.rank": [0.25, 0.0625], "b.form": ["spatial", "kronecker"]})
+    ranks, labels = rank_data(SimpleNamespace(front=front, layer_names=("a", "b")))
+    assert list(ranks.columns) == ["#3", "#7"] and ranks.loc["b", "#7"] == 0.0625
+    assert labels.values.tolist() == [["", "0.50"], ["0.25s", "0.06k"]]  # the layers column's marks
+    flat = front.assign(**{"a.rank": 1.0, "b.rank": 1.0})
+    assert rank_data(SimpleNamespace(front=flat, layer_names=("a", "b"))) is None
+    assert rank_data(SimpleNamespace(front=front[["trial"]], layer_names=("a", "b"))) is None  # no rank columns
