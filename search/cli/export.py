@@ -46,7 +46,10 @@ def export_command(args: argparse.Namespace) -> int:
 
     if r.onnx_agreement < ONNX_MIN_AGREEMENT:
         print(f"  warning: ONNX and Flax predictions agree on only {r.onnx_agreement:.2%} of the test set")
-    print("  size: " + ", ".join(f"{k} {size['bytes_by_stage'][k] / 1024:.1f} KB ({size['ratio'][k]:.1f}x)"
+    # Deep Compression's stages; a factorized layer's float32 factors are in its second stage
+    factorized = any(l.get("rank") is not None for l in c["layers"])
+    label = {"pruned": "pruned+factorized"} if factorized else {}
+    print("  size: " + ", ".join(f"{label.get(k, k)} {size['bytes_by_stage'][k] / 1024:.1f} KB ({size['ratio'][k]:.1f}x)"
                                  for k in ("dense", "pruned", "quantized", "huffman")))
     for l in c["layers"]:
         print(f"  {l['name']:12s} {l['out_channels']:4d} -> {l['onnx_out_channels']:4d} ch, w{l['weight_bits']} a{l['act_bits']} "

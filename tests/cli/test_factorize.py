@@ -51,9 +51,10 @@ def test_a_factorizing_study_reports_exports_and_reprices(tmp_path, capsys):
     fc1, fc2 = json.loads((out / "config.json").read_text())["layers"][:2]
     assert (fc1["rank_ratio"], fc1["rank"], fc1["form"]) == (0.25, 16, "svd")
     assert fc2["rank"] is None and fc2["rank_ratio"] == 1.0
-    printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
-               if line.startswith("  fc")}
+    text = capsys.readouterr().out
+    printed = {line.split()[0]: line for line in text.splitlines() if line.startswith("  fc")}
     assert "rank 16 of 64 (svd, ratio 0.25" in printed["fc1"]
+    assert "  size: dense 197.7 KB (1.0x), pruned+factorized " in text  # its float32 factors: the second stage
     assert "rank" not in printed["fc2"]
 
     # re-priced on a profile the trials never stored costs for: the factorized pair's price
