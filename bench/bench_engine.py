@@ -165,7 +165,7 @@ def step_costs(model: str, dataset: str, batch: int, plan_args: dict) -> dict:
         prepare, step, _ = eng._functions(1)
         plan = make_plan(**plan_args) if plan_args else None
         group = jax.tree.map(lambda a: jnp.asarray(a)[None], plan)
-        tr, os_, fr, fin = prepare(group, eng.base_params, eng._calib, eng._bn_x, jnp.float32(1.0))
+        tr, os_, fr, fin = prepare(group, eng.base_params, eng._calib, eng._bn_x, jnp.float32(1.0), eng._bases)
         state = [(tr, os_, fin), jnp.int32(0)]
         fixed = (fr, group, eng.base_params, eng._x, eng._y, eng._table, eng._aug_key)
 
