@@ -167,12 +167,16 @@ def encode_layer(kernel: np.ndarray, mask: np.ndarray | None, bits: int, mode: s
 def encode_factored(form: int, a: np.ndarray, b: np.ndarray, shape: Sequence[int], bits: int, mode: str
                     ) -> tuple[dict, dict]:
     """Encode a factorized layer -> (tensors, info): the factors A [m, r] and B [r, n] of its
-    form (plan.FORMS) each as `encode_layer` does (no mask: B's columns of removed output
-    channels are zero, which the export drops; scales inferred, exact for fake-quantized
-    factors), info["storage"] "lowrank" with the form's name, the rank, both factors' infos and
+    form (plan.FORMS) each as `encode_layer` does (A whole; B without its all-zero columns, the
+    removed output channels, behind a mask when that is smaller; scales inferred, exact for
+    fake-quantized factors), info["storage"] "lowrank" with the form's name, the rank, both factors' infos and
     the layer's kernel shape. `decode_layer` gives back the kernel whose matrix is A @ B."""
     ta, ia = encode_layer(a, None, bits, mode)
-    tb, ib = encode_layer(b, None, bits, mode)
+    # B's all-zero columns (removed output channels) are left out behind a mask where the values
+    # they would take (bits each) outweigh the mask's one bit per value
+    cols = np.any(np.asarray(b) != 0, axis=0)
+    drop = int((~cols).sum()) * min(int(bits), FLOAT_BITS) > cols.size
+    tb, ib = encode_layer(b, np.broadcast_to(cols, np.shape(b)) if drop else None, bits, mode)
     tensors = {**{f"a:{k}": v for k, v in ta.items()}, **{f"b:{k}": v for k, v in tb.items()}}
     info = {"shape": [int(d) for d in shape], "bits": int(bits), "mode": mode, "storage": "lowrank",
             "form": FORM_NAMES[int(form)], "rank": int(np.shape(a)[1]), "kept": ia["kept"] + ib["kept"], "note": "",

@@ -93,8 +93,9 @@ def test_factorized_layers_export_as_priced_pairs(arch, tmp_path):
         assert size["layers"][l.name]["rank"] == rank
     if arch == "lenet300":
         assert cfg["onnx_float_factors"] == ["fc1", "fc2"] and cfg["layers"][1]["onnx_out_channels"] == 50
-        # fc2's packed factors hold 50 x (300 + 100); the model drops B's 50 removed columns
-        assert (cfg["layers"][1]["kept_weights"], cfg["layers"][1]["held_weights"]) == (20_000, 17_500)
+        # fc2's packed factors hold A [300, 50] and B's 50 kept columns (a mask drops the 50
+        # removed ones: 2,500 values of 8 bits against a 5,000-bit mask), as the model does
+        assert (cfg["layers"][1]["kept_weights"], cfg["layers"][1]["held_weights"]) == (17_500, 17_500)
         assert [c["onnx_factor_form"] for c in cfg["layers"]] == ["MatMulInteger", "MatMulInteger", None]
         assert [c["onnx_form"] for c in cfg["layers"]] == ["float", "float", "MatMulInteger"]
 
