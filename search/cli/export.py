@@ -54,9 +54,17 @@ def export_command(args: argparse.Namespace) -> int:
     for l in c["layers"]:
         print(f"  {l['name']:12s} {l['out_channels']:4d} -> {l['onnx_out_channels']:4d} ch, w{l['weight_bits']} a{l['act_bits']} "
               f"{l['quant_mode']:8s} onnx {l['onnx_form']}{rank_text(l)}")
+    shape = "x".join(str(d) for d in c["model"].get("input_shape", []))
+    searched = c.get("predicted_at_search_input")
     for name, pred in (c.get("predicted") or {}).items():
         if name == c.get("profile"):
-            print(f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, {pred.get('memory_kb', float('nan')):.1f} KB memory")
+            line = (f"  predicted on {name}: {pred.get('latency_ms', float('nan')):.4f} ms, "
+                    f"{pred.get('memory_kb', float('nan')):.1f} KB memory at the exported input {shape}")
+            at = (searched or {}).get("costs", {}).get(name)
+            if at:  # a model searched on patches, deployed on whole images
+                line += (f" (the search priced its {'x'.join(map(str, searched['input_shape']))} training input: "
+                         f"{at['latency_ms']:.4f} ms, {at['memory_kb']:.1f} KB)")
+            print(line)
     return 0
 
 
@@ -81,7 +89,8 @@ def retrain_lines(config: dict) -> list[str]:
         return []
     how = (f"default: {r['factor']}x the study's {r['search_steps']}" if r.get("default") else "--finetune-steps") \
         if "search_steps" in r else "given"
-    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate ({how})"]
+    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate ({how})" if r["steps"]
+             else f"retrain: none, compressed only ({how})"]
 
     def q(d: dict) -> str:
         return "diverged" if d["val"] is None else f"val {d['val']:.4f}, test {d['test']:.4f}"

@@ -323,7 +323,7 @@ def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
     if np.any(bad):
         i = int(np.argwhere(bad)[0][-1])
         name = layers[i].name if i < len(layers) else f"#{i}"
-        raise ValueError(f"plan.rank of layer {name} is {rank[bad].ravel()[0]}; a rank ratio lies in (0, 1] (1 = not factorized)")
+        raise ValueError(f"plan.rank of layer {name} is {float(rank[bad].ravel()[0]):.6g}; a rank ratio lies in (0, 1] (1 = not factorized)")
     tied = tie_plan(plan, layers)
     fact = rank < 1
     if not np.any(fact):
@@ -334,7 +334,7 @@ def check_plan(plan: Any, layers: Sequence[Layer]) -> None:
         f = fact[..., l.index]
         if not np.any(f):
             continue
-        r = float(rank[..., l.index][f].ravel()[0])
+        r = round(float(rank[..., l.index][f].ravel()[0]), 6)  # the float32's decimal, not its binary noise
         for fm in np.unique(form[..., l.index][f]):
             why = form_problem(l, int(fm))
             if why is not None:

@@ -64,7 +64,7 @@ def dense_plan(num_layers: int) -> Plan:
 
 def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT, quant_mode=UNIFORM,
               rank=1.0, form=SVD) -> Plan:
-    """Build a plan from scalars or per-layer sequences, broadcast to ratio's shape.
+    """Build a plan from scalars or per-layer sequences, broadcast to one shape ([L] or [K, L]).
 
     granularity, quant_mode and form take their codes (CHANNEL, KRONECKER, ...) or their names
     ("channel", "kronecker", ...), alone or per layer.
@@ -72,12 +72,16 @@ def make_plan(ratio, granularity=UNSTRUCTURED, weight_bits=FLOAT, act_bits=FLOAT
     Raises:
         ValueError: a name that is not one of the field's (the message lists them).
     """
-    r = np.asarray(ratio, np.float32)
-    as_int = lambda v: np.broadcast_to(np.asarray(v, np.int32), r.shape).copy()
-    return Plan(r, as_int(_codes(granularity, GRANULARITIES, "granularity")), as_int(weight_bits),
-                as_int(act_bits), as_int(_codes(quant_mode, QUANT_MODES, "quant_mode")),
-                np.broadcast_to(np.asarray(rank, np.float32), r.shape).copy(),
-                as_int(_codes(form, FORMS, "form")))
+    fields = [ratio, _codes(granularity, GRANULARITIES, "granularity"), weight_bits, act_bits,
+              _codes(quant_mode, QUANT_MODES, "quant_mode"), rank, _codes(form, FORMS, "form")]
+    try:
+        shape = np.broadcast_shapes(*(np.shape(v) for v in fields))
+    except ValueError:
+        raise ValueError("make_plan's per-layer values have different lengths "
+                         f"({', '.join(str(np.shape(v)) for v in fields)}); give each a scalar or one value per layer") from None
+    cast = lambda v, t: np.broadcast_to(np.asarray(v, t), shape).copy()
+    return Plan(cast(fields[0], np.float32), *(cast(v, np.int32) for v in fields[1:5]), cast(fields[5], np.float32),
+                cast(fields[6], np.int32))
 
 
 def _codes(value, names: dict[str, int], field: str):
@@ -119,12 +123,12 @@ def validate_plan(plan: Plan, layers: Sequence | None = None) -> None:
     bad = ~(np.isfinite(r) & (r >= 0) & (r <= MAX_RATIO))
     if np.any(bad):
         name, i = where(bad)
-        raise ValueError(f"plan.ratio of layer {name} is {r[i]}; a prune ratio lies in [0, {MAX_RATIO}]")
+        raise ValueError(f"plan.ratio of layer {name} is {float(r[i]):.6g}; a prune ratio lies in [0, {MAX_RATIO}]")
     k = np.asarray(plan.rank)
     bad = ~(np.isfinite(k) & (k > 0) & (k <= 1))
     if np.any(bad):
         name, i = where(bad)
-        raise ValueError(f"plan.rank of layer {name} is {k[i]}; a rank ratio lies in (0, 1] (1 = not factorized)")
+        raise ValueError(f"plan.rank of layer {name} is {float(k[i]):.6g}; a rank ratio lies in (0, 1] (1 = not factorized)")
     for field, allowed, names in (
         ("granularity", tuple(GRANULARITIES.values()), GRANULARITIES),
         ("weight_bits", WEIGHT_BITS, None),

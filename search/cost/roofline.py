@@ -278,6 +278,10 @@ def price(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan
     prices rows of per-layer choices that are not plans to run (the search space's uniform
     candidates, search.study.space.extreme_plans, as min_costs does): a layer given a form
     its shape does not take is priced unfactorized."""
+    if np.ndim(plans.ratio) == 0 or plans.num_layers != len(layers):
+        got = "no per-layer values" if np.ndim(plans.ratio) == 0 else f"{plans.num_layers} layers"
+        raise ValueError(f"plan has {got} but the model has {len(layers)} ({', '.join(l.name for l in layers)}); "
+                         "give make_plan one value per layer (or a list of that length)")
     if check:  # as the engine checks: the factorization's errors first, naming the layer and its forms
         lowrank.check_plan(plans, layers)
         P.validate_plan(plans, layers)

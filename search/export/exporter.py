@@ -350,7 +350,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                     "before": first, "after": after,
                     "examples": {"val": len(task.data.x_val), "test": len(task.data.x_test)}},
         "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
-                    "ratio": float(cm.plan.ratio[l.index]), "granularity": int(cm.plan.granularity[l.index]),
+                    "ratio": round(float(cm.plan.ratio[l.index]), 6), "granularity": int(cm.plan.granularity[l.index]),
                     "weight_bits": int(cm.plan.weight_bits[l.index]), "act_bits": int(cm.plan.act_bits[l.index]),
                     "quant_mode": infos[l.name]["mode"], "storage": infos[l.name]["storage"],
                     # kept_weights: the weights weights.npz stores for the layer (a factorized layer's

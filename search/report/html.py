@@ -169,7 +169,7 @@ budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(
 <h2>Pareto front</h2>{_table(view)}
 <p class="note">{html.escape(quality_note(view))}
 Export a row with its command: it fine-tunes the plan again for longer than the search did (<code>--finetune-steps N</code> sets how long).
-Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; fp32 = untouched.</p>
+Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; r.50 = factorized at rank ratio 0.5 (SVD; r.50s spatial, r.06k Kronecker); fp32 = untouched.</p>
 {divs}
 </body></html>
 """

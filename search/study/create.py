@@ -68,10 +68,16 @@ def check_resume(stored: StudySpec, new: StudySpec, study_name: str) -> None:
     d = stored.first_difference(new)
     if d:
         key, old, want = d
+        flag = RESUME_FLAGS.get(key, RESUME_FLAGS["space"] if key.startswith("space.") else None)
         raise UserError(
-            f"study {study_name!r} was created with {key}={old!r} but this run asks for {key}={want!r}; "
-            f"use the same value to resume, or a new --study name"
+            f"study {study_name!r} was created with {key}={old!r} but this run asks for {key}={want!r}"
+            + (f" ({flag})" if flag else "") + "; use the same value to resume, or a new --study name"
         )
+
+
+# the command-line flag behind a study record's field, named in a resume mismatch
+RESUME_FLAGS = {"space.ranks": "--factorize", "space.forms": "--factorize",
+                "space": "the search space: the profile's choices and --factorize"}
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[optuna.Study, bool]:

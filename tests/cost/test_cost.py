@@ -220,5 +220,14 @@ def test_plans_nothing_runs_are_refused_in_one_line_not_priced():
         price("xeon", layers, P.make_plan(np.zeros(2), rank=[0.5, 1.0], form=P.SPATIAL))
     with pytest.raises(ValueError, match=r"layer fc1 in form kronecker, but .* 50 x 7 does not; its forms: svd$"):
         price("xeon", layers, P.make_plan(np.zeros(2), rank=[1.0, 0.5], form=P.KRONECKER))
+    # a plan for another model, or with no per-layer values, is named, not an IndexError
+    with pytest.raises(ValueError, match=r"^plan has 3 layers but the model has 2 \(fc0, fc1\)"):
+        price("xeon", layers, P.make_plan(np.zeros(3)))
+    with pytest.raises(ValueError, match=r"^plan has no per-layer values but the model has 2"):
+        price("xeon", layers, P.make_plan(0.5))
+    # make_plan broadcasts a scalar ratio to the per-layer fields' length, and names a mismatch
+    assert price("xeon", layers, P.make_plan(0.0, weight_bits=[8, 4])).latency_ms.shape == (1,)
+    with pytest.raises(ValueError, match=r"^make_plan's per-layer values have different lengths"):
+        P.make_plan([0.0, 0.0], weight_bits=[8, 4, 8])
     ok = price("xeon", layers, P.make_plan(np.zeros(2), rank=[0.5, 1.0], form=P.KRONECKER))
     assert ok.layer_macs.shape == (1, 2)

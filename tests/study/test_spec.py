@@ -45,3 +45,8 @@ def test_resume_may_change_only_the_trial_budget():
     other = dataclasses.replace(SPEC, finetune=dataclasses.replace(SPEC.finetune, steps=8))
     with pytest.raises(UserError, match=r"created with finetune.steps=7 but this run asks for finetune.steps=8"):
         check_resume(SPEC, other, "s")
+    # a space field names the flag behind it
+    factorizing = dataclasses.replace(SPEC, space=dataclasses.replace(SPEC.space, ranks=(1.0, 0.5), forms=("svd",)))
+    with pytest.raises(UserError, match=r"created with space.forms=None but this run asks for space.forms=\[.svd.\] "
+                                        r"\(--factorize\); use the same value"):
+        check_resume(SPEC, factorizing, "s")
