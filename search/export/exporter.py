@@ -353,8 +353,8 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                     "ratio": round(float(cm.plan.ratio[l.index]), 6), "granularity": int(cm.plan.granularity[l.index]),
                     "weight_bits": int(cm.plan.weight_bits[l.index]), "act_bits": int(cm.plan.act_bits[l.index]),
                     "quant_mode": infos[l.name]["mode"], "storage": infos[l.name]["storage"],
-                    # kept_weights: the weights weights.npz stores for the layer (a factorized layer's
-                    # whole factors); held_weights: those the deployed model holds, without the rows
+                    # kept_weights: the weights weights.safetensors stores for the layer (the Flax
+                    # parameters); held_weights: those the deployed model holds, without the rows
                     # and columns of removed channels (size.json's "held", what the cost model prices)
                     "kept_weights": infos[l.name]["kept"], "held_weights": breakdown["layers"][l.name]["held"],
                     "out_channels": l.out_channels,

@@ -205,6 +205,7 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
                 P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))])
     cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": [],
                              "rank": [], "form": []}
+    tied = _tied(prune, layers)  # every group's decision, for the forms and ranks a layer can take
     for layer in layers:
         n = param_names(layer)
         ratio, gran = prune[layer.group]
@@ -219,7 +220,6 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
         offered = rank_offered(layer, space, ratio, gran, bits, mode)
         rank, form = (trial.suggest_categorical(n["rank"], space.ranks) if offered else 1.0), "svd"
         if rank < 1:
-            tied = _tied(prune, layers)
             choices = pruned_forms(layer, space, tied)
             form = trial.suggest_categorical(n["form"], choices) if len(choices) > 1 else choices[0]
             rank = rank * KRONECKER_RANK_SCALE if form == "kronecker" else rank
