@@ -54,6 +54,10 @@ def test_properties_after_finetuning(engine):
         for l in engine.layers:
             k = cm.params[l.name]["kernel"]
             assert (k[cm.masks[l.name] == 0] == 0).all()  # pruned weights exactly zero
+            removed = ~np.any(cm.masks[l.name] != 0, axis=0)
+            if int(cm.plan.granularity[l.index]) == CHANNEL:  # a removed unit's bias goes with it
+                assert removed.sum() == round(float(cm.plan.ratio[l.index]) * k.shape[-1]) or l.fixed
+                assert (np.asarray(cm.params[l.name]["bias"])[removed] == 0).all()
             bits = int(cm.plan.weight_bits[l.index])
             if 2 <= bits < FLOAT and int(cm.plan.quant_mode[l.index]) == UNIFORM:
                 # on the grid of the trial's fixed scales, which the exporter packs with
@@ -92,7 +96,10 @@ def test_k_vmapped_equals_separate_runs(lenet300, engine):
     np.testing.assert_allclose(a.metric, b.metric, atol=2.5 / len(task.data.x_val))
     for ma, mb in zip(a.models, b.models):
         for l in engine.layers:
-            np.testing.assert_allclose(ma.params[l.name]["kernel"], mb.params[l.name]["kernel"], atol=2e-4)
+            # vmapped and single-plan code sum in another order: a weight within float rounding
+            # of a grid boundary may land one level of its low-bit grid apart (seen on AVX-512)
+            diff = np.abs(np.asarray(ma.params[l.name]["kernel"]) - np.asarray(mb.params[l.name]["kernel"]))
+            assert np.mean(diff > 2e-4) <= 1e-3 and diff.max() < 5e-3, (l.name, np.mean(diff > 2e-4), diff.max())
 
 
 def test_a_group_skips_the_codebook_gradient_unless_one_of_its_plans_uses_it(lenet300, engine):

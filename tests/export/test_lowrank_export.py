@@ -46,7 +46,10 @@ def _export_priced(task, variables, plan, config, out):
     engine = Engine(task, variables, config)
     layers = engine.layers
     r = export_plan(task, variables, plan, out, engine=engine, profile="xeon")
-    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-4 and r.reload_quality == r.quality
+    # quantized activations: a value within float rounding of a grid boundary may round one level
+    # the other way in onnxruntime (its AVX-512 kernels sum in another order than XLA's)
+    tol = 1e-4 if np.all(np.asarray(plan.act_bits) > 8) else 5e-3
+    assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < tol and r.reload_quality == r.quality
     assert r.config["onnx_kept_back"] == []
     cost = price("xeon", layers, P.stack_plans([plan]))
     size = json.loads((out / "size.json").read_text())
