@@ -51,6 +51,9 @@ class Layer:
     fixed: str | None = None  # why this layer's output channels cannot be removed (None: they can)
     reads: tuple[tuple[int, int], ...] = ()  # fan-in channels at one position: (leader or -1, count)
     in_repeat: int = 1  # times `reads` repeats along the fan-in (H*W for a Dense after a flatten)
+    # params paths of the BatchNorms that normalise this layer's output directly: a removed
+    # output channel's scale and shift go with it (search.engine.steps.zero_removed)
+    norms: tuple[tuple, ...] = ()
 
     @property
     def group(self) -> int:
@@ -337,15 +340,26 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
         params = model.initial_params()
     seen: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     positions: dict[tuple, int] = {}  # output positions summed over the layer's calls
+    outputs: dict[int, tuple[tuple, Any]] = {}  # id of a layer call's output -> (path, the output, kept alive)
+    norms: dict[tuple, list[tuple]] = {}  # layer path -> params paths of the BatchNorms reading its output
 
     def around(path, call, x):
         y = call(x)
         seen.setdefault(path, (tuple(x.shape), tuple(y.shape)))
         positions[path] = positions.get(path, 0) + math.prod(y.shape[1:-1])
+        outputs[id(y)] = (path, y)
         return y
 
+    def batch_norm(name, module, x):  # a BatchNorm reading a layer's output as it is
+        src = outputs.get(id(x))
+        where = _params_path(params, name) if src is not None else None
+        if where is not None and where not in norms.setdefault(src[0], []):
+            norms[src[0]].append(where)
+        return None  # its own statistics
+
     with flax_errors():
-        jax.eval_shape(lambda p, x: model.apply(p, x, around), params, sample_input)
+        jax.eval_shape(lambda p, x: model._run(p, x, around, batch_norm), params, sample_input)
+    outputs.clear()
     if not seen:
         raise UserError("no Dense or Conv layer found in the model: nothing to compress")
     paths = list(seen)
@@ -366,9 +380,26 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
             has_bias=has_bias, macs=positions[path] * math.prod(kshape),
             params=math.prod(kshape) + nbias,
             leader=coupling.leader[i], fixed=coupling.fixed[i], reads=coupling.reads[i],
-            in_repeat=coupling.in_repeat[i],
+            in_repeat=coupling.in_repeat[i], norms=tuple(norms.get(path, ())),
         ))
     return tuple(layers)
+
+
+def _params_path(params: Any, name: str) -> tuple | None:
+    """The key path in `params` of the module named `name` ("/"-joined, as Linen's module path
+    or NNX's iter_modules path), or None when params holds nothing for it (a BatchNorm
+    without scale and shift)."""
+    node, path = params, []
+    for part in name.split("/") if name else []:
+        if not isinstance(node, Mapping):
+            return None
+        key = part if part in node else (int(part) if part.isdigit() and int(part) in node else None)
+        if key is None:
+            return None
+        node, path = node[key], path + [key]
+    if not isinstance(node, Mapping) or not any(k in node for k in ("scale", "bias")):
+        return None
+    return tuple(path)
 
 
 _CALL_ARGS = "compress(..., apply_kwargs=...) in Python, models.Task(eval_kwargs=...) for --model"

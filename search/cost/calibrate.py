@@ -25,7 +25,7 @@ import numpy as np
 from hw_profiles import KERNELS, Budget, HardwareProfile, KernelModel, dump_profile, load_profile
 from search.compression import plan as P
 from search.cost import kernels as K
-from search.cost.roofline import latency_by_kernel, price
+from search.cost.roofline import latency_by_kernel, latency_features, price
 
 MB = 1 << 20
 
@@ -236,19 +236,29 @@ def scaled_profile(base: HardwareProfile, theta: np.ndarray) -> HardwareProfile:
     )
 
 
+KERNEL_FITS = ("scales", "coefficients")  # how fit_profile refits a kernel-level profile
+
+
 def _fit_kernels(base: HardwareProfile, samples: Sequence[tuple[Sequence[Any], Any, float]], name: str | None,
-                 prior: float) -> HardwareProfile:
-    """fit_profile for a kernel-level profile: one scale per kernel kind and for the per-inference
-    term (search.cost.kernels.fit_to_models), so every predictor keeps its form and monotonicity."""
-    by_kind = np.concatenate([latency_by_kernel(base, layers, P.stack_plans([plan])) for layers, plan, _ in samples])
-    model = K.fit_to_models(base.kernels, by_kind, np.array([ms for _, _, ms in samples], np.float64), prior=prior)
-    model = dataclasses.replace(model, runtime=f"{base.kernels.runtime}; scaled to {len(samples)} measured models")
+                 prior: float, kernel_fit: str) -> HardwareProfile:
+    """fit_profile for a kernel-level profile: "scales", one scale per kernel kind and for the
+    per-inference term (search.cost.kernels.fit_to_models), or "coefficients", every predictor
+    coefficient (kernels.fit_coefficients); both keep every coefficient >= 0 (monotone)."""
+    measured = np.array([ms for _, _, ms in samples], np.float64)
+    if kernel_fit == "coefficients":
+        sums = np.concatenate([latency_features(base, layers, P.stack_plans([plan])) for layers, plan, _ in samples])
+        model = K.fit_coefficients(base.kernels, sums, measured, prior=0.3 if prior is None else prior)
+    else:
+        by_kind = np.concatenate([latency_by_kernel(base, layers, P.stack_plans([plan])) for layers, plan, _ in samples])
+        model = K.fit_to_models(base.kernels, by_kind, measured, prior=0.5 if prior is None else prior)
+    model = dataclasses.replace(model, runtime=f"{base.kernels.runtime}; {kernel_fit} fitted to {len(samples)} measured models")
     return dataclasses.replace(base, kernels=model, name=name or f"{base.name}-fitted",
                                description=f"{base.description}; fitted to {len(samples)} measured latencies")
 
 
 def fit_profile(base: HardwareProfile | str, samples: Sequence[tuple[Sequence[Any], Any, float]],
-                name: str | None = None, iters: int = 3000, prior: float = 0.5) -> HardwareProfile:
+                name: str | None = None, iters: int = 3000, prior: float | None = None,
+                kernel_fit: str = "scales") -> HardwareProfile:
     """`base` with its throughputs, conv efficiencies, bandwidths and per-layer overhead scaled
     to fit measured latencies: samples = [(layers, plan [L], measured_ms), ...].
 
@@ -256,13 +266,20 @@ def fit_profile(base: HardwareProfile | str, samples: Sequence[tuple[Sequence[An
     log scale factors, a few restarts); the form of the profile (kernels, sparsity) is kept.
     A profile with kernel-level predictors instead gets one scale per kernel kind and one for
     the per-inference term (bounded linear least squares on the relative error, each scale pulled
-    toward 1 with weight `prior`: search.cost.kernels.fit_to_models).
+    toward 1 with weight `prior` (None: 0.5): search.cost.kernels.fit_to_models), or with
+    kernel_fit = "coefficients" every predictor coefficient (kernels.fit_coefficients; `prior`
+    None: 0.3).
+
+    Raises:
+        ValueError: kernel_fit not one of KERNEL_FITS.
     """
+    if kernel_fit not in KERNEL_FITS:
+        raise ValueError(f"kernel_fit {kernel_fit!r} is not one of {KERNEL_FITS}")
     from scipy.optimize import minimize
 
     base = load_profile(base)
     if base.kernels is not None:
-        return _fit_kernels(base, samples, name, prior)
+        return _fit_kernels(base, samples, name, prior, kernel_fit)
     groups: dict[int, tuple[Sequence[Any], list[Any], list[float]]] = {}
     for layers, plan, ms in samples:
         g = groups.setdefault(id(layers), (layers, [], []))

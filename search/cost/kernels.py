@@ -75,27 +75,15 @@ def chained_to(layers: Sequence) -> np.ndarray:
     return out
 
 
-def padded_convs(layers: Sequence) -> np.ndarray:
-    """[L] whether a layer is a (non-depthwise) conv with a kernel wider than 1 and SAME padding
-    (output size ceil(input / stride)): reading a producer's removed channels, whose constant
-    values the zero padding cuts off at the borders, it gets a bias *map*, not a bias per channel."""
-    out = np.zeros(len(layers), bool)
-    for i, l in enumerate(layers):
-        if l.kind != "conv" or len(l.in_shape) < 3 or max(int(d) for d in l.kernel_shape[:-2]) <= 1:
-            continue
-        h_in, h_out = int(l.in_shape[0]), int(l.out_shape[0])
-        stride = max(1, round(h_in / max(h_out, 1)))
-        out[i] = h_out == -(-h_in // stride)
-    return out
-
-
 def forms(chained: np.ndarray, weight_bits: np.ndarray, act_bits: np.ndarray, codebook: np.ndarray,
           bias_map: np.ndarray | None = None) -> np.ndarray:
     """[K, L] index into FORMS of the kernel each layer runs as (the export's rules,
     search.export.onnx.layers and qdq): integer when its weights are uniform <= 8 bits (codebook:
     False) and its activations <= 8 bits; then q8 when it chains into an integer layer (chained:
-    chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a padded conv
-    reading removed channels, see padded_convs), else i8; f32 otherwise."""
+    chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a conv whose
+    bias is a map: a SAME-padded conv reading removed channels that carry a constant, which
+    search.engine.steps.zero_removed leaves only behind an activation with f(0) != 0), else i8;
+    f32 otherwise."""
     integer = (np.asarray(weight_bits) <= 8) & ~np.asarray(codebook, bool) & (np.asarray(act_bits) <= 8)
     nxt = np.where(chained >= 0, chained, 0)
     chain = integer & (chained >= 0) & integer[..., nxt]
@@ -135,6 +123,50 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     by_kind[:, EMUL] += e.sum(axis=1)
     by_kind[:, ELTWISE] += g.sum(axis=1)
     return t + e + g, by_kind
+
+
+def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out_elems: np.ndarray,
+                 second: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """[K, len(KERNELS), F] KERNEL_FEATURES summed per kernel kind over each plan's kernels (the
+    arguments are predict's), so that predict's latency of plan k, in microseconds, is
+    inference_us + sum(coef * feature_sums[k]) and a fit to whole-model latencies is linear in
+    the coefficients (fit_coefficients)."""
+    onehot = kernel[..., None] == np.arange(len(KERNELS))  # [K, L, N]
+    out = np.einsum("kln,klf->knf", onehot, feats)
+    if second is not None:
+        out += np.einsum("kln,klf->knf", second[0][..., None] == np.arange(len(KERNELS)), second[1])
+    out[:, EMUL] += np.where((emul_in > 0)[..., None], features(emul_in, 1.0, 1.0), 0.0).sum(axis=1)
+    out[:, ELTWISE] += features(out_elems, 1.0, 1.0).sum(axis=1)
+    return out
+
+
+def fit_coefficients(model: KernelModel, sums: np.ndarray, measured_ms: np.ndarray, prior: float = 0.3) -> KernelModel:
+    """`model` with every predictor coefficient and the per-inference term refitted to whole-model
+    latencies: measured_ms [S] ~ inference + sum(coef * sums [S, N, F]) (feature_sums, in us).
+
+    Bounded linear least squares on the relative error (scipy.optimize.lsq_linear, coefficients
+    >= 0, so every predictor stays monotone), with a ridge row per coefficient of weight `prior`
+    on the change of its mean share of the measured latencies: a term moves only as far as the
+    measurements ask, and a term the calibration left at 0 can grow. Unlike fit_to_models (one
+    scale per kind), this can move a kind's cost between its fixed, per-channel and per-MAC terms
+    (e.g. a runtime whose convolutions are faster per MAC but dearer per call than the
+    micro-benchmarks said)."""
+    from scipy.optimize import lsq_linear
+
+    y = np.asarray(measured_ms, np.float64) * 1e3  # us
+    s = np.asarray(sums, np.float64).reshape(len(y), -1)
+    c0 = np.array([model.coef[k] for k in KERNELS], np.float64).reshape(-1)
+    a = np.concatenate([np.ones((len(y), 1)), s], axis=1) / y[:, None]  # relative: a @ x = pred / y
+    x0 = np.concatenate([[model.inference_us], c0])
+    share = a.mean(axis=0)  # mean share of the latency per unit of each coefficient
+    used = share > 0
+    lhs = np.concatenate([a[:, used], prior * np.diag(share[used])])
+    rhs = np.concatenate([np.ones(len(y)), prior * share[used] * x0[used]])
+    res = lsq_linear(lhs, rhs, bounds=(0.0, np.inf))
+    x = x0.copy()
+    x[used] = res.x
+    coef = {k: tuple(float(v) for v in x[1:].reshape(len(KERNELS), -1)[i]) for i, k in enumerate(KERNELS)}
+    return dataclasses.replace(model, coef=MappingProxyType(coef), inference_us=float(x[0]))
 
 
 def fit_to_models(model: KernelModel, by_kind: np.ndarray, measured_ms: np.ndarray,
@@ -198,5 +230,6 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "chained_to", "features", "fit", "fit_to_models", "forms", "padded_convs", "kernel_index", "predict",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "chained_to", "feature_sums", "features", "fit",
+           "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
            "relative_errors", "scaled"]

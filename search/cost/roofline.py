@@ -89,7 +89,6 @@ class _LayerArrays:
     kind: np.ndarray  # index into _KINDS
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
-    padded: np.ndarray  # [L]: SAME-padded convs (kernels.padded_convs)
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -103,7 +102,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
         reads=_reads_matrix(layers),
-        chained=K.chained_to(layers), padded=K.padded_convs(layers),
+        chained=K.chained_to(layers),
         geo=lowrank.geometry(layers),
     )
 
@@ -140,7 +139,7 @@ def _plan_arrays(plans: P.Plan) -> tuple[np.ndarray, ...]:
             np.atleast_2d(np.asarray(plans.form, np.int64)))
 
 
-def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> dict[str, np.ndarray]:
+def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, feature_sums: bool = False) -> dict[str, np.ndarray]:
     """Per-layer pieces [K, L]: latency (s), weight memory bits, weight size bits, act bytes."""
     la = _layer_arrays(tuple(layers))
     r, g, wb, ab, qm, rank, form_code = _plan_arrays(tie_plan(plans, layers))
@@ -240,7 +239,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
-        form = K.forms(la.chained, wb, ab, codebook, la.padded & (keep_in < 1.0))
+        # removed channels are exactly 0 (search.engine.steps.zero_removed): no bias maps
+        form = K.forms(la.chained, wb, ab, codebook)
         # a factorized layer is two kernels of its kind, as the export writes them: A (SVD and
         # spatial: N = r, K = its kept fan-in), integer (i8: its output is not re-quantized) where
         # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
@@ -258,11 +258,12 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan) -> 
         second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
                   np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
-        lat, by_kind = K.predict(profile.kernels, K.kernel_index(la.kind, form), feats, emul,
-                                 np.broadcast_to(la.out_elems * keep_out, r.shape), second)
+        kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
+        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second)
+        sums = K.feature_sums(kernel, feats, emul, out_elems, second) if feature_sums else None
     else:
-        by_kind = None
-    return {"lat": lat, "by_kind": by_kind, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
+        by_kind = sums = None
+    return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
 
 
 def _inference_ms(profile: HardwareProfile) -> float:
@@ -304,6 +305,16 @@ def latency_by_kernel(profile: HardwareProfile | str, layers: Sequence[Layer], p
     if profile.kernels is None:
         raise ValueError(f"profile {profile.name} has no kernel-level predictors (latency_model = 'roofline')")
     return _parts(profile, layers, plans)["by_kind"] * 1e3
+
+
+def latency_features(profile: HardwareProfile | str, layers: Sequence[Layer], plans: P.Plan) -> np.ndarray:
+    """[K, len(KERNELS), len(KERNEL_FEATURES)] the kernel features of K plans summed per kernel
+    kind (search.cost.kernels.feature_sums): predicted latency in microseconds is the profile's
+    inference_us + sum(coef * this); ValueError for a roofline profile."""
+    profile = load_profile(profile)
+    if profile.kernels is None:
+        raise ValueError(f"profile {profile.name} has no kernel-level predictors (latency_model = 'roofline')")
+    return _parts(profile, layers, plans, feature_sums=True)["feature_sums"]
 
 
 def price_all(layers: Sequence[Layer], plans: P.Plan) -> dict[str, Costs]:

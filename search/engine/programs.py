@@ -20,9 +20,9 @@ from search.compression import compress
 from search.compression import lowrank
 from search.compression import masks as masks_lib
 from search.compression.layers import Layer
-from search.compression.plan import CODEBOOK, Plan
+from search.compression.plan import CHANNEL, CODEBOOK, Plan
 from search.engine.config import FinetuneConfig
-from search.engine.steps import distill_loss, masked, node, once_per_trial_options, over_plans, set_node
+from search.engine.steps import distill_loss, masked, node, once_per_trial_options, over_plans, set_node, zero_removed
 
 # learned activation ranges train log-scale offsets at this many times the weights' learning
 # rate: with Adam's unit-size steps, 5e-4 a step moved a range of 10 by at most 0.1 in 200 steps
@@ -67,6 +67,7 @@ def build(model: Any, layers: Sequence[Layer], task: Any, cfg: FinetuneConfig, o
         params = base
         for l, k in zip(layers, ks):
             params = set_node(params, l, {**node(params, l), "kernel": k})
+        params = zero_removed(params, masks, layers, plan.granularity == CHANNEL)
         q0 = compress.QuantState(assign, wscale, jnp.zeros(L), jnp.zeros(L))
         # each factorizable layer's basis cut to the plan's rank, fixed for the trial
         qm = {lowrank.basis_key(l.name, f): lowrank.masked_basis(bases[lowrank.basis_key(l.name, f)], plan.rank[l.index])
@@ -101,7 +102,8 @@ def build(model: Any, layers: Sequence[Layer], task: Any, cfg: FinetuneConfig, o
         trainable = optax.apply_updates(trainable, updates)
         # pruned weights back to exactly 0 (the kernels' gradients are not masked, and
         # Adam's moments may move them): one read of each mask per step, fused with the update
-        trainable = {**trainable, "params": masked(trainable["params"], frozen["masks"], layers)}
+        trainable = {**trainable, "params": masked(trainable["params"], frozen["masks"], layers,
+                                                   plan.granularity == CHANNEL)}
         return trainable, opt_state, finite & jnp.isfinite(loss)
 
     # K = 1: trainable, optimizer state, frozen and the finite flag carry no plan axis
@@ -160,7 +162,7 @@ def build(model: Any, layers: Sequence[Layer], task: Any, cfg: FinetuneConfig, o
         use = (plan.quant_mode == CODEBOOK) & (plan.weight_bits <= 8)
         new = masks_lib.compute_masks(trainable["params"], layers, _scaled(plan, use, share))
         ms = {l.name: jnp.where(use[l.index], frozen["masks"][l.name], new[l.name]) for l in layers}
-        params = masked(trainable["params"], ms, layers)
+        params = masked(trainable["params"], ms, layers, plan.granularity == CHANNEL)
         ws = compress.weight_scales([node(params, l)["kernel"] for l in layers], plan.weight_bits)
         q = frozen["q"]
         q = compress.QuantState(q.assign, dict(zip((l.name for l in layers), ws)), q.act_lo, q.act_hi)

@@ -295,7 +295,8 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
     """Measure the probes and fit the predictors: (KernelModel, report).
 
     The report holds the fit's errors on its own samples and, as a check of the predictor's
-    form, those of a refit on every other sample tested on the rest (not used for the model)."""
+    form, those of a refit on every other sample tested on the rest (not used for the model),
+    and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds])."""
     t0 = time.perf_counter()
     samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress)
     model = K.fit(samples, base, runtime_name(threads))
@@ -310,4 +311,5 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
         pass
     report["seconds"] = time.perf_counter() - t0
     report["per_kernel"] = {k: int(sum(1 for n, _, _ in samples if n == k)) for k in KERNELS}
+    report["samples"] = [[n, [float(v) for v in f], float(us)] for n, f, us in samples]  # to refit later
     return model, report

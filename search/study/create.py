@@ -136,7 +136,8 @@ def layers_from_attr(attr: Sequence[Mapping[str, Any]]) -> tuple[Layer, ...]:
     layers that stand alone and read their inputs in full)."""
     tuples = ("path", "kernel_shape", "in_shape", "out_shape")
     return tuple(Layer(**{**d, **{k: tuple(d[k]) for k in tuples},
-                          "reads": tuple(tuple(r) for r in d.get("reads") or ())}) for d in attr)
+                          "reads": tuple(tuple(r) for r in d.get("reads") or ()),
+                          "norms": tuple(tuple(n) for n in d.get("norms") or ())}) for d in attr)
 
 
 def channel_groups(layers: Sequence[Layer]) -> list[str]:

@@ -42,6 +42,11 @@ def test_resnet_identity_shortcuts_couple_the_stage_and_projection_starts_a_grou
     assert by["b1/conv2"].group == by["stem"].index and by["b3/proj"].group == by["b3/conv2"].group
     assert by["b3/conv1"].reads == by["b3/proj"].reads == ((by["stem"].index, 8),)
     assert by["fc"].reads == ((by["b3/conv2"].group, 16),)
+    # the BatchNorm normalising each conv's output, whose scale and shift a removed channel takes with it
+    assert {l.name: l.norms for l in layers} == {
+        "stem": (("stem_bn",),), "fc": (),
+        **{f"{b}/{c}": ((b, bn),) for b in ("b1", "b2", "b3") for c, bn in (("conv1", "bn1"), ("conv2", "bn2"))},
+        "b3/proj": (("b3", "proj_bn"),)}
 
 
 def test_concatenation_reads_both_groups_with_offsets():
@@ -141,6 +146,7 @@ def test_nnx_resnet_block_groups_and_eval_mode():
     names = [l.name for l in layers]
     assert names == ["stem", "block/conv1", "block/conv2", "head"]
     assert layers[2].group == 0 and layers[1].group == 1 and layers[1].reads == ((0, 8),)
+    assert [l.norms for l in layers] == [(("bn",),), (("block", "bn1"),), (("block", "bn2"),), ()]
     m = Model(net)
     assert jax.eval_shape(m.apply, m.initial_params(), jnp.ones((2, 8, 8, 3))).shape == (2, 10)
 

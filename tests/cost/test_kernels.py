@@ -15,7 +15,7 @@ from search.compression.layers import Layer
 from search.cost import kernels as K
 from search.cost.calibrate import calibrated_profile, fit_profile, profile_toml
 from search.cost.measure import session
-from search.cost.roofline import latency_by_kernel, price
+from search.cost.roofline import latency_by_kernel, latency_features, price
 from search.export import kernel_probes as kp
 from tests.support import dense
 
@@ -145,6 +145,36 @@ def test_fit_profile_scales_each_kernel_kind_to_measured_models(calibrated):
     assert np.max(np.abs(price(profile, LAYERS, P.stack_plans(test)).latency_ms / want - 1)) > 0.1
     pulled = fit_profile(profile, [(LAYERS, p, m) for p, m in zip(fit, measured)])
     assert pulled.kernels.coef["dense_q8"] == profile.kernels.coef["dense_q8"]  # no plan has an integer head here
+
+
+def test_coefficient_fit_moves_cost_between_terms_that_one_scale_per_kind_cannot(calibrated):
+    """A hidden device whose kernels cost differently per term (each coefficient scaled by its own
+    factor: e.g. dearer per call, cheaper per MAC) is recovered within 2% on held-out plans by
+    kernel_fit="coefficients", which one scale per kind misses; coefficients stay >= 0 (monotone),
+    and the feature sums price exactly what `price` does."""
+    profile, _ = calibrated
+    rng = np.random.default_rng(2)
+    coef = {n: tuple(c * rng.uniform(0.4, 2.5) for c in v) for n, v in profile.kernels.coef.items()}
+    truth = dataclasses.replace(profile, kernels=dataclasses.replace(profile.kernels, coef=coef, inference_us=7.0))
+
+    def plans(n):
+        return [P.make_plan(rng.uniform(0, 0.8, 4) * [1, 0, 1, 0], P.CHANNEL, rng.choice([8, 32], 4),
+                            rng.choice([8, 32], 4)) for _ in range(n)]
+
+    fit, test = plans(80), plans(30)
+    stacked = P.stack_plans(test)
+    sums = latency_features(truth, LAYERS, stacked)
+    assert np.allclose(7.0 + np.einsum("knf,nf->k", sums, np.array([coef[n] for n in KERNELS])),
+                       price(truth, LAYERS, stacked).latency_ms * 1e3)
+    samples = [(LAYERS, p, m) for p, m in zip(fit, price(truth, LAYERS, P.stack_plans(fit)).latency_ms)]
+    want = price(truth, LAYERS, stacked).latency_ms
+    err = {how: np.abs(price(fit_profile(profile, samples, kernel_fit=how, prior=0.0), LAYERS, stacked).latency_ms / want - 1)
+           for how in ("scales", "coefficients")}
+    fitted = fit_profile(profile, samples, kernel_fit="coefficients")
+    assert np.median(err["coefficients"]) < 0.02 and np.median(err["coefficients"]) < np.median(err["scales"])
+    assert all(c >= 0 for v in fitted.kernels.coef.values() for c in v)
+    with pytest.raises(ValueError, match="kernel_fit 'trees'"):
+        fit_profile(profile, samples, kernel_fit="trees")
 
 
 @pytest.mark.parametrize("edit, words", [

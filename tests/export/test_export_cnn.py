@@ -89,6 +89,13 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
             assert macs[l.name] == calls * math.prod(l.out_shape[:-1]) * held["out"][0] * held["fan_in"][0], (label, l.name)
         # stored bytes: the size breakdown's quantized stage is the cost model's size
         assert size["total"]["bits_by_stage"]["quantized"] == pytest.approx(float(cost.size_kb[0]) * 8192, rel=1e-9)
+        # removed channels are exactly 0 (their biases and BatchNorms pruned with them): every
+        # conv's bias is one value per channel, never a full-size map added after the conv
+        graph = onnx.load(str(tmp_path / label / "model.onnx")).graph
+        shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+        maps = [n.name for n in graph.node if n.op_type == "Add"
+                for i in n.input if len(shapes.get(i, ())) == 4 and math.prod(shapes[i][2:]) > 1]
+        assert maps == [], (label, maps)
         if label == "float":
             assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-3
             # weights.safetensors holds every collection: Flax runs the exported model from it
@@ -101,9 +108,9 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
             assert {c["onnx_form"] for c in cfg["layers"]} <= INTEGER, [c["onnx_form"] for c in cfg["layers"]]
             assert r.onnx_agreement >= 0.99
             # the kernel-level cost model expects the kernels the export runs (QLinear or Integer)
-            reads_pruned = np.array([any(s >= 0 and tied.ratio[s] > 0 for s, _ in l.reads) for l in layers])
+            # (removed channels are exactly 0: no conv gets a bias map, steps.zero_removed)
             expected = kernels.forms(kernels.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],
-                                     np.zeros((1, len(layers)), bool), kernels.padded_convs(layers) & reads_pruned)[0]
+                                     np.zeros((1, len(layers)), bool))[0]
             assert [kernels.FORMS[f] for f in expected] == [KERNEL_FORM[c["onnx_form"]] for c in cfg["layers"]], name
 
 
