@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset, e.g. fp32,ch50 (default: all; fp32 is always run)")
     ap.add_argument("--ratios", default="0.25,0.5,0.75", help="channel-pruning ratios of the ch variants")
+    ap.add_argument("--mixed", default="",
+                    help="comma list of RES/INNER channel-pruning ratio pairs, e.g. 0.25/0.625: variants "
+                         "r<RES>i<INNER> prune the groups a residual add couples (several members) at RES "
+                         "and the block-internal groups (one member) at INNER, float")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_cnn_<model>_<dataset>.json)")
     ap.add_argument("--distill", action="store_true", help="fine-tune with distillation from the baseline")
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (peak with --schedule cosine)")
@@ -76,14 +80,22 @@ def main(argv: list[str] | None = None) -> int:
                                                     learning_rate=args.lr, schedule=args.schedule))
     layers = engine.layers
     free = np.array([layer.fixed is None for layer in layers])
+    members = {}
+    for layer in layers:
+        if layer.kind != "depthwise":
+            members[layer.group] = members.get(layer.group, 0) + 1
+    coupled = np.array([members.get(layer.group, 0) > 1 for layer in layers])  # in a residual add
 
-    def ch(r):
-        return np.where(free, r, 0.0)
+    def ch(r, inner=None):
+        return np.where(free, np.where(coupled | (inner is None), r, r if inner is None else inner), 0.0)
 
     variants = [("fp32", make_plan(np.zeros(len(layers)))), ("w8a8", make_plan(np.zeros(len(layers)), 0, 8, 8))]
     for r in map(float, args.ratios.split(",")):
         variants += [(f"ch{int(r * 100)}", make_plan(ch(r), CHANNEL)),
                      (f"ch{int(r * 100)}-w8a8", make_plan(ch(r), CHANNEL, 8, 8))]
+    for pair in filter(None, args.mixed.split(",")):
+        res, inner = map(float, pair.split("/"))
+        variants.append((f"r{round(res * 100)}i{round(inner * 100)}", make_plan(ch(res, inner), CHANNEL)))
     if args.variants:
         keep = {"fp32", *args.variants.split(",")}
         unknown = keep - {name for name, _ in variants}
