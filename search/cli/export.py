@@ -20,6 +20,9 @@ def register(subparsers: Any) -> None:
                    help="final fine-tune steps, cosine learning-rate decay (default: 5x the study's fine-tune steps; "
                    "0: compress only; the study's own steps: the search's fine-tune, its schedule too); "
                    "config.json records the quality before and after it")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of that fine-tune (default: the study's); a long retrain of a "
+                   "heavily pruned CNN gains from the rate the model was trained with (learning-rate rewinding)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="results root: studies.db and the baseline cache (default results)")
@@ -32,7 +35,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
     r = export_trial(study, args.trial, args.out, finetune_steps=args.finetune_steps, force=args.force,
-                     results_dir=args.results_dir)
+                     results_dir=args.results_dir, learning_rate=args.lr)
     c = r.config
     size = c["size"]
     print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
@@ -89,7 +92,8 @@ def retrain_lines(config: dict) -> list[str]:
         return []
     how = (f"default: {r['factor']}x the study's {r['search_steps']}" if r.get("default") else "--finetune-steps") \
         if "search_steps" in r else "given"
-    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate ({how})" if r["steps"]
+    lr = f" from {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
+    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate{lr} ({how})" if r["steps"]
              else f"retrain: none, compressed only ({how})"]
 
     def q(d: dict) -> str:

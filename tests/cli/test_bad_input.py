@@ -106,6 +106,8 @@ CASES = [
     # the user's own trained weights for a zoo model, with the right names but wrong shapes
     ("wrong-shape-safetensors", search("--weights", "{F}/wrong-shapes.safetensors"), "shape"),
     ("export-dir-without-export", ["measure", "{F}"], "config.json"),
+    ("export-zero-lr", ["export", "--study", "kept", "--trial", "0", "--results-dir", "{R}", "--out", "{F}/out",
+                        "--lr", "0"], "--lr 0"),
     # profiles calibrate: refused before any timing
     ("calibrate-out-is-a-directory", ["profiles", "calibrate", "--out", "{F}", "--force"], "directory"),
     ("calibrate-empty-name", ["profiles", "calibrate", "--out", "{F}/p.toml", "--name", " "], "--name"),

@@ -267,6 +267,8 @@ def test_the_default_retrain_budget_is_the_one_the_cli_names():
     assert retrain_config(ft, 0).steps == 0 and retrain_config(ft, 7).steps == 7
     # at the search's own steps, the search's fine-tune (its schedule), which the export warning advises
     assert retrain_config(ft, 300) == dataclasses.replace(ft, k=1)
+    # --lr: learning-rate rewinding; at the search's steps but another rate it is a cosine retrain
+    assert (retrain_config(ft, None, 3e-3).learning_rate, retrain_config(ft, 300, 3e-3).schedule) == (3e-3, "cosine")
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
     help_text = next(a.help for a in sub._actions if a.dest == "finetune_steps")
