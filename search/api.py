@@ -166,7 +166,8 @@ def search(
         if "baseline" not in study.user_attrs:  # new, or interrupted before it was set up
             # the baseline is trained (or read) only now: a conflicting resume has failed before
             sctx = SearchContext(ctx, engine if engine is not None else ctx.engine(k=k, loop=loop))
-            seeds = functools.partial(B.seed_plans, ctx.profile, ctx.layers, spec.budget, extremes)
+            seeds = functools.partial(B.seed_plans, ctx.profile, ctx.layers, spec.budget, extremes,
+                                      ratio_step=spec.space.ratio_step)
             _initialize(study, sctx, min_costs, seeds, warm_start)
     if done >= spec.n_trials:
         warnings.warn(NothingToDo(nothing_to_do(name, done, spec.n_trials, stored)), stacklevel=2)

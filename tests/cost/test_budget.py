@@ -85,3 +85,22 @@ def test_search_below_every_plan_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"smallest any plan reaches is size_kb {best:.4g}" in err and "--size-kb" in err
     assert not (results / "cache").exists()  # nothing was trained
+
+
+def test_a_tight_latency_budget_is_seeded_with_the_least_compressed_uniform_plans_that_meet_it():
+    """A latency bound no warm start meets: the seeds are uniform plans within it, one pruning
+    least and one rounding least, each the least compressed of its kind (one ratio step less
+    breaks the bound), not the cheapest plan of every layer (98% pruned at 2 bits)."""
+    ctx, extremes = _extremes("lenet5", "mobile-cpu")
+    tried = P.stack_plans([P.make_plan(np.zeros(len(ctx.layers)), 0, 8, 8)])  # an int8 warm start
+    bound = 0.6 * float(price(ctx.profile, ctx.layers, tried).latency_ms[0])
+    seeds = B.seed_plans(ctx.profile, ctx.layers, Budget(latency_ms=bound), extremes, tried)
+    assert 1 <= len(seeds) <= 2
+    for plan in seeds:
+        assert np.ptp(plan.ratio) == 0 and np.ptp(plan.weight_bits) == 0 and 0 < plan.ratio[0] < 0.98
+        assert float(price(ctx.profile, ctx.layers, P.stack_plans([plan])).latency_ms[0]) <= bound
+        looser = P.stack_plans([P.make_plan(plan.ratio - 0.02, plan.granularity, plan.weight_bits, plan.act_bits,
+                                            plan.quant_mode, plan.rank, plan.form)])
+        assert float(price(ctx.profile, ctx.layers, looser).latency_ms[0]) > bound
+    widest = max(seeds, key=lambda p: int(p.weight_bits[0]))
+    assert int(widest.weight_bits[0]) == max(int(b) for b in np.asarray(extremes.weight_bits)[:, 0])
