@@ -228,8 +228,8 @@ def analyze(records: list[dict], measured: list[float], profiles: dict) -> dict:
         return np.array([float(np.asarray(price(prof, layers[records[i]["model"]], stack_plans([plans[i]])).latency_ms)[0])
                          for i in idx])
 
-    def fitted(base, idx):
-        return fit_profile(base, [(layers[records[i]["model"]], plans[i], meas[i]) for i in idx])
+    def fitted(base, idx, how="scales"):
+        return fit_profile(base, [(layers[records[i]["model"]], plans[i], meas[i]) for i in idx], kernel_fit=how)
 
     every = list(range(len(records)))
     order = sorted(every, key=lambda i: meas[i])
@@ -249,8 +249,51 @@ def analyze(records: list[dict], measured: list[float], profiles: dict) -> dict:
             res["calibrated factorized"] = _scores(pred[fz], meas[fz])
         for name, (fit_idx, test_idx) in splits.items():
             res[f"fitted: {name}"] = _scores(predict(fitted(base, fit_idx), test_idx), meas[test_idx])
+            if base.kernels is not None:  # every coefficient refitted, not one scale per kind
+                res[f"fitted coefficients: {name}"] = _scores(
+                    predict(fitted(base, fit_idx, "coefficients"), test_idx), meas[test_idx])
         out[label] = res
     return out
+
+
+def noise_floor(timings: list[list[dict]]) -> dict | None:
+    """How far the measurement itself moves between repeats: for every pair of repeats, the
+    median absolute relative difference of an export's fastest run and the share of exports
+    within +-10% of each other (the best any predictor can score against one repeat's timing)."""
+    if len(timings) < 2:
+        return None
+    t = np.array([[m["fastest_ms"] for m in rep] for rep in timings])
+    pairs = [(i, j) for i in range(len(t)) for j in range(len(t)) if i != j]
+    d = [np.abs(t[i] - t[j]) / t[j] for i, j in pairs]
+    return {"pairs": len(pairs), "mdape": [float(np.median(x)) for x in d],
+            "within_10pct": [float(np.mean(x <= 0.10)) for x in d]}
+
+
+def kernels_dict(model) -> dict | None:
+    """A KernelModel as JSON (None for a roofline profile), to re-analyze a run later."""
+    return None if model is None else {"inference_us": model.inference_us, "coef": dict(model.coef),
+                                       "runtime": model.runtime, "samples": model.samples}
+
+
+def reanalyze(path: Path) -> dict:
+    """Score the profiles of a saved run again (new fits, same timings and calibrations)."""
+    from types import MappingProxyType
+
+    from hw_profiles import KernelModel
+    from search.cost.calibrate import calibrated_profile
+
+    data = json.loads(path.read_text())
+    for rep in data["repeats"]:
+        saved = rep.get("kernels")
+        if not saved:
+            raise SystemExit(f"{path} holds no calibrated kernels (a run before --reanalyze existed): run the bench again")
+        profiles = {label: calibrated_profile(rep["machine"], name=label, kernels=None if k is None else KernelModel(
+            inference_us=k["inference_us"], coef=MappingProxyType({n: tuple(c) for n, c in k["coef"].items()}),
+            runtime=k["runtime"], samples=k["samples"])) for label, k in saved.items()}
+        rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles)
+    data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
+    data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])
+    return data
 
 
 def summarize_repeats(analyses: list[dict]) -> dict:
@@ -322,6 +365,21 @@ def print_exports(records: list[dict], repeat: dict) -> None:
               + " ".join(f"{p * 1e3:15.1f}" for p in pred))
 
 
+def print_summary(data: dict) -> None:
+    """Median (range) over repeats of each profile's scores, and the measurement's noise floor."""
+    for label, res in data["summary"].items():
+        for split, sc in res.items():
+            f = lambda k, pct=False: (f"{sc[k]['median'] * (100 if pct else 1):.{0 if pct else 2}f} "
+                                      f"({sc[k]['min'] * (100 if pct else 1):.{0 if pct else 2}f}-{sc[k]['max'] * (100 if pct else 1):.{0 if pct else 2}f})")
+            print(f"{label:8s} {split:34s} n={sc['n']:2d}  tau {f('kendall_tau')}  MdAPE% {f('mdape', True)}  "
+                  f"within10% {f('within_10pct', True)}")
+    noise = data.get("noise")
+    if noise:
+        print(f"measurement noise between repeats: median difference {np.median(noise['mdape']) * 100:.1f}%, "
+              f"within +-10% of each other {np.median(noise['within_10pct']) * 100:.0f}% "
+              f"({min(noise['within_10pct']) * 100:.0f}-{max(noise['within_10pct']) * 100:.0f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
@@ -335,7 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-factorized", action="store_true", help="leave out the LeNets' factorized (low-rank) exports")
     ap.add_argument("--exports", default=None,
                     help="keep the exports in this directory and reuse them when it holds records.json (default: a temporary one)")
+    ap.add_argument("--reanalyze", default=None, metavar="JSON",
+                    help="score a saved run's timings and calibrations again (new fits; no timing) and write --out")
     args = ap.parse_args(argv)
+    if args.reanalyze:
+        data = reanalyze(Path(args.reanalyze))
+        out = Path(args.out) if args.out else Path(args.reanalyze)
+        out.write_text(json.dumps(data, indent=1, default=float))
+        print_summary(data)
+        print(f"saved {out}")
+        return 0
     from search.cost.calibrate import calibrated_profile, measure_machine
     from search.export.kernel_probes import calibrate_kernels, layer_shapes, sampled_shapes
 
@@ -371,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             measured = [m["fastest_ms"] for m in timing]
             analysis = analyze(records, measured, profiles)
             data["repeats"].append({"timing": timing, "calibration": report, "calibration_models": report_own,
-                                    "machine": machine, "analysis": analysis, "seconds": time.perf_counter() - t1})
+                                    "machine": machine, "analysis": analysis, "seconds": time.perf_counter() - t1,
+                                    "kernels": {label: kernels_dict(p.kernels) for label, p in profiles.items()}})
             path.write_text(json.dumps(data, indent=1, default=float))
             k = analysis["kernels"]
             print(f"repeat {rep + 1}: calibration {report['seconds']:.0f} s ({report['kernels_timed']} kernels, held-out "
@@ -379,17 +447,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{k['calibrated']['kendall_tau']:.3f} MdAPE {k['calibrated']['mdape'] * 100:.1f}% within10 "
                   f"{k['calibrated']['within_10pct'] * 100:.0f}%", flush=True)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
+    data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])
     print_exports(records, data["repeats"][-1])
     if not args.skip_speedup:
         data["speedup"] = speedup(args.rounds, args.runs)
     data["seconds"] = time.perf_counter() - t0
     path.write_text(json.dumps(data, indent=1, default=float))
-    for label, res in data["summary"].items():
-        for split, sc in res.items():
-            f = lambda k, pct=False: (f"{sc[k]['median'] * (100 if pct else 1):.{0 if pct else 2}f} "
-                                      f"({sc[k]['min'] * (100 if pct else 1):.{0 if pct else 2}f}-{sc[k]['max'] * (100 if pct else 1):.{0 if pct else 2}f})")
-            print(f"{label:8s} {split:24s} n={sc['n']:2d}  tau {f('kendall_tau')}  MdAPE% {f('mdape', True)}  "
-                  f"within10% {f('within_10pct', True)}")
+    print_summary(data)
     s = data.get("speedup") or {}
     if s.get("fastest_within_0.5pt"):
         b = s["fastest_within_0.5pt"]
