@@ -246,7 +246,9 @@ def test_export_retrains_longer_than_the_search_and_reports_before_and_after(exp
     for d in (r["before"], r["after"]):
         assert 0.0 <= d["val"] <= 1.0 and 0.0 <= d["test"] <= 1.0
     assert r["examples"] == {"val": 180, "test": 360}  # digits: one validation example is 0.56 points
-    assert f"retrain: {2 * RETRAIN_FACTOR} steps, cosine learning rate (default: {RETRAIN_FACTOR}x the study's 2)" in text
+    assert r["learning_rate"] == c["finetune"]["learning_rate"]  # the study's: no --lr given
+    assert (f"retrain: {2 * RETRAIN_FACTOR} steps, cosine learning rate from {r['learning_rate']:g} "
+            f"(default: {RETRAIN_FACTOR}x the study's 2)") in text
     assert f"accuracy before, the search's fine-tune (2 steps): val {r['before']['val']:.4f}, test {r['before']['test']:.4f}" in text
     assert f"accuracy after, exported ({2 * RETRAIN_FACTOR} steps): val {r['after']['val']:.4f}" in text
     # --finetune-steps sets the budget; "before" is still the search's fine-tune, measured the same way
