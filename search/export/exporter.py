@@ -443,7 +443,7 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
     Raises UserError for a trial that is missing or not complete, or a learning rate <= 0.
     """
     if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise UserError(f"--lr {learning_rate} must be a positive number (e.g. 3e-3), or leave it out for the study's")
+        raise UserError(f"--lr {learning_rate} must be a positive number (e.g. 3e-3), or leave it out to use the study's learning rate")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
         done = [n for n, t in trials.items() if t.state == TrialState.COMPLETE]
