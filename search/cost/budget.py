@@ -110,7 +110,7 @@ def seed_plans(profile: HardwareProfile, layers: Sequence[Layer], budget: Budget
     """Plans to try first for bounds a sampler would rarely meet: a bound below every uniform
     candidate's cost (only per-layer choices meet it), or one that none of the plans tried
     first (`tried` [W, L], the warm-start plans) meets. When a uniform plan meets every bound,
-    the least compressed one (fitting_plan: a tight latency budget gets the uniform channel
+    the least compressed ones (fitting_plans: a tight latency budget gets the uniform channel
     ratio that just meets it, which a sampler drawing every layer's ratio at random rarely
     does); otherwise, for each such bound, the plan whose every layer takes its cheapest
     candidate choice for that key (cheapest_plan)."""
