@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             members[layer.group] = members.get(layer.group, 0) + 1
     coupled = np.array([members.get(layer.group, 0) > 1 for layer in layers])  # in a residual add
 
-    def ch(r, inner=None):
-        return np.where(free, np.where(coupled | (inner is None), r, r if inner is None else inner), 0.0)
+    def ch(r, inner=None):  # `inner`: the ratio of the groups no residual add couples (default r)
+        return np.where(free, np.where(coupled, r, r if inner is None else inner), 0.0)
 
     variants = [("fp32", make_plan(np.zeros(len(layers)))), ("w8a8", make_plan(np.zeros(len(layers)), 0, 8, 8))]
     for r in map(float, args.ratios.split(",")):
