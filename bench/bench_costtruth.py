@@ -50,16 +50,20 @@ def variants(num_layers: int) -> list[tuple[str, dict]]:
     return [
         ("fp32", dict(ratio=[0.0] * L)),
         ("w8a8", dict(ratio=[0.0] * L, weight_bits=8, act_bits=8)),
+        ("w7a8", dict(ratio=[0.0] * L, weight_bits=7, act_bits=8)),  # int8 codes within 63: u8s8 kernels
         ("w4a8", dict(ratio=[0.0] * L, weight_bits=4, act_bits=8)),
         ("w2a8", dict(ratio=[0.0] * L, weight_bits=2, act_bits=8)),
         ("w8a16", dict(ratio=[0.0] * L, weight_bits=8, act_bits=16)),
         ("w16a16", dict(ratio=[0.0] * L, weight_bits=16, act_bits=16)),
         ("cb4", dict(ratio=[0.0] * L, weight_bits=4, quant_mode=1)),
         ("ch25", dict(ratio=r(0.25), granularity=1)),
+        ("ch40", dict(ratio=r(0.4), granularity=1)),  # kept counts off the runtime's channel blocks
         ("ch50", dict(ratio=r(0.5), granularity=1)),
+        ("ch60", dict(ratio=r(0.6), granularity=1)),
         ("ch75", dict(ratio=r(0.75), granularity=1)),
         ("ch90", dict(ratio=r(0.9), granularity=1)),
         ("ch50-w8a8", dict(ratio=r(0.5), granularity=1, weight_bits=8, act_bits=8)),
+        ("ch50-w7a8", dict(ratio=r(0.5), granularity=1, weight_bits=7, act_bits=8)),
         ("ch75-w8a8", dict(ratio=r(0.75), granularity=1, weight_bits=8, act_bits=8)),
         ("ch75-w4a8", dict(ratio=r(0.75), granularity=1, weight_bits=4, act_bits=8)),
         ("un90", dict(ratio=r(0.9))),
@@ -135,8 +139,8 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]
 
 MODELS = ("lenet300", "lenet5", "resnet20", "mobilenetv2")
 LENETS = ("lenet300", "lenet5")
-CNN_VARIANTS = ("fp32", "w8a8", "w4a8", "w8a16", "w16a16", "cb4", "ch25", "ch50", "ch75", "ch50-w8a8", "ch75-w8a8",
-                "ch75-w4a8", "un90", "mixed")
+CNN_VARIANTS = ("fp32", "w8a8", "w7a8", "w4a8", "w8a16", "w16a16", "cb4", "ch25", "ch40", "ch50", "ch60", "ch75",
+                "ch50-w8a8", "ch50-w7a8", "ch75-w8a8", "ch75-w4a8", "un90", "mixed")
 
 
 def _task(model: str, examples: int = 256):
@@ -272,7 +276,8 @@ def noise_floor(timings: list[list[dict]]) -> dict | None:
 def kernels_dict(model) -> dict | None:
     """A KernelModel as JSON (None for a roofline profile), to re-analyze a run later."""
     return None if model is None else {"inference_us": model.inference_us, "coef": dict(model.coef),
-                                       "runtime": model.runtime, "samples": model.samples}
+                                       "runtime": model.runtime, "samples": model.samples,
+                                       "channel_block": model.channel_block}
 
 
 def reanalyze(path: Path) -> dict:
@@ -289,7 +294,7 @@ def reanalyze(path: Path) -> dict:
             raise SystemExit(f"{path} holds no calibrated kernels (a run before --reanalyze existed): run the bench again")
         profiles = {label: calibrated_profile(rep["machine"], name=label, kernels=None if k is None else KernelModel(
             inference_us=k["inference_us"], coef=MappingProxyType({n: tuple(c) for n, c in k["coef"].items()}),
-            runtime=k["runtime"], samples=k["samples"])) for label, k in saved.items()}
+            runtime=k["runtime"], samples=k["samples"], channel_block=k.get("channel_block", 1))) for label, k in saved.items()}
         rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
     data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])

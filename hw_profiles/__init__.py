@@ -84,7 +84,8 @@ def dump_profile(profile: HardwareProfile, comments: dict[str, str] | None = Non
         "sparsity": {"unstructured_min_sparsity": p.unstructured_min_sparsity,
                      "unstructured_work_factor": p.unstructured_work_factor,
                      "nm_patterns": [list(x) for x in p.nm_patterns]},
-        "kernels": {} if k is None else {"runtime": k.runtime, "samples": k.samples, "inference_us": k.inference_us}
+        "kernels": {} if k is None else {"runtime": k.runtime, "samples": k.samples, "inference_us": k.inference_us,
+                                         "channel_block": k.channel_block}
         | {n: [float(x) for x in k.coef[n]] for n in KERNELS},
         "budget": {"latency_ms": p.budget.latency_ms, "memory_kb": p.budget.memory_kb, "size_kb": p.budget.size_kb},
     }

@@ -20,10 +20,16 @@ BIT_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 LATENCY_MODELS = ("roofline", "kernels")
 # kernel-level latency (search.cost.kernels): what the runtime runs for one layer, by layer kind and
 # form: f32 (float kernel), q8 (integer kernel chained to the next integer layer: QLinearConv /
-# QGemm), i8 (integer kernel with float output: ConvInteger / MatMulInteger + Cast + Mul); and
+# QGemm) with weights of at most 7 bits (int8: onnxruntime's u8s8 kernels), q8u (the same with
+# 8-bit weights, stored as uint8 with zero point 128, exact on every x86 CPU: the u8u8 kernels,
+# measured 1.7-2x slower on an AVX-512 VNNI host), i8 (integer kernel with float output:
+# ConvInteger / MatMulInteger + Cast + Mul, whose weights are always uint8); and
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
 # `eltwise`, one unfused elementwise or pooling op on a layer's output (ReLU, MaxPool, Add, Transpose)
-KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in ("f32", "q8", "i8")) + ("emul", "eltwise")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u")
+KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise")
+# a profile calibrated before q8u existed prices 8-bit weights as its q8 kernels
+KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups).
 # Non-negative coefficients on 1, M, N, K, MN, MK, NK, MNK are a sum of fixed costs per call, per
@@ -62,6 +68,10 @@ class KernelModel:
     coef: Mapping[str, tuple[float, ...]]  # KERNELS name -> one coefficient per KERNEL_FEATURES (us per unit)
     runtime: str  # what was measured: runtime, version, execution provider, threads, batch
     samples: int = 0  # kernels timed to fit them
+    # channels the runtime's float convolutions compute in blocks of: onnxruntime's CPU provider
+    # runs them in its NCHWc layout (MLAS), channel counts rounded up to 16 with AVX-512, 8 with
+    # AVX2 (search.cost.kernels.blocked); 1 = no blocking (older profiles)
+    channel_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,15 @@ def _number(lo: float, hi: float = math.inf, lo_open: bool = True) -> Callable[[
         if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or v > hi:
             return "out of range"
         return None
+
+    return check
+
+
+def _count(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"wrong type {type(v).__name__}"
+        return None if lo <= v <= hi else "out of range"
 
     return check
 
@@ -198,6 +217,7 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "runtime": _Field("a non-empty string (what was measured)", _string(), required=False),
         "samples": _Field("a number >= 0 (kernels timed)", _number(0, lo_open=False), required=False),
         "inference_us": _Field("a number >= 0 (microseconds per inference)", _number(0, lo_open=False), required=False),
+        "channel_block": _Field("an integer in [1, 1024] (channels per block of the float conv kernels)", _count(1, 1024), required=False),
         **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)})", _coefs, required=False)
            for k in KERNELS},
     },
@@ -310,9 +330,10 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
             raise _error(source, "latency_model", model, "kernels given", "'kernels' when a [kernels] table is present (or drop the table)")
         return None
     for key in ("runtime", "inference_us", *KERNELS):
-        if key not in k:
+        if key not in k and key not in KERNEL_FALLBACK:
             raise _error(source, f"kernels.{key}", _MISSING, "missing",
                          FIELDS["kernels"][key].expected + "; recalibrate with `hwcompress profiles calibrate`")
     return KernelModel(inference_us=float(k["inference_us"]),
-                       coef=MappingProxyType({n: tuple(float(x) for x in k[n]) for n in KERNELS}),
-                       runtime=k["runtime"], samples=int(k.get("samples", 0)))
+                       coef=MappingProxyType({n: tuple(float(x) for x in k.get(n, k.get(KERNEL_FALLBACK.get(n, n))))
+                                              for n in KERNELS}),
+                       runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)))

@@ -12,11 +12,18 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   layer (which reads only this layer's channels, no residual add between) is integer too;
 - `i8`: an integer kernel with a float output (ConvInteger / MatMulInteger + Cast + Mul by the
   scales), the other integer layers (the last one, and those feeding a residual add);
+- `q8u`: q8 with 8-bit weights, which the export stores as uint8 with zero point 128 (exact on
+  AVX2, whose u8s8 instruction saturates) and onnxruntime runs on its u8u8 kernels: 1.7-2x slower
+  than int8 weights of <= 7 bits for QLinearConv on an AVX-512 VNNI host (i8 kernels always take
+  uint8 weights: one kind);
 - `emul`: a float kernel's input activation rounding done in float ops (Div, Round, Add, Clip,
   Sub, Mul), for activations quantized to <= 16 bits in front of a float kernel;
 - `eltwise`: the one unfused op that follows a layer in the graph (a ReLU the runtime did not
   fuse, a pooling, a residual Add, a layout Transpose or a flatten), on the layer's output.
   The layers are what the cost model sees of a network, so every layer is charged one.
+
+A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
+to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration).
 
 Each predictor is linear in KERNEL_FEATURES (1, MACs, weights, input elements, output elements,
 after channel removal) with coefficients >= 0, fitted to measured latencies by non-negative least
@@ -33,9 +40,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hw_profiles.schema import KERNEL_FEATURES, KERNELS, LAYER_KINDS, KernelModel
+from hw_profiles.schema import KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
 
-FORMS = ("f32", "q8", "i8")
+FORMS = KERNEL_FORMS  # f32, q8, i8, and q8u: QLinear kernels with 8-bit (uint8) weights
 EMUL, ELTWISE = KERNELS.index("emul"), KERNELS.index("eltwise")
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
@@ -83,13 +90,16 @@ def forms(chained: np.ndarray, weight_bits: np.ndarray, act_bits: np.ndarray, co
     chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a conv whose
     bias is a map: a SAME-padded conv reading removed channels that carry a constant, which
     search.engine.steps.zero_removed leaves only behind an activation with f(0) != 0), else i8;
-    f32 otherwise."""
+    f32 otherwise; q8u for q8 with 8-bit weights: the export stores weights whose codes pass 63 as
+    uint8 with zero point 128 (search.export.onnx.layers), which onnxruntime runs on its slower
+    u8u8 kernels."""
     integer = (np.asarray(weight_bits) <= 8) & ~np.asarray(codebook, bool) & (np.asarray(act_bits) <= 8)
     nxt = np.where(chained >= 0, chained, 0)
     chain = integer & (chained >= 0) & integer[..., nxt]
     if bias_map is not None:
         chain = chain & ~np.asarray(bias_map, bool)
-    return np.where(integer, np.where(chain, FORMS.index("q8"), FORMS.index("i8")), FORMS.index("f32"))
+    q8 = np.where(np.asarray(weight_bits) == 8, FORMS.index("q8u"), FORMS.index("q8"))  # codes past 63: uint8
+    return np.where(integer, np.where(chain, q8, FORMS.index("i8")), FORMS.index("f32"))
 
 
 def features(m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -97,6 +107,26 @@ def features(m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
     positions, N output channels, K fan-in, per example after channel removal."""
     m, n, k = np.broadcast_arrays(np.asarray(m, np.float64), np.asarray(n, np.float64), np.asarray(k, np.float64))
     return np.stack([np.ones_like(m), m, n, k, m * n, m * k, n * k, m * n * k], axis=-1)
+
+
+def blocked(n: np.ndarray, cin: np.ndarray, area: np.ndarray, block: int, depthwise: np.ndarray | bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) a float 2-D convolution computes in onnxruntime's NCHWc layout, from its kept output
+    channels n, input channels per group cin and kernel area (kh * kw), all [...].
+
+    onnxruntime's CPU provider rewrites float Conv nodes into NCHWc kernels (MLAS; the
+    NchwcTransformer) whose channels are processed in blocks of `block` (MlasNchwcGetBlockSize: 16
+    with AVX-512, 8 with AVX2): output channels are rounded up to a multiple of the block, input
+    channels too once there are at least `block` of them (fewer are read as NCHW, unpadded); a
+    depthwise kernel rounds its channels (N) and keeps K = area. So on an AVX-512 host a 3x3 conv
+    with 20, 24 or 32 channels takes the same time, and pruning 32 channels to 24 buys nothing.
+    The rounding is monotone: more channels never give a smaller kernel. block <= 1: no rounding."""
+    n, cin, area = (np.asarray(v, np.float64) for v in (n, cin, area))
+    if block <= 1:
+        return n, cin * area
+    up = lambda c: np.ceil(np.round(c) / block) * block  # counts arrive as kept fractions x channels
+    k = np.where(np.asarray(depthwise, bool), area, np.where(np.round(cin) < block, np.round(cin), up(cin)) * area)
+    return up(n), k
 
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
@@ -194,8 +224,10 @@ def fit_to_models(model: KernelModel, by_kind: np.ndarray, measured_ms: np.ndarr
     return scaled(model, dict(zip(KERNELS, scale[1:])), float(scale[0]))
 
 
-def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: float, runtime: str) -> KernelModel:
-    """Predictors from measured kernels: samples = [(KERNELS name, KERNEL_FEATURES values, us)].
+def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: float, runtime: str,
+        channel_block: int = 1) -> KernelModel:
+    """Predictors from measured kernels: samples = [(KERNELS name, KERNEL_FEATURES values, us)],
+    the float convolutions' features computed with `channel_block` (blocked).
 
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
     1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
@@ -213,7 +245,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
         scale = np.maximum(x.max(axis=0), 1e-12)  # well-conditioned columns; undone below
         reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
         coef[name] = tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)
-    return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples))
+    return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples),
+                       channel_block=int(channel_block))
 
 
 def scaled(model: KernelModel, kernel_scale: dict[str, float], inference_scale: float) -> KernelModel:
@@ -230,6 +263,6 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "chained_to", "feature_sums", "features", "fit",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "feature_sums", "features", "fit",
            "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
            "relative_errors", "scaled"]

@@ -87,6 +87,8 @@ class _LayerArrays:
     in_elems: np.ndarray
     out_elems: np.ndarray
     kind: np.ndarray  # index into _KINDS
+    area: np.ndarray  # kernel positions (kh * kw; 1 for Dense)
+    nchwc: np.ndarray  # [L] bool: a 2-D convolution (one onnxruntime may run in its blocked NCHWc layout)
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
@@ -101,6 +103,8 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         bias=f(lambda l: l.out_channels if l.has_bias else 0),
         in_elems=f(lambda l: np.prod(l.in_shape)), out_elems=f(lambda l: np.prod(l.out_shape)),
         kind=np.array([_KINDS.index(l.kind) for l in layers], np.int64),
+        area=f(lambda l: np.prod(l.kernel_shape[:-2]) if l.kind != "dense" else 1),
+        nchwc=np.array([l.kind != "dense" and len(l.out_shape) == 3 for l in layers], bool),
         reads=_reads_matrix(layers),
         chained=K.chained_to(layers),
         geo=lowrank.geometry(layers),
@@ -252,6 +256,11 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
+        block = profile.kernels.channel_block
+        if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked)
+            nb, kb = K.blocked(n, k / la.area, la.area, block, la.kind == _KINDS.index("depthwise"))
+            on_blocks = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
+            n, k = np.where(on_blocks, nb, n), np.where(on_blocks, kb, k)
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
                       K.features(geo["pa"], rk, geo["ka"] * keep_a))
         feats = np.where(fact[..., None], fa, K.features(m, n, k))

@@ -7,6 +7,7 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
 - q8: Q/DQ input, int8 kernel through DequantizeLinear, bias, ReLU, and the next layer's Q/DQ,
   which the rewrite turns into QuantizeLinear -> QLinearConv / QGemm -> DequantizeLinear;
 - i8: the same without a next integer layer: ConvInteger / MatMulInteger + Cast + Mul + bias + ReLU;
+- q8u: q8 with 8-bit weights, stored as the export stores them (uint8, zero point 128);
 - emul: the float-op rounding of an activation (Div, Round, Add, Clip, Sub, Mul);
 - eltwise: the unfused op after a layer: ReLU, 2x2 MaxPool, residual Add, NCHW Transpose (each
   per size; the predictor is their average cost).
@@ -14,7 +15,8 @@ Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel size
 or taken from a model's layers with their channels cut as channel pruning would cut them.
 Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
 middle of a chain (four layers against two), the others alone less the per-inference cost, so a
-sample is the kernel's own time (measure_kernels).
+sample is the kernel's own time (measure_kernels). Float convolutions' features count the
+channels the runtime computes, rounded up to its channel block (nchwc_block, kernels.blocked).
 """
 from __future__ import annotations
 
@@ -48,9 +50,15 @@ class Shape:
     def out_hw(self) -> int:
         return 1 if self.kind == "dense" else (self.hw + self.stride - 1) // self.stride
 
-    def features(self) -> list[float]:
-        """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in)."""
-        return K.features(self.out_hw ** 2, self.cout, self.k * self.k * (1 if self.kind == "depthwise" else self.cin)).tolist()
+    def features(self, block: int = 1) -> list[float]:
+        """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in);
+        block > 1: with the channels a float convolution computes on `block`-channel blocks
+        (search.cost.kernels.blocked; pass it for the f32 form only)."""
+        n, k = float(self.cout), float(self.k * self.k * (1 if self.kind == "depthwise" else self.cin))
+        if self.kind != "dense" and block > 1:
+            n, k = K.blocked(self.cout, 1 if self.kind == "depthwise" else self.cin, self.k * self.k, block,
+                             self.kind == "depthwise")
+        return K.features(self.out_hw ** 2, n, k).tolist()
 
 
 def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> bytes:
@@ -72,14 +80,17 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
     dense = shape.kind == "dense"
     group = shape.cin if shape.kind == "depthwise" else 1
     w_shape = (shape.cin, shape.cout) if dense else (shape.cout, shape.cin // group, shape.k, shape.k)
-    q = rng.integers(-63, 64, w_shape).astype(np.int8)
+    wide = form == "q8u"  # 8-bit weights: codes up to 127, stored as uint8 + 128 as the export does
+    q = rng.integers(-127 if wide else -63, 128 if wide else 64, w_shape)
     bias = (rng.standard_normal(shape.cout) * 0.1).astype(np.float32)
     if form == "f32":
         w = g.const((q.astype(np.float32) * 0.01).astype(np.float32), "w")
     else:
         sx, zx = g.const(np.float32(0.02), "act_scale"), g.const(np.uint8(0 if after_relu else 128), "act_zp")
         x = g.node("DequantizeLinear", [g.node("QuantizeLinear", [x, sx, zx]), sx, zx])
-        dq = [g.const(q, "wq"), g.const(np.full(shape.cout, 0.01, np.float32), "w_scale"), g.const(np.zeros(shape.cout, np.int8), "w_zp")]
+        wq, zp = ((q + 128).astype(np.uint8), np.full(shape.cout, 128, np.uint8)) if wide else \
+            (q.astype(np.int8), np.zeros(shape.cout, np.int8))
+        dq = [g.const(wq, "wq"), g.const(np.full(shape.cout, 0.01, np.float32), "w_scale"), g.const(zp, "w_zp")]
         w = g.node("DequantizeLinear", dq, name=f"{name}_w_dq", axis=1 if dense else 0)
     if dense:
         y = g.node("Add", [g.node("MatMul", [x, w], name=name), g.const(bias, "bias")])
@@ -92,10 +103,11 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
 
 
 def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[bytes, tuple[int, ...]]:
-    """(serialized ONNX model, input shape) of layers applied in sequence, all in one export form:
-    f32, q8 (each re-quantized for the next, the last for a following integer layer, so all run as
-    QLinear kernels) or i8 (integer kernels with float outputs). RuntimeError when the QDQ rewrite
-    does not give the form asked for."""
+    """(serialized ONNX model, input shape) of layers applied in sequence, all in one export form
+    (search.cost.kernels.FORMS): f32, q8 (each re-quantized for the next, the last for a following
+    integer layer, so all run as QLinear kernels), q8u (the same with 8-bit, uint8 weights) or i8
+    (integer kernels with float outputs). RuntimeError when the QDQ rewrite does not give
+    the form asked for."""
     rng = np.random.default_rng(seed)
     g = GraphBuilder()
     first, last = shapes[0], shapes[-1]
@@ -105,9 +117,9 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[byte
     y = "input"
     for i, shape in enumerate(shapes):
         y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0)
-        if form == "i8" and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
+        if form.startswith("i8") and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
             y = g.node("Mul", [y, g.const(np.float32(1.0), "one")])
-    if form == "q8":  # the next integer layer's input quantization
+    if form.startswith("q8"):  # the next integer layer's input quantization
         sn, zn = g.const(np.float32(0.05), "act_scale"), g.const(np.uint8(0), "act_zp")
         y = g.node("DequantizeLinear", [g.node("QuantizeLinear", [y, sn, zn]), sn, zn])
     model = _model(g, x_shape, y, out_shape)
@@ -115,7 +127,7 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[byte
         forms = integer_kernels(model)
         for i in range(len(shapes)):
             got = forms.get(f"layer{i}", "float")
-            if (form == "q8") != got.startswith("QLinear") or not (got.startswith("QLinear") or got.endswith("Integer")):
+            if form.startswith("q8") != got.startswith("QLinear") or not (got.startswith("QLinear") or got.endswith("Integer")):
                 raise RuntimeError(f"probe {shapes[i]} {form}: the QDQ rewrite gave {got}")
     onnx.checker.check_model(model)
     return model.SerializeToString(), x_shape
@@ -162,6 +174,31 @@ def eltwise_probe(n: int, op: str) -> tuple[bytes, tuple[int, ...]]:
     else:
         y, out = g.node("Relu", ["input"]), shape
     return _model(g, shape, y, out).SerializeToString(), shape
+
+
+def nchwc_block(threads: int = 1) -> int:
+    """The channel block of the runtime's float convolutions (search.cost.kernels.blocked): the
+    output channels onnxruntime pads a one-channel 3x3 conv's weights to when it rewrites the conv
+    into its NCHWc layout (16 with AVX-512, 8 with AVX2), read from the optimized graph it saves;
+    1 when it keeps the plain Conv (no NCHWc kernels on this CPU or build)."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    model, _ = probe(Shape("conv", 1, 1, 8, 3, 1), "f32")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3  # the warning that an optimized model is host-specific is the point here
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Conv" and node.domain.endswith("nchwc") and len(dims.get(node.input[1], [])) == 4:
+            return max(1, int(dims[node.input[1]][0]))
+    return 1
 
 
 def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -233,7 +270,7 @@ def _relu_chain(n: int) -> bytes:
 
 
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
-                    rounds: int = 2, progress: Callable[[int, int], None] | None = None
+                    rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1
                     ) -> tuple[list[tuple[str, list[float], float]], float]:
     """Time every shape in every form, and the emul and eltwise ops at `sizes` elements (default
     16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
@@ -246,14 +283,16 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     output, their input quantization and output scaling included), emul and eltwise ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
-    interleaved rounds (the fastest run of all rounds is kept)."""
+    interleaved rounds (the fastest run of all rounds is kept). `block`: the runtime's channel
+    block (nchwc_block), with which the f32 convolutions' features are computed."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
     for s in shapes:
         flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
         pair = partner(flat)
-        feats = np.add(flat.features(), pair.features()).tolist()
-        for form in ("f32", "q8"):
+        for form in ("f32", "q8", "q8u"):
+            b = block if form == "f32" else 1
+            feats = np.add(flat.features(b), pair.features(b)).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
             jobs.append((f"{s.kind}_{form}", *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
@@ -296,16 +335,19 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
 
     The report holds the fit's errors on its own samples and, as a check of the predictor's
     form, those of a refit on every other sample tested on the rest (not used for the model),
-    and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds])."""
+    and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds]). The runtime's
+    channel block (nchwc_block) is detected first and kept in the model."""
     t0 = time.perf_counter()
-    samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress)
-    model = K.fit(samples, base, runtime_name(threads))
-    report: dict = {"kernels_timed": len(samples), "inference_us": float(base)}
+    block = nchwc_block(threads)
+    samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress, block=block)
+    model = K.fit(samples, base, runtime_name(threads), channel_block=block)
+    report: dict = {"kernels_timed": len(samples), "inference_us": float(base), "channel_block": block}
     err = np.abs(K.relative_errors(model, samples))
     report.update(fit_median_error=float(np.median(err)), fit_within_10pct=float(np.mean(err <= 0.10)))
     try:
-        half = K.fit(samples[0::2], base, "check")
-        err = np.abs(K.relative_errors(half, samples[1::2]))
+        order = np.random.default_rng(0).permutation(len(samples))  # a random half: samples come in kind cycles
+        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block)
+        err = np.abs(K.relative_errors(half, [samples[i] for i in order[1::2]]))
         report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))
     except ValueError:
         pass

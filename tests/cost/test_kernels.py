@@ -4,8 +4,11 @@ to measured models, and one-line errors for a missing or corrupt [kernels] table
 from __future__ import annotations
 
 import dataclasses
+import re
+from types import MappingProxyType
 
 import numpy as np
+import onnx
 import pytest
 
 import hw_profiles
@@ -56,10 +59,54 @@ def test_probes_run_as_the_export_forms_they_stand_for():
     assert kp.Shape("conv", 4, 8, 8, 3, 2).features() == K.features(16, 8, 36).tolist()
 
 
+def test_q8u_probes_hold_the_uint8_weights_the_export_writes_for_8_bits():
+    """A q8u probe's kernel is uint8 with zero point 128 (codes past 63, as layers.py writes 8-bit
+    weights), a q8 probe's int8 with codes within 63: the two kernels onnxruntime runs apart."""
+    from onnx import numpy_helper
+
+    for form, dtype in (("q8", np.int8), ("q8u", np.uint8)):
+        model = onnx.load_from_string(kp.probe(kp.Shape("conv", 16, 16, 8, 3, 1), form)[0])
+        arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        (w,) = [a for a in arrays.values() if a.ndim == 4]
+        assert w.dtype == dtype
+        codes = w.astype(np.int32) - (128 if form == "q8u" else 0)
+        assert (np.abs(codes).max() > 63) == (form == "q8u")
+
+
+def test_float_convolutions_are_priced_on_the_runtime_channel_blocks():
+    """With channel_block 16 (onnxruntime's NCHWc layout on AVX-512), a float conv keeping 17 to
+    32 of its channels is priced as 32 (input and output), fewer than 16 input channels are not
+    padded, depthwise kernels pad N only, and integer kernels are not blocked; block 1 keeps the
+    counts. Pricing stays monotone in the kept channels (the unfused op after a layer is priced
+    on its kept elements, so it is left out here)."""
+    n, k = K.blocked([1, 16, 17, 24, 32, 33], [8, 16, 17, 24, 32, 33], 9, 16)
+    assert n.tolist() == [16, 16, 32, 32, 32, 48] and k.tolist() == [72, 144, 288, 288, 288, 432]
+    n, k = K.blocked([20], [1], 9, 16, depthwise=True)
+    assert n.tolist() == [32] and k.tolist() == [9]
+    n, k = K.blocked([20], [24], 9, 1)
+    assert n.tolist() == [20] and k.tolist() == [216]
+    assert kp.Shape("conv", 24, 20, 8, 3).features(16) == K.features(64, 32, 288).tolist()
+    coef = {name: (1.0,) + (1e-3,) * 7 for name in KERNELS} | {"eltwise": (0.0,) * 8}  # ops after: not blocked
+    blocked_prof = lambda b: calibrated_profile(MACHINE, name="b", kernels=hw_profiles.KernelModel(
+        5.0, MappingProxyType(coef), "synthetic", channel_block=b))
+    layers = (_conv(0, 32, 32, 8), _conv(1, 32, 32, 8, src=0))
+    ratios = np.linspace(0, 0.9, 10)  # of layer 0's 32 output channels (layer 1's input channels)
+    for bits, blocked_too in ((32, True), (8, False)):
+        plans = P.stack_plans([P.make_plan([r, 0.0], P.CHANNEL, bits, bits) for r in ratios])
+        t16, t1 = (price(blocked_prof(b), layers, plans).latency_ms for b in (16, 1))
+        assert np.all(np.diff(t16) <= 1e-12) and np.all(np.diff(t1) <= 1e-12)  # more pruned, never slower
+        same = np.isclose(t16, t16[0], rtol=1e-12)
+        if blocked_too:  # keeping 17..32 channels: one price; 16 or fewer: cheaper
+            assert same.tolist() == [kept > 16 for kept in np.round(32 * (1 - ratios))]
+        else:
+            np.testing.assert_allclose(t16, t1, rtol=1e-12)
+
+
 def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file(calibrated, tmp_path):
     profile, report = calibrated
     k = profile.kernels
     assert set(k.coef) == set(KERNELS) and k.inference_us > 0 and report["kernels_timed"] == k.samples
+    assert 0 <= report["held_out_median_error"] < 10  # the form's check on a random half ran
     assert all(c >= 0 for v in k.coef.values() for c in v)
     assert all(any(c > 0 for c in k.coef[name]) for name in KERNELS)  # every kind learned something
     text = profile_toml(profile, MACHINE)
@@ -112,13 +159,15 @@ def test_pricing_stays_vectorised(calibrated):
 
 
 def test_integer_layers_chain_as_the_export_does():
-    """q8 (QLinear) when the next layer is integer and reads only this layer; i8 for the last
-    layer, before a float layer, and for a layer in a residual group (two non-depthwise members)."""
+    """q8 (QLinear) when the next layer is integer and reads only this layer, q8u when its
+    weights have 8 bits (stored as uint8); i8 for the last layer, before a float layer, and for a
+    layer in a residual group (two non-depthwise members)."""
     chained = K.chained_to(LAYERS)
     assert chained.tolist() == [1, 2, 3, -1]
-    f = K.forms(chained, np.array([[8, 8, 8, 8], [8, 8, 32, 8]]), np.array([[8, 8, 8, 8]] * 2), np.zeros((2, 4), bool))
-    q8, i8, f32 = (K.FORMS.index(x) for x in ("q8", "i8", "f32"))
-    assert f.tolist() == [[q8, q8, q8, i8], [q8, i8, f32, i8]]
+    f = K.forms(chained, np.array([[8, 8, 8, 8], [8, 8, 32, 8], [4, 7, 8, 4]]), np.array([[8, 8, 8, 8]] * 3),
+                np.zeros((3, 4), bool))
+    q8, q8u, i8, f32 = (K.FORMS.index(x) for x in ("q8", "q8u", "i8", "f32"))
+    assert f.tolist() == [[q8u, q8u, q8u, i8], [q8u, i8, f32, i8], [q8, q8, q8u, i8]]
     residual = (dense(0, 8, 8), dataclasses.replace(dense(1, 8, 8), leader=0), dense(2, 8, 4, src=0))
     assert K.chained_to(residual).tolist() == [-1, -1, -1]
 
@@ -183,6 +232,8 @@ def test_coefficient_fit_moves_cost_between_terms_that_one_scale_per_kind_cannot
     (lambda t: t.replace("dense_f32 = [", "dense_f32 = [-1.0, "), ["kernels.dense_f32", "9 values"]),
     (lambda t: t.replace('latency_model = "kernels"', 'latency_model = "roofline"'), ["latency_model", "kernels given"]),
     (lambda t: t.replace('latency_model = "kernels"', 'latency_model = "nn-meter"'), ["latency_model", "'nn-meter'"]),
+    (lambda t: re.sub(r"channel_block = \d+", "channel_block = 0", t), ["kernels.channel_block", "out of range", "[1, 1024]"]),
+    (lambda t: re.sub(r"channel_block = \d+", "channel_block = 16.5", t), ["kernels.channel_block", "wrong type"]),
 ])
 def test_a_corrupt_kernels_table_is_one_line(calibrated, tmp_path, edit, words):
     profile, _ = calibrated
@@ -194,6 +245,19 @@ def test_a_corrupt_kernels_table_is_one_line(calibrated, tmp_path, edit, words):
     assert "\n" not in msg and str(f) in msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrated, tmp_path):
+    """A [kernels] table without the q8u kinds and channel_block (written before they existed)
+    prices 8-bit weights with its q8 kernels and float convolutions unblocked."""
+    profile, _ = calibrated
+    text = "\n".join(l for l in profile_toml(profile, MACHINE).splitlines()
+                     if not l.startswith(("dense_q8u", "conv_q8u", "depthwise_q8u", "channel_block")))
+    f = tmp_path / "old.toml"
+    f.write_text(text)
+    k = hw_profiles.load_profile(str(f)).kernels
+    assert k.channel_block == 1
+    assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in ("dense", "conv", "depthwise"))
 
 
 def test_negative_coefficient_is_refused(calibrated, tmp_path):

@@ -111,7 +111,8 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
             # (removed channels are exactly 0: no conv gets a bias map, steps.zero_removed)
             expected = kernels.forms(kernels.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],
                                      np.zeros((1, len(layers)), bool))[0]
-            assert [kernels.FORMS[f] for f in expected] == [KERNEL_FORM[c["onnx_form"]] for c in cfg["layers"]], name
+            # (q8u: a QLinear kernel with 8-bit weights, stored as uint8)
+            assert [kernels.FORMS[f].removesuffix("u") for f in expected] == [KERNEL_FORM[c["onnx_form"]] for c in cfg["layers"]], name
 
 
 def test_nnx_resnet_int8_channel_pruned_export_keeps_nothing_back(tmp_path):
