@@ -16,8 +16,8 @@ Dense/Conv slices its input axis and folds the fill's contribution into a bias (
 for a padded conv). Where that is impossible (a residual add of tensors with different
 channels) the producer is re-emitted unpruned (`Keep`, a retry). Concatenations, splits and
 slices carry the kept channels along (channels.py).
-Per-channel affine ops right after a layer (an eval-mode BatchNorm) are folded into it
-(fold.py).
+Per-channel affine ops right after a layer (an eval-mode BatchNorm) are folded into it, and
+ReLU6 (Relu then Min) becomes one Clip that onnxruntime fuses into the conv (fold.py).
 Inputs and outputs are NHWC like the Flax model; convolutions run NCHW inside.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from search.export.onnx.channels import ChannelRules
-from search.export.onnx.fold import fold_affine
+from search.export.onnx.fold import clip_activations, fold_affine
 from search.compression.graph import plain_convs
 from search.export.onnx.graph import (
     NCHW_TO_NHWC,
@@ -80,6 +80,7 @@ def to_onnx(apply: Any, params: Any, input_shape: tuple[int, ...],
             model = conv.build(closed, keys, leaves, input_shape)
             fold_affine(model)  # BN folding
             forms = integer_kernels(model)  # shape the QDQ layers for onnxruntime's integer kernels
+            clip_activations(model)  # ReLU6 as one Clip, which onnxruntime fuses into the conv
             return model, {"kept": conv.kept, "kept_back": kept_back, "forms": forms}
         except Keep as k:
             kept_back.append(str(k))

@@ -139,3 +139,30 @@ def _compact(t: np.ndarray, op: str) -> np.ndarray:
         t = t[:, :, :1, :1]
     return t
 
+
+
+def clip_activations(model: onnx.ModelProto) -> int:
+    """Rewrite every Relu -> Min(x, c) (ReLU6 as jax writes it: min(max(x, 0), 6), the Max
+    already a Relu) into one Clip(x, 0, c), in place; returns how many.
+
+    onnxruntime fuses Relu and Clip into the Conv before them (and into its NCHWc kernels), but
+    not Min: a Min left behind costs the Min and, in the NCHWc layout, a ReorderOutput before and
+    a ReorderInput after it. MobileNetV2 at 28x28, fp32, one thread on an AVX-512 host: 176 us
+    with Relu -> Min, 119 us with Clip. Runs after qdq.integer_kernels, so integer layers (whose
+    Relu feeds the next layer's QuantizeLinear) keep their shape; the values are identical."""
+    g = GraphBuilder(model.graph, tag="c")
+    prod, cons = g.maps()
+    done = 0
+    for node in list(g.graph.node):
+        if node.op_type != "Min" or len(node.input) != 2:
+            continue
+        hi, relu = g.arr(node.input[1]), prod.get(node.input[0])
+        if hi is None or hi.size != 1 or relu is None or relu.op_type != "Relu" or len(cons[relu.output[0]]) != 1 \
+                or relu.output[0] in {o.name for o in g.graph.output} or float(hi.reshape(())) < 0:
+            continue
+        node.op_type = "Clip"
+        node.input[:] = [relu.input[0], g.const(np.float32(0.0), "clip_lo"), g.const(hi.astype(np.float32).reshape(()), "clip_hi")]
+        done += 1
+    if done:
+        g.drop_unused()
+    return done
