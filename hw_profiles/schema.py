@@ -23,13 +23,16 @@ LATENCY_MODELS = ("roofline", "kernels")
 # QGemm) with weights of at most 7 bits (int8: onnxruntime's u8s8 kernels), q8u (the same with
 # 8-bit weights, stored as uint8 with zero point 128, exact on every x86 CPU: the u8u8 kernels,
 # measured 1.7-2x slower on an AVX-512 VNNI host), i8 (integer kernel with float output:
-# ConvInteger / MatMulInteger + Cast + Mul, whose weights are always uint8); and
+# ConvInteger / MatMulInteger + Cast + Mul, whose weights are always uint8), f32p (a float conv
+# off the blocked NCHWc path, on the runtime's plain im2col or grouped kernels: channel counts
+# that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower); and
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
 # `eltwise`, one unfused elementwise or pooling op on a layer's output (ReLU, MaxPool, Add, Transpose)
-KERNEL_FORMS = ("f32", "q8", "i8", "q8u")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise")
-# a profile calibrated before q8u existed prices 8-bit weights as its q8 kernels
-KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS}
+# a profile calibrated before q8u and f32p existed prices them as its q8 and f32 kernels (Dense
+# layers never run f32p: it keeps dense_f32's coefficients)
+KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups).
 # Non-negative coefficients on 1, M, N, K, MN, MK, NK, MNK are a sum of fixed costs per call, per
@@ -72,6 +75,10 @@ class KernelModel:
     # runs them in its NCHWc layout (MLAS), channel counts rounded up to 16 with AVX-512, 8 with
     # AVX2 (search.cost.kernels.blocked); 1 = no blocking (older profiles)
     channel_block: int = 1
+    # the channel multiple that keeps a float conv on those blocks: onnxruntime runs a conv whose
+    # channel counts are not multiples of it (input counts below the block excepted) on its plain
+    # kernels (kernel form f32p); 4 on the AVX-512 host measured, 1 = every count (older profiles)
+    channel_align: int = 1
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "samples": _Field("a number >= 0 (kernels timed)", _number(0, lo_open=False), required=False),
         "inference_us": _Field("a number >= 0 (microseconds per inference)", _number(0, lo_open=False), required=False),
         "channel_block": _Field("an integer in [1, 1024] (channels per block of the float conv kernels)", _count(1, 1024), required=False),
+        "channel_align": _Field("an integer in [1, 1024] (channel multiple of the blocked float conv kernels)", _count(1, 1024), required=False),
         **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)})", _coefs, required=False)
            for k in KERNELS},
     },
@@ -336,4 +344,5 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
     return KernelModel(inference_us=float(k["inference_us"]),
                        coef=MappingProxyType({n: tuple(float(x) for x in k.get(n, k.get(KERNEL_FALLBACK.get(n, n))))
                                               for n in KERNELS}),
-                       runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)))
+                       runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)),
+                       channel_align=int(k.get("channel_align", 1)))

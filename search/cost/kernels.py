@@ -23,7 +23,9 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   The layers are what the cost model sees of a network, so every layer is charged one.
 
 A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
-to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration).
+to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration),
+when its channel counts are multiples of KernelModel.channel_align (`on_blocks`); otherwise on the
+runtime's plain kernels, the `f32p` form (unpadded counts; a depthwise conv 8x slower).
 
 Each predictor is linear in KERNEL_FEATURES (1, MACs, weights, input elements, output elements,
 after channel removal) with coefficients >= 0, fitted to measured latencies by non-negative least
@@ -40,9 +42,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hw_profiles.schema import KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
+from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
 
-FORMS = KERNEL_FORMS  # f32, q8, i8, and q8u: QLinear kernels with 8-bit (uint8) weights
+FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks)
 EMUL, ELTWISE = KERNELS.index("emul"), KERNELS.index("eltwise")
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
@@ -127,6 +129,21 @@ def blocked(n: np.ndarray, cin: np.ndarray, area: np.ndarray, block: int, depthw
     up = lambda c: np.ceil(np.round(c) / block) * block  # counts arrive as kept fractions x channels
     k = np.where(np.asarray(depthwise, bool), area, np.where(np.round(cin) < block, np.round(cin), up(cin)) * area)
     return up(n), k
+
+
+def on_blocks(n: np.ndarray, cin: np.ndarray, block: int, align: int, depthwise: np.ndarray | bool = False) -> np.ndarray:
+    """[...] bool: whether a float 2-D convolution with n output channels and cin input channels
+    per group runs on onnxruntime's blocked NCHWc kernels (else on its plain im2col / grouped
+    kernels, form f32p). Measured on an AVX-512 host (block 16, align 4): a 3x3 conv with 20, 24,
+    28 or 32 channels runs as 32 (blocked), with 22, 26, 30 or 34 on the plain path (17, 22, 26, 32
+    us at 14x14 where the blocked kernel is 14 at 32 channels); a depthwise conv with 86 channels
+    took 33 us where 84 and 88 took 4. Rule: n a multiple of `align`, and cin too unless it is
+    below the block (read unpadded) or the conv is depthwise. block <= 1: no blocked kernels."""
+    if block <= 1:
+        return np.zeros(np.broadcast_shapes(np.shape(n), np.shape(cin)), bool)
+    n, cin = np.round(np.asarray(n, np.float64)), np.round(np.asarray(cin, np.float64))
+    ok_in = np.asarray(depthwise, bool) | (cin < block) | (np.mod(cin, align) == 0)
+    return (np.mod(n, align) == 0) & ok_in
 
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
@@ -225,19 +242,24 @@ def fit_to_models(model: KernelModel, by_kind: np.ndarray, measured_ms: np.ndarr
 
 
 def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: float, runtime: str,
-        channel_block: int = 1) -> KernelModel:
+        channel_block: int = 1, channel_align: int = 1) -> KernelModel:
     """Predictors from measured kernels: samples = [(KERNELS name, KERNEL_FEATURES values, us)],
     the float convolutions' features computed with `channel_block` (blocked).
 
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
     1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
-    ValueError naming the kind when a kind has fewer than MIN_SAMPLES samples.
+    A kind the runtime never runs (dense_f32p; f32p on a runtime without blocked convolutions)
+    takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
+    ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     from sklearn.linear_model import LinearRegression
 
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
+        if not rows and name.endswith("_f32p"):
+            coef[name] = coef[KERNEL_FALLBACK[name]]
+            continue
         if len(rows) < MIN_SAMPLES:
             raise ValueError(f"kernel {name}: {len(rows)} measurements, need at least {MIN_SAMPLES}; time more shapes")
         x = np.array([f for f, _ in rows], np.float64)
@@ -246,7 +268,7 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
         reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
         coef[name] = tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)
     return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples),
-                       channel_block=int(channel_block))
+                       channel_block=int(channel_block), channel_align=int(channel_align))
 
 
 def scaled(model: KernelModel, kernel_scale: dict[str, float], inference_scale: float) -> KernelModel:
@@ -263,6 +285,6 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "feature_sums", "features", "fit",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "on_blocks", "feature_sums", "features", "fit",
            "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
            "relative_errors", "scaled"]

@@ -256,11 +256,14 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         integer = form != K.FORMS.index("f32")
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
-        block = profile.kernels.channel_block
-        if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked)
-            nb, kb = K.blocked(n, k / la.area, la.area, block, la.kind == _KINDS.index("depthwise"))
-            on_blocks = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
-            n, k = np.where(on_blocks, nb, n), np.where(on_blocks, kb, k)
+        block, align = profile.kernels.channel_block, profile.kernels.channel_align
+        if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked) or the plain path (f32p)
+            dw = la.kind == _KINDS.index("depthwise")
+            f32_conv = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
+            blocked = f32_conv & K.on_blocks(n, k / la.area, block, align, dw)
+            nb, kb = K.blocked(n, k / la.area, la.area, block, dw)
+            n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
+            form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
                       K.features(geo["pa"], rk, geo["ka"] * keep_a))
         feats = np.where(fact[..., None], fa, K.features(m, n, k))

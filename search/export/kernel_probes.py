@@ -16,7 +16,8 @@ or taken from a model's layers with their channels cut as channel pruning would 
 Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
 middle of a chain (four layers against two), the others alone less the per-inference cost, so a
 sample is the kernel's own time (measure_kernels). Float convolutions' features count the
-channels the runtime computes, rounded up to its channel block (nchwc_block, kernels.blocked).
+channels the runtime computes, rounded up to its channel block (nchwc_layout, kernels.blocked);
+those off its channel alignment are f32p samples (kernels.on_blocks).
 """
 from __future__ import annotations
 
@@ -176,17 +177,15 @@ def eltwise_probe(n: int, op: str) -> tuple[bytes, tuple[int, ...]]:
     return _model(g, shape, y, out).SerializeToString(), shape
 
 
-def nchwc_block(threads: int = 1) -> int:
-    """The channel block of the runtime's float convolutions (search.cost.kernels.blocked): the
-    output channels onnxruntime pads a one-channel 3x3 conv's weights to when it rewrites the conv
-    into its NCHWc layout (16 with AVX-512, 8 with AVX2), read from the optimized graph it saves;
-    1 when it keeps the plain Conv (no NCHWc kernels on this CPU or build)."""
+def _nchwc_out(shape: Shape, threads: int) -> int:
+    """The output channels of the NCHWc kernel onnxruntime runs a one-conv f32 probe of `shape`
+    on (read from the optimized graph it saves), 0 when it keeps the plain Conv."""
     import os
     import tempfile
 
     import onnxruntime as ort
 
-    model, _ = probe(Shape("conv", 1, 1, 8, 3, 1), "f32")
+    model, _ = probe(shape, "f32")
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -197,8 +196,22 @@ def nchwc_block(threads: int = 1) -> int:
     dims = {t.name: list(t.dims) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Conv" and node.domain.endswith("nchwc") and len(dims.get(node.input[1], [])) == 4:
-            return max(1, int(dims[node.input[1]][0]))
-    return 1
+            return int(dims[node.input[1]][0])
+    return 0
+
+
+def nchwc_layout(threads: int = 1) -> tuple[int, int]:
+    """(channel block, channel alignment) of the runtime's float convolutions (search.cost.kernels.
+    blocked, on_blocks): the block is the output channels onnxruntime pads a one-channel conv's
+    weights to when it rewrites the conv into its NCHWc layout (16 with AVX-512, 8 with AVX2); the
+    alignment the smallest a for which a conv with block + a channels still gets that layout.
+    (1, 1) when it keeps the plain Conv (no NCHWc kernels on this CPU or build)."""
+    block = _nchwc_out(Shape("conv", 1, 1, 8, 3, 1), threads)
+    if block <= 1:
+        return 1, 1
+    align = next((a for a in (1, 2, 4, 8) if a < block and _nchwc_out(Shape("conv", block + a, block + a, 8, 3, 1), threads)),
+                 block)
+    return block, align
 
 
 def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -206,18 +219,21 @@ def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
-    """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3."""
+    """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3;
+    every other conv and depthwise shape has its channel counts rounded to multiples of 8, so
+    both the runtime's blocked float kernels and its plain ones (kernels.on_blocks) get samples."""
     rng = np.random.default_rng(seed)
     out: list[Shape] = []
-    for _ in range(n):
+    for i in range(n):
+        up8 = (lambda c: max(8, 8 * round(c / 8))) if i % 2 == 0 else (lambda c: c)
         out.append(Shape("dense", _log_int(rng, 8, 2048), _log_int(rng, 8, 1024)))
         hw, k, s = int(rng.choice([4, 7, 8, 14, 16, 28, 32])), int(rng.choice([1, 3, 3, 5])), int(rng.choice([1, 1, 2]))
         budget = 6e6  # keep a probe under a few ms: MACs <= budget
         cin, cout = _log_int(rng, 1, 256), _log_int(rng, 2, 256)
         while cin * cout * k * k * (hw // s) ** 2 > budget and max(cin, cout) > 4:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
-        out.append(Shape("conv", cin, cout, hw, k, s))
-        c = _log_int(rng, 8, 768)
+        out.append(Shape("conv", up8(cin), up8(cout), hw, k, s))
+        c = up8(_log_int(rng, 8, 768))
         out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
     return out
 
@@ -270,8 +286,8 @@ def _relu_chain(n: int) -> bytes:
 
 
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
-                    rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1
-                    ) -> tuple[list[tuple[str, list[float], float]], float]:
+                    rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1,
+                    align: int = 1) -> tuple[list[tuple[str, list[float], float]], float]:
     """Time every shape in every form, and the emul and eltwise ops at `sizes` elements (default
     16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
 
@@ -283,18 +299,26 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     output, their input quantization and output scaling included), emul and eltwise ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
-    interleaved rounds (the fastest run of all rounds is kept). `block`: the runtime's channel
-    block (nchwc_block), with which the f32 convolutions' features are computed."""
+    interleaved rounds (the fastest run of all rounds is kept). `block`, `align`: the runtime's
+    channel block and alignment (nchwc_layout): a float conv chain whose layers all run blocked is
+    an f32 sample with blocked features, one whose layers all run plain an f32p sample, a mix of
+    the two is not used."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
     for s in shapes:
         flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
         pair = partner(flat)
         for form in ("f32", "q8", "q8u"):
-            b = block if form == "f32" else 1
+            name, b = f"{s.kind}_{form}", 1
+            if form == "f32" and s.kind != "dense" and block > 1:
+                dw = s.kind == "depthwise"
+                runs = {bool(K.on_blocks(x.cout, 1 if dw else x.cin, block, align, dw)) for x in (flat, pair)}
+                if len(runs) > 1:
+                    continue  # one layer blocked, the other plain: neither kind's sample
+                name, b = (name, block) if runs == {True} else (f"{s.kind}_f32p", 1)
             feats = np.add(flat.features(b), pair.features(b)).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
-            jobs.append((f"{s.kind}_{form}", *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
+            jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
     sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
     for n in sizes:
@@ -336,17 +360,19 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
     The report holds the fit's errors on its own samples and, as a check of the predictor's
     form, those of a refit on every other sample tested on the rest (not used for the model),
     and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds]). The runtime's
-    channel block (nchwc_block) is detected first and kept in the model."""
+    channel block and alignment (nchwc_layout) are detected first and kept in the model."""
     t0 = time.perf_counter()
-    block = nchwc_block(threads)
-    samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress, block=block)
-    model = K.fit(samples, base, runtime_name(threads), channel_block=block)
-    report: dict = {"kernels_timed": len(samples), "inference_us": float(base), "channel_block": block}
+    block, align = nchwc_layout(threads)
+    samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress, block=block,
+                                    align=align)
+    model = K.fit(samples, base, runtime_name(threads), channel_block=block, channel_align=align)
+    report: dict = {"kernels_timed": len(samples), "inference_us": float(base), "channel_block": block,
+                    "channel_align": align}
     err = np.abs(K.relative_errors(model, samples))
     report.update(fit_median_error=float(np.median(err)), fit_within_10pct=float(np.mean(err <= 0.10)))
     try:
         order = np.random.default_rng(0).permutation(len(samples))  # a random half: samples come in kind cycles
-        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block)
+        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block, channel_align=align)
         err = np.abs(K.relative_errors(half, [samples[i] for i in order[1::2]]))
         report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))
     except ValueError:

@@ -102,6 +102,34 @@ def test_float_convolutions_are_priced_on_the_runtime_channel_blocks():
             np.testing.assert_allclose(t16, t1, rtol=1e-12)
 
 
+def test_float_convolutions_off_the_channel_alignment_run_the_plain_kernels():
+    """With channel_align 4 (measured: a 3x3 conv with 22 or 26 channels, a depthwise conv with
+    86, leave onnxruntime's blocked kernels), such a conv is priced as an f32p kernel on its
+    unpadded counts; inputs below the block and depthwise inputs do not count."""
+    assert K.on_blocks([20, 22, 24, 8, 20], [24, 24, 22, 6, 1], 16, 4).tolist() == [True, False, False, True, True]
+    assert K.on_blocks([84, 86], [1, 1], 16, 4, depthwise=True).tolist() == [True, False]
+    assert not K.on_blocks([32], [32], 1, 1).any()  # no blocked kernels at all
+    coef = {name: (1.0,) + (0.0,) * 7 for name in KERNELS} | {"eltwise": (0.0,) * 8}
+    coef |= {"conv_f32": (0.0,) * 7 + (1e-3,), "conv_f32p": (0.0,) * 7 + (5e-3,)}  # per MAC: plain 5x dearer
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    layers = (_conv(0, 32, 32, 8), _conv(1, 32, 32, 8, src=0))
+    kept = lambda r: 32 - round(32 * r)
+    lat = lambda r: float(price(prof, layers, P.make_plan([r, 0.0], P.CHANNEL, 32, 32)).layer_latency_ms[0, 1])
+    macs = lambda cin, cout: 64 * 9 * cin * cout * 1e-6  # ms at 1e-3 us per MAC
+    assert kept(0.25) == 24 and lat(0.25) == pytest.approx(macs(32, 32))  # 24 input channels: blocked, as 32
+    assert kept(0.3125) == 22 and lat(0.3125) == pytest.approx(5 * macs(22, 32))  # 22: plain, unpadded
+
+
+def test_sampled_shapes_feed_both_float_paths():
+    """Calibration's sampled shapes give blocked and plain float conv and depthwise probes."""
+    shapes = kp.sampled_shapes(8, seed=0)
+    for kind in ("conv", "depthwise"):
+        runs = [bool(K.on_blocks(s.cout, 1 if kind == "depthwise" else s.cin, 16, 4, kind == "depthwise"))
+                for s in shapes if s.kind == kind]
+        assert any(runs) and not all(runs), (kind, runs)
+
+
 def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file(calibrated, tmp_path):
     profile, report = calibrated
     k = profile.kernels
@@ -135,12 +163,25 @@ def test_every_predictor_is_monotone_in_positions_channels_and_fan_in(calibrated
 def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     """Pruning more channels never predicts a slower layer while its kernel kind stays (from 10%
     on: an integer conv reading a producer's removed channels through zero padding gets a bias
-    map and runs as ConvInteger, not QLinearConv, as the export does)."""
+    map and runs as ConvInteger, not QLinearConv, as the export does). A float conv moves between
+    the blocked and the plain kernels (f32, f32p) as its counts leave the channel alignment, as
+    onnxruntime's do: only steps that keep each layer's side are compared."""
+    from search.compression.groups import kept_channels
+
     profile, _ = calibrated
     ratios = np.linspace(0.1, 0.9, 9)
     plans = P.stack_plans([P.make_plan([r, 0.0, r, 0.0], P.CHANNEL, *bits) for r in ratios])
     lat = price(profile, LAYERS, plans)
-    assert np.all(np.diff(lat.layer_latency_ms, axis=0) <= 1e-12)  # every layer, as its channels go
+    k16, k32 = kept_channels(ratios, 16), kept_channels(ratios, 32)
+    b, a = profile.kernels.channel_block, profile.kernels.channel_align
+    side = np.stack([K.on_blocks(k16, 3, b, a), K.on_blocks(k16, 1, b, a, True), K.on_blocks(k32, k16, b, a),
+                     np.ones_like(k16, bool)], axis=1)  # [plans, layers]; the head is dense
+    if bits[0] > 8 or bits[1] > 8:  # float kernels; integer ones are never blocked
+        same = side[1:] == side[:-1]
+    else:
+        same = np.ones((len(ratios) - 1, len(LAYERS)), bool)
+    assert np.all(np.diff(lat.layer_latency_ms, axis=0)[same] <= 1e-12)  # every layer, as its channels go
+    assert same.sum() >= len(LAYERS) * (len(ratios) - 1) // 2
     assert lat.latency_ms[-1] < lat.latency_ms[0]
 
 
@@ -234,6 +275,7 @@ def test_coefficient_fit_moves_cost_between_terms_that_one_scale_per_kind_cannot
     (lambda t: t.replace('latency_model = "kernels"', 'latency_model = "nn-meter"'), ["latency_model", "'nn-meter'"]),
     (lambda t: re.sub(r"channel_block = \d+", "channel_block = 0", t), ["kernels.channel_block", "out of range", "[1, 1024]"]),
     (lambda t: re.sub(r"channel_block = \d+", "channel_block = 16.5", t), ["kernels.channel_block", "wrong type"]),
+    (lambda t: re.sub(r"channel_align = \d+", "channel_align = -4", t), ["kernels.channel_align", "out of range"]),
 ])
 def test_a_corrupt_kernels_table_is_one_line(calibrated, tmp_path, edit, words):
     profile, _ = calibrated
@@ -248,16 +290,18 @@ def test_a_corrupt_kernels_table_is_one_line(calibrated, tmp_path, edit, words):
 
 
 def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrated, tmp_path):
-    """A [kernels] table without the q8u kinds and channel_block (written before they existed)
-    prices 8-bit weights with its q8 kernels and float convolutions unblocked."""
+    """A [kernels] table without the q8u and f32p kinds, channel_block and channel_align (written
+    before they existed) prices 8-bit weights with its q8 kernels and float convolutions unblocked."""
     profile, _ = calibrated
+    kinds = ("dense", "conv", "depthwise")
     text = "\n".join(l for l in profile_toml(profile, MACHINE).splitlines()
-                     if not l.startswith(("dense_q8u", "conv_q8u", "depthwise_q8u", "channel_block")))
+                     if not l.startswith(tuple(f"{k}_{f}" for k in kinds for f in ("q8u", "f32p")) + ("channel_",)))
     f = tmp_path / "old.toml"
     f.write_text(text)
     k = hw_profiles.load_profile(str(f)).kernels
-    assert k.channel_block == 1
-    assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in ("dense", "conv", "depthwise"))
+    assert k.channel_block == 1 and k.channel_align == 1
+    assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
+    assert all(k.coef[f"{kind}_f32p"] == profile.kernels.coef[f"{kind}_f32"] for kind in kinds)
 
 
 def test_negative_coefficient_is_refused(calibrated, tmp_path):
