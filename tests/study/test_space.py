@@ -11,6 +11,8 @@ from search.compression.layers import Layer
 from search.compression import lowrank
 from search.study.space import (
     KRONECKER_RANK_SCALE,
+    Space,
+    aligned_ratio,
     extreme_plans,
     nearest_bits,
     plan_from_dict,
@@ -231,3 +233,30 @@ def test_a_factorized_warm_start_no_cheaper_than_plain_int8_is_not_tried():
     ctx = lambda objectives: SimpleNamespace(space=space, objectives=objectives, profile=npu, layers=convs)
     assert _priced_warm_starts(ctx(("quality", "latency_ms", "memory_kb")), plans) == plans[:1]
     assert _priced_warm_starts(ctx(("quality", "size_kb")), plans) == plans
+
+
+def test_a_profile_with_blocked_float_convs_keeps_aligned_channel_counts():
+    """A profile calibrated where onnxruntime runs float convs on channel blocks (kernels with
+    channel_block > 1) makes the space keep multiples of its channel_align in channel-pruned
+    groups: the sampled count rounded up (at most all channels); the study record keeps it."""
+    from search.compression.groups import kept_channels
+
+    assert aligned_ratio(0.3125, 32, 4) == 0.25  # keeps 22 -> 24
+    assert aligned_ratio(0.5, 32, 4) == 0.5 and aligned_ratio(0.3, 30, 1) == 0.3 and aligned_ratio(0.0, 30, 4) == 0.0
+    assert kept_channels(np.float32(aligned_ratio(0.9, 6, 4)), 6) == 4 and aligned_ratio(0.02, 30, 4) == 0.0
+    kern = lambda block, align: SimpleNamespace(name="c", weight_bits=(8, 32), act_bits=(8, 32),
+                                                kernels=SimpleNamespace(channel_block=block, channel_align=align))
+    assert space_for_profile(kern(1, 1)).channel_multiple == 1 and space_for_profile(None).channel_multiple == 1
+    space = space_for_profile(kern(16, 4))
+    assert space.channel_multiple == 4 and Space.from_dict(space.to_dict()) == space
+    assert "channel_multiple" not in space_for_profile(None).to_dict()  # older records read as 1
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = 0
+    for _ in range(40):
+        plan = suggest_plan(study.ask(), LAYERS, space)
+        for layer in LAYERS:
+            if plan.granularity[layer.index] == P.CHANNEL and plan.ratio[layer.index] > 0:
+                kept = int(kept_channels(np.float32(plan.ratio[layer.index]), layer.out_channels))
+                assert kept % 4 == 0 or kept == layer.out_channels, (layer.name, kept)
+                seen += 1
+    assert seen >= 10
