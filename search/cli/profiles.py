@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
     cal.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, as `measure --threads` (default 1)")
     cal.add_argument("--seconds", type=float, default=0.3, help="timing per micro-benchmark (default 0.3)")
     cal.add_argument("--kernel-shapes", type=int, default=40,
-                     help="sampled shapes per layer kind (dense, conv, depthwise), each timed in 3 forms (default 40)")
+                     help="sampled shapes per layer kind (dense, conv, depthwise), each timed in every kernel form it "
+                          "runs as: float (blocked or plain), QLinear with <= 7- and 8-bit weights, integer (default 40)")
     cal.add_argument("--study", default=None, help="also time the kernel shapes this study's layers take with all or half their channels")
     cal.add_argument("--storage", default=None, help="Optuna storage URL of --study (default sqlite under --results-dir)")
     cal.add_argument("--results-dir", default="results", help="results root of --study (default results)")
@@ -54,9 +55,11 @@ def profile_dict(profile: Any) -> dict[str, Any]:
     if profile.kernels is not None:
         k = profile.kernels
         d["kernels"] = {"inference_us": k.inference_us, "runtime": k.runtime, "samples": k.samples,
+                        "channel_block": k.channel_block, "channel_align": k.channel_align,
                         "coef": {name: list(v) for name, v in k.coef.items()}}
     else:
         d["kernels"] = None
+    d["latency_model"] = "roofline" if profile.kernels is None else "kernels"
     return d
 
 

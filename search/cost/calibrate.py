@@ -205,6 +205,8 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
         "latency_model": "latency from the [kernels] predictors below (learned from timed kernels), not the roofline",
         "kernels.inference_us": "measured: a one-Relu graph minus one operator (session run, input and output copies)",
         "kernels.samples": "one-layer probes in the export's forms, timed in onnxruntime (search.export.kernel_probes)",
+        "kernels.channel_block": "detected: the channels onnxruntime pads a float conv's weights to in its NCHWc layout",
+        "kernels.channel_align": "detected: the smallest channel step past the block that keeps a conv on NCHWc kernels",
     }
     if profile.kernels is not None:
         how.update({f"kernels.{k}": "non-negative least squares on the relative error of the timed probes" for k in KERNELS})

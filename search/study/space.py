@@ -216,7 +216,8 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
 
     Prune ratio and granularity are sampled once per channel group, for its leader
     (compression.graph): the other members take the leader's, so the plan is already tied. A
-    channel-pruned group keeps a multiple of `space.channel_multiple` channels (aligned_ratio).
+    channel-pruned group led by a conv keeps a multiple of `space.channel_multiple` channels
+    (aligned_ratio; the Optuna param keeps the sampled ratio, the plan the aligned one).
     Bit widths and quantization modes are sampled per layer, then its rank ratio where
     `rank_offered` (a conditional parameter: absent where the layer cannot factorize), and below
     1 its form where it has a choice (`layer_forms`); a Kronecker layer takes
@@ -229,7 +230,7 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
             n = param_names(layer)
             ratio = trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step)
             gran = P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))]
-            if gran == P.CHANNEL and layer.fixed is None:  # counts the runtime's blocked kernels take
+            if gran == P.CHANNEL and layer.fixed is None and layer.kind != "dense":  # counts a blocked conv takes
                 ratio = aligned_ratio(ratio, layer.out_channels, space.channel_multiple)
             prune[layer.index] = (ratio, gran)
     cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": [],

@@ -84,6 +84,9 @@ def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys, monk
     assert cli.main(["profiles", "show", str(out), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["kernels"]["coef"]["conv_q8"] == list(prof.kernels.coef["conv_q8"])
+    assert shown["latency_model"] == "kernels"
+    assert (shown["kernels"]["channel_block"], shown["kernels"]["channel_align"]) == (
+        prof.kernels.channel_block, prof.kernels.channel_align)
     # a second run without --force changes nothing
     text = out.read_text()
     capsys.readouterr()

@@ -238,7 +238,7 @@ def test_a_factorized_warm_start_no_cheaper_than_plain_int8_is_not_tried():
 def test_a_profile_with_blocked_float_convs_keeps_aligned_channel_counts():
     """A profile calibrated where onnxruntime runs float convs on channel blocks (kernels with
     channel_block > 1) makes the space keep multiples of its channel_align in channel-pruned
-    groups: the sampled count rounded up (at most all channels); the study record keeps it."""
+    conv groups: the sampled count rounded up (at most all channels); the study record keeps it."""
     from search.compression.groups import kept_channels
 
     assert aligned_ratio(0.3125, 32, 4) == 0.25  # keeps 22 -> 24
@@ -250,13 +250,19 @@ def test_a_profile_with_blocked_float_convs_keeps_aligned_channel_counts():
     space = space_for_profile(kern(16, 4))
     assert space.channel_multiple == 4 and Space.from_dict(space.to_dict()) == space
     assert "channel_multiple" not in space_for_profile(None).to_dict()  # older records read as 1
+    conv = lambda i, cin, cout: Layer(i, f"c{i}", (f"c{i}",), "conv", (3, 3, cin, cout), (8, 8, cin), (8, 8, cout), 1,
+                                      True, 64 * 9 * cin * cout, 9 * cin * cout + cout)
+    layers = (conv(0, 3, 30), conv(1, 30, 50), _dense(2, "fc", 50 * 64, 30), _dense(3, "out", 30, 10))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = 0
+    seen, dense_free = 0, 0
     for _ in range(40):
-        plan = suggest_plan(study.ask(), LAYERS, space)
-        for layer in LAYERS:
+        plan = suggest_plan(study.ask(), layers, space)
+        for layer in layers:
             if plan.granularity[layer.index] == P.CHANNEL and plan.ratio[layer.index] > 0:
                 kept = int(kept_channels(np.float32(plan.ratio[layer.index]), layer.out_channels))
-                assert kept % 4 == 0 or kept == layer.out_channels, (layer.name, kept)
-                seen += 1
-    assert seen >= 10
+                if layer.kind == "conv":
+                    assert kept % 4 == 0 or kept == layer.out_channels, (layer.name, kept)
+                    seen += 1
+                else:  # a Dense group runs no blocked kernel: its sampled count stands
+                    dense_free += kept % 4 != 0
+    assert seen >= 10 and dense_free > 0
