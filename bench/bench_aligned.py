@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             layers = engine.layers
             for r in (float(x) for x in args.ratios.split(",")):
                 plans = {"as sampled": [r if l.fixed is None else 0.0 for l in layers],
-                         "aligned": [aligned_ratio(r, layers[l.group].out_channels, align) if l.fixed is None else 0.0
-                                     for l in layers]}
+                         "aligned": [(aligned_ratio(r, layers[l.group].out_channels, align)
+                                      if layers[l.group].kind != "dense" else r) if l.fixed is None else 0.0
+                                     for l in layers]}  # as the search aligns: conv groups only
                 for label, ratio in plans.items():
                     out = Path(tmp) / f"{model}-{r}-{label}"
                     res = export_plan(task, variables, make_plan(ratio, CHANNEL), out, engine=engine, force=True)
