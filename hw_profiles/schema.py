@@ -342,7 +342,7 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
             raise _error(source, f"kernels.{key}", _MISSING, "missing",
                          FIELDS["kernels"][key].expected + "; recalibrate with `hwcompress profiles calibrate`")
     return KernelModel(inference_us=float(k["inference_us"]),
-                       coef=MappingProxyType({n: tuple(float(x) for x in k.get(n, k.get(KERNEL_FALLBACK.get(n, n))))
+                       coef=MappingProxyType({n: tuple(float(x) for x in (k[n] if n in k else k[KERNEL_FALLBACK[n]]))
                                               for n in KERNELS}),
                        runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)),
                        channel_align=int(k.get("channel_align", 1)))

@@ -118,7 +118,7 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[byte
     y = "input"
     for i, shape in enumerate(shapes):
         y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0)
-        if form.startswith("i8") and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
+        if form == "i8" and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
             y = g.node("Mul", [y, g.const(np.float32(1.0), "one")])
     if form.startswith("q8"):  # the next integer layer's input quantization
         sn, zn = g.const(np.float32(0.05), "act_scale"), g.const(np.uint8(0), "act_zp")

@@ -140,7 +140,6 @@ def _compact(t: np.ndarray, op: str) -> np.ndarray:
     return t
 
 
-
 def clip_activations(model: onnx.ModelProto) -> int:
     """Rewrite every Relu -> Min(x, c) (ReLU6 as jax writes it: min(max(x, 0), 6), the Max
     already a Relu) into one Clip(x, 0, c), in place; returns how many.
@@ -152,13 +151,14 @@ def clip_activations(model: onnx.ModelProto) -> int:
     Relu feeds the next layer's QuantizeLinear) keep their shape; the values are identical."""
     g = GraphBuilder(model.graph, tag="c")
     prod, cons = g.maps()
+    outputs = {o.name for o in g.graph.output}
     done = 0
     for node in list(g.graph.node):
         if node.op_type != "Min" or len(node.input) != 2:
             continue
         hi, relu = g.arr(node.input[1]), prod.get(node.input[0])
         if hi is None or hi.size != 1 or relu is None or relu.op_type != "Relu" or len(cons[relu.output[0]]) != 1 \
-                or relu.output[0] in {o.name for o in g.graph.output} or float(hi.reshape(())) < 0:
+                or relu.output[0] in outputs or float(hi.reshape(())) < 0:
             continue
         node.op_type = "Clip"
         node.input[:] = [relu.input[0], g.const(np.float32(0.0), "clip_lo"), g.const(hi.astype(np.float32).reshape(()), "clip_hi")]
