@@ -1,6 +1,6 @@
 """Channel counts the runtime's blocked kernels take: channel pruning at a ratio as sampled, against
 the same ratio with every group's kept count rounded up to the runtime's channel alignment (what
-the search does on a calibrated profile: search.study.space.aligned_ratio), exported and timed.
+the search does on a calibrated profile: search.study.space.aligned_group_ratio), exported and timed.
 
     python -m bench.bench_aligned [--models mobilenetv2,resnet20] [--ratios 0.4,0.6] [--align A]
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.engine.finetune import Engine
     from search.export.exporter import export_plan
     from search.export.kernel_probes import fastest_us, nchwc_layout
-    from search.study.space import aligned_ratio
+    from search.study.space import aligned_group_ratio
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mobilenetv2,resnet20")
@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             layers = engine.layers
             for r in (float(x) for x in args.ratios.split(",")):
                 plans = {"as sampled": [r if l.fixed is None else 0.0 for l in layers],
-                         "aligned": [(aligned_ratio(r, layers[l.group].out_channels, align)
-                                      if layers[l.group].kind != "dense" else r) if l.fixed is None else 0.0
-                                     for l in layers]}  # as the search aligns: conv groups only
+                         "aligned": [aligned_group_ratio(layers[l.group], r, align) if l.fixed is None else 0.0
+                                     for l in layers]}  # as the search stores it
                 for label, ratio in plans.items():
                     out = Path(tmp) / f"{model}-{r}-{label}"
                     res = export_plan(task, variables, make_plan(ratio, CHANNEL), out, engine=engine, force=True)

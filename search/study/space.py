@@ -203,6 +203,14 @@ def aligned_ratio(ratio: float, channels: int, multiple: int) -> float:
     return float((channels - up) / channels)
 
 
+def aligned_group_ratio(leader: Layer, ratio: float, multiple: int) -> float:
+    """A channel-pruned group's ratio as the search stores it: aligned (aligned_ratio) where its
+    leader is a conv whose channels may be pruned; a Dense group runs no blocked kernel."""
+    if leader.fixed is not None or leader.kind == "dense":
+        return float(ratio)
+    return aligned_ratio(ratio, leader.out_channels, multiple)
+
+
 def layer_granularities(layer: Layer, space: Space) -> tuple[str, ...]:
     """The granularities offered for a layer's group: no "channel" where its channels are
     fixed (the model's output, or read by an op the graph tracer does not follow)."""
@@ -230,8 +238,8 @@ def suggest_plan(trial: optuna.trial.BaseTrial, layers: Sequence[Layer], space: 
             n = param_names(layer)
             ratio = trial.suggest_float(n["ratio"], 0.0, top, step=space.ratio_step)
             gran = P.GRANULARITIES[trial.suggest_categorical(n["granularity"], layer_granularities(layer, space))]
-            if gran == P.CHANNEL and layer.fixed is None and layer.kind != "dense":  # counts a blocked conv takes
-                ratio = aligned_ratio(ratio, layer.out_channels, space.channel_multiple)
+            if gran == P.CHANNEL:  # counts a blocked conv takes
+                ratio = aligned_group_ratio(layer, ratio, space.channel_multiple)
             prune[layer.index] = (ratio, gran)
     cols: dict[str, list] = {"ratio": [], "granularity": [], "weight_bits": [], "act_bits": [], "quant_mode": [],
                              "rank": [], "form": []}
