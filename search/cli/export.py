@@ -3,26 +3,41 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
+
+from search.export.select import CANDIDATES, SCREEN
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="export a trial: packed safetensors, config.json, size breakdown, model.onnx",
-                              description="Re-create trial N of a study, fine-tuned again for longer than the search did "
-                              "(by default 5x the study's steps, cosine learning-rate decay), and write OUT/config.json "
+                              description="Re-create trial N of a study (or, with --within, the most compressed plan "
+                              "within that many points of the baseline after the retrain), fine-tuned again for longer "
+                              "than the search did (by default 5x the study's steps at 4x its learning rate, cosine decay, "
+                              "the plan's pruning reached gradually), and write OUT/config.json "
                               "(with the quality before and after that retrain), OUT/weights.safetensors (integers packed at their bit width), "
                               "OUT/size.json (Deep Compression breakdown) and OUT/model.onnx (pruned channels removed, "
                               "int8 QDQ layers), checked against the Flax model.")
     p.add_argument("--study", required=True, help="study name (see `hwcompress studies`)")
-    p.add_argument("--trial", required=True, type=int, help="trial number (see `hwcompress report`)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number (see `hwcompress report`)")
+    which.add_argument("--within", type=float, default=None,
+                       help="export the most compressed front plan whose validation quality after the retrain is within "
+                       "this many points of accuracy (dB of PSNR) of the baseline's: front plans are retrained, most "
+                       "compressed first, and each line printed (test quality shown, never used to choose)")
+    p.add_argument("--screen", type=float, default=None,
+                   help=f"--within: retrain only front plans within this many points of the baseline at the search's "
+                   f"own budget (default {SCREEN:g}, or --within if larger)")
+    p.add_argument("--candidates", type=int, default=CANDIDATES,
+                   help=f"--within: at most this many retrains (default {CANDIDATES})")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="final fine-tune steps, cosine learning-rate decay (default: 5x the study's fine-tune steps; "
                    "0: compress only; the study's own steps: the search's fine-tune, its schedule too); "
                    "config.json records the quality before and after it")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of that fine-tune (default: the study's); a long retrain of a "
-                   "heavily pruned CNN gains from the rate the model was trained with (learning-rate rewinding)")
+                   help="peak learning rate of that fine-tune (default: 4x the study's); a long retrain of a "
+                   "heavily pruned model gains from the rate the model was trained with (learning-rate rewinding)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")
     p.add_argument("--results-dir", default="results", help="results root: studies.db and the baseline cache (default results)")
@@ -34,11 +49,14 @@ def export_command(args: argparse.Namespace) -> int:
     from search.study.storage import load_study, open_storage
 
     study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
-    r = export_trial(study, args.trial, args.out, finetune_steps=args.finetune_steps, force=args.force,
-                     results_dir=args.results_dir, learning_rate=args.lr)
+    trial, selection = args.trial, None
+    if args.within is not None:
+        trial, selection = select_trial(study, args)
+    r = export_trial(study, trial, args.out, finetune_steps=args.finetune_steps, force=args.force,
+                     results_dir=args.results_dir, learning_rate=args.lr, selection=selection)
     c = r.config
     size = c["size"]
-    print(f"exported trial {args.trial} of {args.study} to {r.out_dir}")
+    print(f"exported trial {trial} of {args.study} to {r.out_dir}")
     for line in retrain_lines(c):
         print("  " + line)
     # agreement of predicted classes: NaN for an image-restoration model, which has none
@@ -71,6 +89,29 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
+    """--within: the trial search.export.select picks, and the record of how (config.json's
+    source.selection). UserError, after every retrained line is printed, when none is within."""
+    from search.errors import UserError
+    from search.export.exporter import check_target
+    from search.export.select import select_within
+
+    check_target(Path(args.out), args.force)  # before any retrain
+    screen = max(SCREEN, args.within) if args.screen is None else args.screen
+    print(f"retraining front plans of {args.study} within {screen:g} of the baseline, most compressed first "
+          f"(at most {args.candidates}):")
+    pick, tried = select_within(study, args.within, screen=screen, candidates=args.candidates,
+                                finetune_steps=args.finetune_steps, learning_rate=args.lr,
+                                results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))
+    if pick is None:
+        best = max((c for c in tried if c.val is not None), key=lambda c: c.val, default=None)
+        closest = f"; the closest, trial {best.trial}, reached val {best.val:.4f}" if best else ""
+        raise UserError(f"no retrained plan is within {args.within:g} of the baseline's validation quality "
+                        f"({len(tried)} tried{closest}): raise --within or --candidates, or export one with --trial")
+    return pick.trial, {"within": args.within, "screen": screen, "candidates": args.candidates,
+                        "tried": [c.as_dict() for c in tried]}
+
+
 def rank_text(layer: dict) -> str:
     """A factorized layer's rank for its printed line, from config.json's "rank" (the achieved
     rank r), "full_rank", "rank_ratio" and "form" (search.compression.lowrank.describe), e.g.
@@ -93,7 +134,10 @@ def retrain_lines(config: dict) -> list[str]:
     how = (f"default: {r['factor']}x the study's {r['search_steps']}" if r.get("default") else "--finetune-steps") \
         if "search_steps" in r else "given"
     lr = f" from {r['learning_rate']:g}" if r.get("learning_rate") is not None else ""
-    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate{lr} ({how})" if r["steps"]
+    if r.get("lr_factor") is not None and "search_learning_rate" in r:  # written since the rate became a factor
+        lr += f" ({r['lr_factor']:g}x the study's {r['search_learning_rate']:g})"
+    pruning = f", {r['pruning']} pruning" if r.get("pruning") else ""
+    lines = [f"retrain: {r['steps']} steps, {r['schedule']} learning rate{lr}{pruning} ({how})" if r["steps"]
              else f"retrain: none, compressed only ({how})"]
 
     def q(d: dict) -> str:

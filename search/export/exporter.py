@@ -11,9 +11,10 @@ The exported weights are the grid points of the engine's effective kernels (pack
 rounding away), so the reloaded Flax model reproduces the exported quality exactly.
 
 An exported trial is fine-tuned again for longer than the search did (`retrain_config`: by
-default RETRAIN_FACTOR times the study's steps, cosine learning-rate decay), so a plan found
-with a short budget is not exported at that budget's quality; config.json's "retrain" records
-the budget and the validation and test quality before (the search's fine-tune) and after.
+default RETRAIN_FACTOR times the study's steps at RETRAIN_LR_FACTOR times its learning rate,
+cosine decay, the plan's ratios reached gradually), so a plan found with a short budget is not
+exported at that budget's quality; config.json's "retrain" records the budget and the
+validation and test quality before (the search's fine-tune) and after.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from search.cost.budget import costs_at
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
+from search.engine.schedule import check_schedule
 from search.errors import UserError
 from search.export import pack, size
 from search.export.onnx.convert import LayerExport, to_onnx
@@ -64,6 +66,14 @@ ONNX_MIN_AGREEMENT = 0.99
 # of test accuracy at 5x (all 4 plans better), 0.80 at 3x, 0.35 at 10x; lenet5/digits (100 steps)
 # moved by no more than one test example either way. Its docstring has the commands.
 RETRAIN_FACTOR = 5
+# ... at this many times the study's learning rate, with the plan's ratios reached gradually (Zhu &
+# Gupta's cubic ramp over the first half; search.engine.schedule) rather than at once. Measured
+# with `python -m bench.bench_finetune_modes --compare retrain` (Fashion-MNIST test accuracy, the
+# README has the table): lenet300, 4 plans of 92-96% sparsity at 3-4 bits, 5000 steps, 2 seeds:
+# one-shot at 1x the rate 87.26% on average, gradual 1x 87.32, one-shot 4x 88.00, gradual 4x
+# 88.56 (baseline 89.26).
+RETRAIN_LR_FACTOR = 4
+RETRAIN_PRUNING = "gradual"
 
 
 @dataclass(frozen=True)
@@ -213,20 +223,36 @@ def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.nd
 
 
 def retrain_config(search: FinetuneConfig, steps: int | None = None,
-                   learning_rate: float | None = None) -> FinetuneConfig:
+                   learning_rate: float | None = None, pruning: str | None = None) -> FinetuneConfig:
     """The export's final fine-tune of a plan the search fine-tuned with `search`: `steps`
-    (None: RETRAIN_FACTOR x search.steps) with the learning rate (None: the search's) decaying to
-    0 on a cosine (Loshchilov & Hutter 2017), one plan at a time; everything else as the
-    search's. At the search's own step count and learning rate it is the search's fine-tune,
-    schedule included (so an export can reproduce the trial the search measured). A long retrain
-    of a heavily pruned CNN gains from the learning rate the model was trained with
-    (learning-rate rewinding, Renda et al., ICLR 2020): resnet20/Fashion-MNIST with every channel
-    group 50% pruned reached 92.73% at 3e-3 over 6000 steps, where 1e-3 over 2000 gave 91.47%."""
+    (None: RETRAIN_FACTOR x search.steps) at peak learning rate `learning_rate` (None:
+    RETRAIN_LR_FACTOR x the search's) decaying to 0 on a cosine (Loshchilov & Hutter 2017), with
+    `pruning` ("one-shot" or "gradual"; None: RETRAIN_PRUNING where the steps leave room for its
+    ramp, else the search's), one plan at a time; everything else as the search's. At the
+    search's own step count, with no rate or pruning given, it is the search's fine-tune,
+    schedule included (so an export can reproduce the trial the search measured).
+
+    Why the higher rate and the ramp: a long retrain of a heavily pruned model gains from a
+    learning rate near the one it was trained with (learning-rate rewinding, Renda et al., ICLR
+    2020), and from masks recomputed from the weights as the ratio ramps up (gradual magnitude
+    pruning, Zhu & Gupta 2017), where the search's short fine-tune does not (see RETRAIN_LR_FACTOR
+    for the measurements; resnet20/Fashion-MNIST with every channel group 50% pruned reached
+    92.73% at 3e-3 over 6000 steps, where 1e-3 over 2000 gave 91.47%). Raises UserError for an
+    unknown `pruning`.
+    """
     n = RETRAIN_FACTOR * search.steps if steps is None else int(steps)
-    lr = search.learning_rate if learning_rate is None else float(learning_rate)
-    if n == search.steps and lr == search.learning_rate:
+    if n == search.steps and learning_rate is None and pruning is None:
         return dataclasses.replace(search, k=1)
-    return dataclasses.replace(search, steps=n, schedule="cosine", k=1, learning_rate=lr)
+    lr = RETRAIN_LR_FACTOR * search.learning_rate if learning_rate is None else float(learning_rate)
+    out = dataclasses.replace(search, steps=n, schedule="cosine", k=1, learning_rate=lr,
+                              pruning=pruning or RETRAIN_PRUNING)
+    try:
+        check_schedule(out)
+    except UserError:
+        if pruning is not None:
+            raise
+        out = dataclasses.replace(out, pruning=search.pruning)  # too few steps for the ramp
+    return out
 
 
 def finetuned_quality(task, base_params: Any, plan: Plan, finetune: FinetuneConfig, engine: Any = None) -> dict:
@@ -352,7 +378,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
         # the final fine-tune's budget (how it was chosen) and quality before it (the search's
         # fine-tune, None when not measured) and after it (the exported weights)
         "retrain": {**(retrain or {}), "steps": engine.config.steps, "schedule": engine.config.schedule,
-                    "learning_rate": engine.config.learning_rate,
+                    "learning_rate": engine.config.learning_rate, "pruning": engine.config.pruning,
                     "before": first, "after": after,
                     "examples": {"val": len(task.data.x_val), "test": len(task.data.x_test)}},
         "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
@@ -432,11 +458,12 @@ def _price(profile: HardwareProfile | str | Path, layers, plan: Plan) -> dict:
 
 def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *, finetune_steps: int | None = None,
                  force: bool = False, results_dir: str | Path = "results",
-                 learning_rate: float | None = None) -> ExportResult:
+                 learning_rate: float | None = None, selection: dict | None = None) -> ExportResult:
     """Export trial `trial_number` of a study, fine-tuned again for `finetune_steps` (None:
-    RETRAIN_FACTOR x the study's steps) at peak `learning_rate` (None: the study's;
-    `retrain_config`), with the quality the study's own fine-tune gives measured beside it
-    (config.json "retrain": before and after).
+    RETRAIN_FACTOR x the study's steps) at peak `learning_rate` (None: RETRAIN_LR_FACTOR x the
+    study's), the plan's ratios reached gradually (`retrain_config`), with the quality the
+    study's own fine-tune gives measured beside it (config.json "retrain": before and after). `selection` (how the trial was chosen,
+    search.export.select) is recorded in config.json's "source".
 
     Task, profile and baseline are rebuilt from the study's record (search.study.context),
     the same way its workers rebuilt them: the user's weights file for a `--weights` study.
@@ -458,10 +485,14 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
     # one plan at a time, on the loop the search measured (a fixed K and loop measure nothing)
     searched = dataclasses.replace(ctx.spec.finetune, k=1, loop=ctx.spec.finetune.loop
                                    or trial.user_attrs.get("engine_loop") or "python")
-    budget = {"default": finetune_steps is None, "factor": RETRAIN_FACTOR, "search_steps": searched.steps}
+    config = retrain_config(searched, finetune_steps, learning_rate)
+    budget = {"default": finetune_steps is None, "factor": RETRAIN_FACTOR, "search_steps": searched.steps,
+              "search_learning_rate": searched.learning_rate,
+              "lr_factor": None if learning_rate is not None else config.learning_rate / searched.learning_rate}
     plan = plan_from_dict(trial.user_attrs["plan"])
-    return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=retrain_config(searched, finetune_steps, learning_rate),
+    return export_plan(ctx.task, ctx.params, plan, out_dir, finetune=config,
                        profile=ctx.profile, costs=trial.user_attrs.get("costs"), force=force,
                        source={"study": study.study_name, "trial": trial_number,
-                               "search_quality": trial.user_attrs.get("quality")},
+                               "search_quality": trial.user_attrs.get("quality"),
+                               **({"selection": selection} if selection else {})},
                        before=searched, retrain=budget)

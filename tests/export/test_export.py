@@ -21,7 +21,7 @@ from search import cli
 from search.api import make_spec
 from search.engine.config import FinetuneConfig
 from search.errors import UserError
-from search.export.exporter import RETRAIN_FACTOR
+from search.export.exporter import RETRAIN_FACTOR, RETRAIN_LR_FACTOR
 from tests.support import results_dir, start_search
 
 
@@ -246,9 +246,11 @@ def test_export_retrains_longer_than_the_search_and_reports_before_and_after(exp
     for d in (r["before"], r["after"]):
         assert 0.0 <= d["val"] <= 1.0 and 0.0 <= d["test"] <= 1.0
     assert r["examples"] == {"val": 180, "test": 360}  # digits: one validation example is 0.56 points
-    assert r["learning_rate"] == c["finetune"]["learning_rate"]  # the study's: no --lr given
+    # no --lr given: RETRAIN_LR_FACTOR x the study's, the plan's pruning ramped up on the way
+    assert r["learning_rate"] == c["finetune"]["learning_rate"] == pytest.approx(RETRAIN_LR_FACTOR * 5e-4)
+    assert (r["lr_factor"], r["search_learning_rate"], r["pruning"]) == (RETRAIN_LR_FACTOR, 5e-4, "gradual")
     assert (f"retrain: {2 * RETRAIN_FACTOR} steps, cosine learning rate from {r['learning_rate']:g} "
-            f"(default: {RETRAIN_FACTOR}x the study's 2)") in text
+            f"({RETRAIN_LR_FACTOR:g}x the study's 0.0005), gradual pruning (default: {RETRAIN_FACTOR}x the study's 2)") in text
     assert f"accuracy before, the search's fine-tune (2 steps): val {r['before']['val']:.4f}, test {r['before']['test']:.4f}" in text
     assert f"accuracy after, exported ({2 * RETRAIN_FACTOR} steps): val {r['after']['val']:.4f}" in text
     # --finetune-steps sets the budget; "before" is still the search's fine-tune, measured the same way
@@ -265,8 +267,14 @@ def test_the_default_retrain_budget_is_the_one_the_cli_names():
     ft = FinetuneConfig(steps=300, learning_rate=1e-3, distill=True, k=4)
     r = retrain_config(ft)
     assert (r.steps, r.schedule, r.k) == (RETRAIN_FACTOR * 300, "cosine", 1)
-    assert (r.learning_rate, r.distill) == (1e-3, True)  # the rest as the search's
+    # learning-rate rewinding and Zhu & Gupta's ramp by default, the rest as the search's
+    assert (r.learning_rate, r.pruning, r.distill) == (RETRAIN_LR_FACTOR * 1e-3, "gradual", True)
     assert retrain_config(ft, 0).steps == 0 and retrain_config(ft, 7).steps == 7
+    # too few steps for the ramp's mask updates: the search's own pruning, not an error
+    assert (retrain_config(ft, 1).pruning, retrain_config(ft, 7).pruning) == ("one-shot", "gradual")
+    assert retrain_config(ft, None, None, "one-shot").pruning == "one-shot"
+    with pytest.raises(UserError, match="--pruning gradual cannot reach"):
+        retrain_config(ft, 1, None, "gradual")  # asked for: its error, not a silent fallback
     # at the search's own steps, the search's fine-tune (its schedule), which the export warning advises
     assert retrain_config(ft, 300) == dataclasses.replace(ft, k=1)
     # --lr: learning-rate rewinding; at the search's steps but another rate it is a cosine retrain

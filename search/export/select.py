@@ -1,0 +1,157 @@
+"""The most compressed plan within a quality tolerance, judged after the export's retrain.
+
+A search fine-tunes every candidate briefly, so its validation quality under-states what the
+most compressed plans reach after the export's longer retrain (`exporter.retrain_config`):
+on Fashion-MNIST, lenet300 pruned 92-96% at 3-4 bits scores 1.5-2 points below the baseline
+after 1000 steps and within 0.5-1 point after the 5000-step retrain. Picking the export from
+the search's own scores would stop short of them. `select_within` therefore retrains the
+front's most compressed candidates, the last and most expensive rung of a multi-fidelity
+search (successive halving, Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017), and picks
+the most compressed one whose retrained **validation** quality is within the tolerance. Test
+quality is measured beside it for the report and never used to choose.
+
+Candidates are the complete, feasible trials within `screen` of the baseline's validation
+quality that no other trial beats on both quality and compression ratio, most compressed
+first. Retrained quality falls, roughly, as the ratio grows, so the boundary is found by
+bisection over that list (log2 n retrains) and the rest of the `candidates` budget goes to
+the untried plans just beyond it, which the search's noise may have under-rated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from search.errors import UserError
+
+if TYPE_CHECKING:  # optuna loads only where a study is read (the CLI imports this module for its defaults)
+    import optuna
+
+SCREEN = 3.0  # default: front plans this far below the baseline at the search's budget are retrained
+CANDIDATES = 8  # default: at most this many retrains
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One front plan and what the export's retrain made of it (val/test None until retrained,
+    or when the retrain diverged)."""
+
+    trial: int
+    ratio: float  # compression ratio of the plan's packed weights (the search's size objective)
+    searched: float  # validation quality after the search's fine-tune
+    val: float | None = None  # validation quality after the export's retrain: what is ranked
+    test: float | None = None  # test quality after the retrain: reported, never ranked
+    retrained: bool = False
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tolerance(study: optuna.Study, points: float) -> float:
+    """`points` in the study's metric units: accuracy points as a fraction (0.5 -> 0.005), dB of
+    a PSNR as they are."""
+    return points if study.user_attrs["baseline"].get("metric_name") == "psnr_db" else points / 100
+
+
+def front_by_ratio(study: optuna.Study, screen: float) -> list[Candidate]:
+    """The complete, feasible trials within `screen` points of the baseline's validation quality
+    that no other such trial beats on both quality and compression ratio, most compressed first."""
+    from optuna.trial import TrialState
+
+    base = float(study.user_attrs["baseline"]["val_metric"])
+    floor = base - tolerance(study, screen)
+    rows = [(t.number, float(t.user_attrs["compression_ratio"]), float(t.user_attrs["quality"]))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("feasible", True) and t.user_attrs.get("plan") is not None
+            and t.user_attrs.get("quality") is not None and t.user_attrs.get("compression_ratio") is not None
+            and math.isfinite(t.user_attrs["quality"]) and t.user_attrs["quality"] >= floor]
+    rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
+    front, best_q = [], -math.inf
+    for n, ratio, q in rows:  # a plan stays if it is better than every more compressed one
+        if q > best_q:
+            front.append(Candidate(n, ratio, q))
+            best_q = q
+    return front
+
+
+def probe_order(n: int, budget: int, passes: Callable[[int], bool]) -> list[int]:
+    """Indices of a list ordered most compressed first that are retrained, in order: bisection
+    for the first index that passes (assuming later ones pass too), then the untried indices
+    just before it, nearest first, until `budget` retrains are spent (none when no index
+    passed). `passes(i)` retrains i."""
+    tried: list[int] = []
+    lo, hi, first = 0, n - 1, n
+    while lo <= hi and len(tried) < budget:
+        mid = (lo + hi) // 2
+        tried.append(mid)
+        if passes(mid):
+            first, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    for i in range(first - 1, -1, -1) if first < n else ():  # none passed: nothing beyond is worth a retrain
+        if len(tried) >= budget:
+            break
+        if i not in tried:
+            tried.append(i)
+            passes(i)
+    return tried
+
+
+def select_within(study: optuna.Study, within: float, *, screen: float | None = None, candidates: int = CANDIDATES,
+                  finetune_steps: int | None = None, learning_rate: float | None = None,
+                  results_dir: str = "results", log: Callable[[str], Any] | None = None
+                  ) -> tuple[Candidate | None, list[Candidate]]:
+    """(pick, retrained candidates): the most compressed front plan whose validation quality
+    after the export's retrain (`retrain_config` with `finetune_steps` and `learning_rate`) is
+    within `within` points (dB for PSNR) of the baseline's, or None when none is; and every
+    candidate retrained, most compressed first. Candidates are the front plans within `screen`
+    points of the baseline at the search's budget (None: SCREEN, or `within` if larger), at
+    most `candidates` of them retrained. `log` gets one line per retrain.
+
+    Raises UserError for a negative `within`, a `screen` below it, `candidates` < 1, or a study
+    with no complete trial within `screen` of the baseline.
+    """
+    from search.engine.finetune import Engine
+    from search.export.exporter import finetuned_quality, retrain_config
+    from search.study.context import load_context
+    from search.study.space import plan_from_dict
+    from search.study.spec import StudySpec
+
+    if not (math.isfinite(within) and within >= 0):
+        raise UserError(f"--within {within} must be >= 0 (points of accuracy, dB of PSNR below the baseline)")
+    screen = max(SCREEN, within) if screen is None else screen
+    if not (math.isfinite(screen) and screen >= within):
+        raise UserError(f"--screen {screen} must be >= --within {within}: it bounds which searched plans are retrained")
+    if candidates < 1:
+        raise UserError(f"--candidates {candidates} must be >= 1")
+    front = front_by_ratio(study, screen)
+    if not front:
+        raise UserError(f"study {study.study_name!r} has no complete, feasible trial within {screen:g} of the baseline's "
+                        "validation quality: raise --screen, or search longer")
+    ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    # as export_trial does, so the pick's export retrains it to the same weights
+    searched = dataclasses.replace(ctx.spec.finetune, k=1, loop=ctx.spec.finetune.loop
+                                   or trials[front[0].trial].user_attrs.get("engine_loop") or "python")
+    config = retrain_config(searched, finetune_steps, learning_rate)
+    engine = Engine(ctx.task, ctx.params, config)
+    base = float(study.user_attrs["baseline"]["val_metric"])
+    tol = tolerance(study, within)
+    done: dict[int, Candidate] = {}
+
+    def passes(i: int) -> bool:
+        c = front[i]
+        q = finetuned_quality(ctx.task, ctx.params, plan_from_dict(trials[c.trial].user_attrs["plan"]), config, engine)
+        done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True)
+        ok = q["val"] is not None and q["val"] >= base - tol
+        if log:
+            got = "diverged" if q["val"] is None else f"val {q['val']:.4f} (test {q['test']:.4f})"
+            log(f"trial {c.trial}: {c.ratio:.1f}x, searched val {c.searched:.4f} -> retrained {got}"
+                f"{'  within' if ok else ''}")
+        return ok
+
+    probe_order(len(front), candidates, passes)
+    tried = [done[i] for i in sorted(done)]
+    ok = [c for c in tried if c.val is not None and c.val >= base - tol]
+    return (max(ok, key=lambda c: c.ratio) if ok else None), tried
