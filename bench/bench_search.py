@@ -10,9 +10,13 @@
    (with the export's retrain) for its ratio after Huffman coding (Deep Compression: 40x /
    39x on MNIST) and its test accuracy, checked against the baseline's test accuracy; and the
    hypervolume of (quality, size) at equal wall time (the trials each run completed within the
-   shortest run's time, one box per model). Medians and ranges over the seeds, per variant:
-   `base` (today's defaults), `sha` (--pruner sha), `gradual` (--pruning gradual), `learned`
-   (--act-ranges learned): the ablation of item 8.
+   shortest run's time, one box per model). Beside the search's own pick, two rows from the
+   same study: "retrained", `hwcompress export --within 0.5` (front plans retrained with the
+   export's retrain, the most compressed within 0.5 points on validation exported, its test
+   checked), and "best on test", the most compressed of those retrained plans within 0.5 points
+   on test (the issue's figure; it chooses on test, which the product never does). Medians and
+   ranges over the seeds, per variant: `base` (today's defaults), `sha` (--pruner sha),
+   `gradual` (--pruning gradual), `learned` (--act-ranges learned): the ablation of item 8.
 
     python -m bench.bench_search --trials 200 --parts digits,hv,fashion
     python -m bench.bench_search --parts fashion --fashion-models lenet300 --fashion-trials 120 --fashion-steps 1000 --seeds 0,1,2 --variants base,sha
@@ -96,6 +100,35 @@ def deep_compression_stages(study: optuna.Study, trial: int, results_dir: str) -
             "test_quality": res.quality, "onnx_test_quality": res.onnx_quality}
 
 
+def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float) -> dict | None:
+    """`hwcompress export --within points`: the most compressed front plan within `points` of the
+    baseline's validation quality after the export's retrain (search.export.select), exported
+    like the search's own pick; None when no retrained plan is within."""
+    from search.export.select import select_within
+
+    t0 = time.perf_counter()
+    pick, tried = select_within(study, points, results_dir=results_dir)
+    out = {"retrains": len(tried), "seconds": time.perf_counter() - t0, "tried": [c.as_dict() for c in tried]}
+    if pick is None:
+        return {**out, "trial": None}
+    ex = deep_compression_stages(study, pick.trial, results_dir)
+    return {**out, "trial": pick.trial, "ratio": pick.ratio, "val": pick.val, "export": ex,
+            "test_within_half_point": bool(ex["test_quality"] >= base_test - 0.005)}
+
+
+def best_on_test(study: optuna.Study, sel: dict, results_dir: str, base_test: float) -> dict | None:
+    """Of the plans `selected_within` retrained, the most compressed whose test quality after the
+    retrain is within 0.5 points of the baseline's, exported: the issue's "best ratio within 0.5
+    points on the test split", an upper bound on what a pick made on validation reaches (it
+    chooses on test, which --within never does). None when none is."""
+    ok = [c for c in sel["tried"] if c["test"] is not None and c["test"] >= base_test - 0.005]
+    if not ok:
+        return None
+    c = max(ok, key=lambda c: c["ratio"])
+    ex = sel["export"] if c["trial"] == sel.get("trial") else deep_compression_stages(study, c["trial"], results_dir)
+    return {"trial": c["trial"], "ratio": c["ratio"], "val": c["val"], "test": c["test"], "export": ex}
+
+
 def _losses(study: optuna.Study, first: int | None = None) -> np.ndarray:
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[:first]
     rows = [[-t.values[0], *t.values[1:]] for t in trials if t.state == TrialState.COMPLETE]
@@ -155,14 +188,23 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
                 r["export"] = prev.get("export") if prev.get("trial") == r["trial"] else None
                 r["export"] = r["export"] or deep_compression_stages(st, r["trial"], results_dir)
                 r["test_within_half_point"] = bool(r["export"]["test_quality"] >= base_test - 0.005)
+            sel = prev.get("selected") if prev.get("selected") and done_before >= n else None
+            sel = sel or selected_within(st, 0.5, results_dir, base_test)
+            if "test_best" not in sel:
+                sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
             rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec, "trials": n,
-                         "steps": steps, "baseline_test": base_test})
+                         "steps": steps, "baseline_test": base_test, "selected": sel})
             studies.append(st)
             ex = r.get("export")
             pick = (f"{r['ratio']:.1f}x, after Huffman {ex['ratio_by_stage']['huffman']:.1f}x, exported test "
                     f"{100 * ex['test_quality']:.2f}%" if ex else "none")
             print(f"fashion-mnist {model} {variant} seed {seed}: {n} trials in {sec:.0f} s; pick within 0.5 pt "
                   f"(val): {pick} (baseline test {100 * base_test:.2f}%)", flush=True)
+            ex = (sel or {}).get("export")
+            print(f"  after the retrain (export --within 0.5, {sel and sel['retrains']} retrains in "
+                  f"{sel and sel['seconds']:.0f} s): " + (f"trial {sel['trial']}, {sel['ratio']:.1f}x, after Huffman "
+                  f"{ex['ratio_by_stage']['huffman']:.1f}x, exported test {100 * ex['test_quality']:.2f}%" if ex else "none"),
+                  flush=True)
     hvs, limit = hypervolume_at_equal_time(studies)
     for row, hv in zip(rows, hvs):
         row["hv_equal_time"] = hv
@@ -170,6 +212,24 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         ex = [r.get("export") for r in mine]
+        sel = [(r.get("selected") or {}).get("export") for r in mine]
+        summary[f"{variant}, retrained"] = {
+            "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in sel]),
+            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in sel]),
+            "test_accuracy": _spread([e and e["test_quality"] for e in sel]),
+            "test_within_half_point": sum(bool((r.get("selected") or {}).get("test_within_half_point")) for r in mine),
+            "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
+            "seconds": _spread([r["seconds"] + (r.get("selected") or {}).get("seconds", 0) for r in mine]),
+            "seeds": seeds}
+        best = [((r.get("selected") or {}).get("test_best") or {}).get("export") for r in mine]
+        summary[f"{variant}, best on test"] = {
+            "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in best]),
+            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in best]),
+            "test_accuracy": _spread([e and e["test_quality"] for e in best]),
+            "test_within_half_point": sum(bool(e and e["test_quality"] >= r["baseline_test"] - 0.005)
+                                          for e, r in zip(best, mine)),
+            "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
+            "seconds": summary[f"{variant}, retrained"]["seconds"], "seeds": seeds}
         summary[variant] = {
             "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in ex]),
             "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in ex]),
@@ -178,10 +238,10 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
             "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
             "seconds": _spread([r["seconds"] for r in mine]), "seeds": seeds}
     print(f"\n{model}: medians (ranges) over seeds {seeds}; hypervolume over the first {limit:.0f} s of each run")
-    print(f"{'variant':9s} {'after Huffman':>22s} {'packed':>22s} {'test acc. %':>22s} {'test ok':>7s} "
+    print(f"{'variant':16s} {'after Huffman':>22s} {'packed':>22s} {'test acc. %':>22s} {'test ok':>7s} "
           f"{'HV equal time':>20s} {'seconds':>22s}")
     for variant, m in summary.items():
-        print(f"{variant:9s} {_fmt(m['huffman_ratio'], unit='x'):>22s} {_fmt(m['packed_ratio'], unit='x'):>22s} "
+        print(f"{variant:16s} {_fmt(m['huffman_ratio'], unit='x'):>22s} {_fmt(m['packed_ratio'], unit='x'):>22s} "
               f"{_fmt(m['test_accuracy'], 100):>22s} {m['test_within_half_point']:>3d}/{len(seeds):<3d} "
               f"{_fmt(m['hv_equal_time']):>20s} {_fmt(m['seconds']):>22s}")
     return {"runs": {r["study"]: r for r in rows}, "summary": summary, "hv_seconds": limit}
