@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from search.report.text import baseline_line, finetune_line, fmt, quality_note, table_header, table_rows
+from search.report.text import (baseline_line, finetune_line, fmt, quality_note, table_header, table_rows,
+                                within_command)
 from search.report.view import StudyView, counts, heat_data, rank_data, scatter_axes, sensitivity_frame
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: `import search.api` does not pay for it
@@ -169,6 +170,7 @@ budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(
 <h2>Pareto front</h2>{_table(view)}
 <p class="note">{html.escape(quality_note(view))}
 Export a row with its command: it fine-tunes the plan again for longer than the search did (<code>--finetune-steps N</code> sets how long).
+That retrain lifts the most compressed plans most: <code>{html.escape(within_command(view))}</code> retrains the front's most compressed plans and exports the most compressed one within 0.5 points of the baseline's validation quality after it.
 Layer codes: p.90u = 90% pruned (u unstructured, c channel, n N:M); w4 = 4-bit weights (k: codebook); a8 = 8-bit activations; r.50 = factorized at rank ratio 0.5 (SVD; r.50s spatial, r.06k Kronecker); fp32 = untouched.</p>
 {divs}
 </body></html>

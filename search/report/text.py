@@ -41,8 +41,17 @@ def fmt(v: Any, digits: int = 4) -> str:
 def export_command(view: StudyView, trial: int) -> str:
     """The `hwcompress export` command line that writes trial `trial` of the study the view was
     read from (shell-quoted; a password in the storage URL shows as ***)."""
-    args = ["hwcompress", "export", "--study", view.name, "--trial", str(int(trial)),
-            "--out", f"exports/{view.name}-{int(trial)}"]
+    return _export_line(view, ["--trial", str(int(trial)), "--out", f"exports/{view.name}-{int(trial)}"])
+
+
+def within_command(view: StudyView, points: float = 0.5) -> str:
+    """The `hwcompress export --within` command line that exports the most compressed front plan
+    within `points` of the baseline after the export's retrain (search.export.select)."""
+    return _export_line(view, ["--within", f"{points:g}", "--out", f"exports/{view.name}-within-{points:g}"])
+
+
+def _export_line(view: StudyView, which: list[str]) -> str:
+    args = ["hwcompress", "export", "--study", view.name, *which]
     if view.storage:
         args += ["--storage", redact(view.storage)]
     if view.results_dir != "results":
@@ -133,7 +142,10 @@ def markdown(view: StudyView) -> str:
             *cells, command = (c.replace("|", "\\|") for c in row)
             lines.append("| " + " | ".join(cells) + f" | {'`' + command + '`' if command else ''} |")
         lines += ["", ("An export command fine-tunes the plan again for longer than the search did "
-                       "(`--finetune-steps N` sets how long) and reports validation and test quality before and after.")]
+                       "(`--finetune-steps N` sets how long) and reports validation and test quality before and after. "
+                       "That retrain lifts the most compressed plans most: `" + within_command(view) + "` retrains "
+                       "the front's most compressed plans and exports the most compressed one within 0.5 points "
+                       "of the baseline's validation quality after it.")]
     if view.channel_groups:
         lines += ["", "## Channel groups (traced from the graph)", ""] + [f"- {g}" for g in view.channel_groups]
     s = sensitivity_frame(view.sensitivity)

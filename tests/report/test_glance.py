@@ -174,9 +174,13 @@ def test_every_front_row_carries_its_export_command(url, demo_report, tmp_path, 
     cmds = re.findall(r"`(hwcompress export [^`]*)`", md)
     assert cmds == [shlex.join(["hwcompress", "export", "--study", "demo", "--trial", str(n), "--out",
                                 f"exports/demo-{n}", "--storage", url, "--results-dir", str(results)])
-                    for n in (0, 1, 3, 4)]
+                    for n in (0, 1, 3, 4)] + [
+        shlex.join(["hwcompress", "export", "--study", "demo", "--within", "0.5", "--out", "exports/demo-within-0.5",
+                    "--storage", url, "--results-dir", str(results)])]  # the note under the table
     args = cli.build_parser().parse_args(shlex.split(cmds[0])[1:])  # what `hwcompress export` reads
     assert (args.command, args.study, args.trial, args.storage, args.results_dir) == ("export", "demo", 0, url, str(results))
+    args = cli.build_parser().parse_args(shlex.split(cmds[-1])[1:])
+    assert (args.trial, args.within, args.storage) == (None, 0.5, url)
     # a password in the storage URL is not written into the report
     pg = _view(url, storage="postgresql://hw:s3cret@db-host:5432/studies")
     assert "--storage 'postgresql://hw:***@db-host:5432/studies'" in export_command(pg, 0)
