@@ -48,6 +48,10 @@ def export_command(args: argparse.Namespace) -> int:
     from search.export.exporter import export_trial
     from search.study.storage import load_study, open_storage
 
+    if args.within is None and (args.screen is not None or args.candidates != CANDIDATES):
+        from search.errors import UserError
+
+        raise UserError("--screen and --candidates choose among plans for --within: give --within, or leave them out with --trial")
     study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
     trial, selection = args.trial, None
     if args.within is not None:

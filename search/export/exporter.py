@@ -66,8 +66,8 @@ ONNX_MIN_AGREEMENT = 0.99
 # of test accuracy at 5x (all 4 plans better), 0.80 at 3x, 0.35 at 10x; lenet5/digits (100 steps)
 # moved by no more than one test example either way. Its docstring has the commands.
 RETRAIN_FACTOR = 5
-# ... at this many times the study's learning rate, with the plan's ratios reached gradually (Zhu &
-# Gupta's cubic ramp over the first half; search.engine.schedule) rather than at once. Measured
+# The retrain runs at RETRAIN_LR_FACTOR times the study's learning rate, the plan's ratios reached
+# gradually (Zhu & Gupta's cubic ramp over the first half; search.engine.schedule). Measured
 # with `python -m bench.bench_finetune_modes --compare retrain` (Fashion-MNIST test accuracy, the
 # README has the table): lenet300, 4 plans of 92-96% sparsity at 3-4 bits, 5000 steps, 2 seeds:
 # one-shot at 1x the rate 87.26% on average, gradual 1x 87.32, one-shot 4x 88.00, gradual 4x
@@ -462,8 +462,9 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
     """Export trial `trial_number` of a study, fine-tuned again for `finetune_steps` (None:
     RETRAIN_FACTOR x the study's steps) at peak `learning_rate` (None: RETRAIN_LR_FACTOR x the
     study's), the plan's ratios reached gradually (`retrain_config`), with the quality the
-    study's own fine-tune gives measured beside it (config.json "retrain": before and after). `selection` (how the trial was chosen,
-    search.export.select) is recorded in config.json's "source".
+    study's own fine-tune gives measured beside it (config.json "retrain": before and after).
+    `selection` (how the trial was chosen, search.export.select) is recorded in config.json's
+    "source".
 
     Task, profile and baseline are rebuilt from the study's record (search.study.context),
     the same way its workers rebuilt them: the user's weights file for a `--weights` study.

@@ -127,5 +127,7 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
         rc, got = run("--study", "sel", *args)
         err = got.err.strip()
         assert rc == 2 and flag in err and "\n" not in err, err
+    rc, got = run("--study", "sel", "--trial", str(numbers["mild"]), "--candidates", "3")
+    assert rc == 2 and "give --within" in got.err and "\n" not in got.err.strip()
     with pytest.raises(SystemExit):  # one of --trial and --within, not both
         cli.main(["export", "--study", "sel", "--trial", "0", "--within", "1", "--out", str(tmp_path / "y")])
