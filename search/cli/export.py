@@ -26,8 +26,9 @@ def register(subparsers: Any) -> None:
                        "this many points of accuracy (dB of PSNR) of the baseline's: front plans are retrained, most "
                        "compressed first, and each line printed (test quality shown, never used to choose)")
     p.add_argument("--screen", type=float, default=None,
-                   help=f"--within: retrain only front plans within this many points of the baseline at the search's "
-                   f"own budget (default {SCREEN:g}, or --within if larger)")
+                   help=f"--within: start among the front plans within this many points of the baseline at the "
+                   f"search's own budget, and go beyond them when the most compressed passes (default {SCREEN:g}, "
+                   "or --within if larger)")
     p.add_argument("--candidates", type=int, default=CANDIDATES,
                    help=f"--within: at most this many retrains (default {CANDIDATES})")
     p.add_argument("--out", required=True, help="output directory")

@@ -10,11 +10,13 @@ search (successive halving, Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017
 the most compressed one whose retrained **validation** quality is within the tolerance. Test
 quality is measured beside it for the report and never used to choose.
 
-Candidates are the complete, feasible trials within `screen` of the baseline's validation
-quality that no other trial beats on both quality and compression ratio, most compressed
-first. Retrained quality falls, roughly, as the ratio grows, so the boundary is found by
-bisection over that list (log2 n retrains) and the rest of the `candidates` budget goes to
-the untried plans just beyond it, which the search's noise may have under-rated.
+Candidates are the complete, feasible trials that no other trial beats on both quality and
+compression ratio, most compressed first. Retrained quality falls, roughly, as the ratio
+grows, so the boundary is found by bisection (log2 n retrains) over those within `screen` of
+the baseline's validation quality at the search's budget, and the rest of the `candidates`
+budget goes to the untried plans just beyond it, which the search's noise may have
+under-rated. When even the most compressed of them passes, the search goes on the same way
+among the more compressed plans outside the screen.
 """
 from __future__ import annotations
 
@@ -105,12 +107,13 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     """(pick, retrained candidates): the most compressed front plan whose validation quality
     after the export's retrain (`retrain_config` with `finetune_steps` and `learning_rate`) is
     within `within` points (dB for PSNR) of the baseline's, or None when none is; and every
-    candidate retrained, most compressed first. Candidates are the front plans within `screen`
-    points of the baseline at the search's budget (None: SCREEN, or `within` if larger), at
-    most `candidates` of them retrained. `log` gets one line per retrain.
+    candidate retrained, most compressed first. The bisection starts among the front plans
+    within `screen` points of the baseline at the search's budget (None: SCREEN, or `within` if
+    larger) and goes on among the more compressed ones when the most compressed of those passes;
+    at most `candidates` retrains. `log` gets one line per retrain.
 
-    Raises UserError for a negative `within`, a `screen` below it, `candidates` < 1, or a study
-    with no complete trial within `screen` of the baseline.
+    Raises UserError for a negative `within` or `screen`, `candidates` < 1, or a study with no
+    complete, feasible trial within `screen` of the baseline.
     """
     from search.engine.finetune import Engine
     from search.export.exporter import finetuned_quality, retrain_config
@@ -121,12 +124,15 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     if not (math.isfinite(within) and within >= 0):
         raise UserError(f"--within {within} must be >= 0 (points of accuracy, dB of PSNR below the baseline)")
     screen = max(SCREEN, within) if screen is None else screen
-    if not (math.isfinite(screen) and screen >= within):
-        raise UserError(f"--screen {screen} must be >= --within {within}: it bounds which searched plans are retrained")
+    if not (math.isfinite(screen) and screen >= 0):
+        raise UserError(f"--screen {screen} must be >= 0: the bisection starts among the plans that far below the "
+                        "baseline at the search's budget")
     if candidates < 1:
         raise UserError(f"--candidates {candidates} must be >= 1")
-    front = front_by_ratio(study, screen)
-    if not front:
+    front = front_by_ratio(study, math.inf)
+    outside = sum(c.searched < float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, screen)
+                  for c in front)  # the most compressed plans, further below than the screen
+    if outside == len(front):
         raise UserError(f"study {study.study_name!r} has no complete, feasible trial within {screen:g} of the baseline's "
                         "validation quality: raise --screen, or search longer")
     ctx = load_context(StudySpec.of_study(study), results_dir, study=study)
@@ -151,7 +157,9 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
                 f"{'  within' if ok else ''}")
         return ok
 
-    probe_order(len(front), candidates, passes)
+    tried = probe_order(len(front) - outside, candidates, lambda i: passes(outside + i))
+    if outside and tried and 0 in tried and done[outside].val is not None and done[outside].val >= base - tol:
+        probe_order(outside, candidates - len(tried), passes)  # the screen's most compressed passed: go beyond it
     tried = [done[i] for i in sorted(done)]
     ok = [c for c in tried if c.val is not None and c.val >= base - tol]
     return (max(ok, key=lambda c: c.ratio) if ok else None), tried

@@ -107,6 +107,19 @@ def test_export_within_picks_the_most_compressed_plan_that_passes_after_the_retr
     assert f"trial {numbers['mild']}: 8.0x" in text and f"exported trial {numbers['mild']} of sel" in text
 
 
+def test_when_the_screens_most_compressed_plan_passes_the_search_goes_beyond_the_screen(env, tmp_path, capsys):
+    results, base, numbers, _ = env
+    out = tmp_path / "out"
+    # screen 1.5 points: mild and dense are inside, ruined and screened-out (more compressed) outside
+    rc = cli.main(["export", "--study", "sel", "--within", "30", "--screen", "1.5", "--results-dir", str(results),
+                   "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    sel = json.loads((out / "config.json").read_text())["source"]["selection"]
+    # mild, the screen's most compressed, passes: the two beyond it are retrained too, and fail
+    assert [t["trial"] for t in sel["tried"]] == [numbers["screened out"], numbers["ruined"], numbers["mild"]]
+    assert json.loads((out / "config.json").read_text())["source"]["trial"] == numbers["mild"]
+
+
 def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, capsys):
     results, base, numbers, ruin = env
 
@@ -121,7 +134,7 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
     assert f"the closest, trial {ruin['ruined']}, reached val" in err
     assert f"trial {ruin['ruined']}: 400.0x" in got.out  # what was computed is printed before the error
     assert not (tmp_path / "x").exists()
-    for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "1"), "--screen 1"),
+    for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "-1"), "--screen -1"),
                        (("--within", "1", "--candidates", "0"), "--candidates 0"),
                        (("--within", "0", "--screen", "0"), "no complete, feasible trial within 0")):
         rc, got = run("--study", "sel", *args)
