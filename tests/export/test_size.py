@@ -227,3 +227,30 @@ def test_counting_the_removed_input_rows_breaks_the_agreement(monkeypatch):
     bd = size.model_breakdown(layers, params, masks, plan, _modes(plan))
     assert bd["layers"]["l1"]["held"] == 12 * 8  # every input row
     assert bd["total"]["bits_by_stage"]["quantized"] > cost_bits + 100
+
+
+@pytest.mark.parametrize("ratio", [0.96, 0.98])
+def test_the_cost_model_counts_the_relative_index_padding_of_very_sparse_layers(ratio):
+    """At 96-98% sparsity a 5-bit relative index needs padding entries (gaps past 32 positions):
+    the export counts them on its mask, the cost model in expectation (roofline.relative_padding).
+    A random mask with the plan's exact count: the two agree within 3%, where leaving the
+    padding out would price the layer 25-60% small."""
+    layer = _dense(0, 800, 100, reads=((-1, 800),))
+    plan = P.make_plan([ratio], U, [5], [8])
+    rng = np.random.default_rng(1)
+    m = np.zeros(800 * 100, bool)
+    m[rng.choice(m.size, round((1 - ratio) * m.size), replace=False)] = True
+    m = m.reshape(100, 800)
+    q = rng.integers(1, 16, size=m.shape) * rng.choice([-1, 1], size=m.shape)
+    q[np.arange(100), np.argmax(m, axis=1)] = 15
+    w = np.where(m, q * 0.01, 0.0).astype(np.float32)
+    params = {"l0": {"kernel": w.T, "bias": np.zeros(100, np.float32)}}
+    bd = size.model_breakdown([layer], params, {"l0": m.T.astype(np.float32)}, plan, ["uniform"])
+    layer_bd = bd["layers"]["l0"]
+    assert layer_bd["format"]["quantized"] == "relative" and layer_bd["padding"] > 0.25 * layer_bd["nonzero"]
+    cost_bits = float(price("xeon", [layer], P.stack_plans([plan])).size_kb[0]) * 1024 * 8
+    assert cost_bits == pytest.approx(bd["total"]["bits_by_stage"]["quantized"], rel=0.03)
+    from search.cost.roofline import relative_padding
+
+    unpadded = cost_bits - float(relative_padding(layer_bd["nonzero"], 1 - ratio)) * (5 + 5)  # the model before
+    assert bd["total"]["bits_by_stage"]["quantized"] > 1.2 * unpadded
