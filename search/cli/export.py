@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from search.export.select import CANDIDATES, SCREEN
+from search.export.defaults import CANDIDATES, SCREEN
 
 
 def register(subparsers: Any) -> None:
@@ -99,12 +99,15 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
     source.selection). UserError, after every retrained line is printed, when none is within."""
     from search.errors import UserError
     from search.export.exporter import check_target
-    from search.export.select import select_within
+    from search.export.select import check_selection, select_within
 
+    screen = check_selection(args.within, args.screen, args.candidates)
     check_target(Path(args.out), args.force)  # before any retrain
-    screen = max(SCREEN, args.within) if args.screen is None else args.screen
-    print(f"retraining front plans of {args.study} within {screen:g} of the baseline, most compressed first "
-          f"(at most {args.candidates}):")
+    base = study.user_attrs["baseline"]
+    unit = "dB" if base.get("metric_name") == "psnr_db" else "points"
+    print(f"retraining front plans of {args.study} (quality vs compression ratio), in bisection order from those within "
+          f"{screen:g} {unit} of the baseline's validation {base['val_metric']:.4f} (--screen), at most {args.candidates}; "
+          f"the pick: the most compressed within {args.within:g} {unit}:")
     pick, tried = select_within(study, args.within, screen=screen, candidates=args.candidates,
                                 finetune_steps=args.finetune_steps, learning_rate=args.lr,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))

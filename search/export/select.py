@@ -23,15 +23,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import optuna
+from optuna.trial import TrialState
+
+from search.engine.finetune import Engine
 from search.errors import UserError
-
-if TYPE_CHECKING:  # optuna loads only where a study is read (the CLI imports this module for its defaults)
-    import optuna
-
-SCREEN = 3.0  # default: front plans this far below the baseline at the search's budget are retrained
-CANDIDATES = 8  # default: at most this many retrains
+from search.export.defaults import CANDIDATES, SCREEN
+from search.export.exporter import finetuned_quality, retrain_config
+from search.study.context import load_context
+from search.study.space import plan_from_dict
+from search.study.spec import StudySpec
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,35 @@ def tolerance(study: optuna.Study, points: float) -> float:
     return points if study.user_attrs["baseline"].get("metric_name") == "psnr_db" else points / 100
 
 
+# slack on quality comparisons: the baseline's metric is stored as float32 and a trial's as
+# float64, so 177/180 of each compare unequal without it; far below one example on any split
+EPS = 1e-6
+
+
+def check_selection(within: float, screen: float | None, candidates: int) -> float:
+    """The screen to use (None: SCREEN, or `within` if larger), after checking the arguments;
+    UserError naming the flag otherwise."""
+    if not (math.isfinite(within) and within >= 0):
+        raise UserError(f"--within {within} must be >= 0 (points of accuracy, dB of PSNR below the baseline)")
+    screen = max(SCREEN, within) if screen is None else screen
+    if not (math.isfinite(screen) and screen >= 0):
+        raise UserError(f"--screen {screen} must be >= 0: the bisection starts among the plans that far below the "
+                        "baseline at the search's budget")
+    if candidates < 1:
+        raise UserError(f"--candidates {candidates} must be >= 1")
+    return screen
+
+
 def front_by_ratio(study: optuna.Study, screen: float) -> list[Candidate]:
     """The complete, feasible trials within `screen` points of the baseline's validation quality
     that no other such trial beats on both quality and compression ratio, most compressed first."""
-    from optuna.trial import TrialState
-
     base = float(study.user_attrs["baseline"]["val_metric"])
     floor = base - tolerance(study, screen)
     rows = [(t.number, float(t.user_attrs["compression_ratio"]), float(t.user_attrs["quality"]))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get("feasible", True) and t.user_attrs.get("plan") is not None
             and t.user_attrs.get("quality") is not None and t.user_attrs.get("compression_ratio") is not None
-            and math.isfinite(t.user_attrs["quality"]) and t.user_attrs["quality"] >= floor]
+            and math.isfinite(t.user_attrs["quality"]) and t.user_attrs["quality"] >= floor - EPS]
     rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
     front, best_q = [], -math.inf
     for n, ratio, q in rows:  # a plan stays if it is better than every more compressed one
@@ -115,22 +135,9 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     Raises UserError for a negative `within` or `screen`, `candidates` < 1, or a study with no
     complete, feasible trial within `screen` of the baseline.
     """
-    from search.engine.finetune import Engine
-    from search.export.exporter import finetuned_quality, retrain_config
-    from search.study.context import load_context
-    from search.study.space import plan_from_dict
-    from search.study.spec import StudySpec
-
-    if not (math.isfinite(within) and within >= 0):
-        raise UserError(f"--within {within} must be >= 0 (points of accuracy, dB of PSNR below the baseline)")
-    screen = max(SCREEN, within) if screen is None else screen
-    if not (math.isfinite(screen) and screen >= 0):
-        raise UserError(f"--screen {screen} must be >= 0: the bisection starts among the plans that far below the "
-                        "baseline at the search's budget")
-    if candidates < 1:
-        raise UserError(f"--candidates {candidates} must be >= 1")
+    screen = check_selection(within, screen, candidates)
     front = front_by_ratio(study, math.inf)
-    outside = sum(c.searched < float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, screen)
+    outside = sum(c.searched < float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, screen) - EPS
                   for c in front)  # the most compressed plans, further below than the screen
     if outside == len(front):
         raise UserError(f"study {study.study_name!r} has no complete, feasible trial within {screen:g} of the baseline's "
@@ -150,10 +157,10 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
         c = front[i]
         q = finetuned_quality(ctx.task, ctx.params, plan_from_dict(trials[c.trial].user_attrs["plan"]), config, engine)
         done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True)
-        ok = q["val"] is not None and q["val"] >= base - tol
+        ok = q["val"] is not None and q["val"] >= base - tol - EPS
         if log:
             got = "diverged" if q["val"] is None else f"val {q['val']:.4f} (test {q['test']:.4f})"
-            log(f"trial {c.trial}: {c.ratio:.1f}x, searched val {c.searched:.4f} -> retrained {got}"
+            log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {got}"
                 f"{'  within' if ok else ''}")
         return ok
 
@@ -161,5 +168,5 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     if outside and tried and 0 in tried and done[outside].val is not None and done[outside].val >= base - tol:
         probe_order(outside, candidates - len(tried), passes)  # the screen's most compressed passed: go beyond it
     tried = [done[i] for i in sorted(done)]
-    ok = [c for c in tried if c.val is not None and c.val >= base - tol]
+    ok = [c for c in tried if c.val is not None and c.val >= base - tol - EPS]
     return (max(ok, key=lambda c: c.ratio) if ok else None), tried

@@ -65,6 +65,19 @@ def test_candidates_are_the_screened_front_most_compressed_first(env):
     assert [c.trial for c in front_by_ratio(study, 100.0)][:2] == [numbers["screened out"], numbers["ruined"]]
 
 
+def test_a_trial_as_good_as_the_float32_baseline_is_within_zero_points(tmp_path):
+    """The baseline's metric is stored as float32, a trial's as float64: 177/180 of each must
+    compare equal (regression: `--within 0` refused a plan exactly as good as the baseline)."""
+    import numpy as np
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("baseline", {"val_metric": float(np.float32(177 / 180))})
+    study.add_trial(optuna.trial.create_trial(values=[177 / 180, 1.0], user_attrs={
+        "plan": {}, "quality": 177 / 180, "compression_ratio": 5.0, "feasible": True}))
+    assert float(np.float32(177 / 180)) != 177 / 180
+    assert [c.trial for c in front_by_ratio(study, 0.0)] == [0]
+
+
 def test_probe_order_bisects_for_the_boundary_then_tries_just_beyond_it():
     calls = []
 
@@ -104,7 +117,7 @@ def test_export_within_picks_the_most_compressed_plan_that_passes_after_the_retr
     # the export retrained it the same way (same config, seed and K): the same weights, the same quality
     assert c["retrain"]["after"]["val"] == pytest.approx(tried[numbers["mild"]]["val"], abs=1e-6)
     assert c["retrain"]["after"]["test"] == pytest.approx(tried[numbers["mild"]]["test"], abs=1e-6)
-    assert f"trial {numbers['mild']}: 8.0x" in text and f"exported trial {numbers['mild']} of sel" in text
+    assert f"trial {numbers['mild']}: 8.00x" in text and f"exported trial {numbers['mild']} of sel" in text
 
 
 def test_when_the_screens_most_compressed_plan_passes_the_search_goes_beyond_the_screen(env, tmp_path, capsys):
@@ -132,7 +145,7 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
     err = got.err.strip()
     assert rc == 2 and "\n" not in err and "no retrained plan is within 5" in err
     assert f"the closest, trial {ruin['ruined']}, reached val" in err
-    assert f"trial {ruin['ruined']}: 400.0x" in got.out  # what was computed is printed before the error
+    assert f"trial {ruin['ruined']}: 400.00x" in got.out  # what was computed is printed before the error
     assert not (tmp_path / "x").exists()
     for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "-1"), "--screen -1"),
                        (("--within", "1", "--candidates", "0"), "--candidates 0"),
@@ -140,6 +153,8 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
         rc, got = run("--study", "sel", *args)
         err = got.err.strip()
         assert rc == 2 and flag in err and "\n" not in err, err
+        if "feasible" not in flag:  # bad flags are refused before anything is printed or retrained
+            assert got.out == "", got.out
     rc, got = run("--study", "sel", "--trial", str(numbers["mild"]), "--candidates", "3")
     assert rc == 2 and "give --within" in got.err and "\n" not in got.err.strip()
     with pytest.raises(SystemExit):  # one of --trial and --within, not both
