@@ -72,10 +72,12 @@ def best_ratio_within(study: optuna.Study, points: float, split: str = "val") ->
     absolute percentage points of an accuracy, dB of a PSNR (metric psnr_db). `split` "val"
     compares validation quality (what the search ranked on), "test" the test quality each trial
     records beside it (baseline: its test metric; trials without one are left out)."""
+    from search.export.select import tolerance
+
     attrs = study.user_attrs["baseline"]
     base = attrs["val_metric"] if split == "val" else attrs["test_metric"]
     key = "quality" if split == "val" else "test_quality"
-    tol = points if attrs.get("metric_name") == "psnr_db" else points / 100
+    tol = tolerance(study, points)
     ok = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
           if t.user_attrs.get(key) is not None and t.user_attrs[key] >= base - tol]
     if not ok:
@@ -100,10 +102,10 @@ def deep_compression_stages(study: optuna.Study, trial: int, results_dir: str) -
             "test_quality": res.quality, "onnx_test_quality": res.onnx_quality}
 
 
-def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float) -> dict | None:
+def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float) -> dict:
     """`hwcompress export --within points`: the most compressed front plan within `points` of the
     baseline's validation quality after the export's retrain (search.export.select), exported
-    like the search's own pick; None when no retrained plan is within."""
+    like the search's own pick; "trial" None (and no "export") when no retrained plan is within."""
     from search.export.select import select_within
 
     t0 = time.perf_counter()
@@ -169,6 +171,18 @@ def _fmt(d: dict | None, scale: float = 1.0, unit: str = "") -> str:
     return f"{scale * d['median']:.2f}{unit} ({scale * d['min']:.2f}-{scale * d['max']:.2f})"
 
 
+def _pick_summary(exports: list, rows: list[dict], seconds: list[float], seeds: list[int]) -> dict:
+    """Medians and ranges over the seeds of one kind of pick: `exports` (deep_compression_stages,
+    None where nothing was picked), one per row of `rows` (their baseline_test, hv_equal_time)."""
+    return {"huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in exports]),
+            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in exports]),
+            "test_accuracy": _spread([e and e["test_quality"] for e in exports]),
+            "test_within_half_point": sum(bool(e and e["test_quality"] >= r["baseline_test"] - 0.005)
+                                          for e, r in zip(exports, rows)),
+            "hv_equal_time": _spread([r["hv_equal_time"] for r in rows]),
+            "seconds": _spread(seconds), "seeds": seeds}
+
+
 def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, steps: int, storage: str,
                  results_dir: str, old: dict) -> dict:
     """Every (variant, seed) search of one model, its pick exported; the rows and the summary."""
@@ -200,9 +214,9 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
                     f"{100 * ex['test_quality']:.2f}%" if ex else "none")
             print(f"fashion-mnist {model} {variant} seed {seed}: {n} trials in {sec:.0f} s; pick within 0.5 pt "
                   f"(val): {pick} (baseline test {100 * base_test:.2f}%)", flush=True)
-            ex = (sel or {}).get("export")
-            print(f"  after the retrain (export --within 0.5, {sel and sel['retrains']} retrains in "
-                  f"{sel and sel['seconds']:.0f} s): " + (f"trial {sel['trial']}, {sel['ratio']:.1f}x, after Huffman "
+            ex = sel.get("export")
+            print(f"  after the retrain (export --within 0.5, {sel['retrains']} retrains in "
+                  f"{sel['seconds']:.0f} s): " + (f"trial {sel['trial']}, {sel['ratio']:.1f}x, after Huffman "
                   f"{ex['ratio_by_stage']['huffman']:.1f}x, exported test {100 * ex['test_quality']:.2f}%" if ex else "none"),
                   flush=True)
     hvs, limit = hypervolume_at_equal_time(studies)
@@ -211,32 +225,13 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
-        ex = [r.get("export") for r in mine]
-        sel = [(r.get("selected") or {}).get("export") for r in mine]
-        summary[f"{variant}, retrained"] = {
-            "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in sel]),
-            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in sel]),
-            "test_accuracy": _spread([e and e["test_quality"] for e in sel]),
-            "test_within_half_point": sum(bool((r.get("selected") or {}).get("test_within_half_point")) for r in mine),
-            "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
-            "seconds": _spread([r["seconds"] + (r.get("selected") or {}).get("seconds", 0) for r in mine]),
-            "seeds": seeds}
-        best = [((r.get("selected") or {}).get("test_best") or {}).get("export") for r in mine]
-        summary[f"{variant}, best on test"] = {
-            "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in best]),
-            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in best]),
-            "test_accuracy": _spread([e and e["test_quality"] for e in best]),
-            "test_within_half_point": sum(bool(e and e["test_quality"] >= r["baseline_test"] - 0.005)
-                                          for e, r in zip(best, mine)),
-            "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
-            "seconds": summary[f"{variant}, retrained"]["seconds"], "seeds": seeds}
-        summary[variant] = {
-            "huffman_ratio": _spread([e and e["ratio_by_stage"]["huffman"] for e in ex]),
-            "packed_ratio": _spread([e and e["ratio_by_stage"]["quantized"] for e in ex]),
-            "test_accuracy": _spread([e and e["test_quality"] for e in ex]),
-            "test_within_half_point": sum(bool(r.get("test_within_half_point")) for r in mine),
-            "hv_equal_time": _spread([r["hv_equal_time"] for r in mine]),
-            "seconds": _spread([r["seconds"] for r in mine]), "seeds": seeds}
+        search_s = [r["seconds"] for r in mine]
+        with_retrains = [r["seconds"] + r["selected"]["seconds"] for r in mine]
+        summary[f"{variant}, retrained"] = _pick_summary([r["selected"].get("export") for r in mine], mine,
+                                                         with_retrains, seeds)
+        summary[f"{variant}, best on test"] = _pick_summary(
+            [(r["selected"]["test_best"] or {}).get("export") for r in mine], mine, with_retrains, seeds)
+        summary[variant] = _pick_summary([r.get("export") for r in mine], mine, search_s, seeds)
     print(f"\n{model}: medians (ranges) over seeds {seeds}; hypervolume over the first {limit:.0f} s of each run")
     print(f"{'variant':16s} {'after Huffman':>22s} {'packed':>22s} {'test acc. %':>22s} {'test ok':>7s} "
           f"{'HV equal time':>20s} {'seconds':>22s}")

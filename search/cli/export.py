@@ -99,12 +99,11 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
     source.selection). UserError, after every retrained line is printed, when none is within."""
     from search.errors import UserError
     from search.export.exporter import check_target
-    from search.export.select import check_selection, select_within
+    from search.export.select import check_selection, select_within, unit as unit_of
 
     screen = check_selection(args.within, args.screen, args.candidates)
     check_target(Path(args.out), args.force)  # before any retrain
-    base = study.user_attrs["baseline"]
-    unit = "dB" if base.get("metric_name") == "psnr_db" else "points"
+    base, unit = study.user_attrs["baseline"], unit_of(study)
     print(f"retraining front plans of {args.study} (quality vs compression ratio), in bisection order from those within "
           f"{screen:g} {unit} of the baseline's validation {base['val_metric']:.4f} (--screen), at most {args.candidates}; "
           f"the pick: the most compressed within {args.within:g} {unit}:")

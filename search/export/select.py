@@ -53,10 +53,15 @@ class Candidate:
         return dataclasses.asdict(self)
 
 
+def unit(study: optuna.Study) -> str:
+    """What a tolerance on the study's metric counts: "dB" for a PSNR, "points" of an accuracy."""
+    return "dB" if study.user_attrs["baseline"].get("metric_name") == "psnr_db" else "points"
+
+
 def tolerance(study: optuna.Study, points: float) -> float:
     """`points` in the study's metric units: accuracy points as a fraction (0.5 -> 0.005), dB of
     a PSNR as they are."""
-    return points if study.user_attrs["baseline"].get("metric_name") == "psnr_db" else points / 100
+    return points if unit(study) == "dB" else points / 100
 
 
 # slack on quality comparisons: the baseline's metric is stored as float32 and a trial's as
