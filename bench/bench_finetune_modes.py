@@ -8,7 +8,7 @@
 - `--compare act-ranges` (item 3): calibrated activation ranges against ranges learned with
   the weights (LSQ; quant.fake_quant_act_learned), on plans with 4- and 5-bit activations.
 - `--compare retrain` (item 5): the export's retrain of a plan searched with `--steps` steps
-  (exporter.retrain_config: RETRAIN_FACTOR x the steps, cosine), at the search's learning rate
+  (search.export.retrain.retrain_config: RETRAIN_FACTOR x the steps, cosine), at the search's learning rate
   or RETRAIN_LR_FACTOR x it, with one-shot or gradual pruning, on Deep Compression's per-layer
   ratios (Han et al. 2016, Table 2/3) at 4-bit weights and nearby plans.
 
@@ -56,7 +56,7 @@ def variants(compare: str, ends: list[float], steps: int = 0) -> list[tuple[str,
             (f"gradual {e:g}", {"pruning": "gradual", "gradual_end": e}) for e in ends]
     if compare == "retrain":
         from search.engine.config import FinetuneConfig
-        from search.export.exporter import RETRAIN_LR_FACTOR, retrain_config
+        from search.export.retrain import RETRAIN_LR_FACTOR, retrain_config
 
         searched = FinetuneConfig(steps=steps)
         out = []

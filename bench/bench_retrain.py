@@ -6,7 +6,7 @@ fine-tune (constant learning rate, 1x its steps: what the study measured) and wi
 export's retrain (cosine decay) at each of `--factors` times the search's steps, on
 `--seeds` batch orders. Validation and test quality of each, and the seconds it took, printed
 and saved to bench/out/bench_retrain.json. The default RETRAIN_FACTOR of
-search/export/exporter.py is read off this table.
+search/export/retrain.py is read off this table.
 
     python -m bench.bench_retrain --models lenet300 --trials 24 --steps 200 --plans 5 --factors 1,3,5,10 --seeds 2
     python -m bench.bench_retrain --models lenet5 --trials 16 --steps 100 --plans 3 --factors 1,3,5 --seeds 1
@@ -24,7 +24,7 @@ seeds; digits' test split has 360 examples, so one example is 0.28 points):
       search's, 100 steps          0.9630  0.9639
       retrain 1x / 3x / 5x         0.9648 / 0.9722 / 0.9685 val, 0.9611 / 0.9611 / 0.9639 test
 
-So 5x (exporter.RETRAIN_FACTOR): the best on lenet300, no loss on lenet5.
+So 5x (search.export.retrain.RETRAIN_FACTOR): the best on lenet300, no loss on lenet5.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def measure_model(model: str, args, storage: str) -> dict:
 
     from search.api import make_spec, search
     from search.engine.config import FinetuneConfig
-    from search.export.exporter import finetuned_quality, retrain_config
+    from search.export.retrain import finetuned_quality, retrain_config
     from search.study.context import load_context
     from search.study.space import plan_from_dict
 

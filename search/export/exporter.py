@@ -10,7 +10,7 @@ write into one directory:
 The exported weights are the grid points of the engine's effective kernels (pack snaps float
 rounding away), so the reloaded Flax model reproduces the exported quality exactly.
 
-An exported trial is fine-tuned again for longer than the search did (`retrain_config`: by
+An exported trial is fine-tuned again for longer than the search did (retrain.retrain_config: by
 default RETRAIN_FACTOR times the study's steps at RETRAIN_LR_FACTOR times its learning rate,
 cosine decay, the plan's ratios reached gradually), so a plan found with a short budget is not
 exported at that budget's quality; config.json's "retrain" records the budget and the
@@ -46,9 +46,9 @@ from search.cost.budget import costs_at
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
-from search.engine.schedule import check_schedule
 from search.errors import UserError
 from search.export import pack, size
+from search.export.retrain import RETRAIN_FACTOR, finetuned_quality, metric, retrain_config, same_finetune
 from search.export.onnx.convert import LayerExport, to_onnx
 from search.study.context import load_context
 from search.study.space import plan_from_dict
@@ -61,19 +61,6 @@ from search.study.spec import StudySpec
 # test examples with the same prediction; tests require >= 99% agreement.
 ONNX_MIN_AGREEMENT = 0.99
 
-# An export's default retrain: this many times the study's fine-tune steps, cosine decay. Measured
-# by bench/bench_retrain.py: lenet300/digits front plans searched at 200 steps gained 1.04 points
-# of test accuracy at 5x (all 4 plans better), 0.80 at 3x, 0.35 at 10x; lenet5/digits (100 steps)
-# moved by no more than one test example either way. Its docstring has the commands.
-RETRAIN_FACTOR = 5
-# The retrain runs at RETRAIN_LR_FACTOR times the study's learning rate, the plan's ratios reached
-# gradually (Zhu & Gupta's cubic ramp over the first half; search.engine.schedule). Measured
-# with `python -m bench.bench_finetune_modes --compare retrain` (Fashion-MNIST test accuracy, the
-# README has the table): lenet300, 4 plans of 92-96% sparsity at 3-4 bits, 5000 steps, 2 seeds:
-# one-shot at 1x the rate 87.26% on average, gradual 1x 87.32, one-shot 4x 88.00, gradual 4x
-# 88.56 (baseline 89.26).
-RETRAIN_LR_FACTOR = 4
-RETRAIN_PRUNING = "gradual"
 
 
 @dataclass(frozen=True)
@@ -216,66 +203,6 @@ def _size(layers, params, masks, plan: Plan, scales, factors=None) -> dict:
     return size.model_breakdown(layers, params, masks, plan, modes, scales=scales, factors=factors)
 
 
-def _metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
-    outs = [np.asarray(predict(params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
-    out = np.concatenate(outs)
-    return float(np.mean(np.asarray(task.metric(jnp.asarray(out), jnp.asarray(y))))), out
-
-
-def retrain_config(search: FinetuneConfig, steps: int | None = None,
-                   learning_rate: float | None = None, pruning: str | None = None) -> FinetuneConfig:
-    """The export's final fine-tune of a plan the search fine-tuned with `search`: `steps`
-    (None: RETRAIN_FACTOR x search.steps) at peak learning rate `learning_rate` (None:
-    RETRAIN_LR_FACTOR x the search's) decaying to 0 on a cosine (Loshchilov & Hutter 2017), with
-    `pruning` ("one-shot" or "gradual"; None: RETRAIN_PRUNING where the steps leave room for its
-    ramp, else the search's), one plan at a time; everything else as the search's. At the
-    search's own step count, with no rate or pruning given, it is the search's fine-tune,
-    schedule included (so an export can reproduce the trial the search measured).
-
-    Why the higher rate and the ramp: a long retrain of a heavily pruned model gains from a
-    learning rate near the one it was trained with (learning-rate rewinding, Renda et al., ICLR
-    2020), and from masks recomputed from the weights as the ratio ramps up (gradual magnitude
-    pruning, Zhu & Gupta 2017), where the search's short fine-tune does not (see RETRAIN_LR_FACTOR
-    for the measurements; resnet20/Fashion-MNIST with every channel group 50% pruned reached
-    92.73% at 3e-3 over 6000 steps, where 1e-3 over 2000 gave 91.47%). Raises UserError for an
-    unknown `pruning`.
-    """
-    n = RETRAIN_FACTOR * search.steps if steps is None else int(steps)
-    if n == search.steps and learning_rate is None and pruning is None:
-        return dataclasses.replace(search, k=1)
-    lr = RETRAIN_LR_FACTOR * search.learning_rate if learning_rate is None else float(learning_rate)
-    out = dataclasses.replace(search, steps=n, schedule="cosine", k=1, learning_rate=lr,
-                              pruning=pruning or RETRAIN_PRUNING)
-    try:
-        check_schedule(out)
-    except UserError:
-        if pruning is not None:
-            raise
-        out = dataclasses.replace(out, pruning=search.pruning)  # too few steps for the ramp
-    return out
-
-
-def finetuned_quality(task, base_params: Any, plan: Plan, finetune: FinetuneConfig, engine: Any = None) -> dict:
-    """Validation and test quality of `plan` [L] fine-tuned with `finetune` (one plan at a time):
-    {"steps", "schedule", "val", "test"}, the metrics None when fine-tuning diverged. The
-    search's engine evaluates one split per run, so test quality is measured here on the same
-    fine-tuned weights, never by a second fine-tune."""
-    engine = engine or Engine(task, base_params, dataclasses.replace(finetune, k=1))
-    cm = engine.run(stack_plans([plan]), return_models=True).models[0]
-    out = {"steps": finetune.steps, "schedule": finetune.schedule, "val": None, "test": None}
-    if cm.finite:
-        predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
-        out.update(val=float(cm.metric), test=_metric(task, predict, cm.params, task.data.x_test, task.data.y_test)[0])
-    return out
-
-
-def _same_finetune(a: FinetuneConfig, b: FinetuneConfig) -> bool:
-    """Whether two fine-tunes train the same weights (no steps at all, or equal but for K and
-    the loop driver, which run the same steps)."""
-    return (a.steps == 0 and b.steps == 0) or \
-        dataclasses.replace(a, k=1, loop=None) == dataclasses.replace(b, k=1, loop=None)
-
-
 def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,
                 profile: Any = None, costs: dict | None = None, force: bool = False,
                 source: dict | None = None, engine: Any = None, before: FinetuneConfig | None = None,
@@ -317,9 +244,9 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     cm = dataclasses.replace(cm, params=params)
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
     x, y = task.data.x_test, task.data.y_test
-    quality, flax_out = _metric(task, predict, params, x, y)
+    quality, flax_out = metric(task, predict, params, x, y)
     after = {"steps": engine.config.steps, "schedule": engine.config.schedule, "val": float(cm.metric), "test": quality}
-    if before is None or _same_finetune(before, engine.config):
+    if before is None or same_finetune(before, engine.config):
         first = None if before is None else {**after, "steps": before.steps, "schedule": before.schedule}
     else:
         first = finetuned_quality(task, base_params, plan, before)
@@ -331,7 +258,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
                       scales=cm.weight_scales, state=adapted_state(engine.model.saved_state(), cm.bn_stats),
                       factors=factors)
     back, _ = pack.load_weights(wpath, template=params)
-    reload_quality, _ = _metric(task, predict, back, x, y)
+    reload_quality, _ = metric(task, predict, back, x, y)
 
     exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
     layers_by_name = {l.name: l for l in layers}

@@ -1,7 +1,7 @@
 """The most compressed plan within a quality tolerance, judged after the export's retrain.
 
 A search fine-tunes every candidate briefly, so its validation quality under-states what the
-most compressed plans reach after the export's longer retrain (`exporter.retrain_config`):
+most compressed plans reach after the export's longer retrain (`search.export.retrain.retrain_config`):
 on Fashion-MNIST, lenet300 pruned 92-96% at 3-4 bits scores 1.5-2 points below the baseline
 after 1000 steps and within 0.5-1 point after the 5000-step retrain. Picking the export from
 the search's own scores would stop short of them. `select_within` therefore retrains the
@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.export.defaults import CANDIDATES, SCREEN
-from search.export.exporter import finetuned_quality, retrain_config
+from search.export.retrain import finetuned_quality, retrain_config
 from search.study.context import load_context
 from search.study.space import plan_from_dict
 from search.study.spec import StudySpec

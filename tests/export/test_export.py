@@ -21,7 +21,7 @@ from search import cli
 from search.api import make_spec
 from search.engine.config import FinetuneConfig
 from search.errors import UserError
-from search.export.exporter import RETRAIN_FACTOR, RETRAIN_LR_FACTOR
+from search.export.retrain import RETRAIN_FACTOR, RETRAIN_LR_FACTOR
 from tests.support import results_dir, start_search
 
 
@@ -262,7 +262,7 @@ def test_export_retrains_longer_than_the_search_and_reports_before_and_after(exp
 
 
 def test_the_default_retrain_budget_is_the_one_the_cli_names():
-    from search.export.exporter import retrain_config
+    from search.export.retrain import retrain_config
 
     ft = FinetuneConfig(steps=300, learning_rate=1e-3, distill=True, k=4)
     r = retrain_config(ft)
