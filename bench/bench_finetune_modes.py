@@ -11,6 +11,11 @@
   (search.export.retrain.retrain_config: RETRAIN_FACTOR x the steps, cosine), at the search's learning rate
   or RETRAIN_LR_FACTOR x it, with one-shot or gradual pruning, on Deep Compression's per-layer
   ratios (Han et al. 2016, Table 2/3) at 4-bit weights and nearby plans.
+- `--compare distill`: the export's default retrain of the same plans, with and without Hinton
+  distillation from the dense model (Hinton et al. 2015; FinetuneConfig.distill, at each of
+  `--alphas`, temperature 4).
+- `--compare retrain-length`: the export's default retrain of the same plans at each of
+  `--factors` times `--steps` (search.export.defaults.RETRAIN_FACTOR).
 
 Test accuracy after fine-tuning per seed (batch order), printed and saved to
 bench/out/bench_finetune_modes_<compare>.json. FinetuneConfig's defaults for `pruning` and
@@ -20,6 +25,8 @@ bench/out/bench_finetune_modes_<compare>.json. FinetuneConfig's defaults for `pr
     PYTHONPATH=. .venv/bin/python -m bench.bench_finetune_modes --compare act-ranges --models lenet5 --steps 300 --seeds 0,1,2
     PYTHONPATH=. .venv/bin/python -m bench.bench_finetune_modes --compare retrain --models lenet300 --steps 1000 --seeds 0,1
     PYTHONPATH=. .venv/bin/python -m bench.bench_finetune_modes --compare retrain --models lenet5 --steps 300 --seeds 0
+    PYTHONPATH=. .venv/bin/python -m bench.bench_finetune_modes --compare distill --models lenet300 --steps 1000 --seeds 0,1 --alphas 0.5,0.9
+    PYTHONPATH=. .venv/bin/python -m bench.bench_finetune_modes --compare retrain-length --models lenet300 --steps 1000 --seeds 0,1 --factors 5,10,20
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ RANGE_PLANS = (("w8a4", 0.0, "unstructured", 8, 4), ("w4a4", 0.0, "unstructured"
                ("90% w4a4", 0.9, "unstructured", 4, 4))
 
 
-def variants(compare: str, ends: list[float], steps: int = 0) -> list[tuple[str, dict]]:
+def variants(compare: str, ends: list[float], steps: int = 0, alphas: tuple[float, ...] = (0.5,),
+             factors: tuple[float, ...] = (5, 10)) -> list[tuple[str, dict]]:
     """(label, FinetuneConfig fields) of each variant compared."""
     if compare == "pruning":
         return [("one-shot", {"pruning": "one-shot"})] + [
@@ -65,6 +73,23 @@ def variants(compare: str, ends: list[float], steps: int = 0) -> list[tuple[str,
                 c = retrain_config(searched, None, f * searched.learning_rate, pruning)
                 out.append((f"{pruning} {f}x lr", {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}))
         return out
+    if compare == "distill":
+        from search.engine.config import FinetuneConfig
+        from search.export.retrain import retrain_config
+
+        c = retrain_config(FinetuneConfig(steps=steps))
+        fields = {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}
+        return [("retrain", fields)] + [(f"distill a{a:g}", {**fields, "distill": True, "alpha": a}) for a in alphas]
+    if compare == "retrain-length":
+        from search.engine.config import FinetuneConfig
+        from search.export.retrain import retrain_config
+
+        searched = FinetuneConfig(steps=steps)
+        out = []
+        for f in factors:
+            c = retrain_config(searched, int(f * steps))
+            out.append((f"{f:g}x steps", {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}))
+        return out
     return [("calibrated", {"act_ranges": "calibrated"}), ("learned", {"act_ranges": "learned"})]
 
 
@@ -72,7 +97,7 @@ def plans_of(compare: str, model: str, n: int) -> list:
     """(label, Plan) of the plans compared on a model with n layers."""
     from search.compression.plan import GRANULARITIES, make_plan
 
-    if compare == "retrain":
+    if compare in ("retrain", "distill", "retrain-length"):
         return [(label, make_plan(np.asarray(r), GRANULARITIES["unstructured"], np.asarray(w), 32))
                 for label, r, w in RETRAIN_PLANS[model]]
     return [(label, make_plan(np.full(n, r), GRANULARITIES[g], w, a))
@@ -108,17 +133,20 @@ def run_model(model: str, args, seeds: list[int], modes: list[tuple[str, dict]])
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--compare", choices=("pruning", "act-ranges", "retrain"), default="pruning")
+    ap.add_argument("--compare", choices=("pruning", "act-ranges", "retrain", "distill", "retrain-length"), default="pruning")
     ap.add_argument("--models", default="lenet300,lenet5")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--ends", default="0.5", help="--compare pruning: comma list of gradual_end values")
+    ap.add_argument("--alphas", default="0.5", help="--compare distill: comma list of distillation weights")
+    ap.add_argument("--factors", default="5,10", help="--compare retrain-length: comma list of retrain steps / --steps")
     ap.add_argument("--cache-dir", default="results/cache")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    modes = variants(args.compare, [float(e) for e in args.ends.split(",")], args.steps)
+    modes = variants(args.compare, [float(e) for e in args.ends.split(",")], args.steps,
+                     tuple(float(a) for a in args.alphas.split(",")), tuple(float(f) for f in args.factors.split(",")))
     rows = []
     for m in args.models.split(","):
         rows += run_model(m, args, seeds, modes)

@@ -6,14 +6,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from search.export.defaults import CANDIDATES, SCREEN
+from search.export.defaults import CANDIDATES, RETRAIN_FACTOR, RETRAIN_LR_FACTOR, SCREEN
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="export a trial: packed safetensors, config.json, size breakdown, model.onnx",
                               description="Re-create trial N of a study (or, with --within, the most compressed plan "
                               "within that many points of the baseline after the retrain), fine-tuned again for longer "
-                              "than the search did (by default 5x the study's steps at 4x its learning rate, cosine decay, "
+                              f"than the search did (by default {RETRAIN_FACTOR}x the study's steps at {RETRAIN_LR_FACTOR:g}x its learning "
+                              "rate, cosine decay, "
                               "the plan's pruning reached gradually), and write OUT/config.json "
                               "(with the quality before and after that retrain), OUT/weights.safetensors (integers packed at their bit width), "
                               "OUT/size.json (Deep Compression breakdown) and OUT/model.onnx (pruned channels removed, "
@@ -33,11 +34,11 @@ def register(subparsers: Any) -> None:
                    help=f"--within: at most this many retrains (default {CANDIDATES})")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--finetune-steps", type=int, default=None,
-                   help="final fine-tune steps, cosine learning-rate decay (default: 5x the study's fine-tune steps; "
+                   help=f"final fine-tune steps, cosine learning-rate decay (default: {RETRAIN_FACTOR}x the study's fine-tune steps; "
                    "0: compress only; the study's own steps: the search's fine-tune, its schedule too); "
                    "config.json records the quality before and after it")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of that fine-tune (default: 4x the study's); a long retrain of a "
+                   help=f"peak learning rate of that fine-tune (default: {RETRAIN_LR_FACTOR:g}x the study's); a long retrain of a "
                    "heavily pruned model gains from the rate the model was trained with (learning-rate rewinding)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under --results-dir)")

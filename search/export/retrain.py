@@ -15,20 +15,7 @@ from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.engine.schedule import check_schedule
 from search.errors import UserError
-
-# An export's default retrain: this many times the study's fine-tune steps, cosine decay. Measured
-# by bench/bench_retrain.py: lenet300/digits front plans searched at 200 steps gained 1.04 points
-# of test accuracy at 5x (all 4 plans better), 0.80 at 3x, 0.35 at 10x; lenet5/digits (100 steps)
-# moved by no more than one test example either way. Its docstring has the commands.
-RETRAIN_FACTOR = 5
-# The retrain runs at RETRAIN_LR_FACTOR times the study's learning rate, the plan's ratios reached
-# gradually (Zhu & Gupta's cubic ramp over the first half; search.engine.schedule). Measured
-# with `python -m bench.bench_finetune_modes --compare retrain` (Fashion-MNIST test accuracy, the
-# README has the table): lenet300, 4 plans of 92-96% sparsity at 3-4 bits, 5000 steps, 2 seeds:
-# one-shot at 1x the rate 87.26% on average, gradual 1x 87.32, one-shot 4x 88.00, gradual 4x
-# 88.56 (baseline 89.26).
-RETRAIN_LR_FACTOR = 4
-RETRAIN_PRUNING = "gradual"
+from search.export.defaults import RETRAIN_FACTOR, RETRAIN_LR_FACTOR, RETRAIN_PRUNING
 
 
 def metric(task, predict, params, x, y, batch: int = 512) -> tuple[float, np.ndarray]:
@@ -50,8 +37,8 @@ def retrain_config(search: FinetuneConfig, steps: int | None = None,
     Why the higher rate and the ramp: a long retrain of a heavily pruned model gains from a
     learning rate near the one it was trained with (learning-rate rewinding, Renda et al., ICLR
     2020), and from masks recomputed from the weights as the ratio ramps up (gradual magnitude
-    pruning, Zhu & Gupta 2017), where the search's short fine-tune does not (see RETRAIN_LR_FACTOR
-    for the measurements; resnet20/Fashion-MNIST with every channel group 50% pruned reached
+    pruning, Zhu & Gupta 2017), where the search's short fine-tune does not (search.export.defaults
+    has the measurements; resnet20/Fashion-MNIST with every channel group 50% pruned reached
     92.73% at 3e-3 over 6000 steps, where 1e-3 over 2000 gave 91.47%). Raises UserError for an
     unknown `pruning`.
     """
