@@ -110,6 +110,8 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
         else:  # every conv and dense stage on integer kernels, outputs within int8 rounding
             assert {c["onnx_form"] for c in cfg["layers"]} <= INTEGER, [c["onnx_form"] for c in cfg["layers"]]
             assert r.onnx_agreement >= 0.99
+            # a ReLU6 between integer layers leaves no Min (qdq._saturated_min), nor one elsewhere
+            assert "Min" not in [n.op_type for n in graph.node]
             # the kernel-level cost model expects the kernels the export runs (QLinear or Integer)
             # (removed channels are exactly 0: no conv gets a bias map, steps.zero_removed)
             expected = kernels.forms(kernels.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],

@@ -6,7 +6,8 @@ every call: many times slower than float. So, for every integer layer (Q/DQ inpu
   * chained: when its output reaches the next int8 layer's QuantizeLinear through only the bias
     add, Relu, MaxPool, Reshape, Transpose, Clip and Max / Min with constant bounds (ReLU6), the
     bias becomes an int32 DQ input of the Conv/Gemm, and the next layer's Q/DQ is repeated right
-    after the layer (after its Relu). This is exact: quantization is monotone, so it commutes
+    after the layer (after its Relu); a ReLU6's Min whose bound the next grid saturates below is
+    dropped instead, so the Relu feeds that QuantizeLinear directly. This is exact: quantization is monotone, so it commutes
     with Relu, clipping and max pooling (Q(max(a, c)) = max(Q(a), Q(c))), and re-quantizing on
     the same grid changes nothing; only the int32 bias is rounded (by at most half of s_x * s_w).
   * otherwise Dense runs as MatMulInteger and Conv as ConvInteger (uint8 input with its zero
@@ -149,12 +150,36 @@ def _chained(g: GraphBuilder, node, chain, sx: float, sw: np.ndarray) -> None:
         g.rewire(bias.output[0], node.output[0])
         g.graph.node.remove(bias)
     after = ops[0] if ops and ops[0].op_type == "Relu" else node  # after the Relu: fused by onnxruntime
+    rest = ops[1:] if after is not node else ops
+    if len(rest) == 1 and _saturated_min(g, rest[0], q_next):  # ReLU6 whose 6 the next grid cannot reach
+        g.rewire(rest[0].output[0], after.output[0], [q_next])
+        g.graph.node.remove(rest[0])
+        g.toposort()
+        return
     src = after.output[0]
     users = [n for n in g.graph.node if src in n.input]
     qn = g.node("QuantizeLinear", [src, q_next.input[1], q_next.input[2]], "requant")
     dqn = g.node("DequantizeLinear", [qn, q_next.input[1], q_next.input[2]], "requant_dq")
     g.rewire(src, dqn, users)
     g.toposort()
+
+
+def _saturated_min(g: GraphBuilder, op, q) -> bool:
+    """Whether `op` is Min(x, c) whose bound c quantizes, on QuantizeLinear `q`'s grid, to the
+    grid's largest code: then Q(min(x, c)) = min(Q(x), Q(c)) = Q(x) (quantization is monotone and
+    saturates), so the Min can go. A ReLU6 (Relu then Min(x, 6)) whose output range was calibrated
+    (at most 6) is one. Left in, the Min runs in float between a DequantizeLinear and a
+    QuantizeLinear after every such layer: MobileNetV2 w4a8 at 28x28 spent 61 us of its 286 in
+    Min alone (onnxruntime's profile, one thread, AVX-512)."""
+    if op.op_type != "Min" or len(op.input) != 2:
+        return False
+    c, s = g.arr(op.input[1]), g.arr(q.input[1])
+    z = g.arr(q.input[2]) if len(q.input) > 2 else np.asarray(np.uint8(0))  # ONNX: uint8 zero point by default
+    if c is None or s is None or z is None or c.size != 1 or s.size != 1 or z.size != 1:
+        return False
+    top = np.iinfo(z.dtype).max
+    code = np.round(np.float32(c.reshape(())) / np.float32(s.reshape(()))) + int(z.reshape(()))
+    return bool(code >= top)
 
 
 def _matmul_integer(g: GraphBuilder, node, xq, wdq, sx: float, sw: np.ndarray) -> None:
