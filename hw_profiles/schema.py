@@ -25,14 +25,18 @@ LATENCY_MODELS = ("roofline", "kernels")
 # measured 1.7-2x slower on an AVX-512 VNNI host), i8 (integer kernel with float output:
 # ConvInteger / MatMulInteger + Cast + Mul, whose weights are always uint8), f32p (a float conv
 # off the blocked NCHWc path, on the runtime's plain im2col or grouped kernels: channel counts
-# that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower); and
+# that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower), q8p
+# (a q8 conv or depthwise conv whose output channels are not a multiple of
+# KernelModel.channel_block: onnxruntime's int8 kernels then run their per-channel remainder
+# path; a depthwise one measured 2-3x slower on an AVX-512 host); and
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
 # `eltwise`, one unfused elementwise or pooling op on a layer's output (ReLU, MaxPool, Add, Transpose)
-KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise")
-# a profile calibrated before q8u and f32p existed prices them as its q8 and f32 kernels (Dense
-# layers never run f32p: it keeps dense_f32's coefficients)
-KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS}
+# a profile calibrated before q8u, f32p and q8p existed prices them as its q8, f32 and q8 kernels
+# (Dense layers never run f32p or q8p: they keep dense_f32's and dense_q8's coefficients)
+KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
+    | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups).
 # Non-negative coefficients on 1, M, N, K, MN, MK, NK, MNK are a sum of fixed costs per call, per

@@ -25,7 +25,9 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
 A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
 to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration),
 when its channel counts are multiples of KernelModel.channel_align (`on_blocks`); otherwise on the
-runtime's plain kernels, the `f32p` form (unpadded counts; a depthwise conv 8x slower).
+runtime's plain kernels, the `f32p` form (unpadded counts; a depthwise conv 8x slower). A q8
+conv or depthwise conv whose kept output channels are not a multiple of the channel block runs
+the integer kernels' remainder path, the `q8p` form (`q8_on_blocks`).
 
 Each predictor is linear in KERNEL_FEATURES (1, MACs, weights, input elements, output elements,
 after channel removal) with coefficients >= 0, fitted to measured latencies by non-negative least
@@ -44,7 +46,8 @@ import numpy as np
 
 from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
 
-FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks)
+FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
+# q8p (q8 conv / depthwise off the channel block)
 EMUL, ELTWISE = KERNELS.index("emul"), KERNELS.index("eltwise")
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
@@ -144,6 +147,22 @@ def on_blocks(n: np.ndarray, cin: np.ndarray, block: int, align: int, depthwise:
     n, cin = np.round(np.asarray(n, np.float64)), np.round(np.asarray(cin, np.float64))
     ok_in = np.asarray(depthwise, bool) | (cin < block) | (np.mod(cin, align) == 0)
     return (np.mod(n, align) == 0) & ok_in
+
+
+def q8_on_blocks(n: np.ndarray, block: int) -> np.ndarray:
+    """[...] bool: whether a QLinear conv or depthwise conv (form q8: int8 weights of <= 7 bits)
+    with n kept output channels runs onnxruntime's channel-vectorised int8 kernels (else the
+    `q8p` form, their per-channel remainder path): n a multiple of the channel block. Measured on
+    an AVX-512 host (block 16) from `profiles calibrate`'s own probes, fitted as one q8 predictor:
+    depthwise convs with 72, 120 or 376 channels ran 2-3x slower than the predictor (median
+    prediction / measurement 0.42 over 25 shapes off the block, 1.27 over 15 on it), 80 or 128
+    channels did not; plain convs 0.78 against 1.15-1.3. (A u8-weight q8u depthwise conv moved
+    0.89 against 1.11, and i8 kernels not at all: neither has a remainder form.) The block is the
+    runtime's float channel block (KernelModel.channel_block), the SIMD width both paths use.
+    block <= 1: every count on the fast path."""
+    if block <= 1:
+        return np.ones(np.shape(n), bool)
+    return np.mod(np.round(np.asarray(n, np.float64)), block) == 0
 
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
@@ -248,8 +267,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
 
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
     1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
-    A kind the runtime never runs (dense_f32p; f32p on a runtime without blocked convolutions)
-    takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
+    A kind the runtime never runs (dense_f32p, dense_q8p; f32p and q8p on a runtime without
+    channel blocks) takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     from sklearn.linear_model import LinearRegression
@@ -257,7 +276,7 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
-        if not rows and name.endswith("_f32p"):
+        if not rows and name.endswith(("_f32p", "_q8p")):
             coef[name] = coef[KERNEL_FALLBACK[name]]
             continue
         if len(rows) < MIN_SAMPLES:
@@ -285,6 +304,7 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "on_blocks", "feature_sums", "features", "fit",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "on_blocks", "q8_on_blocks",
+           "feature_sums", "features", "fit",
            "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
            "relative_errors", "scaled"]

@@ -275,6 +275,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         block, align = profile.kernels.channel_block, profile.kernels.channel_align
         if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked) or the plain path (f32p)
             dw = la.kind == _KINDS.index("depthwise")
+            q8_off = (form == K.FORMS.index("q8")) & (la.kind != _KINDS.index("dense")) & ~fact & ~K.q8_on_blocks(n, block)
+            form = np.where(q8_off, K.FORMS.index("q8p"), form)  # int8 kernels' remainder path
             f32_conv = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
             blocked = f32_conv & K.on_blocks(n, k / la.area, block, align, dw)
             nb, kb = K.blocked(n, k / la.area, la.area, block, dw)

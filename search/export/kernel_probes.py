@@ -17,7 +17,8 @@ Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinea
 middle of a chain (four layers against two), the others alone less the per-inference cost, so a
 sample is the kernel's own time (measure_kernels). Float convolutions' features count the
 channels the runtime computes, rounded up to its channel block (nchwc_layout, kernels.blocked);
-those off its channel alignment are f32p samples (kernels.on_blocks).
+those off its channel alignment are f32p samples (kernels.on_blocks), and q8 conv and depthwise
+layers whose output channels are off the channel block are q8p samples (kernels.q8_on_blocks).
 """
 from __future__ import annotations
 
@@ -220,20 +221,21 @@ def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
     """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3;
-    every other conv and depthwise shape has its channel counts rounded to multiples of 8, so
-    both the runtime's blocked float kernels and its plain ones (kernels.on_blocks) get samples."""
+    every other conv and depthwise shape has its channel counts rounded to multiples of 16, so
+    both the runtime's blocked float kernels and its plain ones (kernels.on_blocks), and both
+    int8 paths (kernels.q8_on_blocks, on a channel block of 8 or 16), get samples."""
     rng = np.random.default_rng(seed)
     out: list[Shape] = []
     for i in range(n):
-        up8 = (lambda c: max(8, 8 * round(c / 8))) if i % 2 == 0 else (lambda c: c)
+        up16 = (lambda c: max(16, 16 * round(c / 16))) if i % 2 == 0 else (lambda c: c)
         out.append(Shape("dense", _log_int(rng, 8, 2048), _log_int(rng, 8, 1024)))
         hw, k, s = int(rng.choice([4, 7, 8, 14, 16, 28, 32])), int(rng.choice([1, 3, 3, 5])), int(rng.choice([1, 1, 2]))
         budget = 6e6  # keep a probe under a few ms: MACs <= budget
         cin, cout = _log_int(rng, 1, 256), _log_int(rng, 2, 256)
         while cin * cout * k * k * (hw // s) ** 2 > budget and max(cin, cout) > 4:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
-        out.append(Shape("conv", up8(cin), up8(cout), hw, k, s))
-        c = up8(_log_int(rng, 8, 768))
+        out.append(Shape("conv", up16(cin), up16(cout), hw, k, s))
+        c = up16(_log_int(rng, 8, 768))
         out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
     return out
 
@@ -302,7 +304,8 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     interleaved rounds (the fastest run of all rounds is kept). `block`, `align`: the runtime's
     channel block and alignment (nchwc_layout): a float conv chain whose layers all run blocked is
     an f32 sample with blocked features, one whose layers all run plain an f32p sample, a mix of
-    the two is not used."""
+    the two is not used; likewise a q8 conv chain is a q8 sample when both layers' output channels
+    are multiples of `block`, a q8p sample when neither is."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
     for s in shapes:
@@ -310,6 +313,11 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
         pair = partner(flat)
         for form in ("f32", "q8", "q8u"):
             name, b = f"{s.kind}_{form}", 1
+            if form == "q8" and s.kind != "dense" and block > 1:
+                runs = {bool(K.q8_on_blocks(x.cout, block)) for x in (flat, pair)}
+                if len(runs) > 1:
+                    continue  # one layer on the int8 channel block, the other off it
+                name = name if runs == {True} else f"{s.kind}_q8p"
             if form == "f32" and s.kind != "dense" and block > 1:
                 dw = s.kind == "depthwise"
                 runs = {bool(K.on_blocks(x.cout, 1 if dw else x.cin, block, align, dw)) for x in (flat, pair)}

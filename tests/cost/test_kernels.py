@@ -121,13 +121,39 @@ def test_float_convolutions_off_the_channel_alignment_run_the_plain_kernels():
     assert kept(0.3125) == 22 and lat(0.3125) == pytest.approx(5 * macs(22, 32))  # 22: plain, unpadded
 
 
-def test_sampled_shapes_feed_both_float_paths():
-    """Calibration's sampled shapes give blocked and plain float conv and depthwise probes."""
+def test_int8_convolutions_off_the_channel_block_run_the_remainder_kernels():
+    """A QLinear conv or depthwise conv (weights <= 7 bits) whose kept output channels are not a
+    multiple of the channel block (measured: a depthwise one 2-3x slower) is priced as a q8p
+    kernel; 8-bit weights (q8u), integer kernels with float outputs (i8) and Dense layers are not."""
+    assert K.q8_on_blocks([16, 32, 24, 72, 80], 16).tolist() == [True, True, False, False, True]
+    assert K.q8_on_blocks([3, 24], 1).all()  # no channel blocks: one path
+    per_mac = lambda c: (0.0,) * 7 + (c,)
+    coef = {name: per_mac(1e-3) for name in KERNELS} | {"eltwise": (0.0,) * 8, "emul": (0.0,) * 8}
+    coef |= {"depthwise_q8p": per_mac(3e-3), "conv_q8p": per_mac(2e-3), "dense_q8p": per_mac(9.0)}
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    lat = lambda r, w: price(prof, LAYERS, P.make_plan([r, 0.0, r, 0.0], P.CHANNEL, w, 8)).layer_latency_ms[0] * 1e3
+    macs = np.array([64 * 27, 64 * 9, 64 * 9, 64])  # MACs per kept output channel and kept input channel
+    kept = lambda r: np.array([16 - round(16 * r), 16 - round(16 * r), 32 - round(32 * r), 10])
+    fan_in = lambda r: np.array([1, 1, kept(r)[0], kept(r)[2]])  # conv2 reads the stem's kept channels
+    np.testing.assert_allclose(lat(0.0, 4), 1e-3 * macs * kept(0.0) * fan_in(0.0))  # 16, 16, 32: on the block
+    np.testing.assert_allclose(lat(0.25, 4), [2e-3, 3e-3, 2e-3, 1e-3] * macs * kept(0.25) * fan_in(0.25))  # 12, 12, 24
+    np.testing.assert_allclose(lat(0.5, 4), [2e-3, 3e-3, 1e-3, 1e-3] * macs * kept(0.5) * fan_in(0.5))  # 8, 8, 16
+    np.testing.assert_allclose(lat(0.25, 8), 1e-3 * macs * kept(0.25) * fan_in(0.25))  # q8u: no remainder form
+
+
+def test_sampled_shapes_feed_both_float_and_both_int8_paths():
+    """Calibration's sampled shapes give blocked and plain float conv and depthwise probes, and
+    int8 ones on and off the channel block (16 on AVX-512, 8 on AVX2)."""
     shapes = kp.sampled_shapes(8, seed=0)
     for kind in ("conv", "depthwise"):
         runs = [bool(K.on_blocks(s.cout, 1 if kind == "depthwise" else s.cin, 16, 4, kind == "depthwise"))
                 for s in shapes if s.kind == kind]
         assert any(runs) and not all(runs), (kind, runs)
+        for block in (8, 16):
+            paths = [bool(K.q8_on_blocks(s.cout, block) & K.q8_on_blocks(s.cin, block)) for s in shapes if s.kind == kind]
+            off = [not (K.q8_on_blocks(s.cout, block) | K.q8_on_blocks(s.cin, block)) for s in shapes if s.kind == kind]
+            assert any(paths) and any(off), (kind, block, paths, off)
 
 
 def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file(calibrated, tmp_path):
@@ -165,7 +191,8 @@ def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     on: an integer conv reading a producer's removed channels through zero padding gets a bias
     map and runs as ConvInteger, not QLinearConv, as the export does). A float conv moves between
     the blocked and the plain kernels (f32, f32p) as its counts leave the channel alignment, as
-    onnxruntime's do: only steps that keep each layer's side are compared."""
+    onnxruntime's do, and an int8 one between the channel-block and remainder kernels (q8, q8p):
+    only steps that keep each layer's side are compared."""
     from search.compression.groups import kept_channels
 
     profile, _ = calibrated
@@ -176,9 +203,13 @@ def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     b, a = profile.kernels.channel_block, profile.kernels.channel_align
     side = np.stack([K.on_blocks(k16, 3, b, a), K.on_blocks(k16, 1, b, a, True), K.on_blocks(k32, k16, b, a),
                      np.ones_like(k16, bool)], axis=1)  # [plans, layers]; the head is dense
-    if bits[0] > 8 or bits[1] > 8:  # float kernels; integer ones are never blocked
+    if bits[0] > 8 or bits[1] > 8:  # float kernels
         same = side[1:] == side[:-1]
-    else:
+    elif bits[0] <= 7:  # QLinear kernels: on or off the channel block (q8, q8p); the head is i8
+        side = np.stack([K.q8_on_blocks(k16, b), K.q8_on_blocks(k16, b), K.q8_on_blocks(k32, b),
+                         np.ones_like(k16, bool)], axis=1)
+        same = side[1:] == side[:-1]
+    else:  # 8-bit weights (q8u) have one path
         same = np.ones((len(ratios) - 1, len(LAYERS)), bool)
     assert np.all(np.diff(lat.layer_latency_ms, axis=0)[same] <= 1e-12)  # every layer, as its channels go
     assert same.sum() >= len(LAYERS) * (len(ratios) - 1) // 2
@@ -290,18 +321,20 @@ def test_a_corrupt_kernels_table_is_one_line(calibrated, tmp_path, edit, words):
 
 
 def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrated, tmp_path):
-    """A [kernels] table without the q8u and f32p kinds, channel_block and channel_align (written
-    before they existed) prices 8-bit weights with its q8 kernels and float convolutions unblocked."""
+    """A [kernels] table without the q8u, f32p and q8p kinds, channel_block and channel_align
+    (written before they existed) prices 8-bit weights and int8 layers off the channel block with
+    its q8 kernels and float convolutions unblocked."""
     profile, _ = calibrated
     kinds = ("dense", "conv", "depthwise")
     text = "\n".join(l for l in profile_toml(profile, MACHINE).splitlines()
-                     if not l.startswith(tuple(f"{k}_{f}" for k in kinds for f in ("q8u", "f32p")) + ("channel_",)))
+                     if not l.startswith(tuple(f"{k}_{f}" for k in kinds for f in ("q8u", "f32p", "q8p")) + ("channel_",)))
     f = tmp_path / "old.toml"
     f.write_text(text)
     k = hw_profiles.load_profile(str(f)).kernels
     assert k.channel_block == 1 and k.channel_align == 1
     assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
     assert all(k.coef[f"{kind}_f32p"] == profile.kernels.coef[f"{kind}_f32"] for kind in kinds)
+    assert all(k.coef[f"{kind}_q8p"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
 
 
 def test_negative_coefficient_is_refused(calibrated, tmp_path):
