@@ -18,9 +18,11 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   uint8 weights: one kind);
 - `emul`: a float kernel's input activation rounding done in float ops (Div, Round, Add, Clip,
   Sub, Mul), for activations quantized to <= 16 bits in front of a float kernel;
-- `eltwise`: the one unfused op that follows a layer in the graph (a ReLU the runtime did not
-  fuse, a pooling, a residual Add, a layout Transpose or a flatten), on the layer's output.
-  The layers are what the cost model sees of a network, so every layer is charged one.
+- `eltwise`: an unfused op that follows a layer in the graph (a pooling, a residual Add in
+  float, a layout reorder or Transpose, a flatten), on the layer's output; how many each layer
+  is charged comes from the graph (`unfused_ops`) and the layer's form. An activation is not
+  one: onnxruntime fuses it into the float kernel, and the quantization grid absorbs it in an
+  integer one (the probes time each kernel with its activation).
 
 A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
 to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration),
@@ -165,22 +167,57 @@ def q8_on_blocks(n: np.ndarray, block: int) -> np.ndarray:
     return np.mod(np.round(np.asarray(n, np.float64)), block) == 0
 
 
+def unfused_ops(layers: Sequence) -> np.ndarray:
+    """[L, 3] what lies between each layer's output and the layers that read it, from the traced
+    layer records: (pooling: a conv reader sees a smaller spatial map, or a Dense reader fewer
+    positions than the map has (max pooling, global average pooling); flatten: a Dense reads
+    several positions of a spatial map; residual add: the layer's group has another
+    non-depthwise member), each 0 or 1. A Dense output and a layer nothing reads (the model's
+    output) have no pooling or flatten."""
+    out = np.zeros((len(layers), 3))
+    for i, layer in enumerate(layers):
+        g = layer.group
+        readers = [l for l in layers if l.index != i and any(src == g for src, _ in l.reads)]
+        if len(layer.out_shape) == 3:
+            area = int(np.prod(layer.out_shape[:2]))
+            out[i, 0] = any(r.in_repeat < area if r.kind == "dense" else tuple(r.in_shape[:2]) != tuple(layer.out_shape[:2])
+                            for r in readers)
+            out[i, 1] = any(r.kind == "dense" and r.in_repeat > 1 for r in readers)
+        out[i, 2] = sum(l.group == g and l.kind != "depthwise" for l in layers) > 1
+    return out
+
+
+def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> np.ndarray:
+    """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
+    unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
+    are one op each, three and two for a float conv on onnxruntime's blocked NCHWc layout (nchwc
+    [L] and form f32: the output reordered to NCHW before the pooling, and the pooled map back to
+    NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
+    residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
+    its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
+    28x28 on one thread: fp32 resnet20 and MobileNetV2 run 2 unfused ops besides their convs
+    (a ReduceSum and one reorder), where one per layer was charged."""
+    pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
+    blocked = (np.asarray(form) == FORMS.index("f32")) & np.asarray(nchwc, bool)
+    return np.where(blocked, 3 * pool + 2 * flat, pool + flat) + np.where(np.asarray(form) == FORMS.index("i8"), add, 0.0)
+
+
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
-            out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+            out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None,
+            eltwise_n: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
     emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
-    one `eltwise` op each. `second`: (kernel [K, L], feats [K, L, F]) of a second kernel some
+    `eltwise_n` [K, L] `eltwise` ops on them (eltwise_count). `second`: (kernel [K, L], feats [K, L, F]) of a second kernel some
     layers run (a factorized layer's B; all-zero features where none). The per-kind sums are
     what fit_to_models scales.
     """
     coef = np.array([model.coef[k] for k in KERNELS], np.float64)  # [N, F]
     t = np.einsum("klf,klf->kl", coef[kernel], feats) * 1e-6
     e = np.where(emul_in > 0, features(emul_in, 1.0, 1.0) @ coef[EMUL], 0.0) * 1e-6
-    g = features(out_elems, 1.0, 1.0) @ coef[ELTWISE] * 1e-6
+    g = eltwise_n * (features(out_elems, 1.0, 1.0) @ coef[ELTWISE]) * 1e-6
     by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
     if second is not None:
         t2 = np.einsum("klf,klf->kl", coef[second[0]], second[1]) * 1e-6
@@ -192,7 +229,7 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
 
 
 def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out_elems: np.ndarray,
-                 second: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                 second: tuple[np.ndarray, np.ndarray] | None = None, eltwise_n: np.ndarray | float = 1.0) -> np.ndarray:
     """[K, len(KERNELS), F] KERNEL_FEATURES summed per kernel kind over each plan's kernels (the
     arguments are predict's), so that predict's latency of plan k, in microseconds, is
     inference_us + sum(coef * feature_sums[k]) and a fit to whole-model latencies is linear in
@@ -202,7 +239,7 @@ def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out
     if second is not None:
         out += np.einsum("kln,klf->knf", second[0][..., None] == np.arange(len(KERNELS)), second[1])
     out[:, EMUL] += np.where((emul_in > 0)[..., None], features(emul_in, 1.0, 1.0), 0.0).sum(axis=1)
-    out[:, ELTWISE] += features(out_elems, 1.0, 1.0).sum(axis=1)
+    out[:, ELTWISE] += (np.asarray(eltwise_n, np.float64)[..., None] * features(out_elems, 1.0, 1.0)).sum(axis=1)
     return out
 
 
@@ -304,7 +341,7 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "on_blocks", "q8_on_blocks",
-           "feature_sums", "features", "fit",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "eltwise_count", "on_blocks",
+           "q8_on_blocks", "feature_sums", "features", "fit",
            "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
-           "relative_errors", "scaled"]
+           "relative_errors", "scaled", "unfused_ops"]

@@ -142,6 +142,28 @@ def test_int8_convolutions_off_the_channel_block_run_the_remainder_kernels():
     np.testing.assert_allclose(lat(0.25, 8), 1e-3 * macs * kept(0.25) * fan_in(0.25))  # q8u: no remainder form
 
 
+def test_unfused_ops_come_from_the_graph_and_the_form():
+    """Pooling, flatten and residual adds are read off the traced layers; a float conv on the
+    blocked layout pays the reorders around a pooling too, an activation is never charged (fused
+    into the kernel), a residual add only after an i8 kernel, and pricing charges exactly that
+    many `eltwise` ops per layer."""
+    pooled = (_conv(0, 1, 8, 8), _conv(1, 8, 8, 4, src=0),  # a 2x2 pooling between them
+              dataclasses.replace(dense(2, 32, 10), reads=((1, 8),), in_repeat=4))  # pooled to 2x2, flattened
+    assert K.unfused_ops(pooled).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    residual = (_conv(0, 8, 8, 4), dataclasses.replace(_conv(1, 8, 8, 4, src=0), leader=0), _conv(2, 8, 8, 4, src=0))
+    assert K.unfused_ops(residual)[:, 2].tolist() == [1, 1, 0]
+    f32, f32p, q8, i8 = (K.FORMS.index(x) for x in ("f32", "f32p", "q8", "i8"))
+    u = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]])
+    assert K.eltwise_count(u, np.array([[f32, f32, f32, i8]]), np.array([True, True, True, False])).tolist() == [[3, 5, 0, 1]]
+    assert K.eltwise_count(u, np.array([[f32p, q8, q8, f32]]), np.array([True, True, True, False])).tolist() == [[1, 2, 0, 0]]
+    coef = {name: (0.0,) * 8 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 7}  # 1 us per op
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    ops = lambda w, a: price(prof, LAYERS, P.make_plan([0.0] * 4, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
+    np.testing.assert_allclose(ops(32, 32), [0, 0, 2, 0])  # the head flattens conv2's blocked output
+    np.testing.assert_allclose(ops(4, 8), [0, 0, 1, 0])  # the same on integer kernels: no reorder
+
+
 def test_sampled_shapes_feed_both_float_and_both_int8_paths():
     """Calibration's sampled shapes give blocked and plain float conv and depthwise probes, and
     int8 ones on and off the channel block (16 on AVX-512, 8 on AVX2)."""
