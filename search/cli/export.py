@@ -24,8 +24,9 @@ def register(subparsers: Any) -> None:
     which.add_argument("--trial", type=int, help="trial number (see `hwcompress report`)")
     which.add_argument("--within", type=float, default=None,
                        help="export the most compressed front plan whose validation quality after the retrain is within "
-                       "this many points of accuracy (dB of PSNR) of the baseline's: front plans are retrained, most "
-                       "compressed first, and each line printed (test quality shown, never used to choose)")
+                       "this many points of accuracy (dB of PSNR) of the baseline's: front plans are retrained in "
+                       "bisection order over their compression ratios, and each line printed (test quality shown, "
+                       "never used to choose)")
     p.add_argument("--screen", type=float, default=None,
                    help=f"--within: start among the front plans within this many points of the baseline at the "
                    f"search's own budget, and go beyond them when the most compressed passes (default {SCREEN:g}, "

@@ -402,7 +402,9 @@ def export_trial(study: optuna.Study, trial_number: int, out_dir: str | Path, *,
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
         done = [n for n, t in trials.items() if t.state == TrialState.COMPLETE]
-        raise UserError(f"study {study.study_name!r} has no trial {trial_number}; complete trials: {done[:20]} (see `hwcompress report --study {study.study_name}`)")
+        listed = ", ".join(map(str, done[:20])) + (f", ... ({len(done)} in all)" if len(done) > 20 else "")
+        raise UserError(f"study {study.study_name!r} has no trial {trial_number}; complete trials: {listed or 'none'} "
+                        f"(see `hwcompress report --study {study.study_name}`)")
     trial = trials[trial_number]
     if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
         raise UserError(f"trial {trial_number} of study {study.study_name!r} is {trial.state.name.lower()}, not complete; export a complete trial from the Pareto report")
