@@ -113,10 +113,20 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
                                 finetune_steps=args.finetune_steps, learning_rate=args.lr,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))
     if pick is None:
+        from search.export.select import EPS, tolerance
+        from search.study.spec import StudySpec
+
         best = max((c for c in tried if c.val is not None), key=lambda c: c.val, default=None)
         closest = f"; the closest, trial {best.trial}, reached val {best.val:.4f}" if best else ""
+        # a plan within the line at the search's own budget that the long retrain lowered: its
+        # search fine-tune can still be exported (--finetune-steps at the study's steps reproduces it)
+        line = base["val_metric"] - tolerance(study, args.within) - EPS
+        kept = max((c for c in tried if c.searched >= line), key=lambda c: c.ratio, default=None)
+        fix = (f"; trial {kept.trial} ({kept.ratio:.1f}x) was within at the search's own fine-tune: export it as "
+               f"searched with --trial {kept.trial} --finetune-steps {StudySpec.of_study(study).finetune.steps}"
+               if kept else ": raise --within or --candidates, or export one with --trial")
         raise UserError(f"no retrained plan is within {args.within:g} of the baseline's validation quality "
-                        f"({len(tried)} tried{closest}): raise --within or --candidates, or export one with --trial")
+                        f"({len(tried)} tried{closest}){fix}")
     return pick.trial, {"within": args.within, "screen": screen, "candidates": args.candidates,
                         "tried": [c.as_dict() for c in tried]}
 

@@ -145,6 +145,9 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
     err = got.err.strip()
     assert rc == 2 and "\n" not in err and "no retrained plan is within 5" in err
     assert f"the closest, trial {ruin['ruined']}, reached val" in err
+    # 2 points below at the search's own 3 steps, so within 5 there: the way to export it is named
+    assert f"trial {ruin['ruined']} (400.0x) was within at the search's own fine-tune" in err
+    assert f"--trial {ruin['ruined']} --finetune-steps 3" in err
     assert f"trial {ruin['ruined']}: 400.00x" in got.out  # what was computed is printed before the error
     assert not (tmp_path / "x").exists()
     for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "-1"), "--screen -1"),
