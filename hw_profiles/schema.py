@@ -30,7 +30,9 @@ LATENCY_MODELS = ("roofline", "kernels")
 # KernelModel.channel_block: onnxruntime's int8 kernels then run their per-channel remainder
 # path; a depthwise one measured 2-3x slower on an AVX-512 host); and
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
-# `eltwise`, one unfused elementwise or pooling op on a layer's output (ReLU, MaxPool, Add, Transpose)
+# `eltwise`, one unfused elementwise or pooling op on a layer's output (MaxPool, Add, Transpose, a
+# layout reorder; calibrated on ReLU, MaxPool, Add and Transpose), charged as many times as the
+# runtime runs such ops after the layer (search.cost.kernels.eltwise_count)
 KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise")
 # a profile calibrated before q8u, f32p and q8p existed prices them as its q8, f32 and q8 kernels

@@ -195,8 +195,9 @@ def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> n
     NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
     residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
     its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
-    28x28 on one thread: fp32 resnet20 and MobileNetV2 run 2 unfused ops besides their convs
-    (a ReduceSum and one reorder), where one per layer was charged."""
+    28x28 on one thread: fp32 resnet20 and MobileNetV2 run 3 ops besides their convs and head
+    (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum), where one per
+    layer was charged."""
     pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
     blocked = (np.asarray(form) == FORMS.index("f32")) & np.asarray(nchwc, bool)
     return np.where(blocked, 3 * pool + 2 * flat, pool + flat) + np.where(np.asarray(form) == FORMS.index("i8"), add, 0.0)
