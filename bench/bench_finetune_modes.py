@@ -62,34 +62,19 @@ def variants(compare: str, ends: list[float], steps: int = 0, alphas: tuple[floa
     if compare == "pruning":
         return [("one-shot", {"pruning": "one-shot"})] + [
             (f"gradual {e:g}", {"pruning": "gradual", "gradual_end": e}) for e in ends]
-    if compare == "retrain":
+    if compare in ("retrain", "distill", "retrain-length"):
         from search.engine.config import FinetuneConfig
         from search.export.retrain import RETRAIN_LR_FACTOR, retrain_config
 
         searched = FinetuneConfig(steps=steps)
-        out = []
-        for f in (1, RETRAIN_LR_FACTOR):
-            for pruning in ("one-shot", "gradual"):
-                c = retrain_config(searched, None, f * searched.learning_rate, pruning)
-                out.append((f"{pruning} {f}x lr", {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}))
-        return out
-    if compare == "distill":
-        from search.engine.config import FinetuneConfig
-        from search.export.retrain import retrain_config
-
-        c = retrain_config(FinetuneConfig(steps=steps))
-        fields = {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}
-        return [("retrain", fields)] + [(f"distill a{a:g}", {**fields, "distill": True, "alpha": a}) for a in alphas]
-    if compare == "retrain-length":
-        from search.engine.config import FinetuneConfig
-        from search.export.retrain import retrain_config
-
-        searched = FinetuneConfig(steps=steps)
-        out = []
-        for f in factors:
-            c = retrain_config(searched, int(f * steps))
-            out.append((f"{f:g}x steps", {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}))
-        return out
+        fields = lambda c: {k: getattr(c, k) for k in ("steps", "schedule", "learning_rate", "pruning")}
+        if compare == "retrain":
+            return [(f"{pruning} {f}x lr", fields(retrain_config(searched, None, f * searched.learning_rate, pruning)))
+                    for f in (1, RETRAIN_LR_FACTOR) for pruning in ("one-shot", "gradual")]
+        if compare == "distill":
+            c = fields(retrain_config(searched))
+            return [("retrain", c)] + [(f"distill a{a:g}", {**c, "distill": True, "alpha": a}) for a in alphas]
+        return [(f"{f:g}x steps", fields(retrain_config(searched, int(f * steps)))) for f in factors]
     return [("calibrated", {"act_ranges": "calibrated"}), ("learned", {"act_ranges": "learned"})]
 
 

@@ -113,15 +113,14 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
                                 finetune_steps=args.finetune_steps, learning_rate=args.lr,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))
     if pick is None:
-        from search.export.select import EPS, tolerance
+        from search.export.select import quality_line
         from search.study.spec import StudySpec
 
         best = max((c for c in tried if c.val is not None), key=lambda c: c.val, default=None)
         closest = f"; the closest, trial {best.trial}, reached val {best.val:.4f}" if best else ""
         # a plan within the line at the search's own budget that the long retrain lowered: its
         # search fine-tune can still be exported (--finetune-steps at the study's steps reproduces it)
-        line = base["val_metric"] - tolerance(study, args.within) - EPS
-        kept = max((c for c in tried if c.searched >= line), key=lambda c: c.ratio, default=None)
+        kept = max((c for c in tried if c.searched >= quality_line(study, args.within)), key=lambda c: c.ratio, default=None)
         fix = (f"; trial {kept.trial} ({kept.ratio:.1f}x) was within at the search's own fine-tune: export it as "
                f"searched with --trial {kept.trial} --finetune-steps {StudySpec.of_study(study).finetune.steps}"
                if kept else ": raise --within or --candidates, or export one with --trial")

@@ -62,7 +62,6 @@ from search.study.spec import StudySpec
 ONNX_MIN_AGREEMENT = 0.99
 
 
-
 @dataclass(frozen=True)
 class ExportResult:
     """What an export wrote and how well the files agree with the model."""

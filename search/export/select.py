@@ -69,6 +69,12 @@ def tolerance(study: optuna.Study, points: float) -> float:
 EPS = 1e-6
 
 
+def quality_line(study: optuna.Study, points: float) -> float:
+    """The lowest validation quality within `points` (accuracy points, dB of PSNR) of the
+    baseline's, EPS slack included: a quality q is within when q >= quality_line."""
+    return float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, points) - EPS
+
+
 def check_selection(within: float, screen: float | None, candidates: int) -> float:
     """The screen to use (None: SCREEN, or `within` if larger), after checking the arguments;
     UserError naming the flag otherwise."""
@@ -86,13 +92,12 @@ def check_selection(within: float, screen: float | None, candidates: int) -> flo
 def front_by_ratio(study: optuna.Study, screen: float) -> list[Candidate]:
     """The complete, feasible trials within `screen` points of the baseline's validation quality
     that no other such trial beats on both quality and compression ratio, most compressed first."""
-    base = float(study.user_attrs["baseline"]["val_metric"])
-    floor = base - tolerance(study, screen)
+    floor = quality_line(study, screen)
     rows = [(t.number, float(t.user_attrs["compression_ratio"]), float(t.user_attrs["quality"]))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get("feasible", True) and t.user_attrs.get("plan") is not None
             and t.user_attrs.get("quality") is not None and t.user_attrs.get("compression_ratio") is not None
-            and math.isfinite(t.user_attrs["quality"]) and t.user_attrs["quality"] >= floor - EPS]
+            and math.isfinite(t.user_attrs["quality"]) and t.user_attrs["quality"] >= floor]
     rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
     front, best_q = [], -math.inf
     for n, ratio, q in rows:  # a plan stays if it is better than every more compressed one
@@ -142,8 +147,7 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     """
     screen = check_selection(within, screen, candidates)
     front = front_by_ratio(study, math.inf)
-    outside = sum(c.searched < float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, screen) - EPS
-                  for c in front)  # the most compressed plans, further below than the screen
+    outside = sum(c.searched < quality_line(study, screen) for c in front)  # the most compressed plans, further below than the screen
     if outside == len(front):
         raise UserError(f"study {study.study_name!r} has no complete, feasible trial within {screen:g} of the baseline's "
                         "validation quality: raise --screen, or search longer")
@@ -154,15 +158,14 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
                                    or trials[front[0].trial].user_attrs.get("engine_loop") or "python")
     config = retrain_config(searched, finetune_steps, learning_rate)
     engine = Engine(ctx.task, ctx.params, config)
-    base = float(study.user_attrs["baseline"]["val_metric"])
-    tol = tolerance(study, within)
+    line = quality_line(study, within)
     done: dict[int, Candidate] = {}
 
     def passes(i: int) -> bool:
         c = front[i]
         q = finetuned_quality(ctx.task, ctx.params, plan_from_dict(trials[c.trial].user_attrs["plan"]), config, engine)
         done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True)
-        ok = q["val"] is not None and q["val"] >= base - tol - EPS
+        ok = q["val"] is not None and q["val"] >= line
         if log:
             got = "diverged" if q["val"] is None else f"val {q['val']:.4f} (test {q['test']:.4f})"
             log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {got}"
@@ -170,8 +173,8 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
         return ok
 
     tried = probe_order(len(front) - outside, candidates, lambda i: passes(outside + i))
-    if outside and tried and 0 in tried and done[outside].val is not None and done[outside].val >= base - tol:
+    if outside and tried and 0 in tried and done[outside].val is not None and done[outside].val >= line:
         probe_order(outside, candidates - len(tried), passes)  # the screen's most compressed passed: go beyond it
     tried = [done[i] for i in sorted(done)]
-    ok = [c for c in tried if c.val is not None and c.val >= base - tol - EPS]
+    ok = [c for c in tried if c.val is not None and c.val >= line]
     return (max(ok, key=lambda c: c.ratio) if ok else None), tried
