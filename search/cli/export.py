@@ -113,19 +113,10 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
                                 finetune_steps=args.finetune_steps, learning_rate=args.lr,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))
     if pick is None:
-        from search.export.select import quality_line
-        from search.study.spec import StudySpec
-
         best = max((c for c in tried if c.val is not None), key=lambda c: c.val, default=None)
         closest = f"; the closest, trial {best.trial}, reached val {best.val:.4f}" if best else ""
-        # a plan within the line at the search's own budget that the long retrain lowered: its
-        # search fine-tune can still be exported (--finetune-steps at the study's steps reproduces it)
-        kept = max((c for c in tried if c.searched >= quality_line(study, args.within)), key=lambda c: c.ratio, default=None)
-        fix = (f"; trial {kept.trial} ({kept.ratio:.1f}x) was within at the search's own fine-tune: export it as "
-               f"searched with --trial {kept.trial} --finetune-steps {StudySpec.of_study(study).finetune.steps}"
-               if kept else ": raise --within or --candidates, or export one with --trial")
         raise UserError(f"no retrained plan is within {args.within:g} of the baseline's validation quality "
-                        f"({len(tried)} tried{closest}){fix}")
+                        f"({len(tried)} tried{closest}): raise --within or --candidates, or export one with --trial")
     return pick.trial, {"within": args.within, "screen": screen, "candidates": args.candidates,
                         "tried": [c.as_dict() for c in tried]}
 
@@ -162,10 +153,14 @@ def retrain_lines(config: dict) -> list[str]:
         return "diverged" if d["val"] is None else f"val {d['val']:.4f}, test {d['test']:.4f}"
 
     b, a = r.get("before"), r["after"]
+    kept = r.get("kept", "after")  # exports written before the choice existed kept the retrain
     if b is not None:
-        lines.append(f"{metric} before, the search's fine-tune ({b['steps']} steps): {q(b)}")
-    lines.append(f"{metric} after, exported ({a['steps']} steps): {q(a)}")
-    if b is not None and b["val"] is not None and a["val"] < b["val"]:
+        lines.append(f"{metric} before, the search's fine-tune ({b['steps']} steps): {q(b)}"
+                     f"{', exported' if kept == 'before' else ''}")
+    lines.append(f"{metric} after, {'exported' if kept == 'after' else 'the retrain'} ({a['steps']} steps): {q(a)}")
+    if kept == "before":
+        lines.append(f"the retrain lowered validation {metric}: the export keeps the search's own fine-tune")
+    elif b is not None and b["val"] is not None and a["val"] < b["val"]:  # an older export
         lines.append(f"warning: the retrain lowered validation {metric}; pass --finetune-steps {b['steps']} "
                      "to export the search's own fine-tune (its steps and schedule)")
     return lines

@@ -14,7 +14,9 @@ An exported trial is fine-tuned again for longer than the search did (retrain.re
 default RETRAIN_FACTOR times the study's steps at RETRAIN_LR_FACTOR times its learning rate,
 cosine decay, the plan's ratios reached gradually), so a plan found with a short budget is not
 exported at that budget's quality; config.json's "retrain" records the budget and the
-validation and test quality before (the search's fine-tune) and after.
+validation and test quality before (the search's fine-tune) and after. The export keeps the
+better of the two on validation (retrain.better): a long retrain at a higher rate can lower a
+lightly pruned plan.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.export import pack, size
-from search.export.retrain import RETRAIN_FACTOR, finetuned_quality, metric, retrain_config, same_finetune
+from search.export.retrain import RETRAIN_FACTOR, better, finetuned, metric, retrain_config, same_finetune
 from search.export.onnx.convert import LayerExport, to_onnx
 from search.study.context import load_context
 from search.study.space import plan_from_dict
@@ -210,8 +212,10 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
 
     `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
     (the stored {profile: costs}) is given; `source` is recorded (study, trial). `before` (the
-    search's fine-tune) is measured too, and config.json's "retrain" holds `retrain` (how the
-    budget was chosen) with the validation and test quality before and after. The files are
+    search's fine-tune) is run too, and its weights are exported instead where their validation
+    quality is higher (search.export.retrain.better); config.json's "retrain" holds `retrain`
+    (how the budget was chosen) with the validation and test quality before and after, and
+    which was kept. The files are
     written into a directory beside out_dir that becomes out_dir only when all of them are
     written and checked (staged_dir): a failure leaves out_dir as it was. UserError, before any
     work, when out_dir holds files and force is False.
@@ -232,10 +236,16 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
 
     t0 = time.perf_counter()
     engine = engine or Engine(task, base_params, finetune or FinetuneConfig(steps=0, k=1))
-    layers = engine.layers
-    res = engine.run(stack_plans([plan]), return_models=True, split="val",
-                     finetune=engine.config.steps > 0)
-    cm = res.models[0]
+    layers, retrain_cfg = engine.layers, engine.config
+    cm, after = finetuned(task, base_params, plan, retrain_cfg, engine)
+    first, kept = None, "after"
+    if before is not None and not same_finetune(before, retrain_cfg):
+        # the search's own fine-tune, measured beside the retrain; kept when validation prefers it
+        before_engine = Engine(task, base_params, dataclasses.replace(before, k=1))
+        cm_before, first = finetuned(task, base_params, plan, before, before_engine)
+        kept = better(first, after)
+        if kept == "before":
+            cm, engine = cm_before, before_engine
     if not cm.finite:
         raise UserError("fine-tuning this plan diverged (NaN/inf); export with --finetune-steps 0 or a smaller learning rate")
     params, tensors, infos = snap_params(cm.params, layers, cm.plan, cm.masks, cm.weight_scales, cm.factors)
@@ -244,11 +254,13 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
     x, y = task.data.x_test, task.data.y_test
     quality, flax_out = metric(task, predict, params, x, y)
-    after = {"steps": engine.config.steps, "schedule": engine.config.schedule, "val": float(cm.metric), "test": quality}
-    if before is None or same_finetune(before, engine.config):
-        first = None if before is None else {**after, "steps": before.steps, "schedule": before.schedule}
+    exported = {"steps": engine.config.steps, "schedule": engine.config.schedule, "val": float(cm.metric), "test": quality}
+    if kept == "before":
+        first = exported
     else:
-        first = finetuned_quality(task, base_params, plan, before)
+        after = exported
+        if before is not None and first is None:  # the retrain is the search's fine-tune
+            first = {**after, "steps": before.steps, "schedule": before.schedule}
 
     wpath = out_dir / "weights.safetensors"
     extra = {"act_ranges": cm.act_ranges, "act_bits": [int(b) for b in cm.plan.act_bits]}
@@ -303,9 +315,11 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
         "finetune": dataclasses.asdict(engine.config),
         # the final fine-tune's budget (how it was chosen) and quality before it (the search's
         # fine-tune, None when not measured) and after it (the exported weights)
-        "retrain": {**(retrain or {}), "steps": engine.config.steps, "schedule": engine.config.schedule,
-                    "learning_rate": engine.config.learning_rate, "pruning": engine.config.pruning,
-                    "before": first, "after": after,
+        # kept: which of them the exported weights are ("before" where the retrain lowered
+        # validation quality, search.export.retrain.better)
+        "retrain": {**(retrain or {}), "steps": retrain_cfg.steps, "schedule": retrain_cfg.schedule,
+                    "learning_rate": retrain_cfg.learning_rate, "pruning": retrain_cfg.pruning,
+                    "before": first, "after": after, "kept": kept,
                     "examples": {"val": len(task.data.x_val), "test": len(task.data.x_test)}},
         "layers": [{"name": l.name, "kind": l.kind, "kernel_shape": list(l.kernel_shape),
                     "ratio": round(float(cm.plan.ratio[l.index]), 6), "granularity": int(cm.plan.granularity[l.index]),

@@ -7,8 +7,10 @@ after 1000 steps and within 0.5-1 point after the 5000-step retrain. Picking the
 the search's own scores would stop short of them. `select_within` therefore retrains the
 front's most compressed candidates, the last and most expensive rung of a multi-fidelity
 search (successive halving, Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017), and picks
-the most compressed one whose retrained **validation** quality is within the tolerance. Test
-quality is measured beside it for the report and never used to choose.
+the most compressed one whose **validation** quality is within the tolerance, as exported: the
+better on validation of the retrain and the search's own fine-tune (`search.export.retrain.better`),
+both run for each candidate. Test quality is measured beside it for the report and never used
+to choose.
 
 Candidates are the complete, feasible trials that no other trial beats on both quality and
 compression ratio, most compressed first. Retrained quality falls, roughly, as the ratio
@@ -31,7 +33,7 @@ from optuna.trial import TrialState
 from search.engine.finetune import Engine
 from search.errors import UserError
 from search.export.defaults import CANDIDATES, SCREEN
-from search.export.retrain import finetuned_quality, retrain_config
+from search.export.retrain import better, finetuned_quality, retrain_config, same_finetune
 from search.study.context import load_context
 from search.study.space import plan_from_dict
 from search.study.spec import StudySpec
@@ -45,9 +47,12 @@ class Candidate:
     trial: int
     ratio: float  # compression ratio of the plan's packed weights (the search's size objective)
     searched: float  # validation quality after the search's fine-tune
-    val: float | None = None  # validation quality after the export's retrain: what is ranked
-    test: float | None = None  # test quality after the retrain: reported, never ranked
+    val: float | None = None  # validation quality of the weights the export keeps: what is ranked
+    test: float | None = None  # their test quality: reported, never ranked
     retrained: bool = False
+    # which weights the export keeps (search.export.retrain.better): "after" the retrain, or
+    # "before" it (the search's own fine-tune, run again) where the retrain lowered validation
+    kept: str | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,8 +140,9 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
                   results_dir: str = "results", log: Callable[[str], Any] | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """(pick, retrained candidates): the most compressed front plan whose validation quality
-    after the export's retrain (`retrain_config` with `finetune_steps` and `learning_rate`) is
-    within `within` points (dB for PSNR) of the baseline's, or None when none is; and every
+    as exported (the better of the export's retrain, `retrain_config` with `finetune_steps` and
+    `learning_rate`, and the search's own fine-tune) is within `within` points (dB for PSNR) of
+    the baseline's, or None when none is; and every
     candidate retrained, most compressed first. The bisection starts among the front plans
     within `screen` points of the baseline at the search's budget (None: SCREEN, or `within` if
     larger) and goes on among the more compressed ones when the most compressed of those passes;
@@ -158,17 +164,26 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
                                    or trials[front[0].trial].user_attrs.get("engine_loop") or "python")
     config = retrain_config(searched, finetune_steps, learning_rate)
     engine = Engine(ctx.task, ctx.params, config)
+    # the search's own fine-tune, run again beside the retrain as the export does (1/RETRAIN_FACTOR of its cost)
+    again = None if same_finetune(searched, config) else Engine(ctx.task, ctx.params, searched)
     line = quality_line(study, within)
     done: dict[int, Candidate] = {}
 
+    def text(q: dict) -> str:
+        return "diverged" if q["val"] is None else f"val {q['val']:.4f} (test {q['test']:.4f})"
+
     def passes(i: int) -> bool:
         c = front[i]
-        q = finetuned_quality(ctx.task, ctx.params, plan_from_dict(trials[c.trial].user_attrs["plan"]), config, engine)
-        done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True)
+        plan = plan_from_dict(trials[c.trial].user_attrs["plan"])
+        after = finetuned_quality(ctx.task, ctx.params, plan, config, engine)
+        before = None if again is None else finetuned_quality(ctx.task, ctx.params, plan, searched, again)
+        kept = better(before, after)
+        q = before if kept == "before" else after
+        done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True, kept=kept)
         ok = q["val"] is not None and q["val"] >= line
         if log:
-            got = "diverged" if q["val"] is None else f"val {q['val']:.4f} (test {q['test']:.4f})"
-            log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {got}"
+            keep = f"; keeps the search's fine-tune, {text(before)}" if kept == "before" else ""
+            log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {text(after)}{keep}"
                 f"{'  within' if ok else ''}")
         return ok
 

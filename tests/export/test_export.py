@@ -241,6 +241,7 @@ def test_export_retrains_longer_than_the_search_and_reports_before_and_after(exp
         (True, RETRAIN_FACTOR, 2, 2 * RETRAIN_FACTOR, "cosine")  # study_env searched with 2 steps
     assert (c["finetune"]["steps"], c["finetune"]["schedule"]) == (2 * RETRAIN_FACTOR, "cosine")
     assert (r["before"]["steps"], r["before"]["schedule"]) == (2, "constant")  # what the study ran
+    assert r["kept"] == "after"  # the retrain is better on validation here
     assert r["after"] == {"steps": 2 * RETRAIN_FACTOR, "schedule": "cosine", "val": q["val_after_finetune"],
                           "test": q["test"]}  # the exported weights
     for d in (r["before"], r["after"]):

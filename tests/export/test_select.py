@@ -120,6 +120,29 @@ def test_export_within_picks_the_most_compressed_plan_that_passes_after_the_retr
     assert f"trial {numbers['mild']}: 8.00x" in text and f"exported trial {numbers['mild']} of sel" in text
 
 
+def test_where_the_retrain_lowers_validation_the_export_keeps_the_searchs_own_fine_tune(env, tmp_path, capsys):
+    """A retrain that ruins the plans (a learning rate of 50) must not cost the pick: each
+    candidate is also fine-tuned as the search did, the better on validation is what is ranked
+    and exported, and config.json says which."""
+    results, base, numbers, _ = env
+    out = tmp_path / "out"
+    rc = cli.main(["export", "--study", "sel", "--within", "30", "--lr", "50", "--results-dir", str(results),
+                   "--out", str(out)])
+    got = capsys.readouterr()
+    assert rc == 0, got.err
+    c = json.loads((out / "config.json").read_text())
+    r, tried = c["retrain"], {t["trial"]: t for t in c["source"]["selection"]["tried"]}
+    assert c["source"]["trial"] == numbers["mild"] and tried[numbers["mild"]]["kept"] == "before"
+    assert r["kept"] == "before" and (r["after"]["val"] is None or r["after"]["val"] < r["before"]["val"])
+    # the exported weights are the search's fine-tune run again: its steps, its quality
+    assert (c["finetune"]["steps"], c["finetune"]["learning_rate"]) == (3, 5e-4)
+    assert r["before"]["val"] == pytest.approx(tried[numbers["mild"]]["val"], abs=1e-6)
+    assert r["before"]["val"] == c["quality"]["val_after_finetune"] and r["before"]["test"] == c["quality"]["test"]
+    assert "keeps the search's fine-tune" in got.out
+    assert "accuracy before, the search's fine-tune (3 steps)" in got.out and ", exported" in got.out
+    assert "the export keeps the search's own fine-tune" in got.out
+
+
 def test_when_the_screens_most_compressed_plan_passes_the_search_goes_beyond_the_screen(env, tmp_path, capsys):
     results, base, numbers, _ = env
     out = tmp_path / "out"
@@ -145,9 +168,6 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
     err = got.err.strip()
     assert rc == 2 and "\n" not in err and "no retrained plan is within 5" in err
     assert f"the closest, trial {ruin['ruined']}, reached val" in err
-    # 2 points below at the search's own 3 steps, so within 5 there: the way to export it is named
-    assert f"trial {ruin['ruined']} (400.0x) was within at the search's own fine-tune" in err
-    assert f"--trial {ruin['ruined']} --finetune-steps 3" in err
     assert f"trial {ruin['ruined']}: 400.00x" in got.out  # what was computed is printed before the error
     assert not (tmp_path / "x").exists()
     for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "-1"), "--screen -1"),
