@@ -20,6 +20,11 @@
 
     python -m bench.bench_search --trials 200 --parts digits,hv,fashion
     python -m bench.bench_search --parts fashion --fashion-models lenet300 --fashion-trials 120 --fashion-steps 1000 --seeds 0,1,2 --variants base,sha
+    python -m bench.bench_search --parts fashion --fashion-models lenet300 --fashion-seconds 160 --fashion-steps 1000 --seeds 0,1,2 --variants base,sha
+
+With --fashion-seconds every search runs for the same time (search --timeout) instead of the
+same number of trials, so a multi-fidelity variant spends the time its stopped trials save on
+more trials; its JSON key is fashion-<model>-t<seconds>.
 """
 from __future__ import annotations
 
@@ -37,14 +42,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 OUT = Path(__file__).parent / "out"
 
 
+TIMED_CAP = 10_000  # the trial budget of a search run for --fashion-seconds (the time ends it first)
 # the fashion part's variants: what each changes from the defaults (search pruner, FinetuneConfig fields)
 VARIANTS = {"base": ({}, {}), "sha": ({"pruner": "sha"}, {}), "gradual": ({}, {"pruning": "gradual"}),
             "learned": ({}, {"act_ranges": "learned"})}
 
 
 def _search(model: str, dataset: str, trials: int, sampler: str, steps: int, objectives, study: str,
-            storage: str, results_dir: str, seed: int = 0, warm: bool = True, variant: str = "base"
-            ) -> tuple[optuna.Study, float]:
+            storage: str, results_dir: str, seed: int = 0, warm: bool = True, variant: str = "base",
+            timeout: float | None = None) -> tuple[optuna.Study, float]:
     from search.api import make_spec, search
     from search.engine.config import FinetuneConfig
 
@@ -53,7 +59,7 @@ def _search(model: str, dataset: str, trials: int, sampler: str, steps: int, obj
                      sampler=sampler, seed=seed, finetune=FinetuneConfig(steps=steps, seed=seed, **ft_fields),
                      **spec_fields)
     t0 = time.perf_counter()
-    st = search(spec, storage, results_dir, study_name=study, warm_start=warm)
+    st = search(spec, storage, results_dir, study_name=study, warm_start=warm, timeout=timeout)
     return st, time.perf_counter() - t0
 
 
@@ -105,11 +111,16 @@ def deep_compression_stages(study: optuna.Study, trial: int, results_dir: str) -
 def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float) -> dict:
     """`hwcompress export --within points`: the most compressed front plan within `points` of the
     baseline's validation quality after the export's retrain (search.export.select), exported
-    like the search's own pick; "trial" None (and no "export") when no retrained plan is within."""
+    like the search's own pick; "trial" None (and no "export") when no retrained plan is within,
+    or no plan is near enough to the baseline to retrain (select_within's UserError, in "error")."""
+    from search.errors import UserError
     from search.export.select import select_within
 
     t0 = time.perf_counter()
-    pick, tried = select_within(study, points, results_dir=results_dir)
+    try:
+        pick, tried = select_within(study, points, results_dir=results_dir)
+    except UserError as e:
+        return {"retrains": 0, "seconds": time.perf_counter() - t0, "tried": [], "trial": None, "error": str(e)}
     out = {"retrains": len(tried), "seconds": time.perf_counter() - t0, "tried": [c.as_dict() for c in tried]}
     if pick is None:
         return {**out, "trial": None}
@@ -184,17 +195,22 @@ def _pick_summary(exports: list, rows: list[dict], seconds: list[float], seeds: 
 
 
 def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, steps: int, storage: str,
-                 results_dir: str, old: dict) -> dict:
-    """Every (variant, seed) search of one model, its pick exported; the rows and the summary."""
+                 results_dir: str, old: dict, seconds: float | None = None) -> dict:
+    """Every (variant, seed) search of one model, its pick exported; the rows and the summary.
+    `seconds`: each search starts trials for that long (`search --timeout`) instead of running
+    `n` of them, so every variant gets the same wall time."""
     rows, studies = [], []
     for variant in variants:
         for seed in seeds:
-            name = f"fashion-{model}-{variant}-seed{seed}-n{n}-s{steps}"
+            name = f"fashion-{model}-{variant}-seed{seed}-" + (f"t{seconds:g}" if seconds else f"n{n}") + f"-s{steps}"
             done_before = _complete(name, storage)
-            st, sec = _search(model, "fashion-mnist", n, "tpe", steps, ("quality", "size"), name, storage,
-                              results_dir, seed=seed, variant=variant)
             prev = old.get(name, {})
-            if done_before >= n and "seconds" in prev:
+            if seconds and done_before and "seconds" in prev:  # a timed search is not resumed: its time is spent
+                st, sec = optuna.load_study(study_name=name, storage=storage), prev["seconds"]
+            else:
+                st, sec = _search(model, "fashion-mnist", TIMED_CAP if seconds else n, "tpe", steps, ("quality", "size"),
+                                  name, storage, results_dir, seed=seed, variant=variant, timeout=seconds)
+            if not seconds and done_before >= n and "seconds" in prev:
                 sec = prev["seconds"]  # nothing was searched now: keep the time the search took
             r = best_ratio_within(st, 0.5)
             base_test = st.user_attrs["baseline"].get("test_metric")
@@ -206,13 +222,14 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
             sel = sel or selected_within(st, 0.5, results_dir, base_test)
             if "test_best" not in sel:
                 sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
-            rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec, "trials": n,
+            rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec,
+                         "trials": _complete(name, storage) if seconds else n,
                          "steps": steps, "baseline_test": base_test, "selected": sel})
             studies.append(st)
             ex = r.get("export")
             pick = (f"{r['ratio']:.1f}x, after Huffman {ex['ratio_by_stage']['huffman']:.1f}x, exported test "
                     f"{100 * ex['test_quality']:.2f}%" if ex else "none")
-            print(f"fashion-mnist {model} {variant} seed {seed}: {n} trials in {sec:.0f} s; pick within 0.5 pt "
+            print(f"fashion-mnist {model} {variant} seed {seed}: {rows[-1]['trials']} trials in {sec:.0f} s; pick within 0.5 pt "
                   f"(val): {pick} (baseline test {100 * base_test:.2f}%)", flush=True)
             ex = sel.get("export")
             print(f"  after the retrain (export --within 0.5, {sel['retrains']} retrains in "
@@ -259,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="fine-tune steps per trial")
     p.add_argument("--fashion-trials", type=int, default=None, help="default: --trials")
     p.add_argument("--fashion-steps", type=int, default=300)
+    p.add_argument("--fashion-seconds", type=float, default=None,
+                   help="each fashion search starts trials for this many seconds (search --timeout) instead of "
+                        "running --fashion-trials: every variant gets the same wall time")
     p.add_argument("--parts", default="digits,hv,fashion")
     p.add_argument("--fashion-models", default="lenet300,lenet5")
     p.add_argument("--seeds", default="0", help="fashion part: comma list of seeds, one search each")
@@ -295,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"--variants {','.join(unknown)}: use any of {', '.join(VARIANTS)}")
         for model in args.fashion_models.split(","):
-            key = f"fashion-{model}"
+            key = f"fashion-{model}" + (f"-t{args.fashion_seconds:g}" if args.fashion_seconds else "")
             old = (out.get(key) or {}).get("runs") or {}
-            out[key] = fashion_runs(model, variants, seeds, n, args.fashion_steps, storage, args.results_dir, old)
+            out[key] = fashion_runs(model, variants, seeds, n, args.fashion_steps, storage, args.results_dir, old,
+                                    seconds=args.fashion_seconds)
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -28,7 +28,7 @@ from search.errors import UserError
 from search.report.view import pareto_frame
 from search.study.context import SearchContext, load_context
 from search.study.create import check_sampler, finished_count, layers_attr, metric_names, open_study
-from search.study.loop import Claimant, NothingToDo, ask_batch, run_trials
+from search.study.loop import Claimant, NothingToDo, ask_batch, check_timeout, run_trials
 from search.study.progress import SearchProgress, nothing_to_do
 from search.study.pruning import default_pruner, make_pruner
 from search.study.sensitivity import cached_sensitivity, warm_start_plans
@@ -122,6 +122,7 @@ def search(
     run: bool = True,
     warm_start: bool = True,
     progress: bool = False,
+    timeout: float | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study a record describes and return the Optuna study.
 
@@ -134,6 +135,9 @@ def search(
     plans per vmapped step and `loop` the step driver, "python" or "fused" (None: measured
     here); `batch` trials asked together; run=False
     only sets the study up (baseline, sensitivity, warm-start trials), e.g. for workers.
+    `timeout`: seconds from this call (set-up included) after which no more trials are started
+    (Optuna's optimize(timeout=...)); the trials in flight finish, and running the search again
+    goes on toward spec.n_trials.
 
     Any number of searches and workers may run on one study at once: the first sets it up
     while the others wait, and every trial is claimed under the study lock
@@ -141,6 +145,7 @@ def search(
     once no trial is left to run. A spec.n_trials at or below the trials already done runs
     nothing, keeps the study's stored trial budget and warns NothingToDo.
     """
+    deadline = check_timeout(timeout)
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
     check_k_and_loop(k, loop)
@@ -176,7 +181,8 @@ def search(
     sctx = sctx or SearchContext(ctx, engine if engine is not None else ctx.engine(k=k, loop=loop))
     bar = SearchProgress(spec.n_trials, enabled=progress, metric_name=ctx.task.metric_name)
     try:
-        run_trials(study, storage, sctx, claimant, spec.n_trials, ask_batch(sctx.engine.k, batch), progress=bar)
+        run_trials(study, storage, sctx, claimant, spec.n_trials, ask_batch(sctx.engine.k, batch), progress=bar,
+                   deadline=deadline)
     finally:
         bar.close()
     return study

@@ -9,6 +9,7 @@ import json
 import math
 import shlex
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -80,6 +81,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weights", default=None,
                    help="your own trained weights for --model (safetensors, as `hwcompress train` saves them) "
                    "instead of the cached baseline")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="start no more trials this many seconds after the command starts, set-up included (the trials "
+                        "in flight finish; run the command again to go on toward --trials)")
     p.add_argument("--workers", type=int, default=None,
                    help="run the trials in N local worker processes on the same storage (see `hwcompress worker`)")
     p.add_argument("--results-dir", default="results", help="where studies.db, caches and reports go")
@@ -95,6 +99,7 @@ def search_command(args: argparse.Namespace) -> int:
     from search.report.files import report_dir, write_view
     from search.report.view import pareto_frame, read_study
     from search.study.create import finished_count
+    from search.study.loop import check_timeout, past
     from search.study.loop import NothingToDo
     from search.study.progress import over_budget_hint
     from search.study.spec import StudySpec, check_study_name
@@ -111,6 +116,7 @@ def search_command(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers} must be at least 1")
     if args.workers is not None and args.storage == "memory":
         raise UserError("--workers needs a storage the worker processes can share: drop --storage memory")
+    deadline = check_timeout(args.timeout)
     # only the flags given replace the profile's default budgets
     budget = {k: v for k, v in (("latency_ms", args.latency_ms), ("memory_kb", args.memory_kb),
                                 ("size_kb", args.size_kb)) if v is not None}
@@ -129,10 +135,10 @@ def search_command(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", NothingToDo)
         study = search(spec, storage, args.results_dir, study_name=args.study, k=args.k, loop=args.loop, batch=args.batch,
                        run=args.workers is None, warm_start=not args.no_warm_start,
-                       progress=not (args.quiet or args.json))
+                       progress=not (args.quiet or args.json), timeout=args.timeout)
     idle = _notes(caught, NothingToDo)
-    if args.workers is not None and not idle:  # workers would run to the stored budget instead
-        _run_workers(args, study)
+    if args.workers is not None and not idle and not past(deadline):  # workers would run to the stored budget instead
+        _run_workers(args, study, None if deadline is None else max(deadline - time.monotonic(), 1e-3))
         study = load_study(study.study_name, storage)
     front = pareto_frame(study)
     view = out_dir = None
@@ -145,6 +151,9 @@ def search_command(args: argparse.Namespace) -> int:
     done = finished_count(trials)
     notes = [f"{note} (pass --trials above {done} to run more)" for note in idle]
     stored = StudySpec.of_study(study)
+    if not idle and past(deadline) and done < stored.n_trials:
+        notes.append(f"--timeout {args.timeout:g} s passed after {done} of {stored.n_trials} trials: run the same "
+                     "command again to go on")
     notes += [over_budget_hint(trials, stored.budget, stored.profile_name)] if front.empty else []
     if args.json:
         url = args.storage or default_url(args.results_dir)
@@ -193,14 +202,16 @@ def _notes(caught: list, category: type[Warning]) -> list[str]:
     return notes
 
 
-def _run_workers(args: argparse.Namespace, study: Any) -> None:
-    """Run the set-up study's trials in args.workers local `hwcompress worker` processes."""
+def _run_workers(args: argparse.Namespace, study: Any, timeout: float | None) -> None:
+    """Run the set-up study's trials in args.workers local `hwcompress worker` processes, each
+    claiming none after `timeout` seconds (None: until the study's budget is reached)."""
     from search.study.workers import run_workers
 
     if not (args.quiet or args.json):
         print(f"study {study.study_name}: {args.workers} workers on "
               f"{args.storage or f'sqlite:///{args.results_dir}/studies.db'}", file=sys.stderr, flush=True)
-    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k, loop=args.loop)
+    rc = run_workers(args.workers, study.study_name, args.storage, args.results_dir, k=args.k, loop=args.loop,
+                     timeout=timeout)
     if rc != 0:
         raise UserError(f"a worker of study {study.study_name} exited with code {rc}; completed trials are "
                         f"kept: run the same command again to finish the study")

@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--loop", default=None, metavar="{python,fused}",
                    help="fine-tune steps driven from Python or fused on the device (default: the faster measured here)")
     p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials from this worker")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="claim no more trials this many seconds after the worker starts (its trials in flight finish)")
     p.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_INTERVAL,
                    help=f"seconds between heartbeats of a running trial (default {storage.HEARTBEAT_INTERVAL})")
     p.add_argument("--grace", type=int, default=storage.GRACE_PERIOD,
@@ -44,7 +46,7 @@ def worker_command(args: argparse.Namespace) -> int:
     ran = run_worker(
         args.study, args.storage, args.results_dir,
         heartbeat_interval=args.heartbeat, grace_period=args.grace,
-        batch=args.batch, k=args.k, loop=args.loop, max_trials=args.max_trials,
+        batch=args.batch, k=args.k, loop=args.loop, max_trials=args.max_trials, timeout=args.timeout,
     )
     print(f"worker done: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0

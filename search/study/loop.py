@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.compression import plan as P
+from search.errors import UserError
 from search.cost import budget as B
 from search.cost.roofline import Costs, price, price_all
 from search.study import storage
@@ -326,6 +327,22 @@ def claim_trials(study: optuna.Study, lock_storage: optuna.storages.BaseStorage,
     return Claim(trials, done, running)
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """The deadline (time.monotonic()) `timeout` seconds from now, None for none; UserError
+    naming the flag for a timeout that is not a positive number."""
+    if timeout is None:
+        return None
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout {timeout} must be a positive number of seconds (e.g. 600), or leave it out "
+                        "to run until --trials are done")
+    return time.monotonic() + timeout
+
+
+def past(deadline: float | None) -> bool:
+    """Whether a deadline from check_timeout has passed (never for None)."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def run_trials(
     study: optuna.Study,
     lock_storage: optuna.storages.BaseStorage,
@@ -338,16 +355,18 @@ def run_trials(
     max_trials: int | None = None,
     on_batch: Callable[[dict[str, int]], None] | None = None,
     idle_poll: float = IDLE_POLL_S,
+    deadline: float | None = None,
 ) -> int:
     """Claim and run batches of at most `batch` trials until the study holds n_trials finished
-    ones (or this process has run `max_trials`); returns how many ran here.
+    ones (or this process has run `max_trials`, or time.monotonic() has passed `deadline`: no
+    batch is claimed after it, the one in flight finishes); returns how many ran here.
 
     While the budget is taken up only by trials running elsewhere this waits (polling every
     `idle_poll` s): they may die and come back, and a search then prints the front of every
     stored trial. `on_batch` gets each batch's counts (run_batch).
     """
     ran = 0
-    while max_trials is None or ran < max_trials:
+    while (max_trials is None or ran < max_trials) and not past(deadline):
         limit = batch if max_trials is None else min(batch, max_trials - ran)
         with _CtrlC() as ctrl_c:  # a Ctrl-C while claiming fails the claimed trials as interrupted
             claim = claim_trials(study, lock_storage, claimant, n_trials, limit)

@@ -23,7 +23,7 @@ from search.study import storage as storage_mod
 from search.study import xla_cache
 from search.study.context import SearchContext, load_context
 from search.study.create import finished_count
-from search.study.loop import IDLE_POLL_S, Claimant, run_trials, worker_id
+from search.study.loop import IDLE_POLL_S, Claimant, check_timeout, run_trials, worker_id
 from search.study.progress import nothing_to_do
 from search.study.spec import StudySpec
 
@@ -45,6 +45,7 @@ def worker_argv(
     max_trials: int | None = None,
     k: int | None = None,
     loop: str | None = None,
+    timeout: float | None = None,
 ) -> list[str]:
     """The argv of one worker process: `python -m search.cli worker ...`."""
     cmd = [
@@ -61,6 +62,8 @@ def worker_argv(
         cmd += ["--k", str(k)]
     if loop is not None:
         cmd += ["--loop", loop]
+    if timeout is not None:
+        cmd += ["--timeout", repr(float(timeout))]
     return cmd
 
 
@@ -85,13 +88,15 @@ def spawn_workers(
     max_trials: int | None = None,
     k: int | None = None,
     loop: str | None = None,
+    timeout: float | None = None,
     env: dict[str, str] | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> list[subprocess.Popen]:
     """Start `n` worker processes on one study and return them, running.
 
     `storage_url` None means the default SQLite file under `results_dir`. With `log_dir`,
-    worker i writes its output to log_dir/worker-i.log; otherwise it inherits ours.
+    worker i writes its output to log_dir/worker-i.log; otherwise it inherits ours. `timeout`:
+    seconds from each worker's start after which it claims no more trials (run_worker).
     """
     url = storage_url or storage_mod.default_url(results_dir)
     # workers on one machine compile the same XLA programs: share them through a persistent
@@ -100,7 +105,7 @@ def spawn_workers(
     cmd = worker_argv(
         study, url, results_dir,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_trials=max_trials, k=k,
-        loop=loop,
+        loop=loop, timeout=timeout,
     )
     procs = []
     for i in range(n):
@@ -194,9 +199,12 @@ def run_worker(
     loop: str | None = None,
     max_trials: int | None = None,
     log: bool = True,
+    timeout: float | None = None,
 ) -> int:
     """Join an existing study and run its trials until its trial budget is reached (or this
-    worker has run `max_trials`). Returns how many trials this worker ran."""
+    worker has run `max_trials`, or `timeout` seconds have passed since it started: no trial is
+    claimed after that). Returns how many trials this worker ran."""
+    deadline = check_timeout(timeout)
     if batch is not None and batch < 1:
         raise UserError(f"--batch {batch} must be at least 1")
     if max_trials is not None and max_trials < 1:
@@ -234,4 +242,4 @@ def run_worker(
     # study's workers alive up to 30 s after the last trial ended
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     return run_trials(study, storage, ctx, claimant, n_trials, batch or ctx.engine.k, max_trials=max_trials,
-                      on_batch=report, idle_poll=min(IDLE_POLL_S, heartbeat_interval))
+                      on_batch=report, idle_poll=min(IDLE_POLL_S, heartbeat_interval), deadline=deadline)

@@ -81,6 +81,8 @@ CASES = [
     ("gradual-pruning-too-few-steps", search("--pruning", "gradual", "--finetune-steps", "1"), "--finetune-steps"),
     ("resume-with-other-pruning", search("--pruning", "gradual"), "pruning"),
     ("zero-batch", search("--batch", "0"), "--batch"),
+    ("zero-timeout", search("--timeout", "0"), "--timeout"),
+    ("nan-timeout", search("--timeout", "nan"), "--timeout"),
     ("zero-k", search("--k", "0"), "--k"),
     ("unknown-loop", search("--loop", "scan"), "--loop"),
     ("unknown-model", search("--model", "resnet999"), "resnet999"),
@@ -93,6 +95,7 @@ CASES = [
     ("conflicting-heartbeat-flags", ["worker", "--study", "kept", "--results-dir", "{R}",
                                      "--heartbeat", "10", "--grace", "5"], "grace"),
     ("worker-zero-batch", ["worker", "--study", "kept", "--results-dir", "{R}", "--batch", "0"], "--batch"),
+    ("worker-negative-timeout", ["worker", "--study", "kept", "--results-dir", "{R}", "--timeout", "-5"], "--timeout"),
     ("worker-zero-k", ["worker", "--study", "kept", "--results-dir", "{R}", "--k", "-1"], "--k"),
     ("worker-unknown-loop", ["worker", "--study", "kept", "--results-dir", "{R}", "--loop", "scan"], "--loop"),
     ("unsupported-storage-url", search("--storage", "mysql://u@localhost/db"), "not supported"),
@@ -148,3 +151,15 @@ def test_nothing_unpickles_user_input():
         cwd=REPO, capture_output=True, text=True,
     )
     assert out.returncode == 1, f"code that can run what a user hands in:\n{out.stdout}"
+
+
+def test_a_reader_that_goes_away_is_not_an_error_with_a_traceback():
+    """`hwcompress ... | head`: the pipe closes while the command still prints. Regression: a
+    BrokenPipeError traceback; now exit 141 (as a shell reports SIGPIPE) and nothing on stderr."""
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "search.cli", "profiles", "show", "mobile-cpu"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err, err

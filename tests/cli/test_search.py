@@ -112,3 +112,22 @@ def test_quiet_leaves_the_report_to_hwcompress_report_and_says_how(tmp_path, cap
     assert cmd[:2] == ["hwcompress", "report"] and cmd[cmd.index("--results-dir") + 1] == str(results)
     assert cli.main(cmd[1:]) == 0
     assert {"report.html", "report.md", "pareto.csv"} <= {p.name for p in (results / "q").iterdir()}
+
+
+def test_timeout_starts_no_trial_after_it_and_a_rerun_goes_on(tmp_path, capsys):
+    """--timeout (seconds from the command's start, set-up included) stops claiming trials; the
+    study keeps its budget, the note says so, and the same command again runs the rest. A
+    worker's --timeout does the same."""
+    from search import cli
+
+    results = results_dir(tmp_path)
+    assert start_search(results, "t", 3, "--timeout", "0.001") == 0  # shorter than the set-up
+    err = capsys.readouterr().err
+    assert "--timeout 0.001 s passed after 0 of 3 trials: run the same command again" in err
+    assert len(_study(results, "t").trials) == 0
+    assert cli.main(["worker", "--study", "t", "--results-dir", str(results), "--timeout", "0.001"]) == 0
+    assert "ran 0 trials" in capsys.readouterr().err and len(_study(results, "t").trials) == 0
+    assert start_search(results, "t", 3) == 0
+    trials = _study(results, "t").trials
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    assert "--timeout" not in capsys.readouterr().err
