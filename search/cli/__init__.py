@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed work is kept in storage", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`hwcompress export ... | head`): what was computed is kept, nothing
+        # more to print; Python's own recipe, so that the flush at exit does not fail again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if not isinstance(e, user_errors()):
             raise
