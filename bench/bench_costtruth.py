@@ -277,7 +277,8 @@ def kernels_dict(model) -> dict | None:
     """A KernelModel as JSON (None for a roofline profile), to re-analyze a run later."""
     return None if model is None else {"inference_us": model.inference_us, "coef": dict(model.coef),
                                        "runtime": model.runtime, "samples": model.samples,
-                                       "channel_block": model.channel_block, "channel_align": model.channel_align}
+                                       "channel_block": model.channel_block, "channel_align": model.channel_align,
+                                       "q8u_block": model.q8u_block}
 
 
 def reanalyze(path: Path) -> dict:
@@ -295,7 +296,7 @@ def reanalyze(path: Path) -> dict:
         profiles = {label: calibrated_profile(rep["machine"], name=label, kernels=None if k is None else KernelModel(
             inference_us=k["inference_us"], coef=MappingProxyType({n: tuple(c) for n, c in k["coef"].items()}),
             runtime=k["runtime"], samples=k["samples"], channel_block=k.get("channel_block", 1),
-            channel_align=k.get("channel_align", 1))) for label, k in saved.items()}
+            channel_align=k.get("channel_align", 1), q8u_block=k.get("q8u_block", 1))) for label, k in saved.items()}
         rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
     data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])

@@ -85,6 +85,11 @@ class KernelModel:
     # channel counts are not multiples of it (input counts below the block excepted) on its plain
     # kernels (kernel form f32p); 4 on the AVX-512 host measured, 1 = every count (older profiles)
     channel_align: int = 1
+    # output channels a QLinear conv or depthwise conv with 8-bit (uint8-stored) weights, the q8u
+    # form, is priced at, rounded up to this multiple: onnxruntime's u8u8 int8 kernels compute
+    # whole SIMD blocks (search.cost.kernels.q8u_channels); the channel block when calibrated,
+    # 1 = as kept (profiles calibrated before it, whose q8u predictors were fitted that way)
+    q8u_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "inference_us": _Field("a number >= 0 (microseconds per inference)", _number(0, lo_open=False), required=False),
         "channel_block": _Field("an integer in [1, 1024] (channels per block of the float conv kernels)", _count(1, 1024), required=False),
         "channel_align": _Field("an integer in [1, 1024] (channel multiple of the blocked float conv kernels)", _count(1, 1024), required=False),
+        "q8u_block": _Field("an integer in [1, 1024] (channel multiple the uint8-weight int8 conv kernels compute)", _count(1, 1024), required=False),
         **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)})", _coefs, required=False)
            for k in KERNELS},
     },
@@ -351,4 +357,4 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
                        coef=MappingProxyType({n: tuple(float(x) for x in (k[n] if n in k else k[KERNEL_FALLBACK[n]]))
                                               for n in KERNELS}),
                        runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)),
-                       channel_align=int(k.get("channel_align", 1)))
+                       channel_align=int(k.get("channel_align", 1)), q8u_block=int(k.get("q8u_block", 1)))

@@ -55,7 +55,7 @@ def profile_dict(profile: Any) -> dict[str, Any]:
     if profile.kernels is not None:
         k = profile.kernels
         d["kernels"] = {"inference_us": k.inference_us, "runtime": k.runtime, "samples": k.samples,
-                        "channel_block": k.channel_block, "channel_align": k.channel_align,
+                        "channel_block": k.channel_block, "channel_align": k.channel_align, "q8u_block": k.q8u_block,
                         "coef": {name: list(v) for name, v in k.coef.items()}}
     else:
         d["kernels"] = None

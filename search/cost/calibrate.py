@@ -207,6 +207,7 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
         "kernels.samples": "one-layer probes in the export's forms, timed in onnxruntime (search.export.kernel_probes)",
         "kernels.channel_block": "detected: the channels onnxruntime pads a float conv's weights to in its NCHWc layout",
         "kernels.channel_align": "detected: the smallest channel step past the block that keeps a conv on NCHWc kernels",
+        "kernels.q8u_block": "the channel block: q8u conv and depthwise probes are fitted with their output channels rounded up to it",
     }
     if profile.kernels is not None:
         how.update({f"kernels.{k}": "non-negative least squares on the relative error of the timed probes" for k in KERNELS})

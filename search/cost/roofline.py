@@ -275,6 +275,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         # GEMM dimensions per example: positions, kept output channels, kept fan-in
         m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
         block, align = profile.kernels.channel_block, profile.kernels.channel_align
+        q8u = (form == K.FORMS.index("q8u")) & (la.kind != _KINDS.index("dense")) & ~fact
+        n = np.where(q8u, K.q8u_channels(n, profile.kernels.q8u_block), n)  # whole SIMD blocks of channels
         if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked) or the plain path (f32p)
             dw = la.kind == _KINDS.index("depthwise")
             q8_off = (form == K.FORMS.index("q8")) & (la.kind != _KINDS.index("dense")) & ~fact & ~K.q8_on_blocks(n, block)

@@ -18,7 +18,9 @@ middle of a chain (four layers against two), the others alone less the per-infer
 sample is the kernel's own time (measure_kernels). Float convolutions' features count the
 channels the runtime computes, rounded up to its channel block (nchwc_layout, kernels.blocked);
 those off its channel alignment are f32p samples (kernels.on_blocks), and q8 conv and depthwise
-layers whose output channels are off the channel block are q8p samples (kernels.q8_on_blocks).
+layers whose output channels are off the channel block are q8p samples (kernels.q8_on_blocks);
+q8u conv and depthwise features count their output channels rounded up to the block
+(kernels.q8u_channels).
 """
 from __future__ import annotations
 
@@ -52,14 +54,17 @@ class Shape:
     def out_hw(self) -> int:
         return 1 if self.kind == "dense" else (self.hw + self.stride - 1) // self.stride
 
-    def features(self, block: int = 1) -> list[float]:
+    def features(self, block: int = 1, out_block: int = 1) -> list[float]:
         """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in);
         block > 1: with the channels a float convolution computes on `block`-channel blocks
-        (search.cost.kernels.blocked; pass it for the f32 form only)."""
+        (search.cost.kernels.blocked; pass it for the f32 form only); out_block > 1: with the
+        output channels a q8u conv computes (search.cost.kernels.q8u_channels; the q8u form only)."""
         n, k = float(self.cout), float(self.k * self.k * (1 if self.kind == "depthwise" else self.cin))
         if self.kind != "dense" and block > 1:
             n, k = K.blocked(self.cout, 1 if self.kind == "depthwise" else self.cin, self.k * self.k, block,
                              self.kind == "depthwise")
+        if self.kind != "dense" and out_block > 1:
+            n = float(K.q8u_channels(self.cout, out_block))
         return K.features(self.out_hw ** 2, n, k).tolist()
 
 
@@ -305,14 +310,15 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     channel block and alignment (nchwc_layout): a float conv chain whose layers all run blocked is
     an f32 sample with blocked features, one whose layers all run plain an f32p sample, a mix of
     the two is not used; likewise a q8 conv chain is a q8 sample when both layers' output channels
-    are multiples of `block`, a q8p sample when neither is."""
+    are multiples of `block`, a q8p sample when neither is; a q8u conv or depthwise sample's
+    features count its output channels rounded up to `block` (kernels.q8u_channels)."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
     for s in shapes:
         flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
         pair = partner(flat)
         for form in ("f32", "q8", "q8u"):
-            name, b = f"{s.kind}_{form}", 1
+            name, b, ob = f"{s.kind}_{form}", 1, block if form == "q8u" else 1
             if form == "q8" and s.kind != "dense" and block > 1:
                 runs = {bool(K.q8_on_blocks(x.cout, block)) for x in (flat, pair)}
                 if len(runs) > 1:
@@ -324,7 +330,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
                 if len(runs) > 1:
                     continue  # one layer blocked, the other plain: neither kind's sample
                 name, b = (name, block) if runs == {True} else (f"{s.kind}_f32p", 1)
-            feats = np.add(flat.features(b), pair.features(b)).tolist()
+            feats = np.add(flat.features(b, ob), pair.features(b, ob)).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
             jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
@@ -373,14 +379,15 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
     block, align = nchwc_layout(threads)
     samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress, block=block,
                                     align=align)
-    model = K.fit(samples, base, runtime_name(threads), channel_block=block, channel_align=align)
+    model = K.fit(samples, base, runtime_name(threads), channel_block=block, channel_align=align, q8u_block=block)
     report: dict = {"kernels_timed": len(samples), "inference_us": float(base), "channel_block": block,
                     "channel_align": align}
     err = np.abs(K.relative_errors(model, samples))
     report.update(fit_median_error=float(np.median(err)), fit_within_10pct=float(np.mean(err <= 0.10)))
     try:
         order = np.random.default_rng(0).permutation(len(samples))  # a random half: samples come in kind cycles
-        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block, channel_align=align)
+        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block, channel_align=align,
+                     q8u_block=block)
         err = np.abs(K.relative_errors(half, [samples[i] for i in order[1::2]]))
         report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))
     except ValueError:

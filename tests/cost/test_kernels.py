@@ -142,6 +142,29 @@ def test_int8_convolutions_off_the_channel_block_run_the_remainder_kernels():
     np.testing.assert_allclose(lat(0.25, 8), 1e-3 * macs * kept(0.25) * fan_in(0.25))  # q8u: no remainder form
 
 
+def test_uint8_weight_convolutions_are_priced_on_whole_channel_blocks():
+    """A q8u conv or depthwise conv (8-bit weights, onnxruntime's u8u8 kernels) is priced at its
+    kept output channels rounded up to the profile's q8u_block (measured: 8 or 12 channels cost
+    what 16 do), as calibration fits it; a profile without the field (q8u_block 1) prices the
+    kept count, and Dense layers are never rounded."""
+    from search.export.kernel_probes import Shape
+
+    assert K.q8u_channels([1, 12, 16, 17, 32], 16).tolist() == [16, 16, 16, 32, 32]
+    assert K.q8u_channels([12], 1).tolist() == [12]
+    assert Shape("conv", 8, 12, 8, 3).features(1, 16) == K.features(64, 16, 72).tolist()  # the probes' features
+    per_mac = lambda c: (0.0,) * 7 + (c,)
+    coef = {name: per_mac(1e-3) for name in KERNELS} | {"eltwise": (0.0,) * 8, "emul": (0.0,) * 8}
+    model = lambda q: hw_profiles.KernelModel(0.0, MappingProxyType(coef), "synthetic", channel_block=16,
+                                              channel_align=4, q8u_block=q)
+    macs = np.array([64 * 27, 64 * 9, 64 * 9, 64])  # MACs per output channel and kept input channel
+    kept = np.array([12, 12, 24, 10])  # 25% of every group pruned
+    fan_in = np.array([1, 1, 12, 24])
+    for q, n in ((16, [16, 16, 32, 10]), (1, kept)):
+        prof = calibrated_profile(MACHINE, name="a", kernels=model(q))
+        lat = price(prof, LAYERS, P.make_plan([0.25, 0.0, 0.25, 0.0], P.CHANNEL, 8, 8)).layer_latency_ms[0] * 1e3
+        np.testing.assert_allclose(lat, 1e-3 * macs * np.asarray(n) * fan_in)
+
+
 def test_unfused_ops_come_from_the_graph_and_the_form():
     """Pooling, flatten and residual adds are read off the traced layers; a float conv on the
     blocked layout pays the reorders around a pooling too, an activation is never charged (fused
@@ -190,6 +213,7 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     path.write_text(text)
     back = hw_profiles.load_profile(str(path))
     assert back.kernels == k and 'latency_model = "kernels"' in text
+    assert k.q8u_block == k.channel_block  # q8u probes were fitted on whole channel blocks
     plans = P.stack_plans([P.dense_plan(4), P.make_plan([0.5, 0.0, 0.5, 0.0], P.CHANNEL, 8, 8)])
     np.testing.assert_array_equal(price(back, LAYERS, plans).latency_ms, price(profile, LAYERS, plans).latency_ms)
 
@@ -349,11 +373,11 @@ def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrat
     profile, _ = calibrated
     kinds = ("dense", "conv", "depthwise")
     text = "\n".join(l for l in profile_toml(profile, MACHINE).splitlines()
-                     if not l.startswith(tuple(f"{k}_{f}" for k in kinds for f in ("q8u", "f32p", "q8p")) + ("channel_",)))
+                     if not l.startswith(tuple(f"{k}_{f}" for k in kinds for f in ("q8u", "f32p", "q8p")) + ("channel_", "q8u_block")))
     f = tmp_path / "old.toml"
     f.write_text(text)
     k = hw_profiles.load_profile(str(f)).kernels
-    assert k.channel_block == 1 and k.channel_align == 1
+    assert k.channel_block == 1 and k.channel_align == 1 and k.q8u_block == 1
     assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
     assert all(k.coef[f"{kind}_f32p"] == profile.kernels.coef[f"{kind}_f32"] for kind in kinds)
     assert all(k.coef[f"{kind}_q8p"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
