@@ -40,10 +40,15 @@ KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul"
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
     | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
-# channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups).
-# Non-negative coefficients on 1, M, N, K, MN, MK, NK, MNK are a sum of fixed costs per call, per
-# position, per channel, ..., per MAC: saturating efficiencies in each dimension, never non-monotone.
-KERNEL_FEATURES = ("1", "M", "N", "K", "MN", "MK", "NK", "MNK")
+# channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),
+# and MT, positions times the kernel's taps T (kh*kw; 1 for Dense): im2col copies each tap's
+# input channels per output position, a cost per tap whatever their count (an image stem with 1
+# or 3 input channels pays it at full resolution). Non-negative coefficients on 1, M, N, K, MN,
+# MK, NK, MNK, MT are a sum of fixed costs per call, per position, per channel, ..., per MAC:
+# saturating efficiencies in each dimension, never non-monotone.
+KERNEL_FEATURES = ("1", "M", "N", "K", "MN", "MK", "NK", "MNK", "MT")
+# a profile calibrated before MT existed holds 8 coefficients per kernel: its MT term is 0
+OLD_FEATURES = 8
 
 
 class ProfileError(ValueError):
@@ -74,7 +79,9 @@ class KernelModel:
     """
 
     inference_us: float  # per-inference cost: session run, input and output copies, microseconds
-    coef: Mapping[str, tuple[float, ...]]  # KERNELS name -> one coefficient per KERNEL_FEATURES (us per unit)
+    # KERNELS name -> one coefficient per KERNEL_FEATURES (us per unit); rows written before MT
+    # existed (OLD_FEATURES long) get a 0 for it
+    coef: Mapping[str, tuple[float, ...]]
     runtime: str  # what was measured: runtime, version, execution provider, threads, batch
     samples: int = 0  # kernels timed to fit them
     # channels the runtime's float convolutions compute in blocks of: onnxruntime's CPU provider
@@ -90,6 +97,12 @@ class KernelModel:
     # whole SIMD blocks (search.cost.kernels.q8u_channels); the channel block when calibrated,
     # 1 = as kept (profiles calibrated before it, whose q8u predictors were fitted that way)
     q8u_block: int = 1
+
+    def __post_init__(self) -> None:
+        n = len(KERNEL_FEATURES)
+        if any(len(v) != n for v in self.coef.values()):  # an older row: no per-tap term
+            padded = {k: tuple(v) + (0.0,) * (n - len(v)) for k, v in self.coef.items()}
+            object.__setattr__(self, "coef", MappingProxyType(padded))
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ def _bits(v: Any) -> str | None:
 def _coefs(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         return f"wrong type {type(v).__name__}"
-    if len(v) != len(KERNEL_FEATURES):
+    if len(v) not in (OLD_FEATURES, len(KERNEL_FEATURES)):
         return f"{len(v)} values"
     if any(not math.isfinite(x) or x < 0 for x in v):
         return "out of range"
@@ -238,7 +251,8 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "channel_block": _Field("an integer in [1, 1024] (channels per block of the float conv kernels)", _count(1, 1024), required=False),
         "channel_align": _Field("an integer in [1, 1024] (channel multiple of the blocked float conv kernels)", _count(1, 1024), required=False),
         "q8u_block": _Field("an integer in [1, 1024] (channel multiple the uint8-weight int8 conv kernels compute)", _count(1, 1024), required=False),
-        **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)})", _coefs, required=False)
+        **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)}; "
+                     f"the first {OLD_FEATURES} in a profile calibrated before MT)", _coefs, required=False)
            for k in KERNELS},
     },
     "budget": {

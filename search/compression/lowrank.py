@@ -241,10 +241,11 @@ def geometry(layers: Sequence[Layer]) -> dict[str, np.ndarray]:
     activation per rank; "bcols" B's columns (its per-column scales) at full width;
     "pa", "pb" GEMM rows (M) of the two kernels, "ka" the first's K and "nb" the second's N at
     full width, "kb" the second's K per rank (Kronecker: the first kernel is r GEMMs of M = pa,
-    N = nb, K = ka; see `search.cost.roofline`)."""
+    N = nb, K = ka; see `search.cost.roofline`); "ta", "tb" the two kernels' taps (kh * kw of
+    each factor's convolution, 1 for a matmul)."""
     F, L = len(FORMS), len(layers)
     z = lambda: np.zeros((F, L))
-    g = {k: z() for k in ("d", "wa", "wb", "ma", "mb", "mid", "bcols", "pa", "pb", "ka", "nb", "kb")}
+    g = {k: z() for k in ("d", "wa", "wb", "ma", "mb", "mid", "bcols", "pa", "pb", "ka", "nb", "kb", "ta", "tb")}
     g["ok"] = np.zeros((F, L), bool)
     for l in layers:
         for f in forms_of(l):
@@ -263,13 +264,14 @@ def _form_geometry(l: Layer, f: int) -> dict[str, float]:
         kh, kw, cin, cout = l.kernel_shape
         mid_pos = pos * l.in_shape[-2] / l.out_shape[-2]  # kh x 1 output: H_out x W_in
         return dict(wa=kh * cin, wb=kw * cout, ma=mid_pos * kh * cin, mb=pos * kw * cout, mid=mid_pos,
-                    bcols=kw * cout, pa=mid_pos, pb=pos, ka=kh * cin, nb=cout, kb=kw)
+                    bcols=kw * cout, pa=mid_pos, pb=pos, ka=kh * cin, nb=cout, kb=kw, ta=kh, tb=kw)
     if f == KRONECKER:
         (m1, m2), (n1, n2) = kron_split(l.fan_in), kron_split(l.out_channels)
         return dict(wa=m1 * n1, wb=m2 * n2, ma=pos * m1 * m2 * n2, mb=pos * n1 * m1 * n2, mid=pos * m1 * n2,
-                    bcols=m2 * n2, pa=pos * m1, pb=pos * n1, ka=m2, nb=n2, kb=m1)
+                    bcols=m2 * n2, pa=pos * m1, pb=pos * n1, ka=m2, nb=n2, kb=m1, ta=1, tb=1)
     return dict(wa=l.fan_in, wb=l.out_channels, ma=pos * l.fan_in, mb=pos * l.out_channels, mid=pos,
-                bcols=l.out_channels, pa=pos, pb=pos, ka=l.fan_in, nb=l.out_channels, kb=1)
+                bcols=l.out_channels, pa=pos, pb=pos, ka=l.fan_in, nb=l.out_channels, kb=1,
+                ta=int(np.prod(l.kernel_shape[:-2])), tb=1)
 
 
 def pays(layer: Layer, layers: Sequence[Layer], form: int, rank: float, ratio: np.ndarray,

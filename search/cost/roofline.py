@@ -287,10 +287,10 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
-                      K.features(geo["pa"], rk, geo["ka"] * keep_a))
-        feats = np.where(fact[..., None], fa, K.features(m, n, k))
+                      K.features(geo["pa"], rk, geo["ka"] * keep_a, geo["ta"]))
+        feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
         second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
-                  np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"]), 0.0))
+                  np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"], geo["tb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
         n_elt = K.eltwise_count(la.unfused, form, la.nchwc & ~fact)

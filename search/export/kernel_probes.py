@@ -65,7 +65,7 @@ class Shape:
                              self.kind == "depthwise")
         if self.kind != "dense" and out_block > 1:
             n = float(K.q8u_channels(self.cout, out_block))
-        return K.features(self.out_hw ** 2, n, k).tolist()
+        return K.features(self.out_hw ** 2, n, k, 1 if self.kind == "dense" else self.k * self.k).tolist()
 
 
 def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> bytes:

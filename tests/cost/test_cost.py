@@ -196,9 +196,9 @@ def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
     plans = P.stack_plans([P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [8, 32], [8, 32], rank=[0.5, 1.0]),  # r = 25, w8a8
                            P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [16, 32], [8, 32], rank=[0.5, 1.0])])  # w16a8
     got = price(prof, layers, plans).layer_latency_ms[:, 0]
-    kernel = lambda form: np.array(coef["dense_" + form])
+    kernel = lambda form: np.array(prof.kernels.coef["dense_" + form])  # 8 given, MT's 0 added
     b = kernel("f32") @ K.features(1, 50, 25)
-    emul = K.features(100, 1, 1) @ np.array(coef["emul"])  # the input's 8-bit rounding in float ops
+    emul = K.features(100, 1, 1) @ np.array(prof.kernels.coef["emul"])  # the input's 8-bit rounding in float ops
     # no eltwise op: a Dense output reaches the next Dense with nothing unfused between (its ReLU is fused)
     assert got[0] == pytest.approx((kernel("i8") @ K.features(1, 25, 100) + b) * 1e-3, rel=1e-12)
     assert got[1] == pytest.approx((kernel("f32") @ K.features(1, 25, 100) + b + emul) * 1e-3, rel=1e-12)

@@ -13,6 +13,7 @@ import pytest
 
 import hw_profiles
 from hw_profiles import KERNELS, ProfileError
+from hw_profiles.schema import KERNEL_FEATURES
 from search.compression import plan as P
 from search.compression.layers import Layer
 from search.cost import kernels as K
@@ -56,7 +57,7 @@ def test_probes_run_as_the_export_forms_they_stand_for():
             (y,) = sess.run(None, {"input": np.ones(xs, np.float32)})
             want = (1, shape.cout) if shape.kind == "dense" else (1, shape.cout, shape.out_hw, shape.out_hw)
             assert y.shape == want, (shape, form)
-    assert kp.Shape("conv", 4, 8, 8, 3, 2).features() == K.features(16, 8, 36).tolist()
+    assert kp.Shape("conv", 4, 8, 8, 3, 2).features() == K.features(16, 8, 36, 9).tolist()  # 9 taps
 
 
 def test_q8u_probes_hold_the_uint8_weights_the_export_writes_for_8_bits():
@@ -85,7 +86,7 @@ def test_float_convolutions_are_priced_on_the_runtime_channel_blocks():
     assert n.tolist() == [32] and k.tolist() == [9]
     n, k = K.blocked([20], [24], 9, 1)
     assert n.tolist() == [20] and k.tolist() == [216]
-    assert kp.Shape("conv", 24, 20, 8, 3).features(16) == K.features(64, 32, 288).tolist()
+    assert kp.Shape("conv", 24, 20, 8, 3).features(16) == K.features(64, 32, 288, 9).tolist()
     coef = {name: (1.0,) + (1e-3,) * 7 for name in KERNELS} | {"eltwise": (0.0,) * 8}  # ops after: not blocked
     blocked_prof = lambda b: calibrated_profile(MACHINE, name="b", kernels=hw_profiles.KernelModel(
         5.0, MappingProxyType(coef), "synthetic", channel_block=b))
@@ -151,7 +152,7 @@ def test_uint8_weight_convolutions_are_priced_on_whole_channel_blocks():
 
     assert K.q8u_channels([1, 12, 16, 17, 32], 16).tolist() == [16, 16, 16, 32, 32]
     assert K.q8u_channels([12], 1).tolist() == [12]
-    assert Shape("conv", 8, 12, 8, 3).features(1, 16) == K.features(64, 16, 72).tolist()  # the probes' features
+    assert Shape("conv", 8, 12, 8, 3).features(1, 16) == K.features(64, 16, 72, 9).tolist()  # the probes' features
     per_mac = lambda c: (0.0,) * 7 + (c,)
     coef = {name: per_mac(1e-3) for name in KERNELS} | {"eltwise": (0.0,) * 8, "emul": (0.0,) * 8}
     model = lambda q: hw_profiles.KernelModel(0.0, MappingProxyType(coef), "synthetic", channel_block=16,
@@ -218,14 +219,14 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     np.testing.assert_array_equal(price(back, LAYERS, plans).latency_ms, price(profile, LAYERS, plans).latency_ms)
 
 
-def test_every_predictor_is_monotone_in_positions_channels_and_fan_in(calibrated):
+def test_every_predictor_is_monotone_in_positions_channels_fan_in_and_taps(calibrated):
     profile, _ = calibrated
     rng = np.random.default_rng(0)
-    base = rng.integers(1, 64, (200, 3)).astype(float)
+    base = rng.integers(1, 64, (200, 4)).astype(float)  # M, N, K, taps
     for name in KERNELS:
         coef = np.array(profile.kernels.coef[name])
         t0 = K.features(*base.T) @ coef
-        for axis in range(3):
+        for axis in range(4):
             more = base.copy()
             more[:, axis] += rng.integers(1, 16, 200)
             assert np.all(K.features(*more.T) @ coef >= t0), (name, axis)
@@ -347,7 +348,7 @@ def test_coefficient_fit_moves_cost_between_terms_that_one_scale_per_kind_cannot
 @pytest.mark.parametrize("edit, words", [
     (lambda t: t.replace("conv_q8 = [", "conv_q9 = ["), ["kernels.conv_q9", "unknown field"]),
     (lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("depthwise_i8")), ["kernels.depthwise_i8", "missing", "calibrate"]),
-    (lambda t: t.replace("dense_f32 = [", "dense_f32 = [-1.0, "), ["kernels.dense_f32", "9 values"]),
+    (lambda t: t.replace("dense_f32 = [", "dense_f32 = [-1.0, "), ["kernels.dense_f32", "10 values"]),
     (lambda t: t.replace('latency_model = "kernels"', 'latency_model = "roofline"'), ["latency_model", "kernels given"]),
     (lambda t: t.replace('latency_model = "kernels"', 'latency_model = "nn-meter"'), ["latency_model", "'nn-meter'"]),
     (lambda t: re.sub(r"channel_block = \d+", "channel_block = 0", t), ["kernels.channel_block", "out of range", "[1, 1024]"]),
@@ -381,6 +382,21 @@ def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrat
     assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
     assert all(k.coef[f"{kind}_f32p"] == profile.kernels.coef[f"{kind}_f32"] for kind in kinds)
     assert all(k.coef[f"{kind}_q8p"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
+
+
+def test_a_profile_calibrated_before_the_per_tap_term_still_loads(calibrated, tmp_path):
+    """Coefficient rows of 8 (written before KERNEL_FEATURES had MT) load with MT's coefficient
+    0 and price as the same profile with that term zeroed."""
+    import re
+
+    profile, _ = calibrated
+    text = re.sub(r"^(\w+ = \[)((?:[^,\]]+, ){7}[^,\]]+), [^,\]]+\]", r"\1\2]", profile_toml(profile, MACHINE), flags=re.M)
+    f = tmp_path / "old.toml"
+    f.write_text(text)
+    k = hw_profiles.load_profile(str(f)).kernels
+    assert all(len(v) == len(KERNEL_FEATURES) and v[-1] == 0.0 for v in k.coef.values())
+    zeroed = {n: v[:-1] + (0.0,) for n, v in profile.kernels.coef.items()}
+    assert k.coef == zeroed
 
 
 def test_negative_coefficient_is_refused(calibrated, tmp_path):
