@@ -195,10 +195,11 @@ def _pick_summary(exports: list, rows: list[dict], seconds: list[float], seeds: 
 
 
 def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, steps: int, storage: str,
-                 results_dir: str, old: dict, seconds: float | None = None) -> dict:
+                 results_dir: str, old: dict, seconds: float | None = None, select: bool = True) -> dict:
     """Every (variant, seed) search of one model, its pick exported; the rows and the summary.
     `seconds`: each search starts trials for that long (`search --timeout`) instead of running
-    `n` of them, so every variant gets the same wall time."""
+    `n` of them, so every variant gets the same wall time. `select` False skips the retrained
+    picks (`export --within`), for a comparison of fronts alone."""
     rows, studies = [], []
     for variant in variants:
         for seed in seeds:
@@ -219,6 +220,8 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
                 r["export"] = r["export"] or deep_compression_stages(st, r["trial"], results_dir)
                 r["test_within_half_point"] = bool(r["export"]["test_quality"] >= base_test - 0.005)
             sel = prev.get("selected") if prev.get("selected") and done_before >= n else None
+            if not select:
+                sel = {"retrains": 0, "seconds": 0.0, "tried": [], "trial": None, "skipped": True, "test_best": None}
             sel = sel or selected_within(st, 0.5, results_dir, base_test)
             if "test_best" not in sel:
                 sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fashion-seconds", type=float, default=None,
                    help="each fashion search starts trials for this many seconds (search --timeout) instead of "
                         "running --fashion-trials: every variant gets the same wall time")
+    p.add_argument("--skip-select", action="store_true",
+                   help="fashion part: no retrained picks (export --within), the search's own pick and the fronts only")
     p.add_argument("--parts", default="digits,hv,fashion")
     p.add_argument("--fashion-models", default="lenet300,lenet5")
     p.add_argument("--seeds", default="0", help="fashion part: comma list of seeds, one search each")
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"fashion-{model}" + (f"-t{args.fashion_seconds:g}" if args.fashion_seconds else "")
             old = (out.get(key) or {}).get("runs") or {}
             out[key] = fashion_runs(model, variants, seeds, n, args.fashion_steps, storage, args.results_dir, old,
-                                    seconds=args.fashion_seconds)
+                                    seconds=args.fashion_seconds, select=not args.skip_select)
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
     return 0
