@@ -82,8 +82,9 @@ def better(before: dict | None, after: dict) -> str:
     its validation quality is strictly higher than the retrain's ("after") or the retrain
     diverged and it did not; "after" otherwise. Chosen on validation, never on test. A long
     retrain at a higher rate can lower a lightly pruned plan (lenet300/Fashion-MNIST: a plan at
-    90.34% validation after the search's 1000 steps fell to 90.08% after the 10000-step retrain)."""
-    if before is None or before["val"] is None:
+    90.34% validation after the search's 1000 steps fell to 90.08% after the 10000-step retrain).
+    An export asked to compress only (after["steps"] 0) keeps that."""
+    if before is None or before["val"] is None or not after["steps"]:
         return "after"
     return "before" if after["val"] is None or before["val"] > after["val"] else "after"
 

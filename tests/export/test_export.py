@@ -284,3 +284,14 @@ def test_the_default_retrain_budget_is_the_one_the_cli_names():
     sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
     help_text = next(a.help for a in sub._actions if a.dest == "finetune_steps")
     assert f"default: {RETRAIN_FACTOR}x the study's" in help_text
+
+
+def test_the_export_keeps_the_better_fine_tune_on_validation_unless_asked_to_compress_only():
+    from search.export.retrain import better
+
+    q = lambda val, steps=10: {"val": val, "test": 0.5, "steps": steps}
+    assert better(None, q(0.8)) == "after"  # nothing to compare with
+    assert better(q(0.9), q(0.8)) == "before" and better(q(0.8), q(0.9)) == "after"
+    assert better(q(0.9), q(0.9)) == "after"  # a tie keeps the longer retrain
+    assert better(q(0.9), q(None)) == "before" and better(q(None), q(0.8)) == "after"  # a diverged one never wins
+    assert better(q(0.9), q(0.1, steps=0)) == "after"  # --finetune-steps 0: compressed only, as asked
