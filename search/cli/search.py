@@ -99,8 +99,7 @@ def search_command(args: argparse.Namespace) -> int:
     from search.report.files import report_dir, write_view
     from search.report.view import pareto_frame, read_study
     from search.study.create import finished_count
-    from search.study.loop import check_timeout, past
-    from search.study.loop import NothingToDo
+    from search.study.loop import NothingToDo, check_timeout, past
     from search.study.progress import over_budget_hint
     from search.study.spec import StudySpec, check_study_name
     from search.study.storage import default_url, load_study, open_storage
