@@ -58,7 +58,7 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
                    "--objectives", "quality,latency", "--latency-ms", f"{budget:.6g}", "--trials", str(args.trials),
                    "--finetune-steps", str(args.steps), "--results-dir", args.results_dir, "--study", name, "--quiet"])
     if rc != 0:
-        raise SystemExit(f"search of {model} exited {rc}")
+        raise RuntimeError(f"search of {model} exited {rc}")
     search_s = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=default_url(args.results_dir))
     prof = profile.stem
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     profile = Path(args.profile) if args.profile else Path(args.results_dir, "bench-budgeted-own.toml")
     if args.profile is None and cli.main(["profiles", "calibrate", "--out", str(profile), "--force"]) != 0:
-        raise SystemExit("profiles calibrate failed")
+        raise RuntimeError("profiles calibrate failed")
     calibrate_s = time.perf_counter() - t0
     out = {"machine": platform.processor() or platform.machine(), "profile": str(profile),
            "calibrate_seconds": calibrate_s if args.profile is None else None,
