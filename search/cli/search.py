@@ -141,8 +141,10 @@ def search_command(args: argparse.Namespace) -> int:
         study = load_study(study.study_name, storage)
     front = pareto_frame(study)
     view = out_dir = None
-    # --quiet leaves the report (seconds of plotting) to `hwcompress report`, which a study in memory cannot reach
-    if not args.quiet or args.json or args.storage == "memory":
+    timed_out = past(deadline) and finished_count(study.get_trials(deepcopy=False)) == 0
+    # --quiet leaves the report (seconds of plotting) to `hwcompress report`, which a study in memory cannot reach;
+    # a search the timeout ended before any trial has nothing to report yet
+    if (not args.quiet or args.json or args.storage == "memory") and not timed_out:
         # the report's export commands name this storage and results directory when not the defaults
         view = read_study(study, storage=args.storage, results_dir=args.results_dir)
         out_dir = str(write_view(view, report_dir(args.results_dir, study.study_name)).out_dir)
@@ -153,10 +155,12 @@ def search_command(args: argparse.Namespace) -> int:
     if not idle and past(deadline) and done < stored.n_trials:
         notes.append(f"--timeout {args.timeout:g} s passed after {done} of {stored.n_trials} trials: run the same "
                      "command again to go on")
-    notes += [over_budget_hint(trials, stored.budget, stored.profile_name)] if front.empty else []
+    notes += [over_budget_hint(trials, stored.budget, stored.profile_name)] if front.empty and not timed_out else []
     if args.json:
         url = args.storage or default_url(args.results_dir)
         print(json.dumps(json_summary(study, url, done, front, out_dir)))
+    elif timed_out:
+        print(f"study {study.study_name}: no trial finished before --timeout {args.timeout:g} s")
     elif args.quiet and out_dir is not None:
         print(f"study {study.study_name}: {done} trials, {len(front)} on the Pareto front, report {out_dir}")
     elif args.quiet:

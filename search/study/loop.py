@@ -333,8 +333,8 @@ def check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     if not (math.isfinite(timeout) and timeout > 0):
-        raise UserError(f"--timeout {timeout} must be a positive number of seconds (e.g. 600), or leave it out "
-                        "to run until --trials are done")
+        raise UserError(f"--timeout {timeout:g} must be a positive number of seconds (e.g. 600), or leave it out "
+                        "to run until the study's trials are done")
     return time.monotonic() + timeout
 
 

@@ -127,6 +127,13 @@ def test_timeout_starts_no_trial_after_it_and_a_rerun_goes_on(tmp_path, capsys):
     assert len(_study(results, "t").trials) == 0
     assert cli.main(["worker", "--study", "t", "--results-dir", str(results), "--timeout", "0.001"]) == 0
     assert "ran 0 trials" in capsys.readouterr().err and len(_study(results, "t").trials) == 0
+    # without --quiet: no report of a study with no finished trial, a line that says why (regression:
+    # the report step failed with "no finished trials yet; run hwcompress search first")
+    argv = ["search", *[a for a in SEARCH if a != "--quiet"], "--study", "t", "--trials", "3",
+            "--results-dir", str(results), "--timeout", "0.001"]
+    assert cli.main(argv) == 0
+    got = capsys.readouterr()
+    assert "study t: no trial finished before --timeout 0.001 s" in got.out and "error" not in got.err
     assert start_search(results, "t", 3) == 0
     trials = _study(results, "t").trials
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
