@@ -141,7 +141,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
         def progress(done: int, total: int) -> None:
             if done == total or (tty and done % 25 == 0):
-                print(f"\rtiming kernels: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+                # probe models x rounds, each layer shape in several forms and as a chain of two and four
+                print(f"\rtiming probe models: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
         try:
             kernels, report = calibrate_kernels(shapes, threads=args.threads, min_s=min(args.seconds, 0.3) / 6,
