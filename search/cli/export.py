@@ -106,9 +106,13 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
     screen = check_selection(args.within, args.screen, args.candidates)
     check_target(Path(args.out), args.force)  # before any retrain
     base, unit = study.user_attrs["baseline"], unit_of(study)
+
+    def amount(x: float) -> str:  # "1 point", "0.5 points", "1 dB"
+        return f"{x:g} {unit[:-1] if unit == 'points' and x == 1 else unit}"
+
     print(f"retraining front plans of {args.study} (quality vs compression ratio), in bisection order from those within "
-          f"{screen:g} {unit} of the baseline's validation {base['val_metric']:.4f} (--screen), at most {args.candidates}; "
-          f"the pick: the most compressed within {args.within:g} {unit}:")
+          f"{amount(screen)} of the baseline's validation {base['val_metric']:.4f} (--screen), at most {args.candidates}; "
+          f"the pick: the most compressed within {amount(args.within)}:")
     pick, tried = select_within(study, args.within, screen=screen, candidates=args.candidates,
                                 finetune_steps=args.finetune_steps, learning_rate=args.lr,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))

@@ -23,7 +23,7 @@ from search.study import storage as storage_mod
 from search.study import xla_cache
 from search.study.context import SearchContext, load_context
 from search.study.create import finished_count
-from search.study.loop import IDLE_POLL_S, Claimant, check_timeout, run_trials, worker_id
+from search.study.loop import IDLE_POLL_S, Claimant, check_timeout, past, run_trials, worker_id
 from search.study.progress import nothing_to_do
 from search.study.spec import StudySpec
 
@@ -241,5 +241,10 @@ def run_worker(
     # poll often while others train: waiting a whole heartbeat interval kept a finished
     # study's workers alive up to 30 s after the last trial ended
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    return run_trials(study, storage, ctx, claimant, n_trials, batch or ctx.engine.k, max_trials=max_trials,
-                      on_batch=report, idle_poll=min(IDLE_POLL_S, heartbeat_interval), deadline=deadline)
+    ran = run_trials(study, storage, ctx, claimant, n_trials, batch or ctx.engine.k, max_trials=max_trials,
+                     on_batch=report, idle_poll=min(IDLE_POLL_S, heartbeat_interval), deadline=deadline)
+    done = finished_count(study.get_trials(deepcopy=False))
+    if log and past(deadline) and done < n_trials:
+        print(f"worker {claimant.name}: --timeout {timeout:g} s passed; the study holds {done} of its {n_trials} "
+              "finished trials, for other workers or a rerun", file=sys.stderr, flush=True)
+    return ran

@@ -126,7 +126,9 @@ def test_timeout_starts_no_trial_after_it_and_a_rerun_goes_on(tmp_path, capsys):
     assert "--timeout 0.001 s passed after 0 of 3 trials: run the same command again" in err
     assert len(_study(results, "t").trials) == 0
     assert cli.main(["worker", "--study", "t", "--results-dir", str(results), "--timeout", "0.001"]) == 0
-    assert "ran 0 trials" in capsys.readouterr().err and len(_study(results, "t").trials) == 0
+    err = capsys.readouterr().err
+    assert "ran 0 trials" in err and "--timeout 0.001 s passed; the study holds 0 of its 3" in err
+    assert len(_study(results, "t").trials) == 0
     # without --quiet: no report of a study with no finished trial, a line that says why (regression:
     # the report step failed with "no finished trials yet; run hwcompress search first")
     argv = ["search", *[a for a in SEARCH if a != "--quiet"], "--study", "t", "--trials", "3",
