@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hw_profiles import KERNELS, Budget, HardwareProfile, KernelModel, dump_profile, load_profile
+from hw_profiles.schema import KERNEL_FEATURES
 from search.compression import plan as P
 from search.cost import kernels as K
 from search.cost.roofline import latency_by_kernel, latency_features, price
@@ -210,7 +211,8 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
         "kernels.q8u_block": "the channel block: q8u conv and depthwise probes are fitted with their output channels rounded up to it",
     }
     if profile.kernels is not None:
-        how.update({f"kernels.{k}": "non-negative least squares on the relative error of the timed probes" for k in KERNELS})
+        how.update({f"kernels.{k}": f"us per {', '.join(KERNEL_FEATURES)}: non-negative least squares on the relative "
+                    "error of the timed probes" for k in KERNELS})
     header = (f"{profile.description}.\nWritten {time.strftime('%Y-%m-%d %H:%M')} by `hwcompress profiles calibrate`"
               + (f"; {note}" if note else "") + ".")
     return dump_profile(profile, comments=how if m else {}, header=header)

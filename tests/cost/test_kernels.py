@@ -214,6 +214,7 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     path.write_text(text)
     back = hw_profiles.load_profile(str(path))
     assert back.kernels == k and 'latency_model = "kernels"' in text
+    assert "us per 1, M, N, K, MN, MK, NK, MNK, MT" in text  # each row says what its coefficients multiply
     assert k.q8u_block == k.channel_block  # q8u probes were fitted on whole channel blocks
     plans = P.stack_plans([P.dense_plan(4), P.make_plan([0.5, 0.0, 0.5, 0.0], P.CHANNEL, 8, 8)])
     np.testing.assert_array_equal(price(back, LAYERS, plans).latency_ms, price(profile, LAYERS, plans).latency_ms)
