@@ -141,15 +141,15 @@ def search_command(args: argparse.Namespace) -> int:
         study = load_study(study.study_name, storage)
     front = pareto_frame(study)
     view = out_dir = None
-    timed_out = past(deadline) and finished_count(study.get_trials(deepcopy=False)) == 0
+    trials = study.get_trials(deepcopy=False)
+    done = finished_count(trials)
+    timed_out = past(deadline) and done == 0
     # --quiet leaves the report (seconds of plotting) to `hwcompress report`, which a study in memory cannot reach;
     # a search the timeout ended before any trial has nothing to report yet
     if (not args.quiet or args.json or args.storage == "memory") and not timed_out:
         # the report's export commands name this storage and results directory when not the defaults
         view = read_study(study, storage=args.storage, results_dir=args.results_dir)
         out_dir = str(write_view(view, report_dir(args.results_dir, study.study_name)).out_dir)
-    trials = study.get_trials(deepcopy=False)
-    done = finished_count(trials)
     notes = [f"{note} (pass --trials above {done} to run more)" for note in idle]
     stored = StudySpec.of_study(study)
     if not idle and past(deadline) and done < stored.n_trials:
