@@ -32,13 +32,17 @@ LATENCY_MODELS = ("roofline", "kernels")
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
 # `eltwise`, one unfused elementwise or pooling op on a layer's output (MaxPool, Add, Transpose, a
 # layout reorder; calibrated on ReLU, MaxPool, Add and Transpose), charged as many times as the
-# runtime runs such ops after the layer (search.cost.kernels.eltwise_count)
+# runtime runs such ops after the layer (search.cost.kernels.eltwise_count); and
+# `pool_u8`, a max pooling run on uint8 in NCHW: onnxruntime moves an integer layer's input
+# quantization ahead of the max pooling between it and a float producer, and its uint8 MaxPool
+# is a plain loop, about 5x slower per element than the float one (search.cost.kernels.u8_pooled)
 KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p")
-KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise")
-# a profile calibrated before q8u, f32p and q8p existed prices them as its q8, f32 and q8 kernels
+KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8")
+# a profile calibrated before q8u, f32p, q8p and pool_u8 existed prices them as its q8, f32, q8
+# and eltwise kernels
 # (Dense layers never run f32p or q8p: they keep dense_f32's and dense_q8's coefficients)
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
-    | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS}
+    | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {"pool_u8": "eltwise"}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),
 # and MT, positions times the kernel's taps T (kh*kw; 1 for Dense): im2col copies each tap's

@@ -17,11 +17,16 @@ What it gives per layer (`Coupling`):
   order, repeated `in_repeat` times (a Dense after a flatten reads H*W copies of the segments).
   Pruning a group removes the matching fan-in rows of every reader: the cost model, the size
   breakdown and the export all count exactly these.
+- `max_pooled`: the layer's input passed a max pooling (lax.reduce_window_max, or reduce_max
+  over windows) since the layer that produced it, through nothing but single-input ops
+  (activations, reshapes, transposes, pads). The cost model needs it: onnxruntime moves a
+  quantization ahead of a max pooling, never ahead of an average one (search.cost.kernels).
 
 Pure tracing (jax.make_jaxpr): no FLOPs are run and no parameters change.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -46,6 +51,7 @@ _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and"
            "cumsum", "cummax", "cummin", "cumprod", "cumlogsumexp"}
 _WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_MAX_POOL = {"reduce_window_max", "reduce_max"}  # reduce_max over the channel axis is opaque (no _Act kept)
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,13 @@ class Coupling:
     reads: tuple[Segs, ...]  # [L] fan-in channel segments at one position
     in_repeat: tuple[int, ...]  # [L] how many times `reads` repeats along the fan-in (flatten)
     depthwise: tuple[bool, ...]  # [L] channels follow the input (depthwise conv)
+    max_pooled: tuple[bool, ...] = ()  # [L] the input passed a max pooling since its producing layer
 
 
 @dataclass
 class _Act:
     segs: Segs | None  # None: channel structure unknown
+    max_pooled: bool = False  # passed a max pooling since the layer that produced it
 
 
 @dataclass
@@ -127,6 +135,7 @@ class _Tracer:
         self.depthwise = [False] * n
         self.seen = [False] * n
         self.channels = [0] * n  # output channels of each layer
+        self.max_pooled = [False] * n  # a layer's input passed a max pooling
 
     # ---- union-find ------------------------------------------------------------------------
     def find(self, i: int) -> int:
@@ -196,9 +205,12 @@ class _Tracer:
         shapes = [tuple(v.aval.shape) for v in eqn.invars]
         out_shape = tuple(outs[0].aval.shape)
         try:
-            return self.op(name, eqn, ins, shapes, out_shape)
+            outs = self.op(name, eqn, ins, shapes, out_shape)
         except ValueError:
             pass
+        else:  # a max pooling marks its output; single-input ops pass the mark on
+            pooled = name in _MAX_POOL or (len(acts) == 1 and acts[0].max_pooled)
+            return [dataclasses.replace(o, max_pooled=pooled) if isinstance(o, _Act) else o for o in outs]
         why = f"op {name!r}, which the channel tracer does not follow"
         for a in acts:
             self.fix_segs(a.segs, why)
@@ -320,6 +332,7 @@ class _Tracer:
         c_out = int(eqn.outvars[0].aval.shape[-1])
         self.seen[i] = True
         self.channels[i] = c_out
+        self.max_pooled[i] = self.max_pooled[i] or x.max_pooled
         reads = x.segs
         if name == "dot_general":
             ((lc, rc), (lb, rb)) = p["dimension_numbers"]
@@ -378,7 +391,7 @@ class _Tracer:
             reads.append(segs[: len(segs) // rep] if segs else ())
             repeat.append(rep)
         return Coupling(tuple(leader[roots[i]] for i in range(self.n)), tuple(why[roots[i]] for i in range(self.n)),
-                        tuple(reads), tuple(repeat), tuple(self.depthwise))
+                        tuple(reads), tuple(repeat), tuple(self.depthwise), tuple(self.max_pooled))
 
 
 def _opaque(var) -> _Act:

@@ -22,7 +22,12 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   float, a layout reorder or Transpose, a flatten), on the layer's output; how many each layer
   is charged comes from the graph (`unfused_ops`) and the layer's form. An activation is not
   one: onnxruntime fuses it into the float kernel, and the quantization grid absorbs it in an
-  integer one (the probes time each kernel with its activation).
+  integer one (the probes time each kernel with its activation);
+- `pool_u8`: a max pooling between a layer with a float output and an integer reader
+  (`u8_pooled`). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
+  MaxPool, which then runs on uint8 in NCHW, a plain loop about 5x slower per element than the
+  float MaxPool (lenet5 with a float conv1 and an int8 conv2: 10.5 us of 34); it replaces one
+  `eltwise` op. Between two integer layers the pooling runs as NhwcMaxPool, as fast as a float one.
 
 A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
 to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration),
@@ -50,7 +55,9 @@ from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, K
 
 FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
 # q8p (q8 conv / depthwise off the channel block)
-EMUL, ELTWISE = KERNELS.index("emul"), KERNELS.index("eltwise")
+EMUL, ELTWISE, POOL_U8 = KERNELS.index("emul"), KERNELS.index("eltwise"), KERNELS.index("pool_u8")
+FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("i8"))  # forms whose output is float
+INT_IN = (FORMS.index("q8"), FORMS.index("i8"), FORMS.index("q8u"), FORMS.index("q8p"))  # forms whose input is quantized
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
 
@@ -194,6 +201,28 @@ def unfused_ops(layers: Sequence) -> np.ndarray:
     return out
 
 
+def max_pool_reader(layers: Sequence) -> np.ndarray:
+    """[L] index of a layer that reads layer i's channel group through a max pooling (the traced
+    Layer.max_pooled), -1 when none: where onnxruntime may run that pooling on uint8 (u8_pooled)."""
+    out = np.full(len(layers), -1, np.int64)
+    for i, layer in enumerate(layers):
+        r = next((l for l in layers if l.index != i and l.max_pooled and any(src == layer.group for src, _ in l.reads)), None)
+        if r is not None:
+            out[i] = r.index
+    return out
+
+
+def u8_pooled(reader: np.ndarray, form: np.ndarray) -> np.ndarray:
+    """[K, L] bool: layer i's output is max-pooled on uint8 (the `pool_u8` kernel): its form gives
+    a float output (f32, f32p, i8) and the layer reading it through the max pooling (reader [L],
+    max_pool_reader) quantizes its input (q8, i8, q8u, q8p), so onnxruntime moves that
+    QuantizeLinear ahead of the MaxPool."""
+    reader = np.asarray(reader)
+    form = np.asarray(form)
+    rf = form[..., np.maximum(reader, 0)]
+    return (reader >= 0) & np.isin(form, FLOAT_OUT) & np.isin(rf, INT_IN)
+
+
 def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> np.ndarray:
     """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
     unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
@@ -225,20 +254,23 @@ def q8u_channels(n: np.ndarray, block: int) -> np.ndarray:
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
             out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None,
-            eltwise_n: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+            eltwise_n: np.ndarray | float = 1.0, pool_u8: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
     emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
-    `eltwise_n` [K, L] `eltwise` ops on them (eltwise_count). `second`: (kernel [K, L], feats [K, L, F]) of a second kernel some
-    layers run (a factorized layer's B; all-zero features where none). The per-kind sums are
-    what fit_to_models scales.
+    `eltwise_n` [K, L] `eltwise` ops on them (eltwise_count); pool_u8 [K, L]: 1 where they are
+    max-pooled on uint8 (u8_pooled), a `pool_u8` kernel with M = out_elems. `second`: (kernel
+    [K, L], feats [K, L, F]) of a second kernel some layers run (a factorized layer's B; all-zero
+    features where none). The per-kind sums are what fit_to_models scales.
     """
     coef = np.array([model.coef[k] for k in KERNELS], np.float64)  # [N, F]
     t = np.einsum("klf,klf->kl", coef[kernel], feats) * 1e-6
     e = np.where(emul_in > 0, features(emul_in, 1.0, 1.0) @ coef[EMUL], 0.0) * 1e-6
-    g = eltwise_n * (features(out_elems, 1.0, 1.0) @ coef[ELTWISE]) * 1e-6
+    elt = features(out_elems, 1.0, 1.0)
+    g = eltwise_n * (elt @ coef[ELTWISE]) * 1e-6
+    u = pool_u8 * (elt @ coef[POOL_U8]) * 1e-6
     by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
     if second is not None:
         t2 = np.einsum("klf,klf->kl", coef[second[0]], second[1]) * 1e-6
@@ -246,11 +278,13 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
         t = t + t2
     by_kind[:, EMUL] += e.sum(axis=1)
     by_kind[:, ELTWISE] += g.sum(axis=1)
-    return t + e + g, by_kind
+    by_kind[:, POOL_U8] += np.broadcast_to(u, t.shape).sum(axis=1)
+    return t + e + g + u, by_kind
 
 
 def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out_elems: np.ndarray,
-                 second: tuple[np.ndarray, np.ndarray] | None = None, eltwise_n: np.ndarray | float = 1.0) -> np.ndarray:
+                 second: tuple[np.ndarray, np.ndarray] | None = None, eltwise_n: np.ndarray | float = 1.0,
+                 pool_u8: np.ndarray | float = 0.0) -> np.ndarray:
     """[K, len(KERNELS), F] KERNEL_FEATURES summed per kernel kind over each plan's kernels (the
     arguments are predict's), so that predict's latency of plan k, in microseconds, is
     inference_us + sum(coef * feature_sums[k]) and a fit to whole-model latencies is linear in
@@ -260,7 +294,9 @@ def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out
     if second is not None:
         out += np.einsum("kln,klf->knf", second[0][..., None] == np.arange(len(KERNELS)), second[1])
     out[:, EMUL] += np.where((emul_in > 0)[..., None], features(emul_in, 1.0, 1.0), 0.0).sum(axis=1)
-    out[:, ELTWISE] += (np.asarray(eltwise_n, np.float64)[..., None] * features(out_elems, 1.0, 1.0)).sum(axis=1)
+    elt = features(out_elems, 1.0, 1.0)
+    out[:, ELTWISE] += (np.asarray(eltwise_n, np.float64)[..., None] * elt).sum(axis=1)
+    out[:, POOL_U8] += np.broadcast_to(np.asarray(pool_u8, np.float64)[..., None] * elt, feats.shape).sum(axis=1)
     return out
 
 
@@ -327,7 +363,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
     1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
     A kind the runtime never runs (dense_f32p, dense_q8p; f32p and q8p on a runtime without
-    channel blocks) takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
+    channel blocks; pool_u8 in samples timed before it had a probe) takes the coefficients of the
+    kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     from sklearn.linear_model import LinearRegression
@@ -335,7 +372,7 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
-        if not rows and name.endswith(("_f32p", "_q8p")):
+        if not rows and name.endswith(("_f32p", "_q8p", "pool_u8")):  # pool_u8: samples calibrated before it
             coef[name] = coef[KERNEL_FALLBACK[name]]
             continue
         if len(rows) < MIN_SAMPLES:
@@ -363,7 +400,7 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "eltwise_count", "on_blocks",
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "eltwise_count", "max_pool_reader", "on_blocks",
            "q8_on_blocks", "q8u_channels", "feature_sums", "features", "fit",
            "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
-           "relative_errors", "scaled", "unfused_ops"]
+           "relative_errors", "scaled", "u8_pooled", "unfused_ops"]

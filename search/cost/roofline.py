@@ -105,6 +105,7 @@ class _LayerArrays:
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
     unfused: np.ndarray  # [L, 3]: pooling, flatten, residual add after each layer (kernels.unfused_ops)
+    pool_reader: np.ndarray  # [L]: the layer reading each layer's output through a max pooling, -1 none
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -122,6 +123,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         reads=_reads_matrix(layers),
         chained=K.chained_to(layers),
         unfused=K.unfused_ops(layers),
+        pool_reader=K.max_pool_reader(layers),
         geo=lowrank.geometry(layers),
     )
 
@@ -293,9 +295,10 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
                   np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"], geo["tb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
-        n_elt = K.eltwise_count(la.unfused, form, la.nchwc & ~fact)
-        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt)
-        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt) if feature_sums else None
+        u8 = K.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
+        n_elt = np.maximum(K.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0)
+        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8)
+        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8) if feature_sums else None
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

@@ -10,7 +10,9 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
 - q8u: q8 with 8-bit weights, stored as the export stores them (uint8, zero point 128);
 - emul: the float-op rounding of an activation (Div, Round, Add, Clip, Sub, Mul);
 - eltwise: the unfused op after a layer: ReLU, 2x2 MaxPool, residual Add, NCHW Transpose (each
-  per size; the predictor is their average cost).
+  per size; the predictor is their average cost);
+- pool_u8: a 2x2 MaxPool on a uint8 input in NCHW, as onnxruntime runs the max pooling between a
+  float layer and an integer one (search.cost.kernels.u8_pooled).
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
 Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
@@ -68,11 +70,12 @@ class Shape:
         return K.features(self.out_hw ** 2, n, k, 1 if self.kind == "dense" else self.k * self.k).tolist()
 
 
-def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> bytes:
+def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...],
+           dtype: int = TensorProto.FLOAT) -> bytes:
     g.node("Identity", [out], name="output")
     g.graph.node[-1].output[0] = "output"
-    g.graph.input.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x_shape)))
-    g.graph.output.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape)))
+    g.graph.input.append(helper.make_tensor_value_info("input", dtype, list(x_shape)))
+    g.graph.output.append(helper.make_tensor_value_info("output", dtype, list(out_shape)))
     g.graph.name = "probe"
     model = helper.make_model(g.graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hwcompress-probe")
     model.ir_version = 10
@@ -181,6 +184,14 @@ def eltwise_probe(n: int, op: str) -> tuple[bytes, tuple[int, ...]]:
     else:
         y, out = g.node("Relu", ["input"]), shape
     return _model(g, shape, y, out).SerializeToString(), shape
+
+
+def pool_u8_probe(n: int) -> tuple[bytes, tuple[int, ...]]:
+    """A 2x2 MaxPool over about n uint8 elements in NCHW (the model's input is uint8)."""
+    c = max(1, int(round(n / 64)))
+    g = GraphBuilder()
+    y = g.node("MaxPool", ["input"], kernel_shape=[2, 2], strides=[2, 2])
+    return _model(g, (1, c, 8, 8), y, (1, c, 4, 4), TensorProto.UINT8).SerializeToString(), (1, c, 8, 8)
 
 
 def _nchwc_out(shape: Shape, threads: int) -> int:
@@ -295,7 +306,7 @@ def _relu_chain(n: int) -> bytes:
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
                     rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1,
                     align: int = 1) -> tuple[list[tuple[str, list[float], float]], float]:
-    """Time every shape in every form, and the emul and eltwise ops at `sizes` elements (default
+    """Time every shape in every form, and the emul, eltwise and pool_u8 ops at `sizes` elements (default
     16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
 
     f32 and q8 layers are measured where they run in a network, between other layers of their
@@ -303,7 +314,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     against X, P; the difference is one X and one P in the middle of a chain (no layout reorders,
     quantize or dequantize at its ends: those belong to the network's first and last layers), and
     the sample's features are X's plus P's (the predictors are linear in them). i8 layers (float
-    output, their input quantization and output scaling included), emul and eltwise ops are
+    output, their input quantization and output scaling included), emul, eltwise and pool_u8 ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
     interleaved rounds (the fastest run of all rounds is kept). `block`, `align`: the runtime's
@@ -340,8 +351,12 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
         for op in ELTWISE_OPS:
             model, xs = eltwise_probe(n, op)
             jobs.append(("eltwise", model, xs, K.features(np.prod(xs), 1, 1).tolist(), 0))
+        model, xs = pool_u8_probe(n)
+        jobs.append(("pool_u8", model, xs, K.features(np.prod(xs), 1, 1).tolist(), 0))
     rng = np.random.default_rng(0)
-    sessions = [(session(m, threads), rng.random(xs, dtype=np.float32)) for _, m, xs, _, _ in jobs]
+    sessions = [(sess, rng.integers(0, 256, xs, dtype=np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)"
+                 else rng.random(xs, dtype=np.float32))
+                for sess, xs in ((session(m, threads), xs) for _, m, xs, _, _ in jobs)]
     best = np.full(len(jobs), np.inf)
     for r in range(rounds):
         for i, (sess, x) in enumerate(sessions):
@@ -385,10 +400,15 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
     err = np.abs(K.relative_errors(model, samples))
     report.update(fit_median_error=float(np.median(err)), fit_within_10pct=float(np.mean(err <= 0.10)))
     try:
-        order = np.random.default_rng(0).permutation(len(samples))  # a random half: samples come in kind cycles
-        half = K.fit([samples[i] for i in order[0::2]], base, "check", channel_block=block, channel_align=align,
+        rng = np.random.default_rng(0)  # a random half of each kind's samples (samples come in kind cycles)
+        kinds = np.array([n for n, _, _ in samples])
+        fit_half = np.zeros(len(samples), bool)
+        for k in set(kinds):
+            idx = rng.permutation(np.flatnonzero(kinds == k))
+            fit_half[idx[0::2]] = True
+        half = K.fit([s for s, f in zip(samples, fit_half) if f], base, "check", channel_block=block, channel_align=align,
                      q8u_block=block)
-        err = np.abs(K.relative_errors(half, [samples[i] for i in order[1::2]]))
+        err = np.abs(K.relative_errors(half, [s for s, f in zip(samples, fit_half) if not f]))
         report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))
     except ValueError:
         pass

@@ -75,6 +75,32 @@ def test_layer_called_twice_couples_its_two_inputs():
     assert by["a"].fixed is None and by["shared"].fixed is None
 
 
+class Pools(nn.Module):
+    """conv, ReLU, 2x2 max pooling, conv, average pooling, conv, max pooling as reshape + max,
+    flatten, Dense; and a residual add after a max pooling."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.max_pool(nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="a")(x)), (2, 2), (2, 2))
+        b = nn.avg_pool(nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="b")(a)), (2, 2), (2, 2))
+        c = nn.relu(nn.Conv(6, (1, 1), name="c")(b))
+        n, h, w, ch = c.shape
+        c = c.reshape(n, h // 2, 2, w // 2, 2, ch).max(axis=(2, 4))
+        d = nn.Dense(3, name="d")(c.reshape(n, -1))
+        e = nn.Dense(3, name="e")(nn.max_pool(b, (2, 2), (2, 2)).reshape(n, -1) + c.reshape(n, -1)[:, :4])
+        return d + e
+
+
+def test_a_layer_knows_whether_its_input_passed_a_max_pooling():
+    """max_pooled: after lax.reduce_window_max (nn.max_pool) or a reduce_max over windows, through
+    activations and a flatten; not after an average pooling, and not after an op with a second
+    activation input (the add), where onnxruntime would not move a quantization ahead of the pool."""
+    layers, _, _ = _groups(Pools())
+    assert {l.name: l.max_pooled for l in layers} == {"a": False, "b": True, "c": False, "d": True, "e": False}
+    layers, _, _ = _groups(ResNet())  # a global average pooling before the head
+    assert not any(l.max_pooled for l in layers)
+
+
 def test_unknown_op_keeps_the_channels_it_reads_and_says_why():
     class Sorts(nn.Module):
         @nn.compact

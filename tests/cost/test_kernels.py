@@ -188,6 +188,38 @@ def test_unfused_ops_come_from_the_graph_and_the_form():
     np.testing.assert_allclose(ops(4, 8), [0, 0, 1, 0])  # the same on integer kernels: no reorder
 
 
+def test_a_max_pooling_between_a_float_and_an_integer_layer_is_priced_on_uint8():
+    """onnxruntime moves an integer layer's QuantizeLinear ahead of the max pooling in front of it,
+    so a float conv's pooled output is pooled on uint8 (the slow `pool_u8` kernel) when, and only
+    when, the layer reading it through the pooling is integer; that pooling replaces one eltwise
+    op. Not after an average pooling (the reader is not max_pooled), and a profile calibrated
+    before pool_u8 prices it as an eltwise op, as it did."""
+    pooled = (_conv(0, 1, 8, 8), dataclasses.replace(_conv(1, 8, 8, 4, src=0), max_pooled=True),
+              dataclasses.replace(dense(2, 32, 10), reads=((1, 8),), in_repeat=4, max_pooled=True))
+    assert K.max_pool_reader(pooled).tolist() == [1, 2, -1]
+    coef = {name: (0.0,) * 9 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 8, "pool_u8": (0.0, 0.01) + (0.0,) * 7}
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=8, channel_align=4))
+    lat = lambda layers, w, a: price(prof, layers, P.make_plan([0.0] * 3, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
+    # float conv0 (blocked: reorder, pool, reorder), int8 conv1 (chained to the int8 head: no reorders)
+    u8 = 0.01 * 8 * 8 * 8  # conv0's 512 output elements, 0.01 us each on uint8
+    np.testing.assert_allclose(lat(pooled, [32, 4, 4], [32, 8, 8]), [2 + u8, 1 + 1, 0])
+    np.testing.assert_allclose(lat(pooled, [32, 32, 32], [32, 32, 32]), [3, 3 + 2, 0])  # all float: no uint8 pooling
+    np.testing.assert_allclose(lat(pooled, [4, 4, 4], [8, 8, 8]), [1, 1 + 1, 0])  # all integer: NhwcMaxPool, one op
+    # float conv1 into the integer head: conv1's output is pooled on uint8 too
+    np.testing.assert_allclose(lat(pooled, [4, 32, 4], [8, 32, 8]), [1, 4 + 0.01 * 128, 0])
+    avg = tuple(dataclasses.replace(l, max_pooled=False) for l in pooled)
+    np.testing.assert_allclose(lat(avg, [32, 4, 4], [32, 8, 8]), [3, 2, 0])
+    text = profile_toml(dataclasses.replace(prof, kernels=dataclasses.replace(prof.kernels, coef=MappingProxyType(
+        coef | {"pool_u8": coef["eltwise"]}))))
+    old_text = re.sub(r"(?m)^pool_u8 = .*\n", "", text)
+    assert "pool_u8 = " in text and "pool_u8" not in old_text
+    before = hw_profiles.profile_from_text(old_text)
+    assert before.kernels.coef["pool_u8"] == coef["eltwise"]
+    np.testing.assert_allclose(price(before, pooled, P.make_plan([0.0] * 3, P.CHANNEL, [32, 4, 4], [32, 8, 8])).layer_latency_ms[0] * 1e3,
+                               [3, 2, 0])
+
+
 def test_sampled_shapes_feed_both_float_and_both_int8_paths():
     """Calibration's sampled shapes give blocked and plain float conv and depthwise probes, and
     int8 ones on and off the channel block (16 on AVX-512, 8 on AVX2)."""
@@ -209,6 +241,7 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     assert 0 <= report["held_out_median_error"] < 10  # the form's check on a random half ran
     assert all(c >= 0 for v in k.coef.values() for c in v)
     assert all(any(c > 0 for c in k.coef[name]) for name in KERNELS)  # every kind learned something
+    assert report["per_kernel"]["pool_u8"] > 0  # the uint8 pooling had probes of its own
     text = profile_toml(profile, MACHINE)
     path = tmp_path / "here.toml"
     path.write_text(text)
