@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from hw_profiles import HardwareProfile, load_profile
 from search.compression import lowrank, quant
 from search.compression.layers import discover_layers
-from search.compression.plan import CODEBOOK, FLOAT, Plan, stack_plans
+from search.compression.plan import CHANNEL, CODEBOOK, FLOAT, Plan, stack_plans
 from search.cost.budget import costs_at
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
@@ -168,7 +168,22 @@ def snap_params(params: Any, layers, plan: Plan, masks, scales=None, factors=Non
     return out, tensors, infos
 
 
-def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
+def channel_alignment(profile: HardwareProfile | str | Path | None) -> tuple[int, int]:
+    """(float, integer) multiples that onnxruntime's fast conv kernels want of output channel
+    counts, as a calibrated profile measured them: its channel alignment for float convs (the
+    blocked NCHWc kernels; off it they run the plain ones, 2-3x slower on MobileNetV2) and its
+    channel block for integer ones (off it, the remainder path); (1, 1) for a profile without a
+    kernel model (no runtime measured: removed channels are simply removed)."""
+    k = load_profile(profile).kernels if profile is not None else None
+    if k is None or k.channel_block <= 1:
+        return 1, 1
+    return int(k.channel_align), int(k.channel_block)
+
+
+def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges, masks=None, align: tuple[int, int] = (1, 1)) -> dict:
+    """LayerExport per layer. A conv's all-zero output channels are removed, then kept back up to
+    a multiple of `align` (channel_alignment: float, integer kernel), within the channels the
+    cost model priced: all of them, or those its channel pruning kept (`masks`)."""
     out = {}
     for l in layers:
         wb, ab, info = int(plan.weight_bits[l.index]), int(plan.act_bits[l.index]), infos[l.name]
@@ -187,6 +202,13 @@ def _onnx_exports(layers, plan: Plan, tensors, infos, act_ranges) -> dict:
             out[l.name] = LayerExport(l.name, "int", _int_codes(tensors[l.name], info, wb), tensors[l.name]["scale"], act)
         else:
             out[l.name] = LayerExport(l.name, "float", act=act)
+        e = out[l.name]
+        if l.kind == "conv" and e.factors is None and max(align) > 1:
+            integer = e.weight == "int" and act is not None and ab <= 8
+            cap = l.out_channels
+            if masks is not None and int(plan.granularity[l.index]) == CHANNEL:
+                cap = int(np.any(np.asarray(masks[l.name]).reshape(-1, l.out_channels) != 0, axis=0).sum())
+            out[l.name] = dataclasses.replace(e, align=align[1] if integer else align[0], cap=cap)
     return out
 
 
@@ -271,7 +293,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = metric(task, predict, back, x, y)
 
-    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges)
+    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges, cm.masks, channel_alignment(profile))
     layers_by_name = {l.name: l for l in layers}
     # the deployed input: the test split's examples (whole images for vdsr and demosaicnet,
     # which train on patches), the shape the ONNX model is checked and timed at

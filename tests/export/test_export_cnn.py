@@ -175,3 +175,54 @@ def test_nnx_resnet_int8_channel_pruned_export_keeps_nothing_back(tmp_path):
     x = task.data.x_test[:64]
     want = engine.predict(engine.run(fplan, return_models=True, finetune=False).models[0], x)
     np.testing.assert_allclose(np.asarray(user(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+
+
+def _runtime_profile(block: int, align: int):
+    """A calibrated profile (synthetic coefficients) of a runtime with blocked float convs."""
+    from types import MappingProxyType
+
+    import hw_profiles
+    from hw_profiles import KERNELS
+    from search.cost.calibrate import calibrated_profile
+    from tests.cost.test_kernels import MACHINE
+
+    coef = MappingProxyType({name: (1.0,) + (0.0,) * 8 for name in KERNELS})
+    return calibrated_profile(MACHINE, name="blocked", kernels=hw_profiles.KernelModel(
+        1.0, coef, "synthetic", channel_block=block, channel_align=align, q8u_block=block))
+
+
+def test_channels_emptied_by_unstructured_pruning_go_only_down_to_the_runtime_alignment(tmp_path):
+    """Unstructured pruning empties whole output channels, which the export removes; on a runtime
+    whose fast conv kernels want multiples of its channel alignment (float) or channel block
+    (integer), an odd count would run 2-3x slower (MobileNetV2 at 90%: 180 us against 126 dense),
+    so some empty channels stay, never past the count the cost model priced: a channel-pruned
+    layer keeps exactly its plan's channels. The export still agrees with Flax."""
+    task, variables = _task("mobilev2")
+    engine = Engine(task, variables, FinetuneConfig(steps=0, k=1, calib_examples=64))
+    layers = engine.layers
+    prof = _runtime_profile(16, 4)
+    sparse = P.make_plan([0.0 if l.fixed else 0.9 for l in layers], P.UNSTRUCTURED, 32, 32)
+    convs = [l for l in layers if l.kind == "conv"]
+    counts = {}
+    for label, profile in (("none", None), ("blocked", prof)):
+        r = export_plan(task, variables, sparse, tmp_path / label, engine=engine, profile=profile)
+        counts[label] = {c["name"]: c["onnx_out_channels"] for c in r.config["layers"]}
+        assert r.onnx_agreement >= 0.999 and r.onnx_max_abs_diff < 1e-3, label
+    assert any(counts["none"][l.name] % 4 for l in convs), counts["none"]  # the pruning did empty channels
+    for l in convs:
+        n = counts["blocked"][l.name]
+        assert n % 4 == 0 or n == l.out_channels, (l.name, n)
+        assert counts["none"][l.name] <= n <= l.out_channels
+    # integer layers round up to the channel block, capped by a channel-pruned plan's own count
+    ratio = np.array([0.0 if l.fixed else 0.5 for l in layers])
+    pruned = P.make_plan(ratio, P.CHANNEL, 8, 8)
+    r = export_plan(task, variables, pruned, tmp_path / "int8", engine=engine, profile=_runtime_profile(16, 16))
+    tied = tie_plan(pruned, layers)
+    assert [c["onnx_out_channels"] for c in r.config["layers"]] == [
+        l.out_channels - round(tied.ratio[l.index] * l.out_channels) for l in layers]
+    r = export_plan(task, variables, P.make_plan([0.0 if l.fixed else 0.9 for l in layers], P.UNSTRUCTURED, 8, 8),
+                    tmp_path / "int8-sparse", engine=engine, profile=_runtime_profile(16, 16))
+    for l, c in zip(layers, r.config["layers"]):
+        if l.kind == "conv":
+            assert c["onnx_out_channels"] % 16 == 0 or c["onnx_out_channels"] == l.out_channels, (l.name, c)
+    assert r.onnx_agreement >= 0.99

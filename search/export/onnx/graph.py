@@ -25,6 +25,11 @@ class LayerExport:
     act: tuple[float, float, int] | None = None  # input quantization (scale, zero point, bits)
     prune: bool = True  # remove all-zero output channels
     drop: tuple[int, ...] = ()  # output channels nobody reads (a depthwise consumer's zero filters)
+    # the runtime's fast kernels want output channel counts that are multiples of `align`: the
+    # kept count is rounded up to one (all-zero channels kept), but not past `cap` channels (the
+    # count the cost model priced), so an export never runs more channels than it was priced at
+    align: int = 1
+    cap: int | None = None
     # a factorized layer (search.compression.lowrank): (form, A [m, r], B [r, n]) float32 (form a
     # plan.FORMS code), whose product is the kernel's matrix in that form; written as the pair
     # of layers the form is (search.export.onnx.layers)

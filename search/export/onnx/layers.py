@@ -68,12 +68,24 @@ class LayerRules:
         return Act(name, x.shape, x.nchw, sel, x.src)
 
     def _out_keep(self, name: str | None, spec: LayerExport | None, w2: np.ndarray) -> np.ndarray:
-        """Output channels to materialise: all-zero kernel columns go (when allowed)."""
+        """Output channels to materialise: all-zero kernel columns go (when allowed), then some
+        come back so that the count is a multiple of spec.align, up to spec.cap (the lowest
+        dead channels first, those nobody reads last)."""
+        n = w2.shape[1]
         live = np.any(w2 != 0, axis=0)
         if name is None or spec is None or not spec.prune:
-            return np.arange(w2.shape[1])
+            return np.arange(n)
         live[list(spec.drop)] = False
-        return np.flatnonzero(live) if live.any() else np.arange(1)
+        keep = np.flatnonzero(live) if live.any() else np.arange(1)
+        cap = n if spec.cap is None else max(int(spec.cap), keep.size)
+        target = min(-(-keep.size // spec.align) * spec.align, cap, n)
+        if target > keep.size:
+            dropped = np.zeros(n, bool)
+            dropped[list(spec.drop)] = True
+            dead = np.setdiff1d(np.arange(n), keep)
+            dead = np.concatenate([dead[~dropped[dead]], dead[dropped[dead]]])
+            keep = np.sort(np.concatenate([keep, dead[: target - keep.size]]))
+        return keep
 
     def _weight(self, spec: LayerExport | None, w: np.ndarray, q: np.ndarray | None,
                 scale: np.ndarray | None, axis: int) -> str:
@@ -188,9 +200,10 @@ class LayerRules:
             keep = np.arange(cin) if x.sel is None else x.sel.keep
             zero = ~np.any(w2 != 0, axis=0)  # pruned filters: their input channel is never read
             src_spec = self.exports.get(x.src or "", LayerExport(x.src or "")) if x.src else None
+            unread = np.setdiff1d(keep[zero[keep]], src_spec.drop) if src_spec is not None else keep[:0]
             if spec is not None and spec.prune and src_spec is not None and src_spec.prune \
-                    and np.any(zero[keep]) and src_spec.name != name:
-                raise Drop(x.src, keep[zero[keep]])
+                    and unread.size and src_spec.name != name:  # (not those the producer keeps for its alignment)
+                raise Drop(x.src, unread)
             bias = None
             if x.sel is not None:  # absent channels stay absent: their fill goes through the conv
                 dead = np.isnan(x.sel.fill).any(axis=(0, 1)) & ~zero
