@@ -288,11 +288,27 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             nb, kb = K.blocked(n, k / la.area, la.area, block, dw)
             n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
+        # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
+        # by their own channel counts: A has r outputs, B reads r (a rank of 10 or 25 runs plain)
+        na, ka = rk, geo["ka"] * keep_a
+        nb2, kb2 = geo["nb"] * keep_b, rk * geo["kb"]
+        b_form = np.full(r.shape, K.FORMS.index("f32"))
+        if block > 1:
+            conv_fact = fact & la.nchwc & ~kron
+            ta, tb = np.maximum(geo["ta"], 1), np.maximum(geo["tb"], 1)
+            a_f32 = conv_fact & (form == K.FORMS.index("f32"))
+            a_blk = a_f32 & K.on_blocks(na, ka / ta, block, align)
+            b_blk = conv_fact & K.on_blocks(nb2, kb2 / tb, block, align)
+            (na_b, ka_b), (nb_b, kb_b) = K.blocked(na, ka / ta, ta, block), K.blocked(nb2, kb2 / tb, tb, block)
+            na, ka = np.where(a_blk, na_b, na), np.where(a_blk, ka_b, ka)
+            nb2, kb2 = np.where(b_blk, nb_b, nb2), np.where(b_blk, kb_b, kb2)
+            form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), form)
+            b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), b_form)
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
-                      K.features(geo["pa"], rk, geo["ka"] * keep_a, geo["ta"]))
+                      K.features(geo["pa"], na, ka, geo["ta"]))
         feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
-        second = (K.kernel_index(la.kind, np.full(r.shape, K.FORMS.index("f32"))),
-                  np.where(fact[..., None], K.features(geo["pb"], geo["nb"] * keep_b, rk * geo["kb"], geo["tb"]), 0.0))
+        second = (K.kernel_index(la.kind, b_form),
+                  np.where(fact[..., None], K.features(geo["pb"], nb2, kb2, geo["tb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
         u8 = K.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op

@@ -122,6 +122,25 @@ def test_float_convolutions_off_the_channel_alignment_run_the_plain_kernels():
     assert kept(0.3125) == 22 and lat(0.3125) == pytest.approx(5 * macs(22, 32))  # 22: plain, unpadded
 
 
+def test_a_factorized_conv_runs_its_two_kernels_blocked_or_plain_by_its_rank():
+    """An SVD-factorized 3x3 conv (32 -> 32) is r 3x3 filters then a 1x1 conv: at rank 8 both run
+    on the blocked kernels (8 outputs, then 8 inputs, below the block of 16), at rank 10 the first
+    has 10 outputs, off the alignment of 4, and runs the plain kernels (onnxruntime's profile of
+    lenet5 factorized at ranks 10 and 25 took 1.6x the blocked prediction); the 1x1 conv reads 10
+    channels, below the block, and stays blocked."""
+    coef = {name: (0.0,) * 9 for name in KERNELS}
+    coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32p": (5.0,) + (0.0,) * 8}  # per call: plain 5x dearer
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    layers = (_conv(0, 32, 32, 8),)
+    lat = lambda rank: float(price(prof, layers, P.make_plan([0.0], rank=rank)).layer_latency_ms[0, 0]) * 1e3
+    full = min(9 * 32, 32)  # the SVD form's full rank
+    assert lat(8 / full) == pytest.approx(1 + 1)  # both blocked
+    assert lat(10 / full) == pytest.approx(5 + 1)  # A plain, B blocked
+    unblocked = calibrated_profile(MACHINE, name="b", kernels=dataclasses.replace(prof.kernels, channel_block=1, channel_align=1))
+    assert float(price(unblocked, layers, P.make_plan([0.0], rank=10 / full)).layer_latency_ms[0, 0]) * 1e3 == pytest.approx(2)
+
+
 def test_int8_convolutions_off_the_channel_block_run_the_remainder_kernels():
     """A QLinear conv or depthwise conv (weights <= 7 bits) whose kept output channels are not a
     multiple of the channel block (measured: a depthwise one 2-3x slower) is priced as a q8p
