@@ -104,8 +104,12 @@ class KernelModel:
 
     def __post_init__(self) -> None:
         n = len(KERNEL_FEATURES)
-        if any(len(v) != n for v in self.coef.values()):  # an older row: no per-tap term
-            padded = {k: tuple(v) + (0.0,) * (n - len(v)) for k, v in self.coef.items()}
+        coef = dict(self.coef)
+        for k in KERNELS:  # a kind calibrated after the model was made: its fallback's predictor
+            if k not in coef and KERNEL_FALLBACK.get(k) in coef:
+                coef[k] = coef[KERNEL_FALLBACK[k]]
+        if len(coef) != len(self.coef) or any(len(v) != n for v in coef.values()):  # an older row: no per-tap term
+            padded = {k: tuple(v) + (0.0,) * (n - len(v)) for k, v in coef.items()}
             object.__setattr__(self, "coef", MappingProxyType(padded))
 
 

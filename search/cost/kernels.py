@@ -153,16 +153,17 @@ def blocked(n: np.ndarray, cin: np.ndarray, area: np.ndarray, block: int, depthw
 def on_blocks(n: np.ndarray, cin: np.ndarray, block: int, align: int, depthwise: np.ndarray | bool = False) -> np.ndarray:
     """[...] bool: whether a float 2-D convolution with n output channels and cin input channels
     per group runs on onnxruntime's blocked NCHWc kernels (else on its plain im2col / grouped
-    kernels, form f32p). Measured on an AVX-512 host (block 16, align 4): a 3x3 conv with 20, 24,
-    28 or 32 channels runs as 32 (blocked), with 22, 26, 30 or 34 on the plain path (17, 22, 26, 32
-    us at 14x14 where the blocked kernel is 14 at 32 channels); a depthwise conv with 86 channels
-    took 33 us where 84 and 88 took 4. Rule: n a multiple of `align`, and cin too unless it is
-    below the block (read unpadded) or the conv is depthwise. block <= 1: no blocked kernels."""
+    kernels, form f32p). Read off the graph onnxruntime optimizes on an AVX-512 host (block 16,
+    align 4; its NchwcTransformer): a conv's output channels are padded up to the block whatever
+    their count (32 -> 22 and 32 -> 50 run blocked), its input channels must be below the block
+    (read unpadded) or a multiple of `align` (22 -> 32 and 50 -> 32 run plain: 17 us at 14x14
+    where the blocked kernel takes 14); a depthwise conv's channels must be a multiple of `align`
+    (86 channels took 33 us where 84 and 88 took 4). block <= 1: no blocked kernels."""
     if block <= 1:
         return np.zeros(np.broadcast_shapes(np.shape(n), np.shape(cin)), bool)
     n, cin = np.round(np.asarray(n, np.float64)), np.round(np.asarray(cin, np.float64))
-    ok_in = np.asarray(depthwise, bool) | (cin < block) | (np.mod(cin, align) == 0)
-    return (np.mod(n, align) == 0) & ok_in
+    dw = np.asarray(depthwise, bool)
+    return np.where(dw, np.mod(n, align) == 0, (cin < block) | (np.mod(cin, align) == 0))
 
 
 def q8_on_blocks(n: np.ndarray, block: int) -> np.ndarray:

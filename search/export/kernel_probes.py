@@ -236,22 +236,29 @@ def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
-    """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3;
-    every other conv and depthwise shape has its channel counts rounded to multiples of 16, so
-    both the runtime's blocked float kernels and its plain ones (kernels.on_blocks), and both
-    int8 paths (kernels.q8_on_blocks, on a channel block of 8 or 16), get samples."""
+    """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3.
+    Conv shapes cycle through three kinds, so that a chain of the shape and its partner (which
+    reads its output: measure_kernels) runs on each of the runtime's float paths
+    (kernels.on_blocks) and each int8 path (kernels.q8_on_blocks, a channel block of 8 or 16):
+    both counts multiples of 16 (blocked, int8 on the block); input channels below 16 (an image
+    stem: blocked with an unpadded input) and output channels a multiple of 16; both counts odd
+    and above 16 (the plain float kernels, the int8 remainder path). Every other depthwise shape
+    has its channels rounded to a multiple of 16."""
     rng = np.random.default_rng(seed)
     out: list[Shape] = []
+    up16 = lambda c: max(16, 16 * round(c / 16))
+    odd = lambda c: max(17, c | 1)
     for i in range(n):
-        up16 = (lambda c: max(16, 16 * round(c / 16))) if i % 2 == 0 else (lambda c: c)
         out.append(Shape("dense", _log_int(rng, 8, 2048), _log_int(rng, 8, 1024)))
         hw, k, s = int(rng.choice([4, 7, 8, 14, 16, 28, 32])), int(rng.choice([1, 3, 3, 5])), int(rng.choice([1, 1, 2]))
         budget = 6e6  # keep a probe under a few ms: MACs <= budget
         cin, cout = _log_int(rng, 1, 256), _log_int(rng, 2, 256)
         while cin * cout * k * k * (hw // s) ** 2 > budget and max(cin, cout) > 4:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
-        out.append(Shape("conv", up16(cin), up16(cout), hw, k, s))
-        c = up16(_log_int(rng, 8, 768))
+        cin, cout = ((up16(cin), up16(cout)), (min(cin, 15), up16(cout)), (odd(cin), odd(cout)))[i % 3]
+        out.append(Shape("conv", cin, cout, hw, k, s))
+        c = _log_int(rng, 8, 768)
+        c = up16(c) if i % 2 == 0 else c
         out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
     return out
 
