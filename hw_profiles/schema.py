@@ -35,7 +35,7 @@ LATENCY_MODELS = ("roofline", "kernels")
 # runtime runs such ops after the layer (search.cost.kernels.eltwise_count); and
 # `pool_u8`, a max pooling run on uint8 in NCHW: onnxruntime moves an integer layer's input
 # quantization ahead of the max pooling between it and a float producer, and its uint8 MaxPool
-# is a plain loop, about 5x slower per element than the float one (search.cost.kernels.u8_pooled)
+# is a plain loop, about 10x slower per element than the float one (search.cost.kernels.u8_pooled)
 KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8")
 # a profile calibrated before q8u, f32p, q8p and pool_u8 existed prices them as its q8, f32, q8

@@ -25,7 +25,7 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   integer one (the probes time each kernel with its activation);
 - `pool_u8`: a max pooling between a layer with a float output and an integer reader
   (`u8_pooled`). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
-  MaxPool, which then runs on uint8 in NCHW, a plain loop about 5x slower per element than the
+  MaxPool, which then runs on uint8 in NCHW, a plain loop about 10x slower per element than the
   float MaxPool (lenet5 with a float conv1 and an int8 conv2: 10.5 us of 34); it replaces one
   `eltwise` op. Between two integer layers the pooling runs as NhwcMaxPool, as fast as a float one.
 
