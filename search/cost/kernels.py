@@ -362,7 +362,10 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     depthwise ones with output channels rounded up to `q8u_block` (q8u_channels).
 
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
-    1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)).
+    1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)). The f32
+    kinds (onnxruntime's blocked NCHWc kernels and float GEMMs, which convolve without im2col)
+    get no MT term: fitted on chained probes it took cost from the per-MAC terms and priced
+    lenet5's 1-channel 5x5 stem at 3x its time.
     A kind the runtime never runs (dense_f32p, dense_q8p; f32p and q8p on a runtime without
     channel blocks; pool_u8 in samples timed before it had a probe) takes the coefficients of the
     kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
@@ -380,6 +383,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
             raise ValueError(f"kernel {name}: {len(rows)} measurements, need at least {MIN_SAMPLES}; time more shapes")
         x = np.array([f for f, _ in rows], np.float64)
         y = np.array([v for _, v in rows], np.float64)
+        if name.endswith("_f32"):  # blocked NCHWc kernels convolve directly: no im2col, no per-tap copies
+            x[:, KERNEL_FEATURES.index("MT")] = 0.0
         scale = np.maximum(x.max(axis=0), 1e-12)  # well-conditioned columns; undone below
         reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
         coef[name] = tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)

@@ -237,13 +237,12 @@ def _log_int(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
     """n shapes of each layer kind, log-uniform channels, spatial sizes 4..32, kernels 1 and 3.
-    Conv shapes cycle through three kinds, so that a chain of the shape and its partner (which
-    reads its output: measure_kernels) runs on each of the runtime's float paths
-    (kernels.on_blocks) and each int8 path (kernels.q8_on_blocks, a channel block of 8 or 16):
-    both counts multiples of 16 (blocked, int8 on the block); input channels below 16 (an image
-    stem: blocked with an unpadded input) and output channels a multiple of 16; both counts odd
-    and above 16 (the plain float kernels, the int8 remainder path). Every other depthwise shape
-    has its channels rounded to a multiple of 16."""
+    Conv shapes cycle so that a chain of the shape and its partner (which reads its output:
+    measure_kernels) runs on each of the runtime's float paths (kernels.on_blocks) and each int8
+    path (kernels.q8_on_blocks, a channel block of 8 or 16): every other one has both counts
+    rounded to multiples of 16 (blocked, int8 on the block), every fourth both counts odd and
+    above 16 (the plain float kernels, the int8 remainder path), the rest as sampled (image stems
+    among them). Every other depthwise shape has its channels rounded to a multiple of 16."""
     rng = np.random.default_rng(seed)
     out: list[Shape] = []
     up16 = lambda c: max(16, 16 * round(c / 16))
@@ -255,7 +254,7 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
         cin, cout = _log_int(rng, 1, 256), _log_int(rng, 2, 256)
         while cin * cout * k * k * (hw // s) ** 2 > budget and max(cin, cout) > 4:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
-        cin, cout = ((up16(cin), up16(cout)), (min(cin, 15), up16(cout)), (odd(cin), odd(cout)))[i % 3]
+        cin, cout = ((up16(cin), up16(cout)), (cin, cout), (up16(cin), up16(cout)), (odd(cin), odd(cout)))[i % 4]
         out.append(Shape("conv", cin, cout, hw, k, s))
         c = _log_int(rng, 8, 768)
         c = up16(c) if i % 2 == 0 else c

@@ -249,8 +249,6 @@ def test_sampled_shapes_feed_both_float_and_both_int8_paths():
         runs = [{bool(K.on_blocks(x.cout, 1 if dw else x.cin, 16, 4, dw)) for x in (s, kp.partner(s))}
                 for s in shapes if s.kind == kind]
         assert {True} in runs and {False} in runs, (kind, runs)
-        if not dw:  # an image stem's unpadded input on the blocked kernels
-            assert any(s.cin < 16 and r == {True} for s, r in zip([s for s in shapes if s.kind == kind], runs))
         for block in (8, 16):
             paths = [bool(K.q8_on_blocks(s.cout, block) & K.q8_on_blocks(s.cin, block)) for s in shapes if s.kind == kind]
             off = [not (K.q8_on_blocks(s.cout, block) | K.q8_on_blocks(s.cin, block)) for s in shapes if s.kind == kind]
