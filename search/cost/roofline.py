@@ -289,7 +289,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
         # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
-        # by their own channel counts: A has r outputs, B reads r (a rank of 10 or 25 runs plain)
+        # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
         na, ka = rk, geo["ka"] * keep_a
         nb2, kb2 = geo["nb"] * keep_b, rk * geo["kb"]
         b_form = np.full(r.shape, K.FORMS.index("f32"))
