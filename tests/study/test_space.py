@@ -12,6 +12,7 @@ from search.compression import lowrank
 from search.study.space import (
     KRONECKER_RANK_SCALE,
     Space,
+    aligned_rank,
     aligned_ratio,
     extreme_plans,
     nearest_bits,
@@ -266,3 +267,19 @@ def test_a_profile_with_blocked_float_convs_keeps_aligned_channel_counts():
                 else:  # a Dense group runs no blocked kernel: its sampled count stands
                     dense_free += kept % 4 != 0
     assert seen >= 10 and dense_free > 0
+    # a factorized conv (SVD or spatial form) takes a rank that is a multiple of the alignment:
+    # its second factor reads that many channels
+    fspace = space_for_profile(kern(16, 4), factorize=True)
+    convs = (conv(0, 3, 30), conv(1, 30, 50), conv(2, 50, 50), _dense(3, "out", 50 * 64, 10))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    ranks = []
+    for _ in range(60):
+        plan = suggest_plan(study.ask(), convs, fspace)
+        for layer in convs[:3]:
+            if plan.rank[layer.index] < 1:
+                form = int(plan.form[layer.index])
+                d = lowrank.full_rank(layer, form)
+                ranks.append(int(lowrank.achieved_rank(plan.rank[layer.index], d)))
+    assert len(ranks) >= 10 and all(r % 4 == 0 for r in ranks), ranks
+    assert aligned_rank(convs[1], P.SVD, 0.5, 1) == 0.5 and aligned_rank(convs[3], P.SVD, 0.5, 4) == 0.5
+    assert aligned_rank(convs[1], P.KRONECKER, 0.5, 4) == 0.5 and aligned_rank(convs[1], P.SVD, 1.0, 4) == 1.0
