@@ -44,7 +44,8 @@ OUT = Path(__file__).parent / "out"
 
 TIMED_CAP = 10_000  # the trial budget of a search run for --fashion-seconds (the time ends it first)
 # the fashion part's variants: what each changes from the defaults (search pruner, FinetuneConfig fields)
-VARIANTS = {"base": ({}, {}), "sha": ({"pruner": "sha"}, {}), "gradual": ({}, {"pruning": "gradual"}),
+VARIANTS = {"base": ({}, {}), "sha": ({"pruner": "sha"}, {}), "hyperband": ({"pruner": "hyperband"}, {}),
+            "gradual": ({}, {"pruning": "gradual"}),
             "learned": ({}, {"act_ranges": "learned"})}
 
 
