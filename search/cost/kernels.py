@@ -182,17 +182,56 @@ def q8_on_blocks(n: np.ndarray, block: int) -> np.ndarray:
     return np.mod(np.round(np.asarray(n, np.float64)), block) == 0
 
 
+def direct_readers(layers: Sequence) -> np.ndarray:
+    """[L, L] bool: layer r reads layer i's output (through any ops but another layer): r reads
+    i's channel group and i is the group's latest member before r (a depthwise conv joins its
+    producer's group, so the conv after it reads the depthwise conv's output, not the producer's)."""
+    n = len(layers)
+    out = np.zeros((n, n), bool)
+    for r in layers:
+        for g in {src for src, _ in r.reads}:
+            i = max((m.index for m in layers if m.group == g and m.index < r.index), default=-1)
+            if i >= 0:
+                out[i, r.index] = True
+    return out
+
+
+def reorder_count(direct: np.ndarray, out_nchwc: np.ndarray, in_nchw: np.ndarray, in_nchwc: np.ndarray,
+                  skip: np.ndarray) -> np.ndarray:
+    """[K, L] layout reorders onnxruntime runs on each layer's output (each one `eltwise` op):
+    ReorderOutput (NCHWc -> NCHW) after a layer whose output is NCHWc (out_nchwc [K, L]: a float
+    conv on the blocked kernels) when a layer reading it directly (direct [L, L], direct_readers)
+    takes NCHW (in_nchw [K, L]: a plain float conv, a blocked one with fewer input channels than
+    the block, an integer kernel behind its QuantizeLinear); ReorderInput (NCHW -> NCHWc) after
+    one whose output is NCHW when a reader takes NCHWc (in_nchwc [K, L]: a blocked conv with at
+    least a block of input channels, a blocked depthwise conv). Layers with `skip` [L] (a pooling
+    or flatten after them, whose reorders eltwise_count charges) get none. Read off onnxruntime's
+    optimized graphs on an AVX-512 host: resnet20 with 75% of its channels pruned (4 and 8
+    channels) runs a ReorderOutput after each of its first 14 convs, MobileNetV2 with 75% pruned
+    one after each project conv of fewer than 16 channels; 1.2-1.6x their predicted time before
+    these were priced."""
+    d = np.asarray(direct, np.float64)
+    to_nchw = (np.asarray(in_nchw, np.float64) @ d.T) > 0  # [K, L]: some direct reader takes NCHW
+    to_nchwc = (np.asarray(in_nchwc, np.float64) @ d.T) > 0
+    out_c = np.asarray(out_nchwc, bool)
+    return np.where(np.asarray(skip, bool), 0.0, np.where(out_c, to_nchw, to_nchwc).astype(np.float64))
+
+
 def unfused_ops(layers: Sequence) -> np.ndarray:
     """[L, 3] what lies between each layer's output and the layers that read it, from the traced
     layer records: (pooling: a conv reader sees a smaller spatial map, or a Dense reader fewer
     positions than the map has (max pooling, global average pooling); flatten: a Dense reads
     several positions of a spatial map; residual add: the layer's group has another
     non-depthwise member), each 0 or 1. A Dense output and a layer nothing reads (the model's
-    output) have no pooling or flatten."""
+    output) have no pooling or flatten. A reader reads the output of its group's latest member
+    before it (a depthwise conv shares its producer's group): MobileNetV2's 1x1 project conv
+    reads the stride-2 depthwise conv's map, not the expand conv's, and charging the expand a
+    pooling for it priced 3 reorders and a pooling of a 28x28x96 map that onnxruntime never runs."""
     out = np.zeros((len(layers), 3))
+    direct = direct_readers(layers)
     for i, layer in enumerate(layers):
         g = layer.group
-        readers = [l for l in layers if l.index != i and any(src == g for src, _ in l.reads)]
+        readers = [l for l in layers if direct[i, l.index]]
         if len(layer.out_shape) == 3:
             area = int(np.prod(layer.out_shape[:2]))
             out[i, 0] = any(r.in_repeat < area if r.kind == "dense" else tuple(r.in_shape[:2]) != tuple(layer.out_shape[:2])
@@ -371,25 +410,31 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
-    from sklearn.linear_model import LinearRegression
-
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
         if not rows and name.endswith(("_f32p", "_q8p", "pool_u8")):  # pool_u8: samples calibrated before it
             coef[name] = coef[KERNEL_FALLBACK[name]]
             continue
-        if len(rows) < MIN_SAMPLES:
-            raise ValueError(f"kernel {name}: {len(rows)} measurements, need at least {MIN_SAMPLES}; time more shapes")
-        x = np.array([f for f, _ in rows], np.float64)
-        y = np.array([v for _, v in rows], np.float64)
-        if name.endswith("_f32"):  # blocked NCHWc kernels convolve directly: no im2col, no per-tap copies
-            x[:, KERNEL_FEATURES.index("MT")] = 0.0
-        scale = np.maximum(x.max(axis=0), 1e-12)  # well-conditioned columns; undone below
-        reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
-        coef[name] = tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)
+        coef[name] = fit_kind(name, rows)
     return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples),
                        channel_block=int(channel_block), channel_align=int(channel_align), q8u_block=int(q8u_block))
+
+
+def fit_kind(name: str, rows: Sequence[tuple[Sequence[float], float]]) -> tuple[float, ...]:
+    """One kernel kind's coefficients from its [(KERNEL_FEATURES values, us)] (fit's rule).
+    ValueError naming the kind with fewer than MIN_SAMPLES rows."""
+    from sklearn.linear_model import LinearRegression
+
+    if len(rows) < MIN_SAMPLES:
+        raise ValueError(f"kernel {name}: {len(rows)} measurements, need at least {MIN_SAMPLES}; time more shapes")
+    x = np.array([f for f, _ in rows], np.float64)
+    y = np.array([v for _, v in rows], np.float64)
+    if name.endswith("_f32"):  # blocked NCHWc kernels convolve directly: no im2col, no per-tap copies
+        x[:, KERNEL_FEATURES.index("MT")] = 0.0
+    scale = np.maximum(x.max(axis=0), 1e-12)  # well-conditioned columns; undone below
+    reg = LinearRegression(positive=True, fit_intercept=False).fit(x / scale, y, sample_weight=1.0 / y ** 2)
+    return tuple(float(c) for c in np.maximum(reg.coef_, 0.0) / scale)
 
 
 def scaled(model: KernelModel, kernel_scale: dict[str, float], inference_scale: float) -> KernelModel:
@@ -408,5 +453,5 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
 
 __all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "eltwise_count", "max_pool_reader", "on_blocks",
            "q8_on_blocks", "q8u_channels", "feature_sums", "features", "fit",
-           "fit_coefficients", "fit_to_models", "forms", "kernel_index", "predict",
-           "relative_errors", "scaled", "u8_pooled", "unfused_ops"]
+           "fit_coefficients", "fit_kind", "fit_to_models", "forms", "kernel_index", "predict",
+           "relative_errors", "reorder_count", "scaled", "u8_pooled", "unfused_ops", "direct_readers"]

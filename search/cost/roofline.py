@@ -106,6 +106,7 @@ class _LayerArrays:
     chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
     unfused: np.ndarray  # [L, 3]: pooling, flatten, residual add after each layer (kernels.unfused_ops)
     pool_reader: np.ndarray  # [L]: the layer reading each layer's output through a max pooling, -1 none
+    direct: np.ndarray  # [L, L] bool: layer r reads layer i's output directly (kernels.direct_readers)
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -124,6 +125,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         chained=K.chained_to(layers),
         unfused=K.unfused_ops(layers),
         pool_reader=K.max_pool_reader(layers),
+        direct=K.direct_readers(layers),
         geo=lowrank.geometry(layers),
     )
 
@@ -284,10 +286,18 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             q8_off = (form == K.FORMS.index("q8")) & (la.kind != _KINDS.index("dense")) & ~fact & ~K.q8_on_blocks(n, block)
             form = np.where(q8_off, K.FORMS.index("q8p"), form)  # int8 kernels' remainder path
             f32_conv = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
-            blocked = f32_conv & K.on_blocks(n, k / la.area, block, align, dw)
-            nb, kb = K.blocked(n, k / la.area, la.area, block, dw)
+            cin = np.round(k / la.area)
+            blocked = f32_conv & K.on_blocks(n, cin, block, align, dw)
+            nb, kb = K.blocked(n, cin, la.area, block, dw)
             n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
+            # the layouts each conv reads and writes, for the reorders between them (kernels.reorder_count)
+            conv = la.nchwc & ~fact
+            in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | (blocked & ~dw & (cin < block)))
+            in_nchwc = blocked & (dw | (cin >= block))
+            reorders = K.reorder_count(la.direct, blocked, in_nchw, in_nchwc, la.unfused[:, :2].sum(axis=1) > 0)
+        else:
+            reorders = 0.0
         # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
         # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
         na, ka = rk, geo["ka"] * keep_a
@@ -312,7 +322,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
         u8 = K.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
-        n_elt = np.maximum(K.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0)
+        n_elt = np.maximum(K.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0) + reorders
         lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8)
         sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8) if feature_sums else None
     else:

@@ -319,7 +319,10 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     form: a shape X (at stride 1) and its partner P (back to X's input channels) as X, P, X, P
     against X, P; the difference is one X and one P in the middle of a chain (no layout reorders,
     quantize or dequantize at its ends: those belong to the network's first and last layers), and
-    the sample's features are X's plus P's (the predictors are linear in them). i8 layers (float
+    the sample's features are X's plus P's (the predictors are linear in them). A blocked conv
+    reading fewer channels than the block reads NCHW, behind a ReorderOutput of its producer's
+    output: those reorders are taken off the sample at the eltwise ops' fit, as the pricing
+    charges them as eltwise ops (kernels.reorder_count). i8 layers (float
     output, their input quantization and output scaling included), emul, eltwise and pool_u8 ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
@@ -331,6 +334,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     features count its output channels rounded up to `block` (kernels.q8u_channels)."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
+    reorders: dict[int, list[int]] = {}  # job -> elements of each layout reorder in its measured pair
     for s in shapes:
         flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
         pair = partner(flat)
@@ -349,6 +353,8 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
                 name, b = (name, block) if runs == {True} else (f"{s.kind}_f32p", 1)
             feats = np.add(flat.features(b, ob), pair.features(b, ob)).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
+            if name == "conv_f32":  # blocked: the reorders to NCHW for a reader of fewer channels than the block
+                reorders[len(jobs)] = [x.cout * x.out_hw ** 2 for x in (flat, pair) if x.cout < block]
             jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
     sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
@@ -371,12 +377,18 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
                 progress(r * len(jobs) + i + 1, rounds * len(jobs))
     op_us = max((best[1] - best[0]) / 32, 0.0)
     base = max(best[0] - op_us, 0.1)
+    diff = [us - (base if ref == 0 else best[ref]) for (_, _, _, _, ref), us in zip(jobs, best)]
+    # a blocked conv pair whose layer reads fewer channels than the block times the ReorderOutput
+    # onnxruntime puts in front of it too (kernels.reorder_count): priced as `eltwise` ops, so
+    # taken off the conv's sample at the eltwise ops' own fit
+    elt = [(j[3], d) for j, d, us in zip(jobs, diff, best) if j[0] == "eltwise" and d > 0.02 * us]
+    if elt and any(reorders.values()):
+        coef = np.asarray(K.fit_kind("eltwise", elt))
+        for i, elems in reorders.items():
+            diff[i] -= sum(float(K.features(e, 1.0, 1.0) @ coef) for e in elems)
     samples = []
-    for (name, _, _, feats, ref), us in zip(jobs, best):
-        if not name:
-            continue
-        t = us - (base if ref == 0 else best[ref])
-        if t > 0.02 * us:  # a difference lost in timing noise says nothing
+    for (name, _, _, feats, ref), us, t in zip(jobs, best, diff):
+        if name and t > 0.02 * us:  # a difference lost in timing noise says nothing
             samples.append((name, feats, float(t)))
     return samples, float(base)
 

@@ -207,6 +207,40 @@ def test_unfused_ops_come_from_the_graph_and_the_form():
     np.testing.assert_allclose(ops(4, 8), [0, 0, 1, 0])  # the same on integer kernels: no reorder
 
 
+def test_a_reader_behind_a_strided_depthwise_conv_is_not_a_pooling():
+    """MobileNetV2's expand -> stride-2 depthwise -> project: the project conv reads the depthwise
+    conv's 4x4 map (they share the expand's channel group), not the expand's 8x8 one, so the expand
+    has no pooling after it (it was charged a pooling and two reorders of its whole map)."""
+    expand = _conv(0, 8, 16, 8)
+    dw = dataclasses.replace(_conv(1, 16, 16, 8, "depthwise", 0), out_shape=(4, 4, 16), macs=16 * 16 * 9)
+    project = dataclasses.replace(_conv(2, 16, 8, 4, src=0), in_shape=(4, 4, 16))
+    layers = (expand, dw, project)
+    assert K.direct_readers(layers).tolist() == [[False, True, False], [False, False, True], [False, False, False]]
+    assert K.unfused_ops(layers).tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_layout_reorders_between_float_convs_are_priced_where_onnxruntime_runs_them():
+    """A blocked float conv whose reader takes NCHW (a conv of fewer input channels than the
+    block, an integer kernel) pays one reorder of its output, as onnxruntime's optimized graph of
+    resnet20 with 4-channel layers shows (a ReorderOutput after each conv); with a block of
+    channels or more there is none, and a pooling's reorders are not charged twice."""
+    def chain(c):
+        return (_conv(0, 1, c, 8), _conv(1, c, c, 8, src=0), _conv(2, c, 32, 8, src=1),
+                dataclasses.replace(dense(3, 32 * 64, 10), reads=((2, 32),), in_repeat=64))
+    coef = {name: (0.0,) * 9 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 8}  # 1 us per op
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    ops = lambda c, w, a: price(prof, chain(c), P.make_plan([0.0] * 4, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
+    np.testing.assert_allclose(ops(4, 32, 32), [1, 1, 2, 0])  # 4 < 16 channels read as NCHW; the head's flatten
+    np.testing.assert_allclose(ops(16, 32, 32), [0, 0, 2, 0])  # a block of channels: NCHWc throughout
+    np.testing.assert_allclose(ops(16, [32, 8, 8, 8], [32, 8, 8, 8]), [1, 0, 1, 0])  # into an integer kernel
+    n = np.array([[0.0, 1.0], [0.0, 0.0]])  # a plain conv read by a blocked one of a block of input channels
+    assert K.reorder_count(n, np.array([[False, True]]), np.array([[False, False]]), np.array([[False, True]]),
+                           np.array([False, False])).tolist() == [[1.0, 0.0]]
+    assert K.reorder_count(n, np.array([[False, True]]), np.array([[False, False]]), np.array([[False, True]]),
+                           np.array([True, False])).tolist() == [[0.0, 0.0]]
+
+
 def test_a_max_pooling_between_a_float_and_an_integer_layer_is_priced_on_uint8():
     """onnxruntime moves an integer layer's QuantizeLinear ahead of the max pooling in front of it,
     so a float conv's pooled output is pooled on uint8 (the slow `pool_u8` kernel) when, and only
@@ -294,7 +328,9 @@ def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     map and runs as ConvInteger, not QLinearConv, as the export does). A float conv moves between
     the blocked and the plain kernels (f32, f32p) as its counts leave the channel alignment, as
     onnxruntime's do, and an int8 one between the channel-block and remainder kernels (q8, q8p):
-    only steps that keep each layer's side are compared."""
+    only steps that keep each layer's side are compared. A float layer whose reader drops below
+    the channel block gains a reorder of its output to NCHW (kernels.reorder_count), as in
+    onnxruntime: that is a side too."""
     from search.compression.groups import kept_channels
 
     profile, _ = calibrated
@@ -303,8 +339,9 @@ def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     lat = price(profile, LAYERS, plans)
     k16, k32 = kept_channels(ratios, 16), kept_channels(ratios, 32)
     b, a = profile.kernels.channel_block, profile.kernels.channel_align
-    side = np.stack([K.on_blocks(k16, 3, b, a), K.on_blocks(k16, 1, b, a, True), K.on_blocks(k32, k16, b, a),
-                     np.ones_like(k16, bool)], axis=1)  # [plans, layers]; the head is dense
+    dw = K.on_blocks(k16, 1, b, a, True)  # the depthwise conv, blocked (reads NCHWc) or plain (NCHW)
+    side = np.stack([2 * K.on_blocks(k16, 3, b, a) + dw, 2 * dw + (k16 < b),
+                     K.on_blocks(k32, k16, b, a), np.ones_like(k16, bool)], axis=1)  # [plans, layers]; the head is dense
     if bits[0] > 8 or bits[1] > 8:  # float kernels
         same = side[1:] == side[:-1]
     elif bits[0] <= 7:  # QLinear kernels: on or off the channel block (q8, q8p); the head is i8
