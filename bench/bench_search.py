@@ -109,20 +109,25 @@ def deep_compression_stages(study: optuna.Study, trial: int, results_dir: str) -
             "test_quality": res.quality, "onnx_test_quality": res.onnx_quality}
 
 
-def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float) -> dict:
+def selected_within(study: optuna.Study, points: float, results_dir: str, base_test: float,
+                    confidence: float | None = None) -> dict:
     """`hwcompress export --within points`: the most compressed front plan within `points` of the
     baseline's validation quality after the export's retrain (search.export.select), exported
     like the search's own pick; "trial" None (and no "export") when no retrained plan is within,
     or no plan is near enough to the baseline to retrain (select_within's UserError, in "error")."""
     from search.errors import UserError
+    from search.export.defaults import CONFIDENCE
     from search.export.select import select_within
 
+    confidence = CONFIDENCE if confidence is None else confidence
     t0 = time.perf_counter()
     try:
-        pick, tried = select_within(study, points, results_dir=results_dir)
+        pick, tried = select_within(study, points, results_dir=results_dir, confidence=confidence)
     except UserError as e:
-        return {"retrains": 0, "seconds": time.perf_counter() - t0, "tried": [], "trial": None, "error": str(e)}
-    out = {"retrains": len(tried), "seconds": time.perf_counter() - t0, "tried": [c.as_dict() for c in tried]}
+        return {"retrains": 0, "seconds": time.perf_counter() - t0, "tried": [], "trial": None, "error": str(e),
+                "confidence": confidence}
+    out = {"retrains": len(tried), "seconds": time.perf_counter() - t0, "tried": [c.as_dict() for c in tried],
+           "confidence": confidence}
     if pick is None:
         return {**out, "trial": None}
     ex = deep_compression_stages(study, pick.trial, results_dir)
@@ -196,11 +201,13 @@ def _pick_summary(exports: list, rows: list[dict], seconds: list[float], seeds: 
 
 
 def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, steps: int, storage: str,
-                 results_dir: str, old: dict, seconds: float | None = None, select: bool = True) -> dict:
+                 results_dir: str, old: dict, seconds: float | None = None, select: bool = True,
+                 reselect: bool = False, confidence: float | None = None) -> dict:
     """Every (variant, seed) search of one model, its pick exported; the rows and the summary.
     `seconds`: each search starts trials for that long (`search --timeout`) instead of running
     `n` of them, so every variant gets the same wall time. `select` False skips the retrained
-    picks (`export --within`), for a comparison of fronts alone."""
+    picks (`export --within`), for a comparison of fronts alone; `reselect` makes them again
+    (at `confidence`, None: the export's default) where a finished search kept them."""
     rows, studies = [], []
     for variant in variants:
         for seed in seeds:
@@ -220,10 +227,10 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
                 r["export"] = prev.get("export") if prev.get("trial") == r["trial"] else None
                 r["export"] = r["export"] or deep_compression_stages(st, r["trial"], results_dir)
                 r["test_within_half_point"] = bool(r["export"]["test_quality"] >= base_test - 0.005)
-            sel = prev.get("selected") if prev.get("selected") and done_before >= n else None
+            sel = prev.get("selected") if prev.get("selected") and done_before >= n and not reselect else None
             if not select:
                 sel = {"retrains": 0, "seconds": 0.0, "tried": [], "trial": None, "skipped": True, "test_best": None}
-            sel = sel or selected_within(st, 0.5, results_dir, base_test)
+            sel = sel or selected_within(st, 0.5, results_dir, base_test, confidence)
             if "test_best" not in sel:
                 sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
             rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec,
@@ -285,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                         "running --fashion-trials: every variant gets the same wall time")
     p.add_argument("--skip-select", action="store_true",
                    help="fashion part: no retrained picks (export --within), the search's own pick and the fronts only")
+    p.add_argument("--reselect", action="store_true",
+                   help="fashion part: make the retrained picks (export --within) again where a finished search kept them")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="fashion part: export --within's confidence (default: the export's)")
     p.add_argument("--parts", default="digits,hv,fashion")
     p.add_argument("--fashion-models", default="lenet300,lenet5")
     p.add_argument("--seeds", default="0", help="fashion part: comma list of seeds, one search each")
@@ -324,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"fashion-{model}" + (f"-t{args.fashion_seconds:g}" if args.fashion_seconds else "")
             old = (out.get(key) or {}).get("runs") or {}
             out[key] = fashion_runs(model, variants, seeds, n, args.fashion_steps, storage, args.results_dir, old,
-                                    seconds=args.fashion_seconds, select=not args.skip_select)
+                                    seconds=args.fashion_seconds, select=not args.skip_select,
+                                    reselect=args.reselect, confidence=args.confidence)
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from search.export.defaults import CANDIDATES, RETRAIN_FACTOR, RETRAIN_LR_FACTOR, SCREEN
+from search.export.defaults import CANDIDATES, CONFIDENCE, RETRAIN_FACTOR, RETRAIN_LR_FACTOR, SCREEN
 
 
 def register(subparsers: Any) -> None:
@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
                    "or --within if larger)")
     p.add_argument("--candidates", type=int, default=CANDIDATES,
                    help=f"--within: at most this many retrains (default {CANDIDATES})")
+    p.add_argument("--confidence", type=float, default=None,
+                   help=f"--within: the one-sided confidence, on the validation split, that the pick is within it "
+                   f"(the plan's per-example quality against the baseline's on the same examples; default "
+                   f"{CONFIDENCE:g}; 0.5: the validation score as measured)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help=f"final fine-tune steps, cosine learning-rate decay (default: {RETRAIN_FACTOR}x the study's fine-tune steps; "
@@ -51,10 +55,11 @@ def export_command(args: argparse.Namespace) -> int:
     from search.export.exporter import export_trial
     from search.study.storage import load_study, open_storage
 
-    if args.within is None and (args.screen is not None or args.candidates != CANDIDATES):
+    if args.within is None and (args.screen is not None or args.candidates != CANDIDATES or args.confidence is not None):
         from search.errors import UserError
 
-        raise UserError("--screen and --candidates choose among plans for --within: give --within, or leave them out with --trial")
+        raise UserError("--screen, --candidates and --confidence choose among plans for --within: give --within, "
+                        "or leave them out with --trial")
     study = load_study(args.study, open_storage(args.storage, args.results_dir, create=False))
     trial, selection = args.trial, None
     if args.within is not None:
@@ -103,7 +108,8 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
     from search.export.exporter import check_target
     from search.export.select import check_selection, select_within, unit as unit_of
 
-    screen = check_selection(args.within, args.screen, args.candidates)
+    confidence = CONFIDENCE if args.confidence is None else args.confidence
+    screen = check_selection(args.within, args.screen, args.candidates, confidence)
     check_target(Path(args.out), args.force)  # before any retrain
     base, unit = study.user_attrs["baseline"], unit_of(study)
 
@@ -112,16 +118,17 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
 
     print(f"retraining front plans of {args.study} (quality vs compression ratio), in bisection order from those within "
           f"{amount(screen)} of the baseline's validation {base['val_metric']:.4f} (--screen), at most {args.candidates}; "
-          f"the pick: the most compressed within {amount(args.within)}:")
+          f"the pick: the most compressed within {amount(args.within)} with {confidence:.0%} confidence (--confidence):")
     pick, tried = select_within(study, args.within, screen=screen, candidates=args.candidates,
-                                finetune_steps=args.finetune_steps, learning_rate=args.lr,
+                                finetune_steps=args.finetune_steps, learning_rate=args.lr, confidence=confidence,
                                 results_dir=args.results_dir, log=lambda line: print("  " + line, flush=True))
     if pick is None:
         best = max((c for c in tried if c.val is not None), key=lambda c: c.val, default=None)
         closest = f"; the closest, trial {best.trial}, reached val {best.val:.4f}" if best else ""
-        raise UserError(f"no retrained plan is within {args.within:g} of the baseline's validation quality "
-                        f"({len(tried)} tried{closest}): raise --within or --candidates, or export one with --trial")
-    return pick.trial, {"within": args.within, "screen": screen, "candidates": args.candidates,
+        raise UserError(f"no retrained plan is within {args.within:g} of the baseline's validation quality with "
+                        f"{confidence:.0%} confidence ({len(tried)} tried{closest}): raise --within or --candidates, "
+                        "lower --confidence, or export one with --trial")
+    return pick.trial, {"within": args.within, "confidence": confidence, "screen": screen, "candidates": args.candidates,
                         "tried": [c.as_dict() for c in tried]}
 
 

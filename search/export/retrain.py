@@ -72,6 +72,15 @@ def finetuned(task, base_params: Any, plan: Plan, finetune: FinetuneConfig, engi
     return cm, out
 
 
+def val_examples(task, engine: Any, cm: Any) -> np.ndarray:
+    """[N] the validation split's per-example metric (task.metric: 1/0 correct for accuracy,
+    dB for PSNR) of a fine-tuned model `cm` from `engine` (finetuned's), for paired comparisons
+    with the baseline (search.export.select)."""
+    predict = jax.jit(lambda p, x: engine.predict(dataclasses.replace(cm, params=p), x))
+    out = metric(task, predict, cm.params, task.data.x_val, task.data.y_val)[1]
+    return np.asarray(task.metric(jnp.asarray(out), jnp.asarray(task.data.y_val)), np.float64)
+
+
 def finetuned_quality(task, base_params: Any, plan: Plan, finetune: FinetuneConfig, engine: Any = None) -> dict:
     """finetuned's quality alone."""
     return finetuned(task, base_params, plan, finetune, engine)[1]

@@ -10,7 +10,10 @@ search (successive halving, Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017
 the most compressed one whose **validation** quality is within the tolerance, as exported: the
 better on validation of the retrain and the search's own fine-tune (`search.export.retrain.better`),
 both run for each candidate. Test quality is measured beside it for the report and never used
-to choose.
+to choose. "Within" holds with a one-sided `confidence` (default CONFIDENCE): the plan's
+per-example validation quality minus the baseline's, on the same examples (a paired comparison),
+has a lower confidence bound (mean - z * standard error, normal approximation; `margin`) no further below
+than the tolerance, so the pick is not merely the plan whose validation sample flattered it most.
 
 Candidates are the complete, feasible trials that no other trial beats on both quality and
 compression ratio, most compressed first. Retrained quality falls, roughly, as the ratio
@@ -24,16 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
+import numpy as np
 from optuna.trial import TrialState
 
+from models.train import per_example_metric
 from search.engine.finetune import Engine
 from search.errors import UserError
-from search.export.defaults import CANDIDATES, SCREEN
-from search.export.retrain import better, finetuned_quality, retrain_config, same_finetune
+from search.export.defaults import CANDIDATES, CONFIDENCE, SCREEN
+from search.export.retrain import better, finetuned, retrain_config, same_finetune, val_examples
 from search.study.context import load_context
 from search.study.space import plan_from_dict
 from search.study.spec import StudySpec
@@ -47,7 +53,9 @@ class Candidate:
     trial: int
     ratio: float  # compression ratio of the plan's packed weights (the search's size objective)
     searched: float  # validation quality after the search's fine-tune
-    val: float | None = None  # validation quality of the weights the export keeps: what is ranked
+    val: float | None = None  # validation quality of the weights the export keeps
+    # the lower confidence bound of val (val less its margin): what is compared with the line
+    val_low: float | None = None
     test: float | None = None  # their test quality: reported, never ranked
     retrained: bool = False
     # which weights the export keeps (search.export.retrain.better): "after" the retrain, or
@@ -80,11 +88,26 @@ def quality_line(study: optuna.Study, points: float) -> float:
     return float(study.user_attrs["baseline"]["val_metric"]) - tolerance(study, points) - EPS
 
 
-def check_selection(within: float, screen: float | None, candidates: int) -> float:
+def margin(plan: np.ndarray, base: np.ndarray, confidence: float) -> float:
+    """How far below mean(plan) the one-sided `confidence` lower bound of a plan's quality lies,
+    from plan [N] and base [N], the per-example quality of the plan and of the baseline on the
+    same examples: z * sd(plan - base) / sqrt(N) (normal approximation of the paired mean
+    difference), z the normal quantile of `confidence` (0.5: 0). A paired bound is far tighter
+    than one on each mean alone: the two models agree on most examples."""
+    d = np.asarray(plan, np.float64) - np.asarray(base, np.float64)
+    if len(d) < 2:
+        return 0.0
+    return statistics.NormalDist().inv_cdf(confidence) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+
+
+def check_selection(within: float, screen: float | None, candidates: int, confidence: float = CONFIDENCE) -> float:
     """The screen to use (None: SCREEN, or `within` if larger), after checking the arguments;
     UserError naming the flag otherwise."""
     if not (math.isfinite(within) and within >= 0):
         raise UserError(f"--within {within} must be >= 0 (points of accuracy, dB of PSNR below the baseline)")
+    if not (math.isfinite(confidence) and 0.5 <= confidence < 1):
+        raise UserError(f"--confidence {confidence} must be in [0.5, 1): the one-sided confidence that the pick is "
+                        "within --within of the baseline (0.5: the validation score as measured)")
     screen = max(SCREEN, within) if screen is None else screen
     if not (math.isfinite(screen) and screen >= 0):
         raise UserError(f"--screen {screen} must be >= 0: the bisection starts among the plans that far below the "
@@ -137,21 +160,22 @@ def probe_order(n: int, budget: int, passes: Callable[[int], bool]) -> list[int]
 
 def select_within(study: optuna.Study, within: float, *, screen: float | None = None, candidates: int = CANDIDATES,
                   finetune_steps: int | None = None, learning_rate: float | None = None,
-                  results_dir: str = "results", log: Callable[[str], Any] | None = None
-                  ) -> tuple[Candidate | None, list[Candidate]]:
+                  confidence: float = CONFIDENCE, results_dir: str = "results",
+                  log: Callable[[str], Any] | None = None) -> tuple[Candidate | None, list[Candidate]]:
     """(pick, retrained candidates): the most compressed front plan whose validation quality
     as exported (the better of the export's retrain, `retrain_config` with `finetune_steps` and
     `learning_rate`, and the search's own fine-tune) is within `within` points (dB for PSNR) of
-    the baseline's, or None when none is; and every
+    the baseline's with one-sided `confidence` (validation quality less its `margin` against the
+    baseline's per-example quality; 0.5: as measured), or None when none is; and every
     candidate retrained, most compressed first. The bisection starts among the front plans
     within `screen` points of the baseline at the search's budget (None: SCREEN, or `within` if
     larger) and goes on among the more compressed ones when the most compressed of those passes;
     at most `candidates` retrains. `log` gets one line per retrain.
 
-    Raises UserError for a negative `within` or `screen`, `candidates` < 1, or a study with no
-    complete, feasible trial within `screen` of the baseline.
+    Raises UserError for a negative `within` or `screen`, `candidates` < 1, `confidence` outside
+    [0.5, 1), or a study with no complete, feasible trial within `screen` of the baseline.
     """
-    screen = check_selection(within, screen, candidates)
+    screen = check_selection(within, screen, candidates, confidence)
     front = front_by_ratio(study, math.inf)
     outside = sum(c.searched < quality_line(study, screen) for c in front)  # the most compressed plans, further below than the screen
     if outside == len(front):
@@ -167,6 +191,7 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     # the search's own fine-tune, run again beside the retrain as the export does (1/RETRAIN_FACTOR of its cost)
     again = None if same_finetune(searched, config) else Engine(ctx.task, ctx.params, searched)
     line = quality_line(study, within)
+    base = per_example_metric(ctx.task, ctx.params, ctx.task.data.x_val, ctx.task.data.y_val) if confidence > 0.5 else None
     done: dict[int, Candidate] = {}
 
     def text(q: dict) -> str:
@@ -175,21 +200,28 @@ def select_within(study: optuna.Study, within: float, *, screen: float | None = 
     def passes(i: int) -> bool:
         c = front[i]
         plan = plan_from_dict(trials[c.trial].user_attrs["plan"])
-        after = finetuned_quality(ctx.task, ctx.params, plan, config, engine)
-        before = None if again is None else finetuned_quality(ctx.task, ctx.params, plan, searched, again)
-        kept = better(before, after)
-        q = before if kept == "before" else after
-        done[i] = dataclasses.replace(c, val=q["val"], test=q["test"], retrained=True, kept=kept)
-        ok = q["val"] is not None and q["val"] >= line
+        after = finetuned(ctx.task, ctx.params, plan, config, engine)
+        before = None if again is None else finetuned(ctx.task, ctx.params, plan, searched, again)
+        kept = better(None if before is None else before[1], after[1])
+        (cm, q), eng = (before, again) if kept == "before" else (after, engine)
+        low = q["val"]
+        if low is not None and base is not None:  # the bound, from the kept weights' own validation outputs
+            low -= margin(val_examples(ctx.task, eng, cm), base, confidence)
+        done[i] = dataclasses.replace(c, val=q["val"], val_low=low, test=q["test"], retrained=True, kept=kept)
+        ok = low is not None and low >= line
         if log:
-            keep = f"; keeps the search's fine-tune, {text(before)}" if kept == "before" else ""
-            log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {text(after)}{keep}"
-                f"{'  within' if ok else ''}")
+            keep = f"; keeps the search's fine-tune, {text(before[1])}" if kept == "before" else ""
+            bound = f", {confidence:.0%} bound {low:.4f}" if base is not None and low is not None else ""
+            log(f"trial {c.trial}: {c.ratio:.2f}x, searched val {c.searched:.4f} -> retrained {text(after[1])}{keep}"
+                f"{bound}{'  within' if ok else ''}")
         return ok
 
+    def within_line(c: Candidate) -> bool:
+        return c.val_low is not None and c.val_low >= line
+
     tried = probe_order(len(front) - outside, candidates, lambda i: passes(outside + i))
-    if outside and tried and 0 in tried and done[outside].val is not None and done[outside].val >= line:
+    if outside and tried and 0 in tried and within_line(done[outside]):
         probe_order(outside, candidates - len(tried), passes)  # the screen's most compressed passed: go beyond it
     tried = [done[i] for i in sorted(done)]
-    ok = [c for c in tried if c.val is not None and c.val >= line]
+    ok = [c for c in tried if within_line(c)]
     return (max(ok, key=lambda c: c.ratio) if ok else None), tried

@@ -13,7 +13,7 @@ from models.train import train_baseline
 from search import cli
 from search.api import make_spec
 from search.engine.config import FinetuneConfig
-from search.export.select import front_by_ratio, probe_order
+from search.export.select import front_by_ratio, margin, probe_order, select_within
 from tests.support import results_dir
 
 # (ratio per layer, weight bits, stored searched-quality offset from the baseline, stored ratio, feasible)
@@ -78,6 +78,40 @@ def test_a_trial_as_good_as_the_float32_baseline_is_within_zero_points(tmp_path)
     assert [c.trial for c in front_by_ratio(study, 0.0)] == [0]
 
 
+def test_the_confidence_margin_is_the_paired_standard_error_times_the_normal_quantile():
+    import numpy as np
+
+    base = np.ones(400)
+    plan = base.copy()
+    plan[:20] = 0  # 20 of 400 examples lost: a drop of 5 points
+    se = np.std(plan - base, ddof=1) / np.sqrt(400)
+    assert margin(plan, base, 0.5) == 0.0  # the point estimate
+    assert margin(plan, base, 0.8) == pytest.approx(0.8416212 * se, rel=1e-6)
+    assert margin(plan, base, 0.95) == pytest.approx(1.6448536 * se, rel=1e-6)
+    assert margin(base, base, 0.99) == 0.0  # a plan that agrees on every example: no doubt about it
+    swapped = plan.copy()
+    swapped[20:40] = 0
+    swapped[:20] = 1  # the same accuracy, 40 disagreements: a wider bound
+    assert margin(swapped, plan, 0.8) > margin(plan, base, 0.8)
+
+
+def test_within_holds_with_the_confidence_asked_for(env):
+    """Each candidate's bound is its validation quality less the paired margin against the
+    baseline's per-example quality: equal to it at confidence 0.5, below it at 0.99 for a plan
+    that disagrees with the baseline on some example, and a plan passes only on its bound."""
+    results, base, numbers, _ = env
+    study = optuna.load_study(study_name="sel", storage=f"sqlite:///{results / 'studies.db'}")
+    _, point = select_within(study, 30, confidence=0.5, results_dir=str(results))
+    pick, sure = select_within(study, 30, confidence=0.99, results_dir=str(results))
+    assert [c.trial for c in point] == [c.trial for c in sure] == [numbers["ruined"], numbers["mild"]]
+    for a, b in zip(point, sure):
+        assert a.val_low == a.val and b.val == pytest.approx(a.val, abs=1e-6)  # the same retrain
+        assert b.val_low <= b.val
+    ruined = sure[0]
+    assert ruined.val_low < ruined.val - 0.01  # ruined disagrees with the baseline on most examples
+    assert pick.trial == numbers["mild"] and pick.val_low >= base["val_metric"] - 0.30
+
+
 def test_probe_order_bisects_for_the_boundary_then_tries_just_beyond_it():
     calls = []
 
@@ -107,7 +141,8 @@ def test_export_within_picks_the_most_compressed_plan_that_passes_after_the_retr
     c = json.loads((out / "config.json").read_text())
     sel = c["source"]["selection"]
     tried = {t["trial"]: t for t in sel["tried"]}
-    assert (sel["within"], sel["screen"]) == (30.0, 30.0)  # the screen is at least --within
+    assert (sel["within"], sel["screen"], sel["confidence"]) == (30.0, 30.0, 0.8)  # the screen is at least --within
+    assert all(t["val_low"] <= t["val"] for t in sel["tried"])  # passed on the bound
     # bisection over [ruined, mild, dense]: mild passes, ruined fails; dense, less compressed, is not needed
     assert [t["trial"] for t in sel["tried"]] == [numbers["ruined"], numbers["mild"]]
     assert all(t["retrained"] and t["test"] is not None for t in tried.values())
@@ -172,6 +207,8 @@ def test_export_within_errors_are_one_line_and_name_the_flag(env, tmp_path, caps
     assert not (tmp_path / "x").exists()
     for args, flag in ((("--within", "-1"), "--within -1"), (("--within", "2", "--screen", "-1"), "--screen -1"),
                        (("--within", "1", "--candidates", "0"), "--candidates 0"),
+                       (("--within", "1", "--confidence", "1"), "--confidence 1.0"),
+                       (("--within", "1", "--confidence", "0.3"), "--confidence 0.3"),
                        (("--within", "0", "--screen", "0"), "no complete, feasible trial within 0")):
         rc, got = run("--study", "sel", *args)
         err = got.err.strip()
