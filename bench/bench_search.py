@@ -209,44 +209,45 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
     picks (`export --within`), for a comparison of fronts alone; `reselect` makes them again
     (at `confidence`, None: the export's default) where a finished search kept them."""
     rows, studies = [], []
-    for variant in variants:
-        for seed in seeds:
-            name = f"fashion-{model}-{variant}-seed{seed}-" + (f"t{seconds:g}" if seconds else f"n{n}") + f"-s{steps}"
-            done_before = _complete(name, storage)
-            prev = old.get(name, {})
-            if seconds and done_before and "seconds" in prev:  # a timed search is not resumed: its time is spent
-                st, sec = optuna.load_study(study_name=name, storage=storage), prev["seconds"]
-            else:
-                st, sec = _search(model, "fashion-mnist", TIMED_CAP if seconds else n, "tpe", steps, ("quality", "size"),
-                                  name, storage, results_dir, seed=seed, variant=variant, timeout=seconds)
-            if not seconds and done_before >= n and "seconds" in prev:
-                sec = prev["seconds"]  # nothing was searched now: keep the time the search took
-            r = best_ratio_within(st, 0.5)
-            base_test = st.user_attrs["baseline"].get("test_metric")
-            if r["ratio"]:
-                r["export"] = prev.get("export") if prev.get("trial") == r["trial"] else None
-                r["export"] = r["export"] or deep_compression_stages(st, r["trial"], results_dir)
-                r["test_within_half_point"] = bool(r["export"]["test_quality"] >= base_test - 0.005)
-            sel = prev.get("selected") if prev.get("selected") and done_before >= n and not reselect else None
-            if not select:
-                sel = {"retrains": 0, "seconds": 0.0, "tried": [], "trial": None, "skipped": True, "test_best": None}
-            sel = sel or selected_within(st, 0.5, results_dir, base_test, confidence)
-            if "test_best" not in sel:
-                sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
-            rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec,
-                         "trials": _complete(name, storage) if seconds else n,
-                         "steps": steps, "baseline_test": base_test, "selected": sel})
-            studies.append(st)
-            ex = r.get("export")
-            pick = (f"{r['ratio']:.1f}x, after Huffman {ex['ratio_by_stage']['huffman']:.1f}x, exported test "
-                    f"{100 * ex['test_quality']:.2f}%" if ex else "none")
-            print(f"fashion-mnist {model} {variant} seed {seed}: {rows[-1]['trials']} trials in {sec:.0f} s; pick within 0.5 pt "
-                  f"(val): {pick} (baseline test {100 * base_test:.2f}%)", flush=True)
-            ex = sel.get("export")
-            print(f"  after the retrain (export --within 0.5, {sel['retrains']} retrains in "
-                  f"{sel['seconds']:.0f} s): " + (f"trial {sel['trial']}, {sel['ratio']:.1f}x, after Huffman "
-                  f"{ex['ratio_by_stage']['huffman']:.1f}x, exported test {100 * ex['test_quality']:.2f}%" if ex else "none"),
-                  flush=True)
+    # seed by seed, the variants in turn: on a machine whose speed drifts over an hour (a shared
+    # host), timed runs of different variants are then close in time
+    for seed, variant in ((seed, variant) for seed in seeds for variant in variants):
+        name = f"fashion-{model}-{variant}-seed{seed}-" + (f"t{seconds:g}" if seconds else f"n{n}") + f"-s{steps}"
+        done_before = _complete(name, storage)
+        prev = old.get(name, {})
+        if seconds and done_before and "seconds" in prev:  # a timed search is not resumed: its time is spent
+            st, sec = optuna.load_study(study_name=name, storage=storage), prev["seconds"]
+        else:
+            st, sec = _search(model, "fashion-mnist", TIMED_CAP if seconds else n, "tpe", steps, ("quality", "size"),
+                              name, storage, results_dir, seed=seed, variant=variant, timeout=seconds)
+        if not seconds and done_before >= n and "seconds" in prev:
+            sec = prev["seconds"]  # nothing was searched now: keep the time the search took
+        r = best_ratio_within(st, 0.5)
+        base_test = st.user_attrs["baseline"].get("test_metric")
+        if r["ratio"]:
+            r["export"] = prev.get("export") if prev.get("trial") == r["trial"] else None
+            r["export"] = r["export"] or deep_compression_stages(st, r["trial"], results_dir)
+            r["test_within_half_point"] = bool(r["export"]["test_quality"] >= base_test - 0.005)
+        sel = prev.get("selected") if prev.get("selected") and done_before >= n and not reselect else None
+        if not select:
+            sel = {"retrains": 0, "seconds": 0.0, "tried": [], "trial": None, "skipped": True, "test_best": None}
+        sel = sel or selected_within(st, 0.5, results_dir, base_test, confidence)
+        if "test_best" not in sel:
+            sel["test_best"] = best_on_test(st, sel, results_dir, base_test)
+        rows.append({**r, "study": name, "variant": variant, "seed": seed, "seconds": sec,
+                     "trials": _complete(name, storage) if seconds else n,
+                     "steps": steps, "baseline_test": base_test, "selected": sel})
+        studies.append(st)
+        ex = r.get("export")
+        pick = (f"{r['ratio']:.1f}x, after Huffman {ex['ratio_by_stage']['huffman']:.1f}x, exported test "
+                f"{100 * ex['test_quality']:.2f}%" if ex else "none")
+        print(f"fashion-mnist {model} {variant} seed {seed}: {rows[-1]['trials']} trials in {sec:.0f} s; pick within 0.5 pt "
+              f"(val): {pick} (baseline test {100 * base_test:.2f}%)", flush=True)
+        ex = sel.get("export")
+        print(f"  after the retrain (export --within 0.5, {sel['retrains']} retrains in "
+              f"{sel['seconds']:.0f} s): " + (f"trial {sel['trial']}, {sel['ratio']:.1f}x, after Huffman "
+              f"{ex['ratio_by_stage']['huffman']:.1f}x, exported test {100 * ex['test_quality']:.2f}%" if ex else "none"),
+              flush=True)
     hvs, limit = hypervolume_at_equal_time(studies)
     for row, hv in zip(rows, hvs):
         row["hv_equal_time"] = hv

@@ -11,9 +11,12 @@ call. So the same rules run here, on the rung values each trial stores in its "r
 - a trial goes on when it is among the best max(1, n // eta) of the n competitors, ties kept
   (Optuna's rule: its `_is_trial_promotable_to_next_rung`);
 - "best" is Pareto dominance over (quality at the rung, the plan's costs on the study's
-  other objectives): a trial's rank is how many competitors dominate it (Fonseca & Fleming
-  1993), so a small plan competes with plans as small, not with the dense ones. With quality
-  the only objective both rules are exactly Optuna's pruners (tests/study/test_pruner.py);
+  other objectives), so a small plan competes with plans as small, not with the dense ones:
+  competitors are ordered by non-dominated front, then within a front by crowding distance
+  (NSGA-II, Deb et al. 2002; the order MO-ASHA promotes by, Schmucker et al. 2021), so that
+  about one in eta goes on as in the single-objective rule, the ends of each front first.
+  With quality the only objective both rules are exactly Optuna's pruners
+  (tests/study/test_pruner.py);
 - Hyperband: a trial's bracket is the one Optuna's HyperbandPruner picks (CRC-32 of study name
   and trial number, brackets weighted by their budget); bracket b decides from rung b on, the
   last bracket runs every trial to the full budget.
@@ -118,15 +121,47 @@ def _csv(values: Sequence[Any]) -> str:
 # ---------------------------------------------------------------------------------------- the rules
 
 
-def dominated_by(loss: np.ndarray) -> np.ndarray:
-    """[n] how many rows of `loss` [n, m] (lower is better) dominate each row: no worse in
-    every column and better in one (Fonseca & Fleming's Pareto rank, minus one)."""
+def promotion_ranks(loss: np.ndarray) -> np.ndarray:
+    """[n] each row's place in the order successive halving promotes by, from `loss` [n, m]
+    (lower is better): non-dominated sorting into fronts, then within a front decreasing
+    crowding distance (NSGA-II, Deb et al. 2002: a front's two ends on each objective first,
+    then the points with the widest gaps around them). Lower is better; identical rows share a
+    rank, and with one objective the order is the values' own.
+
+    Why not the number of dominators alone (Fonseca & Fleming 1993), as before: in two
+    objectives most trials at a rung are dominated by no one or by one or two, so the ties kept
+    let half of them go on where one in eta should (lenet300 on Fashion-MNIST: 96 of 184
+    trials stopped; the fine-tune saved 15-30% of a batch's time instead of 60-70%)."""
     loss = np.asarray(loss, np.float64)
-    count = np.zeros(len(loss), int)
-    for s in range(0, len(loss), 512):  # rows compared 512 at a time: memory stays small
-        blk = loss[s:s + 512, None, :]  # [b, 1, m] against every row [n, m]
-        count[s:s + 512] = np.sum(np.all(loss <= blk, axis=2) & np.any(loss < blk, axis=2), axis=1)
-    return count
+    n = len(loss)
+    if n == 0:
+        return np.zeros(0, int)
+    uniq, inverse = np.unique(loss, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    u = len(uniq)
+    dominates = np.all(uniq[:, None, :] <= uniq[None, :, :], axis=2) & np.any(uniq[:, None, :] < uniq[None, :, :], axis=2)
+    left = dominates.sum(axis=0)  # [u] dominators of each unique row
+    front = np.full(u, -1)
+    level, current = 0, np.flatnonzero(left == 0)
+    while current.size:
+        front[current] = level
+        left = left - dominates[current].sum(axis=0)
+        left[front >= 0] = -1
+        current = np.flatnonzero(left == 0)
+        level += 1
+    crowd = np.zeros(u)
+    for f in range(level):
+        idx = np.flatnonzero(front == f)
+        for col in range(uniq.shape[1]):
+            v = uniq[idx, col]
+            order = idx[np.argsort(v, kind="stable")]
+            crowd[order[0]] = crowd[order[-1]] = np.inf
+            span = v.max() - v.min()
+            if len(idx) > 2 and np.isfinite(span) and span > 0:
+                sv = uniq[order, col]
+                crowd[order[1:-1]] += (sv[2:] - sv[:-2]) / span
+    keys = np.stack([front.astype(np.float64), -crowd], axis=1)  # by front, then widest gap first; equal keys tie
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)[inverse]
 
 
 def promotable(own: int, ranks: Sequence[int], reduction_factor: int) -> bool:
@@ -196,7 +231,7 @@ class RungJudge:
                                   .get(self.profile_name) or {}) for t in others if self._bracket(t) == b]
             batch = [j for j in range(len(self.trials)) if live[j] and self.brackets[j] == b]
             points = rivals + [self._point(metric[j], self.costs[j]) for j in batch]
-            ranks = dominated_by(np.array(points))
+            ranks = promotion_ranks(np.array(points))
             for i, j in enumerate(batch):
                 keep[j] = promotable(int(ranks[len(rivals) + i]), ranks, self.config.reduction_factor)
         return keep

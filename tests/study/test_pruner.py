@@ -27,8 +27,8 @@ from search.report.view import pareto_frame
 from search.study import storage as S
 from search.study.create import finished_count
 from search.study.loop import _CtrlC
-from search.study.pruning import (PrunerConfig, bracket_of, default_rungs, dominated_by, make_pruner,
-                                  promotable)
+from search.study.pruning import (PrunerConfig, bracket_of, default_rungs, make_pruner, promotable,
+                                  promotion_ranks)
 from search.study.spec import StudySpec
 from search.study.workers import run_worker
 from tests.support import SEARCH, results_dir, shared_cache, start_search
@@ -69,7 +69,7 @@ def _our_decisions(values: np.ndarray, name: str, hyperband: bool) -> list[tuple
         stops = []
         for rung, v in enumerate(row):
             seen.setdefault((b, rung), []).append(float(v))
-            ranks = dominated_by(-np.array(seen[(b, rung)])[:, None])
+            ranks = promotion_ranks(-np.array(seen[(b, rung)])[:, None])
             stops.append(rung >= b and not promotable(int(ranks[-1]), ranks, 3))
             if stops[-1]:
                 break
@@ -92,10 +92,24 @@ def test_with_quality_alone_the_rules_are_optunas_pruners(hyperband):
 def test_a_small_plan_competes_with_plans_as_small():
     # loss rows: (-quality, size); the 10x smaller plan of lower quality is dominated by no one
     loss = np.array([[-0.98, 100.0], [-0.90, 10.0], [-0.95, 100.0], [-0.85, 12.0]])
-    assert list(dominated_by(loss)) == [0, 0, 1, 1]  # the last only by the small plan
-    ranks = dominated_by(loss)
+    ranks = promotion_ranks(loss)
+    assert list(ranks) == [0, 0, 1, 1]  # the front's two ends tie; the last is dominated only by the small plan
     assert [promotable(int(r), ranks, 3) for r in ranks] == [True, True, False, False]
     assert promotable(0, [0], 3) and not promotable(1, [0, 1], 3)  # the first trials: only the undominated go on
+
+
+def test_about_one_in_eta_goes_on_even_when_most_trials_are_undominated():
+    """Nine trials on one front (each smaller plan a little worse): the rule that kept every
+    undominated trial let all nine go on; the front's two ends and the one with the widest gap
+    around it (crowding distance) are the three that do."""
+    q = np.linspace(0, 1, 9)
+    loss = np.stack([-q, 10 * q + q ** 2], axis=1)  # quality up, size up faster: the gaps widen with q
+    ranks = promotion_ranks(loss)
+    go = [promotable(int(r), ranks, 3) for r in ranks]
+    assert sum(go) == 3 and go[0] and go[-1] and go[-2]
+    worse = np.vstack([loss, loss + 0.5])  # a second, dominated front ranks after the whole first
+    assert promotion_ranks(worse)[9:].min() > promotion_ranks(worse)[:9].max()
+    assert list(promotion_ranks(np.array([[1.0], [1.0], [0.5], [2.0]]))) == [1, 1, 0, 2]  # one objective: its order
 
 
 def test_default_rungs_and_bad_flags_are_one_line_errors():
