@@ -31,8 +31,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import optuna
 import numpy as np
+import optuna
 from optuna.trial import TrialState
 
 from models.train import per_example_metric
