@@ -139,7 +139,10 @@ def promotion_ranks(loss: np.ndarray) -> np.ndarray:
     uniq, inverse = np.unique(loss, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     u = len(uniq)
-    dominates = np.all(uniq[:, None, :] <= uniq[None, :, :], axis=2) & np.any(uniq[:, None, :] < uniq[None, :, :], axis=2)
+    dominates = np.zeros((u, u), bool)  # [i, j]: row i dominates row j
+    for s in range(0, u, 512):  # rows compared 512 at a time: the [b, u, m] comparisons stay small
+        blk = uniq[s:s + 512, None, :]
+        dominates[s:s + 512] = np.all(blk <= uniq, axis=2) & np.any(blk < uniq, axis=2)
     left = dominates.sum(axis=0)  # [u] dominators of each unique row
     front = np.full(u, -1)
     level, current = 0, np.flatnonzero(left == 0)
