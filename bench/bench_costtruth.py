@@ -167,13 +167,17 @@ def collect(models_: tuple[str, ...], where: Path, factorized: bool = True) -> l
     """Export every variant of every model into `where` (Fashion-MNIST shape, initial variables,
     no training: latency does not depend on the weights' values), and the LeNets' factorized
     variants unless `factorized` is False; returns the records ("factorized": whether the plan
-    factorizes a layer)."""
+    factorizes a layer). Channels are kept to this runtime's alignment, as an export for a profile
+    calibrated here keeps them (search.export.exporter.channel_alignment)."""
     from search.engine.config import FinetuneConfig
     from search.engine.finetune import Engine
     from search.export.exporter import export_plan
+    from search.export.kernel_probes import nchwc_layout
     from search.compression.plan import make_plan
     from search.study.space import plan_to_dict
 
+    block, a = nchwc_layout(1)
+    align = (a, block) if block > 1 else (1, 1)
     records = []
     for model in models_:
         task = _task(model)
@@ -189,7 +193,9 @@ def collect(models_: tuple[str, ...], where: Path, factorized: bool = True) -> l
             kw["ratio"] = np.where(free, kw["ratio"], 0.0)
             plan = make_plan(**kw)
             out = where / f"{model}-{name}"
-            r = export_plan(task, variables, plan, out, engine=eng, force=True)
+            # as an export for a profile calibrated here keeps channels (a dead-channel count off
+            # the runtime's alignment would run the plain kernels: un90 MobileNetV2 took 1.6x)
+            r = export_plan(task, variables, plan, out, engine=eng, force=True, channel_align=align)
             records.append({"model": model, "variant": name, "factorized": bool(np.any(np.asarray(plan.rank) < 1)),
                             "plan": plan_to_dict(plan), "path": str(out / "model.onnx"),
                             "onnx_out_channels": [l["onnx_out_channels"] for l in r.config["layers"]],

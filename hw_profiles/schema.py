@@ -25,7 +25,10 @@ LATENCY_MODELS = ("roofline", "kernels")
 # measured 1.7-2x slower on an AVX-512 VNNI host), i8 (integer kernel with float output:
 # ConvInteger / MatMulInteger + Cast + Mul, whose weights are always uint8), f32p (a float conv
 # off the blocked NCHWc path, on the runtime's plain im2col or grouped kernels: channel counts
-# that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower), q8p
+# that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower), f32n
+# (a blocked 1x1 float conv reading fewer input channels than the block, in NCHW: onnxruntime's
+# NCHW kernel, made for image stems, where such a conv with 4-12 input channels measured 3-5x the
+# time the NCHWc-input (pointwise) predictor gives it; heavily channel-pruned layers run it), q8p
 # (a q8 conv or depthwise conv whose output channels are not a multiple of
 # KernelModel.channel_block: onnxruntime's int8 kernels then run their per-channel remainder
 # path; a depthwise one measured 2-3x slower on an AVX-512 host); and
@@ -36,13 +39,15 @@ LATENCY_MODELS = ("roofline", "kernels")
 # `pool_u8`, a max pooling run on uint8 in NCHW: onnxruntime moves an integer layer's input
 # quantization ahead of the max pooling between it and a float producer, and its uint8 MaxPool
 # is a plain loop, about 10x slower per element than the float one (search.cost.kernels.u8_pooled)
-KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8")
-# a profile calibrated before q8u, f32p, q8p and pool_u8 existed prices them as its q8, f32, q8
-# and eltwise kernels
-# (Dense layers never run f32p or q8p: they keep dense_f32's and dense_q8's coefficients)
+# a profile calibrated before q8u, f32p, q8p, f32n and pool_u8 existed prices them as its q8, f32,
+# q8, f32 and eltwise kernels
+# (Dense layers never run f32p, q8p or f32n, depthwise convs never f32n: they keep the f32 and q8
+# coefficients)
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
-    | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {"pool_u8": "eltwise"}
+    | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32n": f"{k}_f32" for k in LAYER_KINDS} \
+    | {"pool_u8": "eltwise"}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),
 # and MT, positions times the kernel's taps T (kh*kw; 1 for Dense): im2col copies each tap's

@@ -229,7 +229,7 @@ def _size(layers, params, masks, plan: Plan, scales, factors=None) -> dict:
 def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, finetune: Any = None,
                 profile: Any = None, costs: dict | None = None, force: bool = False,
                 source: dict | None = None, engine: Any = None, before: FinetuneConfig | None = None,
-                retrain: dict | None = None) -> ExportResult:
+                retrain: dict | None = None, channel_align: tuple[int, int] | None = None) -> ExportResult:
     """Fine-tune (finetune.steps, 0 = compress only) a plan [L] and export it to out_dir.
 
     `profile` (a HardwareProfile or name) prices the plan for config.json unless `costs`
@@ -237,7 +237,8 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     search's fine-tune) is run too, and its weights are exported instead where their validation
     quality is higher (search.export.retrain.better); config.json's "retrain" holds `retrain`
     (how the budget was chosen) with the validation and test quality before and after, and
-    which was kept. The files are
+    which was kept. `channel_align`: the (float, integer) channel multiples a conv's output keeps
+    when its all-zero channels are removed (None: the profile's, channel_alignment). The files are
     written into a directory beside out_dir that becomes out_dir only when all of them are
     written and checked (staged_dir): a failure leaves out_dir as it was. UserError, before any
     work, when out_dir holds files and force is False.
@@ -245,13 +246,14 @@ def export_plan(task, base_params: Any, plan: Plan, out_dir: str | Path, *, fine
     out_dir = Path(out_dir)
     with staged_dir(out_dir, force) as work:
         result = _export_into(work, task, base_params, plan, finetune=finetune, profile=profile, costs=costs,
-                              source=source, engine=engine, before=before, retrain=retrain)
+                              source=source, engine=engine, before=before, retrain=retrain,
+                              align=channel_align or channel_alignment(profile))
     return dataclasses.replace(result, out_dir=out_dir)
 
 
 def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune: Any, profile: Any,
                  costs: dict | None, source: dict | None, engine: Any, before: FinetuneConfig | None,
-                 retrain: dict | None) -> ExportResult:
+                 retrain: dict | None, align: tuple[int, int]) -> ExportResult:
     """export_plan's work: every file written into the (staging) directory `out_dir`."""
     import onnx
     import onnxruntime as ort
@@ -293,7 +295,7 @@ def _export_into(out_dir: Path, task, base_params: Any, plan: Plan, *, finetune:
     back, _ = pack.load_weights(wpath, template=params)
     reload_quality, _ = metric(task, predict, back, x, y)
 
-    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges, cm.masks, channel_alignment(profile))
+    exports = _onnx_exports(layers, cm.plan, tensors, infos, cm.act_ranges, cm.masks, align)
     layers_by_name = {l.name: l for l in layers}
     # the deployed input: the test split's examples (whole images for vdsr and demosaicnet,
     # which train on patches), the shape the ONNX model is checked and timed at
