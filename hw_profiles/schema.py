@@ -28,8 +28,7 @@ LATENCY_MODELS = ("roofline", "kernels")
 # that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower), f32n
 # (a blocked 1x1 float conv reading fewer input channels than the block, in NCHW: onnxruntime's
 # NCHW kernel, made for image stems, where such a conv with 4-12 input channels measured 3-5x the
-# time the NCHWc-input predictor gives it; heavily channel-pruned layers run it), f32pw (a
-# blocked 1x1 float conv reading NCHWc: MLAS's pointwise kernel, not the kxk NCHWc one), q8p
+# time the NCHWc-input (pointwise) predictor gives it; heavily channel-pruned layers run it), q8p
 # (a q8 conv or depthwise conv whose output channels are not a multiple of
 # KernelModel.channel_block: onnxruntime's int8 kernels then run their per-channel remainder
 # path; a depthwise one measured 2-3x slower on an AVX-512 host); and
@@ -40,15 +39,14 @@ LATENCY_MODELS = ("roofline", "kernels")
 # `pool_u8`, a max pooling run on uint8 in NCHW: onnxruntime moves an integer layer's input
 # quantization ahead of the max pooling between it and a float producer, and its uint8 MaxPool
 # is a plain loop, about 10x slower per element than the float one (search.cost.kernels.u8_pooled)
-KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n", "f32pw")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8")
-# a profile calibrated before q8u, f32p, q8p, f32n, f32pw and pool_u8 existed prices them as its
-# q8, f32, q8, f32, f32 and eltwise kernels
-# (Dense layers never run f32p, q8p, f32n or f32pw, depthwise convs never f32n or f32pw: they keep
-# the f32 and q8 coefficients)
+# a profile calibrated before q8u, f32p, q8p, f32n and pool_u8 existed prices them as its q8, f32,
+# q8, f32 and eltwise kernels
+# (Dense layers never run f32p, q8p or f32n, depthwise convs never f32n: they keep the f32 and q8
+# coefficients)
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
     | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32n": f"{k}_f32" for k in LAYER_KINDS} \
-    | {f"{k}_f32pw": f"{k}_f32" for k in LAYER_KINDS} \
     | {"pool_u8": "eltwise"}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),

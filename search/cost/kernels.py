@@ -34,13 +34,12 @@ to the runtime's channel block (`blocked`; KernelModel.channel_block, detected a
 when its channel counts are multiples of KernelModel.channel_align (`on_blocks`); otherwise on the
 runtime's plain kernels, the `f32p` form (unpadded counts; a depthwise conv 8x slower). A blocked
 conv reading fewer input channels than the block takes them in NCHW, on onnxruntime's NCHW-input
-kernel (made for image stems, one pass over the output per input channel). A blocked 1x1 conv
-runs one of two kernels of its own: MLAS's pointwise kernel reading NCHWc (the `f32pw` form,
-MobileNets' expand and project convs), or the NCHW-input kernel (the `f32n` form): a 1x1 conv
-reading 4-12 channels in NCHW, as heavy channel pruning leaves them, measured 3-5x what the
-NCHWc-input predictor gave it. kxk convs reading NCHW (stems) measured within 30% of the f32
-predictor and stay f32 (a predictor of their own, linear in the same features, fitted them
-worse: 33% median error on held-out probes). A q8
+kernel (made for image stems, one pass over the output per input channel). A 1x1 one is the
+`f32n` form, its own predictor: where a 1x1 conv reading NCHWc runs the pointwise kernel, a 1x1
+conv reading 4-12 channels in NCHW, as heavy channel pruning leaves them, measured 3-5x what the
+NCHWc-input predictor gave it; 3x3 and 5x5 stems measured within 30% of it and stay f32 (a
+predictor of their own, linear in the same features, fitted them worse: 33% median error on
+held-out probes). A q8
 conv or depthwise conv whose kept output channels are not a multiple of the channel block runs
 the integer kernels' remainder path, the `q8p` form (`q8_on_blocks`).
 
@@ -62,10 +61,9 @@ import numpy as np
 from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
 
 FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
-# q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block),
-# f32pw (blocked 1x1 float conv reading NCHWc: the pointwise kernel)
+# q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block)
 EMUL, ELTWISE, POOL_U8 = KERNELS.index("emul"), KERNELS.index("eltwise"), KERNELS.index("pool_u8")
-FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("f32pw"), FORMS.index("i8"))  # float output
+FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("i8"))  # float output
 INT_IN = (FORMS.index("q8"), FORMS.index("i8"), FORMS.index("q8u"), FORMS.index("q8p"))  # forms whose input is quantized
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
@@ -263,7 +261,7 @@ def max_pool_reader(layers: Sequence) -> np.ndarray:
 
 def u8_pooled(reader: np.ndarray, form: np.ndarray) -> np.ndarray:
     """[K, L] bool: layer i's output is max-pooled on uint8 (the `pool_u8` kernel): its form gives
-    a float output (f32, f32p, f32n, f32pw, i8) and the layer reading it through the max pooling (reader [L],
+    a float output (f32, f32p, f32n, i8) and the layer reading it through the max pooling (reader [L],
     max_pool_reader) quantizes its input (q8, i8, q8u, q8p), so onnxruntime moves that
     QuantizeLinear ahead of the MaxPool."""
     reader = np.asarray(reader)
@@ -276,7 +274,7 @@ def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> n
     """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
     unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
     are one op each, three and two for a float conv on onnxruntime's blocked NCHWc layout (nchwc
-    [L] and form f32, f32n or f32pw: the output reordered to NCHW before the pooling, and the pooled map back to
+    [L] and form f32 or f32n: the output reordered to NCHW before the pooling, and the pooled map back to
     NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
     residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
     its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
@@ -284,7 +282,7 @@ def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> n
     (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum), where one per
     layer was charged."""
     pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
-    blocked = np.isin(np.asarray(form), (FORMS.index("f32"), FORMS.index("f32n"), FORMS.index("f32pw"))) & np.asarray(nchwc, bool)
+    blocked = np.isin(np.asarray(form), (FORMS.index("f32"), FORMS.index("f32n"))) & np.asarray(nchwc, bool)
     return np.where(blocked, 3 * pool + 2 * flat, pool + flat) + np.where(np.asarray(form) == FORMS.index("i8"), add, 0.0)
 
 
@@ -414,15 +412,15 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     kinds (onnxruntime's blocked NCHWc kernels and float GEMMs, which convolve without im2col)
     get no MT term: fitted on chained probes it took cost from the per-MAC terms and priced
     lenet5's 1-channel 5x5 stem at 3x its time.
-    A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, dense_f32pw, depthwise_f32n,
-    depthwise_f32pw; f32p, q8p, f32n and f32pw on a runtime without channel blocks; pool_u8 in samples timed before it had a probe) takes the coefficients of the
+    A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p and
+    f32n on a runtime without channel blocks; pool_u8 in samples timed before it had a probe) takes the coefficients of the
     kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
-        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "_f32pw", "pool_u8")):  # pool_u8: samples calibrated before it
+        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "pool_u8")):  # pool_u8: samples calibrated before it
             coef[name] = coef[KERNEL_FALLBACK[name]]
             continue
         coef[name] = fit_kind(name, rows)

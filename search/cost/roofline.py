@@ -292,8 +292,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
             nchw_in = blocked & ~dw & (cin < block)  # read in NCHW: a 1x1 one runs the NCHW-input kernel (f32n)
-            pointwise = blocked & ~dw & (la.area == 1)  # else the pointwise kernel (f32pw)
-            form = np.where(pointwise, np.where(nchw_in, K.FORMS.index("f32n"), K.FORMS.index("f32pw")), form)
+            form = np.where(nchw_in & (la.area == 1), K.FORMS.index("f32n"), form)
             # the layouts each conv reads and writes, for the reorders between them (kernels.reorder_count)
             conv = la.nchwc & ~fact
             in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | nchw_in)
@@ -315,10 +314,11 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             (na_b, ka_b), (nb_b, kb_b) = K.blocked(na, ka / ta, ta, block), K.blocked(nb2, kb2 / tb, tb, block)
             na, ka = np.where(a_blk, na_b, na), np.where(a_blk, ka_b, ka)
             nb2, kb2 = np.where(b_blk, nb_b, nb2), np.where(b_blk, kb_b, kb2)
-            # a blocked 1x1 factor runs the pointwise or the NCHW-input kernel, as an unfactorized conv
-            pw = lambda n_in: np.where(np.round(n_in) < block, K.FORMS.index("f32n"), K.FORMS.index("f32pw"))
-            form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_blk & (ta == 1), pw(geo["ka"] * keep_a), form))
-            b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_blk & (tb == 1), pw(rk), b_form))
+            # a 1x1 factor reading fewer channels than the block runs f32n, as an unfactorized conv
+            a_n = a_blk & (ta == 1) & (np.round(geo["ka"] * keep_a / ta) < block)
+            b_n = b_blk & (tb == 1) & (np.round(rk) < block)
+            form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, K.FORMS.index("f32n"), form))
+            b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, K.FORMS.index("f32n"), b_form))
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
                       K.features(geo["pa"], na, ka, geo["ta"]))
         feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))

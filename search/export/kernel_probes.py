@@ -242,12 +242,11 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
     path (kernels.q8_on_blocks, a channel block of 8 or 16): every other one has both counts
     rounded to multiples of 16 (blocked, int8 on the block), every fourth both counts odd and
     above 16 (the plain float kernels, the int8 remainder path), the rest as sampled (image stems
-    among them); each adds a 1x1 conv: every other one reading 1-15 channels (the NCHW-input
-    kernel, f32n, that heavily pruned 1x1 layers run) with output channels a multiple of 4 from 16
-    up (so that the partner reading them runs blocked), the others with both counts multiples of 8
-    from 16 up (the pointwise kernel, f32pw, MobileNets' expand and project convs). Every other
-    depthwise shape has its channels rounded to a multiple of 16."""
-    rng, rng1 = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    among them); every other shape adds a 1x1 conv reading 1-15 channels (the NCHW-input kernel,
+    f32n, that heavily pruned 1x1 layers run) with output channels a multiple of 4 from 16 up (so
+    that the partner reading them runs blocked). Every other depthwise shape has its channels
+    rounded to a multiple of 16."""
+    rng = np.random.default_rng(seed)
     out: list[Shape] = []
     up16 = lambda c: max(16, 16 * round(c / 16))
     odd = lambda c: max(17, c | 1)
@@ -260,15 +259,9 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
         cin, cout = ((up16(cin), up16(cout)), (cin, cout), (up16(cin), up16(cout)), (odd(cin), odd(cout)))[i % 4]
         out.append(Shape("conv", cin, cout, hw, k, s))
-        # from a generator of their own, so that the other shapes stay those of a seed before them
-        cin, cout, hw = _log_int(rng1, 1, 15), _log_int(rng1, 2, 256), int(rng1.choice([4, 7, 8, 14, 16, 28, 32]))
         if i % 2 == 0:  # a 1x1 conv reading 1-15 channels in NCHW (f32n), its partner blocked
+            cin, cout, hw = _log_int(rng, 1, 15), _log_int(rng, 2, 256), int(rng.choice([4, 7, 8, 14, 16, 28, 32]))
             out.append(Shape("conv", cin, cout if cout < 16 else 4 * round(cout / 4), hw, 1, 1))
-        else:  # a 1x1 conv on the blocks both ways (the pointwise kernel, f32pw), within the MAC budget
-            cin, cout = max(16, 8 * round(cout / 8)), 8 * round(_log_int(rng1, 16, 384) / 8)
-            while cin * cout * hw * hw > budget and max(cin, cout) > 16:
-                cin, cout = max(16, 8 * (cin * 3 // 32)), max(16, 8 * (cout * 3 // 32))
-            out.append(Shape("conv", cin, cout, hw, 1, 1))
         c = _log_int(rng, 8, 768)
         c = up16(c) if i % 2 == 0 else c
         out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
@@ -335,9 +328,9 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     the sample's features are X's plus P's (the predictors are linear in them). A blocked conv
     reading fewer channels than the block reads NCHW, behind a ReorderOutput of its producer's
     output: those reorders are taken off the sample at the eltwise ops' fit, as the pricing
-    charges them as eltwise ops (kernels.reorder_count). A blocked 1x1 pair is a conv_f32pw sample
-    (MLAS's pointwise kernel), or, with a member reading NCHW, a conv_f32n one of the members that
-    read NCHW (the other member taken off at conv_f32pw's fit on the pairs that read no NCHW). i8 layers (float
+    charges them as eltwise ops (kernels.reorder_count); a 1x1 one makes the sample a conv_f32n
+    one, of the members that read NCHW (the other member, a conv_f32 kernel, is taken off at
+    conv_f32's fit on the pairs that read no NCHW). i8 layers (float
     output, their input quantization and output scaling included), emul, eltwise and pool_u8 ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
@@ -350,7 +343,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
         ("", _relu_chain(1), (1, 16), [], -1), ("", _relu_chain(33), (1, 16), [], -1)]
     reorders: dict[int, list[int]] = {}  # job -> elements of each layout reorder in its measured pair
-    blocked_pw: dict[int, list[float]] = {}  # f32n job -> features of its pair's pointwise member
+    blocked_f32: dict[int, list[float]] = {}  # f32n job -> features of its pair's conv_f32 member
     for s in shapes:
         flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
         pair = partner(flat)
@@ -371,14 +364,12 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
                 nchw = [x for x in (flat, pair) if runs == {True} and not dw and x.cin < block and x.k == 1]
                 if nchw:  # a blocked 1x1 conv reading NCHW runs the f32n kernel: the sample is that member's
                     name, members = "conv_f32n", nchw
-                elif runs == {True} and not dw and s.k == 1:  # both on MLAS's pointwise kernel
-                    name = "conv_f32pw"
             feats = np.sum([x.features(b, ob) for x in members], axis=0).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
-            if name in ("conv_f32", "conv_f32n", "conv_f32pw"):  # blocked: the reorders to NCHW for a reader below the block
+            if name in ("conv_f32", "conv_f32n"):  # blocked: the reorders to NCHW for a reader of fewer channels than the block
                 reorders[len(jobs)] = [x.cout * x.out_hw ** 2 for x in (flat, pair) if x.cout < block]
-            if len(members) == 1:  # the other member runs conv_f32pw: taken off at conv_f32pw's fit
-                blocked_pw[len(jobs)] = next(x for x in (flat, pair) if x is not members[0]).features(b, ob)
+            if len(members) == 1:  # the other member runs conv_f32: taken off at conv_f32's fit
+                blocked_f32[len(jobs)] = next(x for x in (flat, pair) if x is not members[0]).features(b, ob)
             jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
     sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
@@ -410,11 +401,11 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
         coef = np.asarray(K.fit_kind("eltwise", elt))
         for i, elems in reorders.items():
             diff[i] -= sum(float(K.features(e, 1.0, 1.0) @ coef) for e in elems)
-    # an f32n sample whose pair has one pointwise member: that member's time, at conv_f32pw's own fit
-    pw = [(j[3], d) for j, d, us in zip(jobs, diff, best) if j[0] == "conv_f32pw" and d > 0.02 * us]
-    if pw and blocked_pw:
-        coef = np.asarray(K.fit_kind("conv_f32pw", pw))
-        for i, feats in blocked_pw.items():
+    # an f32n sample whose pair has one conv_f32 member: that member's time, at conv_f32's own fit
+    f32 = [(j[3], d) for j, d, us in zip(jobs, diff, best) if j[0] == "conv_f32" and d > 0.02 * us]
+    if f32 and blocked_f32:
+        coef = np.asarray(K.fit_kind("conv_f32", f32))
+        for i, feats in blocked_f32.items():
             diff[i] -= float(np.dot(coef, feats))
     samples = []
     for (name, _, _, feats, ref), us, t in zip(jobs, best, diff):

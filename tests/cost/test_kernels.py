@@ -123,41 +123,39 @@ def test_float_convolutions_off_the_channel_alignment_run_the_plain_kernels():
     assert kept(0.3125) == 22 and lat(0.3125) == pytest.approx(5 * macs(22, 32))  # 22: plain, unpadded
 
 
-def test_a_blocked_1x1_conv_runs_the_pointwise_or_the_nchw_input_kernel():
-    """A blocked 1x1 float conv runs MLAS's pointwise kernel reading NCHWc (f32pw) or, reading
-    fewer input channels than the channel block, its NCHW-input kernel (f32n; measured 3-5x the
-    NCHWc-input predictor reading 4-12 channels), each priced on its blocked output channels and
-    unpadded input; a 3x3 conv is f32 either way (stems measured within 30% of it). A profile
-    calibrated before these kinds existed prices them as f32 (their fallback)."""
+def test_a_blocked_1x1_conv_reading_fewer_channels_than_the_block_runs_the_nchw_input_kernel():
+    """A float conv reading fewer input channels than the channel block takes them in NCHW, on
+    onnxruntime's NCHW-input kernel; a 1x1 one (measured 3-5x the NCHWc-input predictor reading
+    4-12 channels) is priced as an f32n kernel, on its blocked output channels and unpadded
+    input; 16 input channels and more read NCHWc (f32), and a 3x3 conv stays f32 (stems measured
+    within 30% of it). A profile calibrated before f32n existed prices it as f32 (its fallback)."""
     coef = {name: (0.0,) * 9 for name in KERNELS}
-    coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32pw": (2.0,) + (0.0,) * 8,
-             "conv_f32n": (3.0,) + (0.0,) * 3 + (1e-3,) + (0.0,) * 4}  # per call, per MN
+    coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32n": (3.0,) + (0.0,) * 3 + (1e-3,) + (0.0,) * 4}  # per call, per MN
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
     pointwise = dataclasses.replace(_conv(1, 32, 32, 8, src=0), kernel_shape=(1, 1, 32, 32), macs=64 * 32 * 32,
                                     params=32 * 32 + 32)
-    for second, nchwc, nchw in ((pointwise, 2.0, 3.0 + 1e-3 * 64 * 32), (_conv(1, 32, 32, 8, src=0), 1.0, 1.0)):
+    for second, nchw in ((pointwise, 3.0 + 1e-3 * 64 * 32), (_conv(1, 32, 32, 8, src=0), 1.0)):
         layers = (_conv(0, 32, 32, 8), second)
         lat = lambda r: price(prof, layers, P.make_plan([r, 0.0], P.CHANNEL, 32, 32)).layer_latency_ms[0] * 1e3
-        assert lat(0.5)[1] == pytest.approx(nchwc)  # reads 16: NCHWc
+        assert lat(0.5)[1] == pytest.approx(1.0)  # reads 16: NCHWc
         assert lat(0.75)[1] == pytest.approx(nchw)  # reads 8 in NCHW: M = 64 positions, N = 32 (two blocks)
         assert lat(0.75)[0] == pytest.approx(1.0)  # the producer reads all 32 of the model's input
     split = latency_by_kernel(prof, (_conv(0, 32, 32, 8), pointwise), P.stack_plans([P.make_plan([0.75, 0.0], P.CHANNEL, 32, 32)]))
     assert split[0, KERNELS.index("conv_f32n")] == pytest.approx((3.0 + 1e-3 * 64 * 32) * 1e-3)
-    old = {k: v for k, v in coef.items() if not k.endswith(("_f32n", "_f32pw"))}
+    old = {k: v for k, v in coef.items() if not k.endswith("_f32n")}
     before = hw_profiles.KernelModel(0.0, MappingProxyType(old), "synthetic", channel_block=16, channel_align=4)
-    assert before.coef["conv_f32n"] == before.coef["conv_f32pw"] == coef["conv_f32"]
+    assert before.coef["conv_f32n"] == coef["conv_f32"]
 
 
 def test_a_factorized_conv_runs_its_two_kernels_blocked_or_plain_by_its_rank():
     """An SVD-factorized 3x3 conv (32 -> 32) is r 3x3 filters then a 1x1 conv reading r channels:
     at rank 8 or 10 both run on the blocked kernels, the 1x1 conv reading its input below the block
-    of 16 in NCHW (f32n), at rank 20 on the pointwise kernel (f32pw), at rank 18 the 1x1 conv's
-    input is off the alignment of 4 and it runs the plain kernels (lenet5 factorized at rank 25
-    took 1.6x the prediction that priced it blocked)."""
+    of 16 in NCHW (f32n), at rank 18 the 1x1 conv's input is off the alignment of 4 and it runs the
+    plain kernels (lenet5 factorized at rank 25 took 1.6x the prediction that priced it blocked)."""
     coef = {name: (0.0,) * 9 for name in KERNELS}
     coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32p": (5.0,) + (0.0,) * 8,  # per call: plain 5x dearer
-             "conv_f32n": (3.0,) + (0.0,) * 8, "conv_f32pw": (2.0,) + (0.0,) * 8}
+             "conv_f32n": (3.0,) + (0.0,) * 8}
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
     layers = (_conv(0, 32, 32, 8),)
@@ -165,7 +163,6 @@ def test_a_factorized_conv_runs_its_two_kernels_blocked_or_plain_by_its_rank():
     full = min(9 * 32, 32)  # the SVD form's full rank
     assert lat(8 / full) == lat(10 / full) == pytest.approx(1 + 3)  # both blocked, B reading NCHW
     assert lat(18 / full) == pytest.approx(1 + 5)  # A blocked, B plain
-    assert lat(20 / full) == pytest.approx(1 + 2)  # B reading 20 channels: pointwise
     unblocked = calibrated_profile(MACHINE, name="b", kernels=dataclasses.replace(prof.kernels, channel_block=1, channel_align=1))
     assert float(price(unblocked, layers, P.make_plan([0.0], rank=18 / full)).layer_latency_ms[0, 0]) * 1e3 == pytest.approx(2)
 
@@ -328,8 +325,8 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     assert all(c >= 0 for v in k.coef.values() for c in v)
     assert all(any(c > 0 for c in k.coef[name]) for name in KERNELS)  # every kind learned something
     assert report["per_kernel"]["pool_u8"] > 0  # the uint8 pooling had probes of its own
-    if k.channel_block > 1:  # blocked 1x1 convs: pointwise and NCHW-input kernel samples
-        assert report["per_kernel"]["conv_f32n"] > 0 and report["per_kernel"]["conv_f32pw"] > 0
+    if k.channel_block > 1:  # a conv reading fewer channels than the block: NCHW-input kernel samples
+        assert report["per_kernel"]["conv_f32n"] > 0
     text = profile_toml(profile, MACHINE)
     path = tmp_path / "here.toml"
     path.write_text(text)
