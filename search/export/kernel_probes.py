@@ -246,7 +246,7 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
     f32n, that heavily pruned 1x1 layers run) with output channels a multiple of 4 from 16 up (so
     that the partner reading them runs blocked). Every other depthwise shape has its channels
     rounded to a multiple of 16."""
-    rng = np.random.default_rng(seed)
+    rng, rng1 = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     out: list[Shape] = []
     up16 = lambda c: max(16, 16 * round(c / 16))
     odd = lambda c: max(17, c | 1)
@@ -259,8 +259,10 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
             cin, cout = max(cin * 3 // 4, 1), max(cout * 3 // 4, 2)
         cin, cout = ((up16(cin), up16(cout)), (cin, cout), (up16(cin), up16(cout)), (odd(cin), odd(cout)))[i % 4]
         out.append(Shape("conv", cin, cout, hw, k, s))
-        if i % 2 == 0:  # a 1x1 conv reading 1-15 channels in NCHW (f32n), its partner blocked
-            cin, cout, hw = _log_int(rng, 1, 15), _log_int(rng, 2, 256), int(rng.choice([4, 7, 8, 14, 16, 28, 32]))
+        if i % 2 == 0:  # a 1x1 conv reading 1-15 channels in NCHW (f32n), its partner blocked; from a
+            # generator of its own, so that the other shapes stay those a seed gave before (a shifted
+            # sample priced lenet5's int8 stem 30% faster than it runs)
+            cin, cout, hw = _log_int(rng1, 1, 15), _log_int(rng1, 2, 256), int(rng1.choice([4, 7, 8, 14, 16, 28, 32]))
             out.append(Shape("conv", cin, cout if cout < 16 else 4 * round(cout / 4), hw, 1, 1))
         c = _log_int(rng, 8, 768)
         c = up16(c) if i % 2 == 0 else c
