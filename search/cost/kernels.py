@@ -261,8 +261,8 @@ def max_pool_reader(layers: Sequence) -> np.ndarray:
 
 def u8_pooled(reader: np.ndarray, form: np.ndarray) -> np.ndarray:
     """[K, L] bool: layer i's output is max-pooled on uint8 (the `pool_u8` kernel): its form gives
-    a float output (f32, f32p, f32n, i8) and the layer reading it through the max pooling (reader [L],
-    max_pool_reader) quantizes its input (q8, i8, q8u, q8p), so onnxruntime moves that
+    a float output (f32, f32p, f32n, i8) and the layer reading it through the max pooling (reader
+    [L], max_pool_reader) quantizes its input (q8, i8, q8u, q8p), so onnxruntime moves that
     QuantizeLinear ahead of the MaxPool."""
     reader = np.asarray(reader)
     form = np.asarray(form)
@@ -274,8 +274,8 @@ def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> n
     """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
     unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
     are one op each, three and two for a float conv on onnxruntime's blocked NCHWc layout (nchwc
-    [L] and form f32 or f32n: the output reordered to NCHW before the pooling, and the pooled map back to
-    NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
+    [L] and form f32 or f32n: the output reordered to NCHW before the pooling, and the pooled map
+    back to NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
     residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
     its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
     28x28 on one thread: fp32 resnet20 and MobileNetV2 run 3 ops besides their convs and head
@@ -413,8 +413,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     get no MT term: fitted on chained probes it took cost from the per-MAC terms and priced
     lenet5's 1-channel 5x5 stem at 3x its time.
     A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p and
-    f32n on a runtime without channel blocks; pool_u8 in samples timed before it had a probe) takes the coefficients of the
-    kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
+    f32n on a runtime without channel blocks; pool_u8 in samples timed before it had a probe)
+    takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     coef: dict[str, tuple[float, ...]] = {}
