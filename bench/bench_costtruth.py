@@ -176,8 +176,8 @@ def collect(models_: tuple[str, ...], where: Path, factorized: bool = True) -> l
     from search.compression.plan import make_plan
     from search.study.space import plan_to_dict
 
-    block, a = nchwc_layout(1)
-    align = (a, block) if block > 1 else (1, 1)
+    block, a = nchwc_layout(1)  # (1, 1) without blocked kernels
+    align = (a, block)
     records = []
     for model in models_:
         task = _task(model)

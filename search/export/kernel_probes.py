@@ -363,7 +363,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
                 if len(runs) > 1:
                     continue  # one layer blocked, the other plain: neither kind's sample
                 name, b = (name, block) if runs == {True} else (f"{s.kind}_f32p", 1)
-                nchw = [x for x in (flat, pair) if runs == {True} and not dw and x.cin < block and x.k == 1]
+                nchw = [x for x in (flat, pair) if x.cin < block] if runs == {True} and not dw and s.k == 1 else []
                 if nchw:  # a blocked 1x1 conv reading NCHW runs the f32n kernel: the sample is that member's
                     name, members = "conv_f32n", nchw
             feats = np.sum([x.features(b, ob) for x in members], axis=0).tolist()
