@@ -35,10 +35,10 @@ LATENCY_MODELS = ("roofline", "kernels")
 # `emul`, a float layer's input activation rounding done in float ops (Div, Round, Add, Clip, Sub, Mul);
 # `eltwise`, one unfused elementwise or pooling op on a layer's output (MaxPool, Add, Transpose, a
 # layout reorder; calibrated on ReLU, MaxPool, Add and Transpose), charged as many times as the
-# runtime runs such ops after the layer (search.cost.kernels.eltwise_count); and
+# runtime runs such ops after the layer (search.cost.runtime_graph.eltwise_count); and
 # `pool_u8`, a max pooling run on uint8 in NCHW: onnxruntime moves an integer layer's input
 # quantization ahead of the max pooling between it and a float producer, and its uint8 MaxPool
-# is a plain loop, about 10x slower per element than the float one (search.cost.kernels.u8_pooled)
+# is a plain loop, about 10x slower per element than the float one (search.cost.runtime_graph.u8_pooled)
 KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8")
 # a profile calibrated before q8u, f32p, q8p, f32n and pool_u8 existed prices them as its q8, f32,

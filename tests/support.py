@@ -6,6 +6,7 @@ not: its cache key covers model, data and training config, so sharing it is exac
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,3 +78,22 @@ def dense(index: int, n_in: int, n_out: int, src: int | None = None) -> Layer:
     src = index - 1 if src is None else src
     return Layer(index, f"fc{index}", (f"fc{index}",), "dense", (n_in, n_out), (n_in,), (n_out,), 1, True,
                  n_in * n_out, n_in * n_out + n_out, reads=((src, n_in),))
+
+
+def conv(index: int, cin: int, cout: int, hw: int, kind: str = "conv", src: int = -1) -> Layer:
+    """A 3x3 Conv (or depthwise conv, whose channels join `src`'s group) record c<index> at hw x hw,
+    stride 1, bias included, reading layer `src`'s cin channels (-1: not a layer's)."""
+    groups = cin if kind == "depthwise" else 1
+    k = (3, 3, cin // groups, cout)
+    macs = hw * hw * 9 * (cin // groups) * cout
+    return Layer(index, f"c{index}", (f"c{index}",), kind, k, (hw, hw, cin), (hw, hw, cout), groups, True, macs,
+                 9 * (cin // groups) * cout + cout, leader=src if kind == "depthwise" else -1, reads=((src, cin),))
+
+
+# a machine for calibrated_profile in the kernel-pricing tests (one thread, made-up peaks)
+MACHINE = {"threads": 1, "fp32_gops": 20.0, "int8_gops": 40.0, "conv_gops": 10.0, "depthwise_gops": 2.0,
+           "dram_gbs": 10.0, "cache_gbs": 40.0, "llc_kb": 8192.0, "op_overhead_us": 1.0, "memory_kb": 1e7}
+
+# a conv stem, a depthwise conv (its channels follow the stem's), a 1x1-style conv, a head
+CONV_LAYERS = (conv(0, 3, 16, 8), conv(1, 16, 16, 8, "depthwise", 0), conv(2, 16, 32, 8, src=0),
+               dataclasses.replace(dense(3, 32 * 64, 10), reads=((2, 32),), in_repeat=64))  # flatten, then the head

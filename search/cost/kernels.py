@@ -20,11 +20,11 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   Sub, Mul), for activations quantized to <= 16 bits in front of a float kernel;
 - `eltwise`: an unfused op that follows a layer in the graph (a pooling, a residual Add in
   float, a layout reorder or Transpose, a flatten), on the layer's output; how many each layer
-  is charged comes from the graph (`unfused_ops`) and the layer's form. An activation is not
+  is charged comes from the graph (search.cost.runtime_graph.unfused_ops) and the layer's form. An activation is not
   one: onnxruntime fuses it into the float kernel, and the quantization grid absorbs it in an
   integer one (the probes time each kernel with its activation);
 - `pool_u8`: a max pooling between a layer with a float output and an integer reader
-  (`u8_pooled`). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
+  (runtime_graph.u8_pooled). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
   MaxPool, which then runs on uint8 in NCHW, a plain loop about 10x slower per element than the
   float MaxPool (lenet5 with a float conv1 and an int8 conv2: 10.5 us of 34); it replaces one
   `eltwise` op. Between two integer layers the pooling runs as NhwcMaxPool, as fast as a float one.
@@ -73,42 +73,12 @@ def kernel_index(kind: np.ndarray, form: np.ndarray) -> np.ndarray:
     return np.asarray(kind) * len(FORMS) + np.asarray(form)
 
 
-def chained_to(layers: Sequence) -> np.ndarray:
-    """[L] index of the layer an integer layer re-quantizes for (QLinear chain), -1 when none.
-
-    Layer i chains into the first later layer that reads its group's channels, when that layer
-    reads only them, i's output is not in a
-    residual add (its channel group has no other non-depthwise member: a depthwise layer joins its
-    producer's group without an add), and no global pooling lies between (a Dense reading a conv's
-    channels once, not flattened, sees them averaged: ReduceMean is not a chain op). Between them
-    the export allows only ReLU, ReLU6, max pooling, flatten and transposes (onnx.qdq). A layer
-    called more than once (shared weights) does not chain; layers grouped only because one shared
-    layer reads them all are not in an add."""
-    n = len(layers)
-    out = np.full(n, -1, np.int64)
-    calls = [l.macs // max(1, int(np.prod(l.out_shape[:-1], dtype=np.int64)) * int(np.prod(l.kernel_shape, dtype=np.int64)))
-             for l in layers]  # a layer called twice (shared weights): its outputs are combined
-    for i, layer in enumerate(layers):
-        g = layer.group
-        nxt = next((l for l in layers[i + 1:] if any(src == g for src, _ in l.reads)), None)  # the first reader after it
-        if nxt is None or calls[i] > 1:
-            continue
-        members = [l for l in layers if l.group == g and l.kind != "depthwise"]
-        readers = [l for l in layers if any(src == g for src, _ in l.reads)]
-        if len(members) > 1 and all(calls[r.index] > 1 for r in readers):
-            members = [layer]  # coupled by one shared layer reading them all, not by an add
-        pooled = nxt.kind == "dense" and len(layer.out_shape) > 1 and int(np.prod(layer.out_shape[:-1])) > 1 and nxt.in_repeat == 1
-        if all(src == g for src, _ in nxt.reads) and len(members) <= 1 and not pooled:
-            out[i] = nxt.index
-    return out
-
-
 def forms(chained: np.ndarray, weight_bits: np.ndarray, act_bits: np.ndarray, codebook: np.ndarray,
           bias_map: np.ndarray | None = None) -> np.ndarray:
     """[K, L] index into FORMS of the kernel each layer runs as (the export's rules,
     search.export.onnx.layers and qdq): integer when its weights are uniform <= 8 bits (codebook:
     False) and its activations <= 8 bits; then q8 when it chains into an integer layer (chained:
-    chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a conv whose
+    runtime_graph.chained_to(layers)) and has a bias per channel (bias_map [K, L]: False; True for a conv whose
     bias is a map: a SAME-padded conv reading removed channels that carry a constant, which
     search.engine.steps.zero_removed leaves only behind an activation with f(0) != 0), else i8;
     f32 otherwise; q8u for q8 with 8-bit weights: the export stores weights whose codes pass 63 as
@@ -189,103 +159,6 @@ def q8_on_blocks(n: np.ndarray, block: int) -> np.ndarray:
     return np.mod(np.round(np.asarray(n, np.float64)), block) == 0
 
 
-def direct_readers(layers: Sequence) -> np.ndarray:
-    """[L, L] bool: layer r reads layer i's output (through any ops but another layer): r reads
-    i's channel group and i is the group's latest member before r (a depthwise conv joins its
-    producer's group, so the conv after it reads the depthwise conv's output, not the producer's)."""
-    n = len(layers)
-    out = np.zeros((n, n), bool)
-    for r in layers:
-        for g in {src for src, _ in r.reads}:
-            i = max((m.index for m in layers if m.group == g and m.index < r.index), default=-1)
-            if i >= 0:
-                out[i, r.index] = True
-    return out
-
-
-def reorder_count(direct: np.ndarray, out_nchwc: np.ndarray, in_nchw: np.ndarray, in_nchwc: np.ndarray,
-                  skip: np.ndarray) -> np.ndarray:
-    """[K, L] layout reorders onnxruntime runs on each layer's output (each one `eltwise` op):
-    ReorderOutput (NCHWc -> NCHW) after a layer whose output is NCHWc (out_nchwc [K, L]: a float
-    conv on the blocked kernels) when a layer reading it directly (direct [L, L], direct_readers)
-    takes NCHW (in_nchw [K, L]: a plain float conv, a blocked one with fewer input channels than
-    the block, an integer kernel behind its QuantizeLinear); ReorderInput (NCHW -> NCHWc) after
-    one whose output is NCHW when a reader takes NCHWc (in_nchwc [K, L]: a blocked conv with at
-    least a block of input channels, a blocked depthwise conv). Layers with `skip` [L] (a pooling
-    or flatten after them, whose reorders eltwise_count charges) get none. Read off onnxruntime's
-    optimized graphs on an AVX-512 host: resnet20 with 75% of its channels pruned (4 and 8
-    channels) runs a ReorderOutput after each of its first 14 convs, MobileNetV2 with 75% pruned
-    one after each project conv of fewer than 16 channels; 1.2-1.6x their predicted time before
-    these were priced."""
-    d = np.asarray(direct, np.float64)
-    to_nchw = (np.asarray(in_nchw, np.float64) @ d.T) > 0  # [K, L]: some direct reader takes NCHW
-    to_nchwc = (np.asarray(in_nchwc, np.float64) @ d.T) > 0
-    out_c = np.asarray(out_nchwc, bool)
-    return np.where(np.asarray(skip, bool), 0.0, np.where(out_c, to_nchw, to_nchwc).astype(np.float64))
-
-
-def unfused_ops(layers: Sequence) -> np.ndarray:
-    """[L, 3] what lies between each layer's output and the layers that read it, from the traced
-    layer records: (pooling: a conv reader sees a smaller spatial map, or a Dense reader fewer
-    positions than the map has (max pooling, global average pooling); flatten: a Dense reads
-    several positions of a spatial map; residual add: the layer's group has another
-    non-depthwise member), each 0 or 1. A Dense output and a layer nothing reads (the model's
-    output) have no pooling or flatten. A reader reads the output of its group's latest member
-    before it (a depthwise conv shares its producer's group): MobileNetV2's 1x1 project conv
-    reads the stride-2 depthwise conv's map, not the expand conv's, and charging the expand a
-    pooling for it priced 3 reorders and a pooling of a 28x28x96 map that onnxruntime never runs."""
-    out = np.zeros((len(layers), 3))
-    direct = direct_readers(layers)
-    for i, layer in enumerate(layers):
-        g = layer.group
-        readers = [l for l in layers if direct[i, l.index]]
-        if len(layer.out_shape) == 3:
-            area = int(np.prod(layer.out_shape[:2]))
-            out[i, 0] = any(r.in_repeat < area if r.kind == "dense" else tuple(r.in_shape[:2]) != tuple(layer.out_shape[:2])
-                            for r in readers)
-            out[i, 1] = any(r.kind == "dense" and r.in_repeat > 1 for r in readers)
-        out[i, 2] = sum(l.group == g and l.kind != "depthwise" for l in layers) > 1
-    return out
-
-
-def max_pool_reader(layers: Sequence) -> np.ndarray:
-    """[L] index of a layer that reads layer i's channel group through a max pooling (the traced
-    Layer.max_pooled), -1 when none: where onnxruntime may run that pooling on uint8 (u8_pooled)."""
-    out = np.full(len(layers), -1, np.int64)
-    for i, layer in enumerate(layers):
-        r = next((l for l in layers if l.index != i and l.max_pooled and any(src == layer.group for src, _ in l.reads)), None)
-        if r is not None:
-            out[i] = r.index
-    return out
-
-
-def u8_pooled(reader: np.ndarray, form: np.ndarray) -> np.ndarray:
-    """[K, L] bool: layer i's output is max-pooled on uint8 (the `pool_u8` kernel): its form gives
-    a float output (f32, f32p, f32n, i8) and the layer reading it through the max pooling (reader
-    [L], max_pool_reader) quantizes its input (q8, i8, q8u, q8p), so onnxruntime moves that
-    QuantizeLinear ahead of the MaxPool."""
-    reader = np.asarray(reader)
-    form = np.asarray(form)
-    rf = form[..., np.maximum(reader, 0)]
-    return (reader >= 0) & np.isin(form, FLOAT_OUT) & np.isin(rf, INT_IN)
-
-
-def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> np.ndarray:
-    """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
-    unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
-    are one op each, three and two for a float conv on onnxruntime's blocked NCHWc layout (nchwc
-    [L] and form f32 or f32n: the output reordered to NCHW before the pooling, and the pooled map
-    back to NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
-    residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
-    its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
-    28x28 on one thread: fp32 resnet20 and MobileNetV2 run 3 ops besides their convs and head
-    (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum), where one per
-    layer was charged."""
-    pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
-    blocked = np.isin(np.asarray(form), (FORMS.index("f32"), FORMS.index("f32n"))) & np.asarray(nchwc, bool)
-    return np.where(blocked, 3 * pool + 2 * flat, pool + flat) + np.where(np.asarray(form) == FORMS.index("i8"), add, 0.0)
-
-
 def q8u_channels(n: np.ndarray, block: int) -> np.ndarray:
     """[...] the output channels a q8u conv or depthwise conv (QLinear, 8-bit weights stored as
     uint8) computes: n rounded up to a multiple of `block` (KernelModel.q8u_block; 1: n as is).
@@ -307,8 +180,8 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
     emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
-    `eltwise_n` [K, L] `eltwise` ops on them (eltwise_count); pool_u8 [K, L]: 1 where they are
-    max-pooled on uint8 (u8_pooled), a `pool_u8` kernel with M = out_elems. `second`: (kernel
+    `eltwise_n` [K, L] `eltwise` ops on them (runtime_graph.eltwise_count); pool_u8 [K, L]: 1 where they are
+    max-pooled on uint8 (runtime_graph.u8_pooled), a `pool_u8` kernel with M = out_elems. `second`: (kernel
     [K, L], feats [K, L, F]) of a second kernel some layers run (a factorized layer's B; all-zero
     features where none). The per-kind sums are what fit_to_models scales.
     """
@@ -458,7 +331,6 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
     return np.array(out)
 
 
-__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "chained_to", "eltwise_count", "max_pool_reader", "on_blocks",
-           "q8_on_blocks", "q8u_channels", "feature_sums", "features", "fit",
-           "fit_coefficients", "fit_kind", "fit_to_models", "forms", "kernel_index", "predict",
-           "relative_errors", "reorder_count", "scaled", "u8_pooled", "unfused_ops", "direct_readers"]
+__all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "on_blocks", "q8_on_blocks", "q8u_channels",
+           "feature_sums", "features", "fit", "fit_coefficients", "fit_kind", "fit_to_models", "forms", "kernel_index",
+           "predict", "relative_errors", "scaled"]

@@ -59,6 +59,7 @@ from search.compression import plan as P
 from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
 from search.cost import kernels as K
+from search.cost import runtime_graph as G
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -103,10 +104,10 @@ class _LayerArrays:
     area: np.ndarray  # kernel positions (kh * kw; 1 for Dense)
     nchwc: np.ndarray  # [L] bool: a 2-D convolution (one onnxruntime may run in its blocked NCHWc layout)
     reads: np.ndarray  # [L, L + 1]: share of layer i's fan-in channels from group j (column L: not a layer's)
-    chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (kernels.chained_to), -1 none
-    unfused: np.ndarray  # [L, 3]: pooling, flatten, residual add after each layer (kernels.unfused_ops)
+    chained: np.ndarray  # [L]: the layer an integer layer re-quantizes for (runtime_graph.chained_to), -1 none
+    unfused: np.ndarray  # [L, 3]: pooling, flatten, residual add after each layer (runtime_graph.unfused_ops)
     pool_reader: np.ndarray  # [L]: the layer reading each layer's output through a max pooling, -1 none
-    direct: np.ndarray  # [L, L] bool: layer r reads layer i's output directly (kernels.direct_readers)
+    direct: np.ndarray  # [L, L] bool: layer r reads layer i's output directly (runtime_graph.direct_readers)
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -122,10 +123,10 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         area=f(lambda l: np.prod(l.kernel_shape[:-2]) if l.kind != "dense" else 1),
         nchwc=np.array([l.kind != "dense" and len(l.out_shape) == 3 for l in layers], bool),
         reads=_reads_matrix(layers),
-        chained=K.chained_to(layers),
-        unfused=K.unfused_ops(layers),
-        pool_reader=K.max_pool_reader(layers),
-        direct=K.direct_readers(layers),
+        chained=G.chained_to(layers),
+        unfused=G.unfused_ops(layers),
+        pool_reader=G.max_pool_reader(layers),
+        direct=G.direct_readers(layers),
         geo=lowrank.geometry(layers),
     )
 
@@ -293,11 +294,11 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
             nchw_in = blocked & ~dw & (cin < block)  # read in NCHW: a 1x1 one runs the NCHW-input kernel (f32n)
             form = np.where(nchw_in & (la.area == 1), K.FORMS.index("f32n"), form)
-            # the layouts each conv reads and writes, for the reorders between them (kernels.reorder_count)
+            # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count)
             conv = la.nchwc & ~fact
             in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | nchw_in)
             in_nchwc = blocked & (dw | (cin >= block))
-            reorders = K.reorder_count(la.direct, blocked, in_nchw, in_nchwc, la.unfused[:, :2].sum(axis=1) > 0)
+            reorders = G.reorder_count(la.direct, blocked, in_nchw, in_nchwc, la.unfused[:, :2].sum(axis=1) > 0)
         else:
             reorders = 0.0
         # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
@@ -326,8 +327,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
                   np.where(fact[..., None], K.features(geo["pb"], nb2, kb2, geo["tb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
-        u8 = K.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
-        n_elt = np.maximum(K.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0) + reorders
+        u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
+        n_elt = np.maximum(G.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0) + reorders
         lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8)
         sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8) if feature_sums else None
     else:

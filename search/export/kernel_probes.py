@@ -12,7 +12,7 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
 - eltwise: the unfused op after a layer: ReLU, 2x2 MaxPool, residual Add, NCHW Transpose (each
   per size; the predictor is their average cost);
 - pool_u8: a 2x2 MaxPool on a uint8 input in NCHW, as onnxruntime runs the max pooling between a
-  float layer and an integer one (search.cost.kernels.u8_pooled).
+  float layer and an integer one (search.cost.runtime_graph.u8_pooled).
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
 Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
@@ -330,7 +330,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     the sample's features are X's plus P's (the predictors are linear in them). A blocked conv
     reading fewer channels than the block reads NCHW, behind a ReorderOutput of its producer's
     output: those reorders are taken off the sample at the eltwise ops' fit, as the pricing
-    charges them as eltwise ops (kernels.reorder_count); a 1x1 one makes the sample a conv_f32n
+    charges them as eltwise ops (runtime_graph.reorder_count); a 1x1 one makes the sample a conv_f32n
     one, of the members that read NCHW (the other member, a conv_f32 kernel, is taken off at
     conv_f32's fit on the pairs that read no NCHW). i8 layers (float
     output, their input quantization and output scaling included), emul, eltwise and pool_u8 ops are
@@ -396,7 +396,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     base = max(best[0] - op_us, 0.1)
     diff = [us - (base if ref == 0 else best[ref]) for (_, _, _, _, ref), us in zip(jobs, best)]
     # a blocked conv pair whose layer reads fewer channels than the block times the ReorderOutput
-    # onnxruntime puts in front of it too (kernels.reorder_count): priced as `eltwise` ops, so
+    # onnxruntime puts in front of it too (runtime_graph.reorder_count): priced as `eltwise` ops, so
     # taken off the conv's sample at the eltwise ops' own fit
     elt = [(j[3], d) for j, d, us in zip(jobs, diff, best) if j[0] == "eltwise" and d > 0.02 * us]
     if elt and any(reorders.values()):

@@ -15,30 +15,12 @@ import hw_profiles
 from hw_profiles import KERNELS, ProfileError
 from hw_profiles.schema import KERNEL_FEATURES
 from search.compression import plan as P
-from search.compression.layers import Layer
 from search.cost import kernels as K
 from search.cost.calibrate import calibrated_profile, fit_profile, profile_toml
 from search.cost.measure import session
 from search.cost.roofline import latency_by_kernel, latency_features, price
 from search.export import kernel_probes as kp
-from tests.support import dense
-
-MACHINE = {"threads": 1, "fp32_gops": 20.0, "int8_gops": 40.0, "conv_gops": 10.0, "depthwise_gops": 2.0,
-           "dram_gbs": 10.0, "cache_gbs": 40.0, "llc_kb": 8192.0, "op_overhead_us": 1.0, "memory_kb": 1e7}
-
-
-def _conv(index: int, cin: int, cout: int, hw: int, kind: str = "conv", src: int = -1) -> Layer:
-    groups = cin if kind == "depthwise" else 1
-    k = (3, 3, cin // groups, cout)
-    macs = hw * hw * 9 * (cin // groups) * cout
-    return Layer(index, f"c{index}", (f"c{index}",), kind, k, (hw, hw, cin), (hw, hw, cout), groups, True, macs,
-                 9 * (cin // groups) * cout + cout, leader=src if kind == "depthwise" else -1, reads=((src, cin),))
-
-
-# a conv stem, a depthwise conv (its channels follow the stem's), a 1x1-style conv, a head
-LAYERS = (_conv(0, 3, 16, 8), _conv(1, 16, 16, 8, "depthwise", 0), _conv(2, 16, 32, 8, src=0),
-          dataclasses.replace(dense(3, 32 * 64, 10), reads=((2, 32),), in_repeat=64))  # flatten, then the head
-
+from tests.support import CONV_LAYERS as LAYERS, MACHINE, conv, dense
 
 @pytest.fixture(scope="module")
 def calibrated():
@@ -90,7 +72,7 @@ def test_float_convolutions_are_priced_on_the_runtime_channel_blocks():
     coef = {name: (1.0,) + (1e-3,) * 7 for name in KERNELS} | {"eltwise": (0.0,) * 8}  # ops after: not blocked
     blocked_prof = lambda b: calibrated_profile(MACHINE, name="b", kernels=hw_profiles.KernelModel(
         5.0, MappingProxyType(coef), "synthetic", channel_block=b))
-    layers = (_conv(0, 32, 32, 8), _conv(1, 32, 32, 8, src=0))
+    layers = (conv(0, 32, 32, 8), conv(1, 32, 32, 8, src=0))
     ratios = np.linspace(0, 0.9, 10)  # of layer 0's 32 output channels (layer 1's input channels)
     for bits, blocked_too in ((32, True), (8, False)):
         plans = P.stack_plans([P.make_plan([r, 0.0], P.CHANNEL, bits, bits) for r in ratios])
@@ -115,7 +97,7 @@ def test_float_convolutions_off_the_channel_alignment_run_the_plain_kernels():
     coef |= {"conv_f32": (0.0,) * 7 + (1e-3,), "conv_f32p": (0.0,) * 7 + (5e-3,)}  # per MAC: plain 5x dearer
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
-    layers = (_conv(0, 32, 32, 8), _conv(1, 32, 32, 8, src=0))
+    layers = (conv(0, 32, 32, 8), conv(1, 32, 32, 8, src=0))
     kept = lambda r: 32 - round(32 * r)
     lat = lambda r: float(price(prof, layers, P.make_plan([r, 0.0], P.CHANNEL, 32, 32)).layer_latency_ms[0, 1])
     macs = lambda cin, cout: 64 * 9 * cin * cout * 1e-6  # ms at 1e-3 us per MAC
@@ -133,15 +115,15 @@ def test_a_blocked_1x1_conv_reading_fewer_channels_than_the_block_runs_the_nchw_
     coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32n": (3.0,) + (0.0,) * 3 + (1e-3,) + (0.0,) * 4}  # per call, per MN
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
-    pointwise = dataclasses.replace(_conv(1, 32, 32, 8, src=0), kernel_shape=(1, 1, 32, 32), macs=64 * 32 * 32,
+    pointwise = dataclasses.replace(conv(1, 32, 32, 8, src=0), kernel_shape=(1, 1, 32, 32), macs=64 * 32 * 32,
                                     params=32 * 32 + 32)
-    for second, nchw in ((pointwise, 3.0 + 1e-3 * 64 * 32), (_conv(1, 32, 32, 8, src=0), 1.0)):
-        layers = (_conv(0, 32, 32, 8), second)
+    for second, nchw in ((pointwise, 3.0 + 1e-3 * 64 * 32), (conv(1, 32, 32, 8, src=0), 1.0)):
+        layers = (conv(0, 32, 32, 8), second)
         lat = lambda r: price(prof, layers, P.make_plan([r, 0.0], P.CHANNEL, 32, 32)).layer_latency_ms[0] * 1e3
         assert lat(0.5)[1] == pytest.approx(1.0)  # reads 16: NCHWc
         assert lat(0.75)[1] == pytest.approx(nchw)  # reads 8 in NCHW: M = 64 positions, N = 32 (two blocks)
         assert lat(0.75)[0] == pytest.approx(1.0)  # the producer reads all 32 of the model's input
-    split = latency_by_kernel(prof, (_conv(0, 32, 32, 8), pointwise), P.stack_plans([P.make_plan([0.75, 0.0], P.CHANNEL, 32, 32)]))
+    split = latency_by_kernel(prof, (conv(0, 32, 32, 8), pointwise), P.stack_plans([P.make_plan([0.75, 0.0], P.CHANNEL, 32, 32)]))
     assert split[0, KERNELS.index("conv_f32n")] == pytest.approx((3.0 + 1e-3 * 64 * 32) * 1e-3)
     old = {k: v for k, v in coef.items() if not k.endswith("_f32n")}
     before = hw_profiles.KernelModel(0.0, MappingProxyType(old), "synthetic", channel_block=16, channel_align=4)
@@ -158,7 +140,7 @@ def test_a_factorized_conv_runs_its_two_kernels_blocked_or_plain_by_its_rank():
              "conv_f32n": (3.0,) + (0.0,) * 8}
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
-    layers = (_conv(0, 32, 32, 8),)
+    layers = (conv(0, 32, 32, 8),)
     lat = lambda rank: float(price(prof, layers, P.make_plan([0.0], rank=rank)).layer_latency_ms[0, 0]) * 1e3
     full = min(9 * 32, 32)  # the SVD form's full rank
     assert lat(8 / full) == lat(10 / full) == pytest.approx(1 + 3)  # both blocked, B reading NCHW
@@ -209,94 +191,6 @@ def test_uint8_weight_convolutions_are_priced_on_whole_channel_blocks():
         prof = calibrated_profile(MACHINE, name="a", kernels=model(q))
         lat = price(prof, LAYERS, P.make_plan([0.25, 0.0, 0.25, 0.0], P.CHANNEL, 8, 8)).layer_latency_ms[0] * 1e3
         np.testing.assert_allclose(lat, 1e-3 * macs * np.asarray(n) * fan_in)
-
-
-def test_unfused_ops_come_from_the_graph_and_the_form():
-    """Pooling, flatten and residual adds are read off the traced layers; a float conv on the
-    blocked layout pays the reorders around a pooling too, an activation is never charged (fused
-    into the kernel), a residual add only after an i8 kernel, and pricing charges exactly that
-    many `eltwise` ops per layer."""
-    pooled = (_conv(0, 1, 8, 8), _conv(1, 8, 8, 4, src=0),  # a 2x2 pooling between them
-              dataclasses.replace(dense(2, 32, 10), reads=((1, 8),), in_repeat=4))  # pooled to 2x2, flattened
-    assert K.unfused_ops(pooled).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
-    residual = (_conv(0, 8, 8, 4), dataclasses.replace(_conv(1, 8, 8, 4, src=0), leader=0), _conv(2, 8, 8, 4, src=0))
-    assert K.unfused_ops(residual)[:, 2].tolist() == [1, 1, 0]
-    f32, f32p, q8, i8 = (K.FORMS.index(x) for x in ("f32", "f32p", "q8", "i8"))
-    u = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]])
-    assert K.eltwise_count(u, np.array([[f32, f32, f32, i8]]), np.array([True, True, True, False])).tolist() == [[3, 5, 0, 1]]
-    assert K.eltwise_count(u, np.array([[f32p, q8, q8, f32]]), np.array([True, True, True, False])).tolist() == [[1, 2, 0, 0]]
-    coef = {name: (0.0,) * 8 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 7}  # 1 us per op
-    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
-        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
-    ops = lambda w, a: price(prof, LAYERS, P.make_plan([0.0] * 4, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
-    np.testing.assert_allclose(ops(32, 32), [0, 0, 2, 0])  # the head flattens conv2's blocked output
-    np.testing.assert_allclose(ops(4, 8), [0, 0, 1, 0])  # the same on integer kernels: no reorder
-
-
-def test_a_reader_behind_a_strided_depthwise_conv_is_not_a_pooling():
-    """MobileNetV2's expand -> stride-2 depthwise -> project: the project conv reads the depthwise
-    conv's 4x4 map (they share the expand's channel group), not the expand's 8x8 one, so the expand
-    has no pooling after it (it was charged a pooling and two reorders of its whole map)."""
-    expand = _conv(0, 8, 16, 8)
-    dw = dataclasses.replace(_conv(1, 16, 16, 8, "depthwise", 0), out_shape=(4, 4, 16), macs=16 * 16 * 9)
-    project = dataclasses.replace(_conv(2, 16, 8, 4, src=0), in_shape=(4, 4, 16))
-    layers = (expand, dw, project)
-    assert K.direct_readers(layers).tolist() == [[False, True, False], [False, False, True], [False, False, False]]
-    assert K.unfused_ops(layers).tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
-
-
-def test_layout_reorders_between_float_convs_are_priced_where_onnxruntime_runs_them():
-    """A blocked float conv whose reader takes NCHW (a conv of fewer input channels than the
-    block, an integer kernel) pays one reorder of its output, as onnxruntime's optimized graph of
-    resnet20 with 4-channel layers shows (a ReorderOutput after each conv); with a block of
-    channels or more there is none, and a pooling's reorders are not charged twice."""
-    def chain(c):
-        return (_conv(0, 1, c, 8), _conv(1, c, c, 8, src=0), _conv(2, c, 32, 8, src=1),
-                dataclasses.replace(dense(3, 32 * 64, 10), reads=((2, 32),), in_repeat=64))
-    coef = {name: (0.0,) * 9 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 8}  # 1 us per op
-    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
-        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
-    ops = lambda c, w, a: price(prof, chain(c), P.make_plan([0.0] * 4, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
-    np.testing.assert_allclose(ops(4, 32, 32), [1, 1, 2, 0])  # 4 < 16 channels read as NCHW; the head's flatten
-    np.testing.assert_allclose(ops(16, 32, 32), [0, 0, 2, 0])  # a block of channels: NCHWc throughout
-    np.testing.assert_allclose(ops(16, [32, 8, 8, 8], [32, 8, 8, 8]), [1, 0, 1, 0])  # into an integer kernel
-    n = np.array([[0.0, 1.0], [0.0, 0.0]])  # a plain conv read by a blocked one of a block of input channels
-    assert K.reorder_count(n, np.array([[False, True]]), np.array([[False, False]]), np.array([[False, True]]),
-                           np.array([False, False])).tolist() == [[1.0, 0.0]]
-    assert K.reorder_count(n, np.array([[False, True]]), np.array([[False, False]]), np.array([[False, True]]),
-                           np.array([True, False])).tolist() == [[0.0, 0.0]]
-
-
-def test_a_max_pooling_between_a_float_and_an_integer_layer_is_priced_on_uint8():
-    """onnxruntime moves an integer layer's QuantizeLinear ahead of the max pooling in front of it,
-    so a float conv's pooled output is pooled on uint8 (the slow `pool_u8` kernel) when, and only
-    when, the layer reading it through the pooling is integer; that pooling replaces one eltwise
-    op. Not after an average pooling (the reader is not max_pooled), and a profile calibrated
-    before pool_u8 prices it as an eltwise op, as it did."""
-    pooled = (_conv(0, 1, 8, 8), dataclasses.replace(_conv(1, 8, 8, 4, src=0), max_pooled=True),
-              dataclasses.replace(dense(2, 32, 10), reads=((1, 8),), in_repeat=4, max_pooled=True))
-    assert K.max_pool_reader(pooled).tolist() == [1, 2, -1]
-    coef = {name: (0.0,) * 9 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 8, "pool_u8": (0.0, 0.01) + (0.0,) * 7}
-    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
-        0.0, MappingProxyType(coef), "synthetic", channel_block=8, channel_align=4))
-    lat = lambda layers, w, a: price(prof, layers, P.make_plan([0.0] * 3, P.CHANNEL, w, a)).layer_latency_ms[0] * 1e3
-    # float conv0 (blocked: reorder, pool, reorder), int8 conv1 (chained to the int8 head: no reorders)
-    u8 = 0.01 * 8 * 8 * 8  # conv0's 512 output elements, 0.01 us each on uint8
-    np.testing.assert_allclose(lat(pooled, [32, 4, 4], [32, 8, 8]), [2 + u8, 1 + 1, 0])
-    np.testing.assert_allclose(lat(pooled, [32, 32, 32], [32, 32, 32]), [3, 3 + 2, 0])  # all float: no uint8 pooling
-    np.testing.assert_allclose(lat(pooled, [4, 4, 4], [8, 8, 8]), [1, 1 + 1, 0])  # all integer: NhwcMaxPool, one op
-    # float conv1 into the integer head: conv1's output is pooled on uint8 too
-    np.testing.assert_allclose(lat(pooled, [4, 32, 4], [8, 32, 8]), [1, 4 + 0.01 * 128, 0])
-    avg = tuple(dataclasses.replace(l, max_pooled=False) for l in pooled)
-    np.testing.assert_allclose(lat(avg, [32, 4, 4], [32, 8, 8]), [3, 2, 0])
-    text = profile_toml(dataclasses.replace(prof, kernels=dataclasses.replace(prof.kernels, coef=MappingProxyType(
-        coef | {"pool_u8": coef["eltwise"]}))))
-    old_text = re.sub(r"(?m)^pool_u8 = .*\n", "", text)
-    assert "pool_u8 = " in text and "pool_u8" not in old_text
-    before = hw_profiles.profile_from_text(old_text)
-    assert before.kernels.coef["pool_u8"] == coef["eltwise"]
-    np.testing.assert_allclose(price(before, pooled, P.make_plan([0.0] * 3, P.CHANNEL, [32, 4, 4], [32, 8, 8])).layer_latency_ms[0] * 1e3,
-                               [3, 2, 0])
 
 
 def test_sampled_shapes_feed_both_float_and_both_int8_paths():
@@ -359,7 +253,7 @@ def test_more_channels_never_predict_a_faster_kernel(calibrated, bits):
     the blocked and the plain kernels (f32, f32p) as its counts leave the channel alignment, as
     onnxruntime's do, and an int8 one between the channel-block and remainder kernels (q8, q8p):
     only steps that keep each layer's side are compared. A float layer whose reader drops below
-    the channel block gains a reorder of its output to NCHW (kernels.reorder_count), as in
+    the channel block gains a reorder of its output to NCHW (runtime_graph.reorder_count), as in
     onnxruntime: that is a side too."""
     from search.compression.groups import kept_channels
 
@@ -397,20 +291,6 @@ def test_pricing_stays_vectorised(calibrated):
     np.testing.assert_allclose(together, alone, rtol=1e-12)
     split = latency_by_kernel(profile, LAYERS, P.stack_plans(plans))
     np.testing.assert_allclose(split.sum(axis=1) + profile.kernels.inference_us * 1e-3, together, rtol=1e-9)
-
-
-def test_integer_layers_chain_as_the_export_does():
-    """q8 (QLinear) when the next layer is integer and reads only this layer, q8u when its
-    weights have 8 bits (stored as uint8); i8 for the last layer, before a float layer, and for a
-    layer in a residual group (two non-depthwise members)."""
-    chained = K.chained_to(LAYERS)
-    assert chained.tolist() == [1, 2, 3, -1]
-    f = K.forms(chained, np.array([[8, 8, 8, 8], [8, 8, 32, 8], [4, 7, 8, 4]]), np.array([[8, 8, 8, 8]] * 3),
-                np.zeros((3, 4), bool))
-    q8, q8u, i8, f32 = (K.FORMS.index(x) for x in ("q8", "q8u", "i8", "f32"))
-    assert f.tolist() == [[q8u, q8u, q8u, i8], [q8u, i8, f32, i8], [q8, q8, q8u, i8]]
-    residual = (dense(0, 8, 8), dataclasses.replace(dense(1, 8, 8), leader=0), dense(2, 8, 4, src=0))
-    assert K.chained_to(residual).tolist() == [-1, -1, -1]
 
 
 def test_fit_profile_scales_each_kernel_kind_to_measured_models(calibrated):

@@ -17,7 +17,7 @@ import pytest
 import models
 from search.compression import plan as P
 from search.compression.groups import tie_plan
-from search.cost import kernels
+from search.cost import kernels, runtime_graph
 from search.cost.roofline import price
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
@@ -114,7 +114,7 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
             assert "Min" not in [n.op_type for n in graph.node]
             # the kernel-level cost model expects the kernels the export runs (QLinear or Integer)
             # (removed channels are exactly 0: no conv gets a bias map, steps.zero_removed)
-            expected = kernels.forms(kernels.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],
+            expected = kernels.forms(runtime_graph.chained_to(layers), plan.weight_bits[None], plan.act_bits[None],
                                      np.zeros((1, len(layers)), bool))[0]
             # (q8u: a QLinear kernel with 8-bit weights, stored as uint8)
             assert [kernels.FORMS[f].removesuffix("u") for f in expected] == [KERNEL_FORM[c["onnx_form"]] for c in cfg["layers"]], name
