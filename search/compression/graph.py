@@ -21,6 +21,11 @@ What it gives per layer (`Coupling`):
   over windows) since the layer that produced it, through nothing but single-input ops
   (activations, reshapes, transposes, pads). The cost model needs it: onnxruntime moves a
   quantization ahead of a max pooling, never ahead of an average one (search.cost.kernels).
+- `clipped`: the layer's output is bounded above and below, through nothing but elementwise ops
+  with constants (bias, BatchNorm): a max with a constant, then a min with one (ReLU6, as
+  jax.nn.relu6 writes it), or one clamp. The export writes it as one Clip, which onnxruntime
+  fuses into a blocked float conv but runs as a pass of its own over the output (its NCHWc
+  kernels fuse only ReLU); the cost model charges it (search.cost.kernels, the `clip` kernel).
 
 Pure tracing (jax.make_jaxpr): no FLOPs are run and no parameters change.
 """
@@ -64,12 +69,15 @@ class Coupling:
     in_repeat: tuple[int, ...]  # [L] how many times `reads` repeats along the fan-in (flatten)
     depthwise: tuple[bool, ...]  # [L] channels follow the input (depthwise conv)
     max_pooled: tuple[bool, ...] = ()  # [L] the input passed a max pooling since its producing layer
+    clipped: tuple[bool, ...] = ()  # [L] the output is bounded (ReLU6) right after the layer
 
 
 @dataclass
 class _Act:
     segs: Segs | None  # None: channel structure unknown
     max_pooled: bool = False  # passed a max pooling since the layer that produced it
+    origin: int = -1  # the layer whose output this is, through elementwise ops with constants only
+    floored: bool = False  # ... and it passed a max with a constant (a ReLU) since
 
 
 @dataclass
@@ -136,6 +144,7 @@ class _Tracer:
         self.seen = [False] * n
         self.channels = [0] * n  # output channels of each layer
         self.max_pooled = [False] * n  # a layer's input passed a max pooling
+        self.clipped = [False] * n  # a layer's output is bounded below and above (ReLU6)
 
     # ---- union-find ------------------------------------------------------------------------
     def find(self, i: int) -> int:
@@ -210,11 +219,24 @@ class _Tracer:
             pass
         else:  # a max pooling marks its output; single-input ops pass the mark on
             pooled = name in _MAX_POOL or (len(acts) == 1 and acts[0].max_pooled)
-            return [dataclasses.replace(o, max_pooled=pooled) if isinstance(o, _Act) else o for o in outs]
+            origin, floored = self.bound(name, acts)
+            return [dataclasses.replace(o, max_pooled=pooled, origin=origin, floored=floored) if isinstance(o, _Act) else o
+                    for o in outs]
         why = f"op {name!r}, which the channel tracer does not follow"
         for a in acts:
             self.fix_segs(a.segs, why)
         return [_opaque(v) for v in outs]
+
+    def bound(self, name: str, acts: list) -> tuple[int, bool]:
+        """(origin, floored) of an elementwise op's output on `acts` (its operands that are
+        activations): a layer's output stays its own through ops with constants only; a max with
+        a constant floors it, a min with a constant after that (or a clamp) marks the layer clipped."""
+        if name not in _ELEMENTWISE or len(acts) != 1 or acts[0].origin < 0:
+            return -1, False
+        a = acts[0]
+        if name == "clamp" or (name == "min" and a.floored):
+            self.clipped[a.origin] = True
+        return a.origin, name == "max" or (a.floored and name in ("convert_element_type", "copy", "copy_p"))
 
     def op(self, name, eqn, ins, shapes, out_shape) -> list:
         """The rule of one primitive; ValueError for a case it does not cover."""
@@ -348,16 +370,16 @@ class _Tracer:
             if tuple(dn.lhs_spec) != (0, 3, 1, 2) or tuple(dn.out_spec) != (0, 3, 1, 2):
                 self.fix_segs(x.segs, "a conv that is not NHWC")
                 self.fix(i, "a conv that is not NHWC")
-                return _Act(((i, c_out),))
+                return _Act(((i, c_out),), origin=i)
             if groups > 1 and groups == c_in and k_shape[-2] == 1 and c_out == c_in:  # depthwise
                 self.depthwise[i] = True
                 self.reads[i] = x.segs
                 if x.segs is None or len(x.segs) != 1 or x.segs[0][0] < 0 or x.segs[0][1] != self.channels[x.segs[0][0]]:
                     self.fix(i, "a depthwise conv whose input channels are not one layer's")
                     self.fix_segs(x.segs, "read by a depthwise conv over several groups")
-                    return _Act(((i, c_out),))
+                    return _Act(((i, c_out),), origin=i)
                 self.union(i, x.segs[0][0])
-                return _Act(x.segs)
+                return _Act(x.segs, origin=i)
             if groups > 1:
                 self.fix_segs(x.segs, "read by a grouped conv")
                 self.fix(i, "a grouped conv")
@@ -368,7 +390,7 @@ class _Tracer:
                 self.reads[i] = self.join(self.reads[i], reads, "read by a layer called twice")
             except ValueError:
                 self.fix_segs(self.reads[i], "read by a layer called twice")
-        return _Act(((i, c_out),))
+        return _Act(((i, c_out),), origin=i)
 
     def result(self) -> Coupling:
         roots = [self.find(i) for i in range(self.n)]
@@ -391,7 +413,8 @@ class _Tracer:
             reads.append(segs[: len(segs) // rep] if segs else ())
             repeat.append(rep)
         return Coupling(tuple(leader[roots[i]] for i in range(self.n)), tuple(why[roots[i]] for i in range(self.n)),
-                        tuple(reads), tuple(repeat), tuple(self.depthwise), tuple(self.max_pooled))
+                        tuple(reads), tuple(repeat), tuple(self.depthwise), tuple(self.max_pooled),
+                        tuple(self.clipped))
 
 
 def _opaque(var) -> _Act:

@@ -52,6 +52,7 @@ class Layer:
     reads: tuple[tuple[int, int], ...] = ()  # fan-in channels at one position: (leader or -1, count)
     in_repeat: int = 1  # times `reads` repeats along the fan-in (H*W for a Dense after a flatten)
     max_pooled: bool = False  # the input passed a max pooling since the layer that produced it
+    clipped: bool = False  # the output is bounded below and above right after the layer (ReLU6: one Clip)
     # params paths of the BatchNorms that normalise this layer's output directly: a removed
     # output channel's scale and shift go with it (search.engine.steps.zero_removed)
     norms: tuple[tuple, ...] = ()
@@ -381,7 +382,8 @@ def discover_layers(module_or_apply: Any, params: Any, sample_input: Any) -> tup
             has_bias=has_bias, macs=positions[path] * math.prod(kshape),
             params=math.prod(kshape) + nbias,
             leader=coupling.leader[i], fixed=coupling.fixed[i], reads=coupling.reads[i],
-            in_repeat=coupling.in_repeat[i], max_pooled=coupling.max_pooled[i], norms=tuple(norms.get(path, ())),
+            in_repeat=coupling.in_repeat[i], max_pooled=coupling.max_pooled[i], clipped=coupling.clipped[i],
+            norms=tuple(norms.get(path, ())),
         ))
     return tuple(layers)
 

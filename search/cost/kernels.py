@@ -27,7 +27,16 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   (runtime_graph.u8_pooled). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
   MaxPool, which then runs on uint8 in NCHW, a plain loop about 10x slower per element than the
   float MaxPool (lenet5 with a float conv1 and an int8 conv2: 10.5 us of 34); it replaces one
-  `eltwise` op. Between two integer layers the pooling runs as NhwcMaxPool, as fast as a float one.
+  `eltwise` op. Between two integer layers the pooling runs as NhwcMaxPool, as fast as a float one;
+- `clip`: a bounded activation (ReLU6, exported as one Clip; Layer.clipped) after a float conv on
+  the blocked NCHWc kernels, a pass over the conv's output: onnxruntime fuses the Clip into the
+  conv, but MLAS's NCHWc kernels fuse only ReLU and apply any other activation after computing
+  each output block. Measured on an AVX-512 host, conv + Clip less conv + ReLU in a chain:
+  0.055-0.08 us per 1000 output elements for 1x1 and depthwise convs, 0.14 for a 3x3 one; 18-21%
+  of fp32 MobileNetV2 at 28x28 (146 us measured against 124 predicted before it was priced).
+  The plain kernels (f32p) apply every activation, ReLU included, as such a pass (the probes
+  time it), integer kernels fold it into the quantization grid, a Dense layer's Clip is an
+  unfused op (`eltwise`).
 
 A float 2-D convolution runs in onnxruntime's blocked NCHWc layout, on channel counts rounded up
 to the runtime's channel block (`blocked`; KernelModel.channel_block, detected at calibration),
@@ -62,7 +71,7 @@ from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, K
 
 FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
 # q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block)
-EMUL, ELTWISE, POOL_U8 = KERNELS.index("emul"), KERNELS.index("eltwise"), KERNELS.index("pool_u8")
+EMUL, ELTWISE, POOL_U8, CLIP = (KERNELS.index(k) for k in ("emul", "eltwise", "pool_u8", "clip"))
 FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("i8"))  # float output
 INT_IN = (FORMS.index("q8"), FORMS.index("i8"), FORMS.index("q8u"), FORMS.index("q8p"))  # forms whose input is quantized
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
@@ -174,14 +183,16 @@ def q8u_channels(n: np.ndarray, block: int) -> np.ndarray:
 
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
             out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None,
-            eltwise_n: np.ndarray | float = 1.0, pool_u8: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+            eltwise_n: np.ndarray | float = 1.0, pool_u8: np.ndarray | float = 0.0,
+            clip: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
     emul_in: [K, L] input elements rounded in float ops in front of the kernel (0: none), priced
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
     `eltwise_n` [K, L] `eltwise` ops on them (runtime_graph.eltwise_count); pool_u8 [K, L]: 1 where they are
-    max-pooled on uint8 (runtime_graph.u8_pooled), a `pool_u8` kernel with M = out_elems. `second`: (kernel
+    max-pooled on uint8 (runtime_graph.u8_pooled), a `pool_u8` kernel with M = out_elems; clip
+    [K, L]: 1 where a blocked float conv's output passes a Clip, a `clip` kernel with M = out_elems. `second`: (kernel
     [K, L], feats [K, L, F]) of a second kernel some layers run (a factorized layer's B; all-zero
     features where none). The per-kind sums are what fit_to_models scales.
     """
@@ -191,6 +202,7 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     elt = features(out_elems, 1.0, 1.0)
     g = eltwise_n * (elt @ coef[ELTWISE]) * 1e-6
     u = pool_u8 * (elt @ coef[POOL_U8]) * 1e-6
+    c = clip * (elt @ coef[CLIP]) * 1e-6
     by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
     if second is not None:
         t2 = np.einsum("klf,klf->kl", coef[second[0]], second[1]) * 1e-6
@@ -199,12 +211,13 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     by_kind[:, EMUL] += e.sum(axis=1)
     by_kind[:, ELTWISE] += g.sum(axis=1)
     by_kind[:, POOL_U8] += np.broadcast_to(u, t.shape).sum(axis=1)
-    return t + e + g + u, by_kind
+    by_kind[:, CLIP] += np.broadcast_to(c, t.shape).sum(axis=1)
+    return t + e + g + u + c, by_kind
 
 
 def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out_elems: np.ndarray,
                  second: tuple[np.ndarray, np.ndarray] | None = None, eltwise_n: np.ndarray | float = 1.0,
-                 pool_u8: np.ndarray | float = 0.0) -> np.ndarray:
+                 pool_u8: np.ndarray | float = 0.0, clip: np.ndarray | float = 0.0) -> np.ndarray:
     """[K, len(KERNELS), F] KERNEL_FEATURES summed per kernel kind over each plan's kernels (the
     arguments are predict's), so that predict's latency of plan k, in microseconds, is
     inference_us + sum(coef * feature_sums[k]) and a fit to whole-model latencies is linear in
@@ -217,6 +230,7 @@ def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out
     elt = features(out_elems, 1.0, 1.0)
     out[:, ELTWISE] += (np.asarray(eltwise_n, np.float64)[..., None] * elt).sum(axis=1)
     out[:, POOL_U8] += np.broadcast_to(np.asarray(pool_u8, np.float64)[..., None] * elt, feats.shape).sum(axis=1)
+    out[:, CLIP] += np.broadcast_to(np.asarray(clip, np.float64)[..., None] * elt, feats.shape).sum(axis=1)
     return out
 
 
@@ -285,15 +299,16 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     kinds (onnxruntime's blocked NCHWc kernels and float GEMMs, which convolve without im2col)
     get no MT term: fitted on chained probes it took cost from the per-MAC terms and priced
     lenet5's 1-channel 5x5 stem at 3x its time.
-    A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p and
-    f32n on a runtime without channel blocks; pool_u8 in samples timed before it had a probe)
+    A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p,
+    f32n and clip on a runtime without channel blocks; pool_u8 and clip in samples timed before
+    they had probes)
     takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
-        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "pool_u8")):  # pool_u8: samples calibrated before it
+        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "pool_u8", "clip")):  # pool_u8, clip: samples calibrated before them
             coef[name] = coef[KERNEL_FALLBACK[name]]
             continue
         coef[name] = fit_kind(name, rows)

@@ -108,6 +108,7 @@ class _LayerArrays:
     unfused: np.ndarray  # [L, 3]: pooling, flatten, residual add after each layer (runtime_graph.unfused_ops)
     pool_reader: np.ndarray  # [L]: the layer reading each layer's output through a max pooling, -1 none
     direct: np.ndarray  # [L, L] bool: layer r reads layer i's output directly (runtime_graph.direct_readers)
+    clipped: np.ndarray  # [L] bool: the output passes a bounded activation (ReLU6, one Clip; Layer.clipped)
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -127,6 +128,7 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         unfused=G.unfused_ops(layers),
         pool_reader=G.max_pool_reader(layers),
         direct=G.direct_readers(layers),
+        clipped=np.array([l.clipped for l in layers], bool),
         geo=lowrank.geometry(layers),
     )
 
@@ -300,12 +302,13 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             in_nchwc = blocked & (dw | (cin >= block))
             reorders = G.reorder_count(la.direct, blocked, in_nchw, in_nchwc, la.unfused[:, :2].sum(axis=1) > 0)
         else:
-            reorders = 0.0
+            reorders, blocked = 0.0, np.zeros(r.shape, bool)
         # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
         # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
         na, ka = rk, geo["ka"] * keep_a
         nb2, kb2 = geo["nb"] * keep_b, rk * geo["kb"]
         b_form = np.full(r.shape, K.FORMS.index("f32"))
+        b_blk = np.zeros(r.shape, bool)
         if block > 1:
             conv_fact = fact & la.nchwc & ~kron
             ta, tb = np.maximum(geo["ta"], 1), np.maximum(geo["tb"], 1)
@@ -329,8 +332,13 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
         u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
         n_elt = np.maximum(G.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0) + reorders
-        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8)
-        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8) if feature_sums else None
+        # a ReLU6 (Clip) after a conv whose last kernel runs blocked: a pass over its output (the
+        # `clip` kernel); after a float Dense layer an unfused op; folded into integer kernels
+        dense_f32 = (la.kind == _KINDS.index("dense")) & ~integer
+        clip = (la.clipped & np.where(fact, b_blk, blocked)).astype(np.float64)
+        n_elt = n_elt + (la.clipped & dense_f32)
+        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8, clip)
+        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8, clip) if feature_sums else None
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

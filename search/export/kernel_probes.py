@@ -12,7 +12,9 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
 - eltwise: the unfused op after a layer: ReLU, 2x2 MaxPool, residual Add, NCHW Transpose (each
   per size; the predictor is their average cost);
 - pool_u8: a 2x2 MaxPool on a uint8 input in NCHW, as onnxruntime runs the max pooling between a
-  float layer and an integer one (search.cost.runtime_graph.u8_pooled).
+  float layer and an integer one (search.cost.runtime_graph.u8_pooled);
+- clip: a blocked float chain with ReLU6 (Clip) after each layer, less the same chain with ReLU:
+  the pass MLAS's NCHWc kernels make over a conv's output for any activation but ReLU.
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
 Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
@@ -82,11 +84,12 @@ def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple
     return model
 
 
-def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.random.Generator, after_relu: bool) -> str:
+def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.random.Generator, after_relu: bool,
+           clip: bool = False) -> str:
     """Emit one layer as the converter does (layers.py): its input Q/DQ and DQ int8 kernel when
-    integer, the kernel, the bias Add and a ReLU; returns the output. An input after a ReLU is
-    quantized on [0, hi] (zero point 0), which lets onnxruntime drop the ReLU in front of a
-    QuantizeLinear and fuse QLinear kernels, as in an export."""
+    integer, the kernel, the bias Add and a ReLU (a ReLU6, one Clip to [0, 6], with `clip`);
+    returns the output. An input after a ReLU is quantized on [0, hi] (zero point 0), which lets
+    onnxruntime drop the ReLU in front of a QuantizeLinear and fuse QLinear kernels, as in an export."""
     dense = shape.kind == "dense"
     group = shape.cin if shape.kind == "depthwise" else 1
     w_shape = (shape.cin, shape.cout) if dense else (shape.cout, shape.cin // group, shape.k, shape.k)
@@ -109,15 +112,17 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
         y = g.node("Conv", [x, w], name=name, kernel_shape=[shape.k, shape.k], strides=[shape.stride] * 2,
                    pads=[p, p, p, p], group=group)
         y = g.node("Add", [y, g.const(bias.reshape(1, -1, 1, 1), "bias")])
+    if clip:
+        return g.node("Clip", [y, g.const(np.float32(0.0), "clip_lo"), g.const(np.float32(6.0), "clip_hi")])
     return g.node("Relu", [y])
 
 
-def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[bytes, tuple[int, ...]]:
+def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0, clip: bool = False) -> tuple[bytes, tuple[int, ...]]:
     """(serialized ONNX model, input shape) of layers applied in sequence, all in one export form
     (search.cost.kernels.FORMS): f32, q8 (each re-quantized for the next, the last for a following
     integer layer, so all run as QLinear kernels), q8u (the same with 8-bit, uint8 weights) or i8
-    (integer kernels with float outputs). RuntimeError when the QDQ rewrite does not give
-    the form asked for."""
+    (integer kernels with float outputs); each layer's activation a ReLU, or with `clip` a ReLU6
+    (one Clip). RuntimeError when the QDQ rewrite does not give the form asked for."""
     rng = np.random.default_rng(seed)
     g = GraphBuilder()
     first, last = shapes[0], shapes[-1]
@@ -126,7 +131,7 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0) -> tuple[byte
     out_shape = (1, last.cout) if dense else (1, last.cout, last.out_hw, last.out_hw)
     y = "input"
     for i, shape in enumerate(shapes):
-        y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0)
+        y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0, clip=clip)
         if form == "i8" and i + 1 < len(shapes):  # a float op between: no QLinear chain (a residual add's place)
             y = g.node("Mul", [y, g.const(np.float32(1.0), "one")])
     if form.startswith("q8"):  # the next integer layer's input quantization
@@ -320,7 +325,7 @@ def _relu_chain(n: int) -> bytes:
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
                     rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1,
                     align: int = 1) -> tuple[list[tuple[str, list[float], float]], float]:
-    """Time every shape in every form, and the emul, eltwise and pool_u8 ops at `sizes` elements (default
+    """Time every shape in every form, ReLU6 after the blocked float ones, and the emul, eltwise and pool_u8 ops at `sizes` elements (default
     16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
 
     f32 and q8 layers are measured where they run in a network, between other layers of their
@@ -339,7 +344,9 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     interleaved rounds (the fastest run of all rounds is kept). `block`, `align`: the runtime's
     channel block and alignment (nchwc_layout): a float conv chain whose layers all run blocked is
     an f32 sample with blocked features, one whose layers all run plain an f32p sample, a mix of
-    the two is not used; likewise a q8 conv chain is a q8 sample when both layers' output channels
+    the two is not used; a blocked chain is timed again with ReLU6 (Clip) activations, the
+    difference a `clip` sample (the pass over each output MLAS's NCHWc kernels run for an activation
+    other than ReLU); likewise a q8 conv chain is a q8 sample when both layers' output channels
     are multiples of `block`, a q8p sample when neither is; a q8u conv or depthwise sample's
     features count its output channels rounded up to `block` (kernels.q8u_channels)."""
     jobs: list[tuple[str, bytes, tuple[int, ...], list[float], int]] = [
@@ -373,6 +380,10 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
             if len(members) == 1:  # the other member runs conv_f32: taken off at conv_f32's fit
                 blocked_f32[len(jobs)] = next(x for x in (flat, pair) if x is not members[0]).features(b, ob)
             jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
+            if b > 1:  # blocked: the same chain with ReLU6 (Clip) after every layer, less the ReLU one
+                elems = [x.cout * x.out_hw ** 2 for x in (flat, pair, flat, pair)]
+                jobs.append(("clip", *probe_chain([flat, pair, flat, pair], form, clip=True),
+                             np.sum([K.features(e, 1.0, 1.0) for e in elems], axis=0).tolist(), len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
     sizes = sizes or sorted({int(x) for x in np.geomspace(16, 200_000, 16)})
     for n in sizes:

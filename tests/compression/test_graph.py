@@ -101,6 +101,27 @@ def test_a_layer_knows_whether_its_input_passed_a_max_pooling():
     assert not any(l.max_pooled for l in layers)
 
 
+class Bounds(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = nn.relu6(nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (3, 3), name="a")(x)))
+        b = jnp.clip(nn.Conv(4, (1, 1), name="b")(a), 0.0, 6.0)
+        c = nn.relu(nn.Conv(4, (1, 1), name="c")(b))
+        d = nn.relu6(nn.Conv(4, (1, 1), name="d")(c) + b)  # a residual add before the ReLU6
+        e = jnp.minimum(nn.Conv(4, (1, 1), name="e")(d), 6.0)  # bounded above only
+        return nn.Dense(3, name="f")(e.mean(axis=(1, 2)))
+
+
+def test_a_layer_knows_whether_its_output_is_clipped():
+    """clipped: a ReLU6 (max then min with constants) or a clip right after the layer, through
+    its BatchNorm and bias; not a ReLU, not after a residual add (the Clip is not the conv's), not
+    a min alone; MobileNetV2's stem, expand and depthwise convs, not its project convs."""
+    layers, _, _ = _groups(Bounds())
+    assert {l.name: l.clipped for l in layers} == {"a": True, "b": True, "c": False, "d": False, "e": False, "f": False}
+    layers, _, _ = _groups(MobileV2())
+    assert [l.name for l in layers if l.clipped] == ["stem", "i1/expand", "i1/dw", "i2/expand", "i2/dw"]
+
+
 def test_unknown_op_keeps_the_channels_it_reads_and_says_why():
     class Sorts(nn.Module):
         @nn.compact

@@ -221,6 +221,7 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     assert report["per_kernel"]["pool_u8"] > 0  # the uint8 pooling had probes of its own
     if k.channel_block > 1:  # a conv reading fewer channels than the block: NCHW-input kernel samples
         assert report["per_kernel"]["conv_f32n"] > 0
+        assert report["per_kernel"]["clip"] > 0  # blocked chains timed with ReLU6 against ReLU
     text = profile_toml(profile, MACHINE)
     path = tmp_path / "here.toml"
     path.write_text(text)
@@ -384,6 +385,37 @@ def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrat
     assert all(k.coef[f"{kind}_q8u"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
     assert all(k.coef[f"{kind}_f32p"] == profile.kernels.coef[f"{kind}_f32"] for kind in kinds)
     assert all(k.coef[f"{kind}_q8p"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
+
+
+def test_a_profile_calibrated_before_the_clip_pass_prices_it_as_an_unfused_op(calibrated, tmp_path):
+    """A [kernels] table without `clip` (written before ReLU6 was priced) prices the pass as one
+    `eltwise` op on the conv's output, as fallbacks go (hw_profiles.schema.KERNEL_FALLBACK)."""
+    profile, _ = calibrated
+    f = tmp_path / "old.toml"
+    f.write_text("\n".join(l for l in profile_toml(profile, MACHINE).splitlines() if not l.startswith("clip =")))
+    assert "clip =" in profile_toml(profile, MACHINE)
+    assert hw_profiles.load_profile(str(f)).kernels.coef["clip"] == profile.kernels.coef["eltwise"]
+
+
+def test_a_relu6_after_a_blocked_float_conv_is_a_pass_over_its_output():
+    """MLAS's NCHWc kernels fuse only ReLU: a ReLU6 (one Clip) after a blocked float conv costs a
+    `clip` pass over its output elements; after a conv on the plain kernels nothing (they apply
+    every activation as such a pass, the probes' ReLU included), after an integer one nothing (the
+    grid absorbs it), after a float Dense layer one unfused op."""
+    coef = {name: (0.0,) * 9 for name in KERNELS} | {"clip": (0.0, 1e-3) + (0.0,) * 7, "eltwise": (1.0,) + (0.0,) * 8}
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+
+    def extra(layers, w, a):  # us that the ReLU6s add to each layer
+        plan = P.make_plan([0.0] * len(layers), P.CHANNEL, w, a)
+        clip = tuple(dataclasses.replace(l, clipped=True) for l in layers)
+        return (price(prof, clip, plan).layer_latency_ms[0] - price(prof, layers, plan).layer_latency_ms[0]) * 1e3
+
+    layers = (conv(0, 16, 16, 8), conv(1, 16, 32, 8, src=0), dataclasses.replace(dense(2, 32, 10), reads=((1, 32),)))
+    np.testing.assert_allclose(extra(layers, 32, 32), [1.024, 2.048, 1.0])  # 8 x 8 x 16 and 8 x 8 x 32 elements
+    np.testing.assert_allclose(extra(layers, 8, 8), [0.0, 0.0, 0.0])  # integer kernels
+    plain = (conv(0, 18, 16, 8), conv(1, 16, 32, 8, src=0))  # 18 input channels: off the alignment
+    np.testing.assert_allclose(extra(plain, 32, 32), [0.0, 2.048])
 
 
 def test_a_profile_calibrated_before_the_per_tap_term_still_loads(calibrated, tmp_path):

@@ -101,6 +101,8 @@ def test_every_group_pruned_exports_exactly_the_priced_channels(name, tmp_path):
             # ReLU6 is one Clip, which onnxruntime fuses into the conv, never Relu -> Min (fold.clip_activations)
             ops = [n.op_type for n in graph.node]
             assert "Min" not in ops and ("Clip" in ops) == (name == "mobilev2"), ops
+            # one Clip per layer the cost model charges a ReLU6 pass (Layer.clipped, traced)
+            assert ops.count("Clip") == sum(l.clipped for l in layers), (name, ops)
             # weights.safetensors holds every collection: Flax runs the exported model from it
             back = load_variables(tmp_path / label / "weights.safetensors")
             assert set(back) == set(variables)
