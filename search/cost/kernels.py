@@ -20,9 +20,10 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   Sub, Mul), for activations quantized to <= 16 bits in front of a float kernel;
 - `eltwise`: an unfused op that follows a layer in the graph (a pooling, a residual Add in
   float, a layout reorder or Transpose, a flatten), on the layer's output; how many each layer
-  is charged comes from the graph (search.cost.runtime_graph.unfused_ops) and the layer's form. An activation is not
-  one: onnxruntime fuses it into the float kernel, and the quantization grid absorbs it in an
-  integer one (the probes time each kernel with its activation);
+  is charged comes from the graph (search.cost.runtime_graph.unfused_ops) and the layer's form. A
+  ReLU is not one: onnxruntime fuses it into the float kernel, and the quantization grid absorbs
+  it in an integer one (the probes time each kernel with its ReLU); a ReLU6 after a blocked float
+  conv is `clip` below;
 - `pool_u8`: a max pooling between a layer with a float output and an integer reader
   (runtime_graph.u8_pooled). onnxruntime's QDQ propagation moves the reader's QuantizeLinear ahead of the
   MaxPool, which then runs on uint8 in NCHW, a plain loop about 10x slower per element than the
