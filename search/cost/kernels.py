@@ -185,7 +185,7 @@ def q8u_channels(n: np.ndarray, block: int) -> np.ndarray:
 def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray,
             out_elems: np.ndarray, second: tuple[np.ndarray, np.ndarray] | None = None,
             eltwise_n: np.ndarray | float = 1.0, pool_u8: np.ndarray | float = 0.0,
-            clip: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+            clip: np.ndarray | float = 0.0, inner: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(per-layer latency [K, L], per-kernel-kind latency [K, len(KERNELS)]), seconds.
 
     kernel: [K, L] KERNELS index; feats: [K, L, F] KERNEL_FEATURES for one example;
@@ -193,7 +193,9 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     as an `emul` kernel with M = emul_in, N = K = 1; out_elems: [K, L] the layer's output elements,
     `eltwise_n` [K, L] `eltwise` ops on them (runtime_graph.eltwise_count); pool_u8 [K, L]: 1 where they are
     max-pooled on uint8 (runtime_graph.u8_pooled), a `pool_u8` kernel with M = out_elems; clip
-    [K, L]: 1 where a blocked float conv's output passes a Clip, a `clip` kernel with M = out_elems. `second`: (kernel
+    [K, L]: 1 where a blocked float conv's output passes a Clip, a `clip` kernel with M = out_elems;
+    inner [K, L]: elements of one more `eltwise` op inside the layer (0: none; a factorized conv's
+    layout reorder between its two kernels). `second`: (kernel
     [K, L], feats [K, L, F]) of a second kernel some layers run (a factorized layer's B; all-zero
     features where none). The per-kind sums are what fit_to_models scales.
     """
@@ -204,6 +206,7 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
     g = eltwise_n * (elt @ coef[ELTWISE]) * 1e-6
     u = pool_u8 * (elt @ coef[POOL_U8]) * 1e-6
     c = clip * (elt @ coef[CLIP]) * 1e-6
+    g = g + np.where(np.asarray(inner) > 0, features(inner, 1.0, 1.0) @ coef[ELTWISE], 0.0) * 1e-6
     by_kind = np.einsum("kl,kln->kn", t, kernel[..., None] == np.arange(len(KERNELS)))
     if second is not None:
         t2 = np.einsum("klf,klf->kl", coef[second[0]], second[1]) * 1e-6
@@ -218,7 +221,8 @@ def predict(model: KernelModel, kernel: np.ndarray, feats: np.ndarray, emul_in: 
 
 def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out_elems: np.ndarray,
                  second: tuple[np.ndarray, np.ndarray] | None = None, eltwise_n: np.ndarray | float = 1.0,
-                 pool_u8: np.ndarray | float = 0.0, clip: np.ndarray | float = 0.0) -> np.ndarray:
+                 pool_u8: np.ndarray | float = 0.0, clip: np.ndarray | float = 0.0,
+                 inner: np.ndarray | float = 0.0) -> np.ndarray:
     """[K, len(KERNELS), F] KERNEL_FEATURES summed per kernel kind over each plan's kernels (the
     arguments are predict's), so that predict's latency of plan k, in microseconds, is
     inference_us + sum(coef * feature_sums[k]) and a fit to whole-model latencies is linear in
@@ -230,6 +234,8 @@ def feature_sums(kernel: np.ndarray, feats: np.ndarray, emul_in: np.ndarray, out
     out[:, EMUL] += np.where((emul_in > 0)[..., None], features(emul_in, 1.0, 1.0), 0.0).sum(axis=1)
     elt = features(out_elems, 1.0, 1.0)
     out[:, ELTWISE] += (np.asarray(eltwise_n, np.float64)[..., None] * elt).sum(axis=1)
+    inner = np.broadcast_to(np.asarray(inner, np.float64), feats.shape[:2])
+    out[:, ELTWISE] += np.where((inner > 0)[..., None], features(inner, 1.0, 1.0), 0.0).sum(axis=1)
     out[:, POOL_U8] += np.broadcast_to(np.asarray(pool_u8, np.float64)[..., None] * elt, feats.shape).sum(axis=1)
     out[:, CLIP] += np.broadcast_to(np.asarray(clip, np.float64)[..., None] * elt, feats.shape).sum(axis=1)
     return out

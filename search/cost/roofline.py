@@ -284,6 +284,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         block, align = profile.kernels.channel_block, profile.kernels.channel_align
         q8u = (form == K.FORMS.index("q8u")) & (la.kind != _KINDS.index("dense")) & ~fact
         n = np.where(q8u, K.q8u_channels(n, profile.kernels.q8u_block), n)  # whole SIMD blocks of channels
+        blocked = nchw_in = np.zeros(r.shape, bool)
         if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked) or the plain path (f32p)
             dw = la.kind == _KINDS.index("depthwise")
             q8_off = (form == K.FORMS.index("q8")) & (la.kind != _KINDS.index("dense")) & ~fact & ~K.q8_on_blocks(n, block)
@@ -296,19 +297,14 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
             nchw_in = blocked & ~dw & (cin < block)  # read in NCHW: a 1x1 one runs the NCHW-input kernel (f32n)
             form = np.where(nchw_in & (la.area == 1), K.FORMS.index("f32n"), form)
-            # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count)
-            conv = la.nchwc & ~fact
-            in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | nchw_in)
-            in_nchwc = blocked & (dw | (cin >= block))
-            reorders = G.reorder_count(la.direct, blocked, in_nchw, in_nchwc, la.unfused[:, :2].sum(axis=1) > 0)
-        else:
-            reorders, blocked = 0.0, np.zeros(r.shape, bool)
         # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
         # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
         na, ka = rk, geo["ka"] * keep_a
         nb2, kb2 = geo["nb"] * keep_b, rk * geo["kb"]
         b_form = np.full(r.shape, K.FORMS.index("f32"))
         b_blk = np.zeros(r.shape, bool)
+        reorders = inner = 0.0
+        in_nchwc = np.zeros(r.shape, bool)
         if block > 1:
             conv_fact = fact & la.nchwc & ~kron
             ta, tb = np.maximum(geo["ta"], 1), np.maximum(geo["tb"], 1)
@@ -323,6 +319,18 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             b_n = b_blk & (tb == 1) & (np.round(rk) < block)
             form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, K.FORMS.index("f32n"), form))
             b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, K.FORMS.index("f32n"), b_form))
+            # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count);
+            # a factorized conv reads as its A does and writes as its B does
+            conv = la.nchwc & ~fact
+            a_cin = np.round(geo["ka"] * keep_a / ta)
+            in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | nchw_in) \
+                | conv_fact & (~a_blk | (a_cin < block))
+            in_nchwc = blocked & (dw | (cin >= block)) | a_blk & (a_cin >= block)
+            reorders = G.reorder_count(la.direct, np.where(fact, b_blk, blocked), in_nchw, in_nchwc,
+                                       la.unfused[:, :2].sum(axis=1) > 0)
+            # and inside it: A's output (mid x r elements) reordered when B reads the other layout
+            # (onnxruntime's graph of lenet5 at rank 5 and 13: a ReorderOutput between A and its 1x1 B)
+            inner = np.where(conv_fact & (a_blk != (b_blk & (np.round(rk) >= block))), geo["mid"] * rk, 0.0)
         fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
                       K.features(geo["pa"], na, ka, geo["ta"]))
         feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
@@ -331,14 +339,19 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
         kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
         u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
-        n_elt = np.maximum(G.eltwise_count(la.unfused, form, la.nchwc & ~fact) - u8, 0.0) + reorders
+        # the ops after a factorized conv are those after its B (a float kernel, blocked or plain);
+        # after a pooling, its reader's layout: NCHWc (a blocked float conv), NHWC (a QLinear conv)
+        qlinear = np.isin(form, (K.FORMS.index("q8"), K.FORMS.index("q8u"), K.FORMS.index("q8p"))) & la.nchwc & ~fact
+        other = ((in_nchwc | qlinear).astype(np.float64) @ la.direct.T.astype(np.float64)) > 0
+        n_elt = np.maximum(G.eltwise_count(la.unfused, np.where(fact, b_form, form), np.where(fact, b_blk, blocked), other)
+                           - u8, 0.0) + reorders
         # a ReLU6 (Clip) after a conv whose last kernel runs blocked: a pass over its output (the
         # `clip` kernel); after a float Dense layer an unfused op; folded into integer kernels
         dense_f32 = (la.kind == _KINDS.index("dense")) & ~integer
         clip = (la.clipped & np.where(fact, b_blk, blocked)).astype(np.float64)
         n_elt = n_elt + (la.clipped & dense_f32)
-        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8, clip)
-        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8, clip) if feature_sums else None
+        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8, clip, inner)
+        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8, clip, inner) if feature_sums else None
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

@@ -128,20 +128,29 @@ def u8_pooled(reader: np.ndarray, form: np.ndarray) -> np.ndarray:
     return (reader >= 0) & np.isin(form, FLOAT_OUT) & np.isin(rf, INT_IN)
 
 
-def eltwise_count(unfused: np.ndarray, form: np.ndarray, nchwc: np.ndarray) -> np.ndarray:
+def eltwise_count(unfused: np.ndarray, form: np.ndarray, out_nchwc: np.ndarray, reader_other: np.ndarray) -> np.ndarray:
     """[K, L] unfused ops charged on each layer's output (the `eltwise` kernel), from
-    unfused_ops [L, 3] and the layers' forms [K, L] (index into FORMS): a pooling and a flatten
-    are one op each, three and two for a float conv on onnxruntime's blocked NCHWc layout (nchwc
-    [L] and form f32 or f32n: the output reordered to NCHW before the pooling, and the pooled map
-    back to NCHWc, as onnxruntime's profile of lenet5 shows: ReorderOutput, MaxPool, ReorderInput); a
-    residual add is an op only after an i8 kernel (float output; a float conv fuses the add as
-    its Sum input, a QLinear chain does not reach one). Measured with onnxruntime's profiler at
-    28x28 on one thread: fp32 resnet20 and MobileNetV2 run 3 ops besides their convs and head
-    (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum), where one per
-    layer was charged."""
+    unfused_ops [L, 3], the layers' forms [K, L] (index into FORMS; a factorized conv's B), whether
+    each writes onnxruntime's blocked NCHWc layout (out_nchwc [K, L]: a float conv on the blocked
+    kernels) and whether a layer reading it takes a layout other than NCHW (reader_other [K, L]:
+    a blocked float conv reading NCHWc, a QLinear conv reading NHWC).
+
+    A pooling and a flatten are one op each. A blocked output is reordered to NCHW before either
+    (ReorderOutput), and a pooled map is reordered again into its reader's layout (ReorderInput to
+    NCHWc, Transpose to NHWC) unless the layer wrote NHWC itself (a QLinear chain pools in NHWC).
+    A residual add is an op only after an i8 kernel (float output; a float conv fuses the add as its
+    Sum input, a QLinear chain does not reach one). Read off onnxruntime's optimized graphs on an
+    AVX-512 host: lenet5 runs ReorderOutput, MaxPool, ReorderInput after a blocked float conv1 read
+    by a float conv2; ReorderOutput, QuantizeLinear, MaxPool (uint8), Transpose when conv2 is
+    QLinear; ReorderOutput, QuantizeLinear, MaxPool (uint8) when it is ConvInteger (i8, NCHW), where
+    three ops were charged. fp32 resnet20 and MobileNetV2 run 3 ops besides their convs and head
+    (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum)."""
     pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
-    blocked = np.isin(np.asarray(form), (FORMS.index("f32"), FORMS.index("f32n"))) & np.asarray(nchwc, bool)
-    return np.where(blocked, 3 * pool + 2 * flat, pool + flat) + np.where(np.asarray(form) == FORMS.index("i8"), add, 0.0)
+    form = np.asarray(form)
+    nhwc = np.isin(form, (FORMS.index("q8"), FORMS.index("q8u"), FORMS.index("q8p")))
+    into = pool * (np.asarray(reader_other, bool) & ~nhwc)
+    return np.where(np.asarray(out_nchwc, bool), 2 * pool + 2 * flat, pool + flat) + into \
+        + np.where(form == FORMS.index("i8"), add, 0.0)
 
 
 __all__ = ["chained_to", "direct_readers", "eltwise_count", "max_pool_reader", "reorder_count", "u8_pooled", "unfused_ops"]

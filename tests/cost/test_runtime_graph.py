@@ -8,6 +8,7 @@ import re
 from types import MappingProxyType
 
 import numpy as np
+import pytest
 
 import hw_profiles
 from hw_profiles import KERNELS
@@ -30,8 +31,13 @@ def test_unfused_ops_come_from_the_graph_and_the_form():
     assert G.unfused_ops(residual)[:, 2].tolist() == [1, 1, 0]
     f32, f32p, q8, i8 = (K.FORMS.index(x) for x in ("f32", "f32p", "q8", "i8"))
     u = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]])
-    assert G.eltwise_count(u, np.array([[f32, f32, f32, i8]]), np.array([True, True, True, False])).tolist() == [[3, 5, 0, 1]]
-    assert G.eltwise_count(u, np.array([[f32p, q8, q8, f32]]), np.array([True, True, True, False])).tolist() == [[1, 2, 0, 0]]
+    # blocked: ReorderOutput, MaxPool, ReorderInput into an NCHWc reader; ReorderOutput, MaxPool,
+    # Transpose, Reshape into a Dense; a residual add only after i8
+    assert G.eltwise_count(u, np.array([[f32, f32, f32, i8]]), np.array([[True, True, True, False]]),
+                           np.array([[True, False, False, False]])).tolist() == [[3, 4, 0, 1]]
+    # NCHW (plain) into an NCHWc reader: MaxPool, ReorderInput; a QLinear chain pools in NHWC
+    assert G.eltwise_count(u, np.array([[f32p, q8, q8, f32]]), np.array([[False] * 4]),
+                           np.array([[True, True, False, False]])).tolist() == [[2, 2, 0, 0]]
     coef = {name: (0.0,) * 8 for name in KERNELS} | {"eltwise": (1.0,) + (0.0,) * 7}  # 1 us per op
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
@@ -90,10 +96,12 @@ def test_a_max_pooling_between_a_float_and_an_integer_layer_is_priced_on_uint8()
     # float conv0 (blocked: reorder, pool, reorder), int8 conv1 (chained to the int8 head: no reorders)
     u8 = 0.01 * 8 * 8 * 8  # conv0's 512 output elements, 0.01 us each on uint8
     np.testing.assert_allclose(lat(pooled, [32, 4, 4], [32, 8, 8]), [2 + u8, 1 + 1, 0])
-    np.testing.assert_allclose(lat(pooled, [32, 32, 32], [32, 32, 32]), [3, 3 + 2, 0])  # all float: no uint8 pooling
+    # all float: no uint8 pooling; conv1: ReorderOutput, MaxPool, Transpose, Reshape (lenet5's graph)
+    np.testing.assert_allclose(lat(pooled, [32, 32, 32], [32, 32, 32]), [3, 2 + 2, 0])
     np.testing.assert_allclose(lat(pooled, [4, 4, 4], [8, 8, 8]), [1, 1 + 1, 0])  # all integer: NhwcMaxPool, one op
-    # float conv1 into the integer head: conv1's output is pooled on uint8 too
-    np.testing.assert_allclose(lat(pooled, [4, 32, 4], [8, 32, 8]), [1, 4 + 0.01 * 128, 0])
+    # an i8 conv0 (NCHW) pooled into a blocked float conv1: MaxPool, ReorderInput; float conv1
+    # into the integer head: ReorderOutput, MaxPool on uint8, Transpose, Reshape
+    np.testing.assert_allclose(lat(pooled, [4, 32, 4], [8, 32, 8]), [2, 3 + 0.01 * 128, 0])
     avg = tuple(dataclasses.replace(l, max_pooled=False) for l in pooled)
     np.testing.assert_allclose(lat(avg, [32, 4, 4], [32, 8, 8]), [3, 2, 0])
     text = profile_toml(dataclasses.replace(prof, kernels=dataclasses.replace(prof.kernels, coef=MappingProxyType(
@@ -118,3 +126,18 @@ def test_integer_layers_chain_as_the_export_does():
     assert f.tolist() == [[q8u, q8u, q8u, i8], [q8u, i8, f32, i8], [q8, q8, q8u, i8]]
     residual = (dense(0, 8, 8), dataclasses.replace(dense(1, 8, 8), leader=0), dense(2, 8, 4, src=0))
     assert G.chained_to(residual).tolist() == [-1, -1, -1]
+
+
+def test_a_factorized_conv_pays_the_reorder_between_its_kernels_where_their_layouts_differ():
+    """onnxruntime's graph of lenet5 factorized at ranks 5 and 13 runs A (blocked, writing NCHWc),
+    a ReorderOutput, then B (a 1x1 conv reading fewer channels than the block, in NCHW). At rank
+    16 B reads NCHWc and no reorder runs; at rank 18 B runs the plain kernels (NCHW) and one does
+    again. The op is priced on A's output, r x 8 x 8 elements."""
+    coef = {name: (0.0,) * 9 for name in KERNELS} | {"eltwise": (1.0, 1e-3) + (0.0,) * 7}  # 1 us + 1 ns per element
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
+    layers = (conv(0, 32, 32, 8),)
+    lat = lambda rank: float(price(prof, layers, P.make_plan([0.0], rank=rank / 32)).layer_latency_ms[0, 0]) * 1e3
+    assert lat(8) == pytest.approx(1 + 8 * 64e-3)
+    assert lat(16) == pytest.approx(0.0)
+    assert lat(18) == pytest.approx(1 + 18 * 64e-3)
