@@ -4,7 +4,7 @@ onnxruntime on this machine, and compare with the latency that profiles calibrat
 Part A (latency): every model at Fashion-MNIST shape (28x28x1) from its initial variables
 (latency does not depend on the weights' values, so no training; BatchNorm is folded as in any
 export), variants spanning channel / unstructured / N:M pruning, uniform and codebook
-quantization, bit widths 2..16 and float, mixed. Every export is timed at batch 1 with
+quantization, bit widths 2..16 and float, mixed. Every export is timed at batch 1 (or --batch) with
 onnxruntime on ONE intra-op thread, in interleaved rounds; the estimate is the fastest run
 (contention from other work only slows runs down), the statistic calibration uses too.
 Each of `--repeats` repeats times the exports again, calibrates the kernel-level predictors
@@ -25,7 +25,7 @@ fine-tuned briefly; the fastest within 0.5 points of the baseline's test accurac
 fp32 ONNX export of the same model. JSON goes to bench/out/costtruth.json.
 
     python -m bench.bench_costtruth [--models lenet300,lenet5,resnet20,mobilenetv2] [--repeats 3]
-        [--rounds 5] [--runs 40] [--kernel-shapes 40] [--skip-speedup] [--no-factorized]
+        [--rounds 5] [--runs 40] [--kernel-shapes 40] [--batch 1] [--skip-speedup] [--no-factorized]
 """
 from __future__ import annotations
 
@@ -112,8 +112,8 @@ def factorized_variants(layers) -> list[tuple[str, dict]]:
     return out
 
 
-def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]:
-    """Time every model in `rounds` interleaved rounds of `runs` runs (one thread, batch 1).
+def measure_interleaved(paths: list[Path], rounds: int, runs: int, batch: int = 1) -> list[dict]:
+    """Time every model in `rounds` interleaved rounds of `runs` runs (one thread, `batch` examples).
 
     Other processes share this machine, and contention only ever slows a run down: the estimate
     is the fastest run of all rounds ("fastest_ms", the statistic `profiles calibrate` times its
@@ -123,7 +123,7 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int) -> list[dict]
     sessions, inputs = [], []
     for p in paths:
         sess = session(p, threads=1)
-        shape = [1] + [int(d) for d in sess.get_inputs()[0].shape[1:]]
+        shape = [batch] + [int(d) for d in sess.get_inputs()[0].shape[1:]]
         sessions.append(sess)
         inputs.append(np.random.default_rng(0).random(shape, dtype=np.float32))
     per_round = [[] for _ in paths]
@@ -284,7 +284,7 @@ def kernels_dict(model) -> dict | None:
     return None if model is None else {"inference_us": model.inference_us, "coef": dict(model.coef),
                                        "runtime": model.runtime, "samples": model.samples,
                                        "channel_block": model.channel_block, "channel_align": model.channel_align,
-                                       "q8u_block": model.q8u_block}
+                                       "q8u_block": model.q8u_block, "batch": model.batch}
 
 
 def reanalyze(path: Path) -> dict:
@@ -302,7 +302,8 @@ def reanalyze(path: Path) -> dict:
         profiles = {label: calibrated_profile(rep["machine"], name=label, kernels=None if k is None else KernelModel(
             inference_us=k["inference_us"], coef=MappingProxyType({n: tuple(c) for n, c in k["coef"].items()}),
             runtime=k["runtime"], samples=k["samples"], channel_block=k.get("channel_block", 1),
-            channel_align=k.get("channel_align", 1), q8u_block=k.get("q8u_block", 1))) for label, k in saved.items()}
+            channel_align=k.get("channel_align", 1), q8u_block=k.get("q8u_block", 1),
+            batch=k.get("batch", 1))) for label, k in saved.items()}
         rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
     data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=40, help="timed runs per model and round (default 40)")
     ap.add_argument("--kernel-shapes", type=int, default=40, help="sampled shapes per layer kind for calibration (default 40)")
     ap.add_argument("--min-s", type=float, default=0.04, help="seconds of timing per kernel probe and round (default 0.04)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="examples per inference: exports timed and kernels calibrated at it (default 1; a server batch: 32)")
     ap.add_argument("--skip-speedup", action="store_true", help="leave out part B (lenet5 digits speed-up)")
     ap.add_argument("--out", default=None, help="JSON output (default bench/out/costtruth.json)")
     ap.add_argument("--no-factorized", action="store_true", help="leave out the LeNets' factorized (low-rank) exports")
@@ -432,22 +435,23 @@ def main(argv: list[str] | None = None) -> int:
         where.mkdir(parents=True, exist_ok=True)
         records = collect(tuple(args.models.split(",")), where, factorized=not args.no_factorized)
         saved.write_text(json.dumps(records, indent=1, default=float))
-    data: dict = {"threads": 1, "batch": 1, "rounds": args.rounds, "runs_per_round": args.runs,
+    data: dict = {"threads": 1, "batch": args.batch, "rounds": args.rounds, "runs_per_round": args.runs,
                   "estimate": "fastest run over all rounds (fastest_ms)", "records": records, "repeats": []}
     with tmp:
         for rep in range(args.repeats):
             t1 = time.perf_counter()
-            timing = measure_interleaved([Path(r["path"]) for r in records], args.rounds, args.runs)
+            timing = measure_interleaved([Path(r["path"]) for r in records], args.rounds, args.runs, args.batch)
             generic = sampled_shapes(args.kernel_shapes, seed=rep)
-            kernels, report = calibrate_kernels(generic, min_s=args.min_s)
+            kernels, report = calibrate_kernels(generic, min_s=args.min_s, batch=args.batch)
             # as `profiles calibrate --study` does: the shapes the models' layers take, too
             own = sorted({s for m in {r["model"] for r in records} for s in layer_shapes(_layers(m))},
                          key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride))
-            kernels_own, report_own = calibrate_kernels(generic + own, min_s=args.min_s)
+            kernels_own, report_own = calibrate_kernels(generic + own, min_s=args.min_s, batch=args.batch)
             machine = measure_machine(threads=1)
             profiles = {"kernels": calibrated_profile(machine, name="this-machine", kernels=kernels),
-                        "kernels+models": calibrated_profile(machine, name="this-machine-models", kernels=kernels_own),
-                        "roofline": calibrated_profile(machine, name="this-machine-roofline")}
+                        "kernels+models": calibrated_profile(machine, name="this-machine-models", kernels=kernels_own)}
+            if args.batch == 1:  # the roofline prices one example
+                profiles["roofline"] = calibrated_profile(machine, name="this-machine-roofline")
             measured = [m["fastest_ms"] for m in timing]
             analysis = analyze(records, measured, profiles)
             data["repeats"].append({"timing": timing, "calibration": report, "calibration_models": report_own,

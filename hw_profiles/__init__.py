@@ -86,7 +86,7 @@ def dump_profile(profile: HardwareProfile, comments: dict[str, str] | None = Non
                      "nm_patterns": [list(x) for x in p.nm_patterns]},
         "kernels": {} if k is None else {"runtime": k.runtime, "samples": k.samples, "inference_us": k.inference_us,
                                          "channel_block": k.channel_block, "channel_align": k.channel_align,
-                                         "q8u_block": k.q8u_block}
+                                         "q8u_block": k.q8u_block, "batch": k.batch}
         | {n: [float(x) for x in k.coef[n]] for n in KERNELS},
         "budget": {"latency_ms": p.budget.latency_ms, "memory_kb": p.budget.memory_kb, "size_kb": p.budget.size_kb},
     }

@@ -110,6 +110,10 @@ class KernelModel:
     # whole SIMD blocks (search.cost.kernels.q8u_channels); the channel block when calibrated,
     # 1 = as kept (profiles calibrated before it, whose q8u predictors were fitted that way)
     q8u_block: int = 1
+    # examples per inference the predictors were measured at and every latency of the profile is
+    # for (one forward pass of `batch` examples): 1 for a phone or an interactive server, a server
+    # batch such as 32 for throughput; the features' M counts positions x batch
+    batch: int = 1
 
     def __post_init__(self) -> None:
         n = len(KERNEL_FEATURES)
@@ -268,6 +272,7 @@ FIELDS: dict[str, dict[str, _Field]] = {
         "channel_block": _Field("an integer in [1, 1024] (channels per block of the float conv kernels)", _count(1, 1024), required=False),
         "channel_align": _Field("an integer in [1, 1024] (channel multiple of the blocked float conv kernels)", _count(1, 1024), required=False),
         "q8u_block": _Field("an integer in [1, 1024] (channel multiple the uint8-weight int8 conv kernels compute)", _count(1, 1024), required=False),
+        "batch": _Field("an integer in [1, 4096] (examples per inference the latency is for)", _count(1, 4096), required=False),
         **{k: _Field(f"a list of {len(KERNEL_FEATURES)} numbers >= 0 (us per {', '.join(KERNEL_FEATURES)}; "
                      f"the first {OLD_FEATURES} in a profile calibrated before MT)", _coefs, required=False)
            for k in KERNELS},
@@ -388,4 +393,5 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
                        coef=MappingProxyType({n: tuple(float(x) for x in (k[n] if n in k else k[KERNEL_FALLBACK[n]]))
                                               for n in KERNELS}),
                        runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)),
-                       channel_align=int(k.get("channel_align", 1)), q8u_block=int(k.get("q8u_block", 1)))
+                       channel_align=int(k.get("channel_align", 1)), q8u_block=int(k.get("q8u_block", 1)),
+                       batch=int(k.get("batch", 1)))

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
     cal.add_argument("--kernel-shapes", type=int, default=40,
                      help="sampled shapes per layer kind (dense, conv, depthwise), each timed in every kernel form it "
                           "runs as: float (blocked or plain), QLinear with <= 7- and 8-bit weights, integer (default 40)")
+    cal.add_argument("--batch", type=int, default=1,
+                     help="examples per inference the kernels are timed at and the profile's latency is for: 1, or a "
+                          "server batch such as 32 (default 1)")
     cal.add_argument("--study", default=None, help="also time the kernel shapes this study's layers take with all or half their channels")
     cal.add_argument("--storage", default=None, help="Optuna storage URL of --study (default sqlite under --results-dir)")
     cal.add_argument("--results-dir", default="results", help="results root of --study (default results)")
@@ -56,6 +59,7 @@ def profile_dict(profile: Any) -> dict[str, Any]:
         k = profile.kernels
         d["kernels"] = {"inference_us": k.inference_us, "runtime": k.runtime, "samples": k.samples,
                         "channel_block": k.channel_block, "channel_align": k.channel_align, "q8u_block": k.q8u_block,
+                        "batch": k.batch,
                         "coef": {name: list(v) for name, v in k.coef.items()}}
     else:
         d["kernels"] = None
@@ -126,6 +130,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
     name = out.stem if args.name is None else args.name
     if not name.strip():
         raise UserError("--name must not be empty: pass a profile name such as this-machine")
+    if not 1 <= args.batch <= 4096:
+        raise UserError(f"--batch {args.batch} must be in 1..4096 (examples per inference, e.g. 1 or 32)")
+    if args.batch > 1 and args.roofline_only:
+        raise UserError("--batch prices the kernel predictors; the roofline is for batch 1: drop --roofline-only or --batch")
     if args.kernel_shapes < 3:
         raise UserError(f"--kernel-shapes {args.kernel_shapes} must be >= 3 (a predictor per kernel kind needs several shapes)")
     if not out.parent.is_dir():
@@ -146,10 +154,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
         try:
             kernels, report = calibrate_kernels(shapes, threads=args.threads, min_s=min(args.seconds, 0.3) / 6,
-                                                progress=progress)
+                                                progress=progress, batch=args.batch)
         except ValueError as e:  # too few usable timings of a kernel kind (a very noisy machine)
             raise UserError(f"{e}: rerun with a larger --kernel-shapes or --seconds on a quieter machine") from None
-        note = (f"{report['kernels_timed']} kernels timed in {report['seconds']:.0f} s"
+        note = (f"{report['kernels_timed']} kernels timed at batch {args.batch} in {report['seconds']:.0f} s"
                 + (f" (with the shapes of study {args.study})" if args.study else "")
                 + ("; held-out check: median error " + (f"{report['held_out_median_error'] * 100:.1f}%"
                    if np.isfinite(report.get("held_out_median_error", np.nan)) else "n/a (too few shapes per kind)")))

@@ -209,6 +209,7 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
         "kernels.channel_block": "detected: the channels onnxruntime pads a float conv's weights to in its NCHWc layout",
         "kernels.channel_align": "detected: the smallest channel step past the block that keeps a conv on NCHWc kernels",
         "kernels.q8u_block": "the channel block: q8u conv and depthwise probes are fitted with their output channels rounded up to it",
+        "kernels.batch": "the batch the probes were timed at (--batch): every latency of this profile is one forward pass of it",
     }
     if profile.kernels is not None:
         how.update({f"kernels.{k}": f"us per {', '.join(KERNEL_FEATURES)}: non-negative least squares on the relative "

@@ -296,10 +296,11 @@ def fit_to_models(model: KernelModel, by_kind: np.ndarray, measured_ms: np.ndarr
 
 
 def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: float, runtime: str,
-        channel_block: int = 1, channel_align: int = 1, q8u_block: int = 1) -> KernelModel:
+        channel_block: int = 1, channel_align: int = 1, q8u_block: int = 1, batch: int = 1) -> KernelModel:
     """Predictors from measured kernels: samples = [(KERNELS name, KERNEL_FEATURES values, us)],
     the float convolutions' features computed with `channel_block` (blocked), the q8u conv and
-    depthwise ones with output channels rounded up to `q8u_block` (q8u_channels).
+    depthwise ones with output channels rounded up to `q8u_block` (q8u_channels), all at `batch`
+    examples per call (M counts positions x batch).
 
     Per kernel kind, non-negative least squares on the relative error (each row weighted by
     1 / measured^2; scikit-learn LinearRegression(positive=True, fit_intercept=False)). The f32
@@ -320,7 +321,8 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
             continue
         coef[name] = fit_kind(name, rows)
     return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples),
-                       channel_block=int(channel_block), channel_align=int(channel_align), q8u_block=int(q8u_block))
+                       channel_block=int(channel_block), channel_align=int(channel_align), q8u_block=int(q8u_block),
+                       batch=int(batch))
 
 
 def fit_kind(name: str, rows: Sequence[tuple[Sequence[float], float]]) -> tuple[float, ...]:

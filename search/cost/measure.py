@@ -81,8 +81,9 @@ def summarize(ms: np.ndarray) -> dict:
 
 def measure(export_dir: str | Path, runs: int = 200, warmup: int = 20, *, profile: str | None = None,
             threads: int = 1, seed: int = 0) -> dict:
-    """Measured latency of model.onnx (batch 1) and the predicted one for `profile`
-    (default: the profile named in config.json); returns a dict for printing or JSON."""
+    """Measured latency of model.onnx and the predicted one for `profile` (default: the profile
+    named in config.json), at the batch that profile prices (a calibrated profile's
+    KernelModel.batch; 1 otherwise); returns a dict for printing or JSON."""
     if runs < 1 or warmup < 0:
         raise UserError(f"--runs {runs} must be >= 1 and --warmup {warmup} >= 0")
     if threads < 1:
@@ -92,16 +93,27 @@ def measure(export_dir: str | Path, runs: int = 200, warmup: int = 20, *, profil
     if not model_path.is_file():
         raise UserError(f"{export_dir} has no model.onnx; re-export it with `hwcompress export --force`")
     sess = session(model_path, threads)
-    shape = (1, *config["model"]["input_shape"])
+    name = profile or config.get("profile")
+    batch = _batch(name)
+    shape = (batch, *config["model"]["input_shape"])
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)
     stats = summarize(time_session(sess, x, runs, warmup))
-    name = profile or config.get("profile")
     predicted = (config.get("predicted") or {}).get(name or "", {}).get("latency_ms")
     if predicted is None and name:
         predicted = _predict(config, name)
-    return {"dir": str(export_dir), "threads": threads, "batch": 1, **stats, "profile": name,
+    return {"dir": str(export_dir), "threads": threads, "batch": batch, **stats, "profile": name,
             "predicted_ms": predicted,
             "measured_over_predicted": None if not predicted else stats["median_ms"] / predicted}
+
+
+def _batch(profile: str | None) -> int:
+    """The batch a profile's latency is for: a calibrated profile's KernelModel.batch, else 1
+    (also when the profile named in config.json is not found here: its price is stored)."""
+    try:
+        k = hw_profiles.load_profile(profile).kernels if profile else None
+    except (ValueError, OSError):
+        return 1
+    return 1 if k is None else int(k.batch)
 
 
 def _predict(config: dict, profile: str) -> float | None:

@@ -2,7 +2,9 @@
 
 Latency comes from one of two models, as the profile says (`latency_model`):
 - "kernels" (profiles calibrated on a machine): learned predictors of the kernels the runtime
-  runs, one per kernel kind, plus a per-inference term (search.cost.kernels; nn-Meter's idea);
+  runs, one per kernel kind, plus a per-inference term (search.cost.kernels; nn-Meter's idea),
+  for one forward pass of the batch they were calibrated at (KernelModel.batch: 1, or a server
+  batch such as 32);
 - "roofline" (the shipped, analytic profiles of devices we cannot measure), below.
 Memory and size are always the counts below.
 
@@ -84,7 +86,7 @@ def relative_padding(nnz: np.ndarray, density: np.ndarray) -> np.ndarray:
 class Costs:
     """Predicted costs of K plans on one profile (arrays [K], per-layer [K, L])."""
 
-    latency_ms: np.ndarray  # one forward pass, batch 1
+    latency_ms: np.ndarray  # one forward pass: batch 1, or a kernel profile's batch (KernelModel.batch)
     memory_kb: np.ndarray  # packed weights in memory + peak activations, KiB
     size_kb: np.ndarray  # packed model size, KiB
     layer_latency_ms: np.ndarray  # [K, L]
@@ -279,8 +281,10 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         int_a = (wb <= 8) & (ab <= 8) & ~codebook & ~kron
         form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
         integer = form != K.FORMS.index("f32")
-        # GEMM dimensions per example: positions, kept output channels, kept fan-in
-        m, n, k = la.out_elems / la.out_ch, la.out_ch * keep_out, la.fan_in * keep_ch
+        # GEMM dimensions of one call: positions x the profile's batch, kept output channels, kept
+        # fan-in; every element count below is per call too
+        bt = float(profile.kernels.batch)
+        m, n, k = la.out_elems / la.out_ch * bt, la.out_ch * keep_out, la.fan_in * keep_ch
         block, align = profile.kernels.channel_block, profile.kernels.channel_align
         q8u = (form == K.FORMS.index("q8u")) & (la.kind != _KINDS.index("dense")) & ~fact
         n = np.where(q8u, K.q8u_channels(n, profile.kernels.q8u_block), n)  # whole SIMD blocks of channels
@@ -330,14 +334,14 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
                                        la.unfused[:, :2].sum(axis=1) > 0)
             # and inside it: A's output (mid x r elements) reordered when B reads the other layout
             # (onnxruntime's graph of lenet5 at rank 5 and 13: a ReorderOutput between A and its 1x1 B)
-            inner = np.where(conv_fact & (a_blk != (b_blk & (np.round(rk) >= block))), geo["mid"] * rk, 0.0)
-        fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"], geo["nb"], geo["ka"]),
-                      K.features(geo["pa"], na, ka, geo["ta"]))
+            inner = np.where(conv_fact & (a_blk != (b_blk & (np.round(rk) >= block))), geo["mid"] * rk * bt, 0.0)
+        fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"] * bt, geo["nb"], geo["ka"]),
+                      K.features(geo["pa"] * bt, na, ka, geo["ta"]))
         feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
         second = (K.kernel_index(la.kind, b_form),
-                  np.where(fact[..., None], K.features(geo["pb"], nb2, kb2, geo["tb"]), 0.0))
-        emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in, 0.0)
-        kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out, r.shape)
+                  np.where(fact[..., None], K.features(geo["pb"] * bt, nb2, kb2, geo["tb"]), 0.0))
+        emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in * bt, 0.0)
+        kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out * bt, r.shape)
         u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
         # the ops after a factorized conv are those after its B (a float kernel, blocked or plain);
         # after a pooling, its reader's layout: NCHWc (a blocked float conv), NHWC (a QLinear conv)

@@ -17,7 +17,7 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
   the pass MLAS's NCHWc kernels make over a conv's output for any activation but ReLU.
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
-Each probe is timed at batch 1 with `threads` intra-op threads: float and QLinear layers in the
+Each layer probe is timed at the profile's batch (1, or a server batch such as 32) with `threads` intra-op threads: float and QLinear layers in the
 middle of a chain (four layers against two), the others alone less the per-inference cost, so a
 sample is the kernel's own time (measure_kernels). Float convolutions' features count the
 channels the runtime computes, rounded up to its channel block (nchwc_layout, kernels.blocked);
@@ -28,6 +28,7 @@ q8u conv and depthwise features count their output channels rounded up to the bl
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -53,13 +54,19 @@ class Shape:
     hw: int = 1  # input height = width (1 for dense)
     k: int = 1  # kernel height = width
     stride: int = 1
+    batch: int = 1  # examples per call
+
+    @property
+    def out_elems(self) -> int:
+        """Output elements of one call (all `batch` examples)."""
+        return self.batch * self.cout * self.out_hw ** 2
 
     @property
     def out_hw(self) -> int:
         return 1 if self.kind == "dense" else (self.hw + self.stride - 1) // self.stride
 
     def features(self, block: int = 1, out_block: int = 1) -> list[float]:
-        """KERNEL_FEATURES for one example: the monomials of M (positions), N (channels), K (fan-in);
+        """KERNEL_FEATURES for one call: the monomials of M (positions x batch), N (channels), K (fan-in);
         block > 1: with the channels a float convolution computes on `block`-channel blocks
         (search.cost.kernels.blocked; pass it for the f32 form only); out_block > 1: with the
         output channels a q8u conv computes (search.cost.kernels.q8u_channels; the q8u form only)."""
@@ -69,7 +76,7 @@ class Shape:
                              self.kind == "depthwise")
         if self.kind != "dense" and out_block > 1:
             n = float(K.q8u_channels(self.cout, out_block))
-        return K.features(self.out_hw ** 2, n, k, 1 if self.kind == "dense" else self.k * self.k).tolist()
+        return K.features(self.batch * self.out_hw ** 2, n, k, 1 if self.kind == "dense" else self.k * self.k).tolist()
 
 
 def _model(g: GraphBuilder, x_shape: tuple[int, ...], out: str, out_shape: tuple[int, ...],
@@ -127,8 +134,9 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0, clip: bool = 
     g = GraphBuilder()
     first, last = shapes[0], shapes[-1]
     dense = first.kind == "dense"
-    x_shape = (1, first.cin) if dense else (1, first.cin, first.hw, first.hw)
-    out_shape = (1, last.cout) if dense else (1, last.cout, last.out_hw, last.out_hw)
+    b = first.batch
+    x_shape = (b, first.cin) if dense else (b, first.cin, first.hw, first.hw)
+    out_shape = (b, last.cout) if dense else (b, last.cout, last.out_hw, last.out_hw)
     y = "input"
     for i, shape in enumerate(shapes):
         y = _layer(g, y, shape, form, f"layer{i}", rng, after_relu=i > 0, clip=clip)
@@ -157,8 +165,8 @@ def partner(shape: Shape) -> Shape:
     """The layer that maps `shape`'s output back to its input channels (stride 1, same kernel):
     X -> partner(X) can be repeated, so a chain of both measures them in the middle of a network."""
     if shape.kind == "dense":
-        return Shape("dense", shape.cout, shape.cin)
-    return Shape(shape.kind, shape.cout, shape.cin, shape.out_hw, shape.k, 1)
+        return Shape("dense", shape.cout, shape.cin, batch=shape.batch)
+    return Shape(shape.kind, shape.cout, shape.cin, shape.out_hw, shape.k, 1, shape.batch)
 
 
 def emul_probe(n: int) -> tuple[bytes, tuple[int, ...]]:
@@ -354,7 +362,7 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     reorders: dict[int, list[int]] = {}  # job -> elements of each layout reorder in its measured pair
     blocked_f32: dict[int, list[float]] = {}  # f32n job -> features of its pair's conv_f32 member
     for s in shapes:
-        flat = Shape(s.kind, s.cin, s.cout, s.hw, s.k, 1)
+        flat = dataclasses.replace(s, stride=1)
         pair = partner(flat)
         for form in ("f32", "q8", "q8u"):
             name, b, ob = f"{s.kind}_{form}", 1, block if form == "q8u" else 1
@@ -376,12 +384,12 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
             feats = np.sum([x.features(b, ob) for x in members], axis=0).tolist()
             jobs.append(("", *probe_chain([flat, pair], form), [], -1))
             if name in ("conv_f32", "conv_f32n"):  # blocked: the reorders to NCHW for a reader of fewer channels than the block
-                reorders[len(jobs)] = [x.cout * x.out_hw ** 2 for x in (flat, pair) if x.cout < block]
+                reorders[len(jobs)] = [x.out_elems for x in (flat, pair) if x.cout < block]
             if len(members) == 1:  # the other member runs conv_f32: taken off at conv_f32's fit
                 blocked_f32[len(jobs)] = next(x for x in (flat, pair) if x is not members[0]).features(b, ob)
             jobs.append((name, *probe_chain([flat, pair, flat, pair], form), feats, len(jobs) - 1))
             if b > 1:  # blocked: the same chain with ReLU6 (Clip) after every layer, less the ReLU one
-                elems = [x.cout * x.out_hw ** 2 for x in (flat, pair, flat, pair)]
+                elems = [x.out_elems for x in (flat, pair, flat, pair)]
                 jobs.append(("clip", *probe_chain([flat, pair, flat, pair], form, clip=True),
                              np.sum([K.features(e, 1.0, 1.0) for e in elems], axis=0).tolist(), len(jobs) - 1))
         jobs.append((f"{s.kind}_i8", *probe(s, "i8"), s.features(), 0))
@@ -427,26 +435,30 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     return samples, float(base)
 
 
-def runtime_name(threads: int) -> str:
+def runtime_name(threads: int, batch: int = 1) -> str:
     """What a calibration measured, for the profile file."""
     import onnxruntime as ort
 
-    return f"onnxruntime {ort.__version__} CPUExecutionProvider, {threads} thread(s), batch 1, fastest run"
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider, {threads} thread(s), batch {batch}, fastest run"
 
 
 def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, rounds: int = 2,
-                      sizes: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[KernelModel, dict]:
+                      sizes: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None,
+                      batch: int = 1) -> tuple[KernelModel, dict]:
     """Measure the probes and fit the predictors: (KernelModel, report).
 
-    The report holds the fit's errors on its own samples and, as a check of the predictor's
-    form, those of a refit on every other sample tested on the rest (not used for the model),
-    and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds]). The runtime's
-    channel block and alignment (nchwc_layout) are detected first and kept in the model."""
+    Every layer probe runs `batch` examples per call (KernelModel.batch: the profile prices one
+    forward pass of that many). The report holds the fit's errors on its own samples and, as a
+    check of the predictor's form, those of a refit on every other sample tested on the rest (not
+    used for the model), and the samples themselves ([KERNELS name, KERNEL_FEATURES, microseconds]).
+    The runtime's channel block and alignment (nchwc_layout) are detected first and kept in the model."""
     t0 = time.perf_counter()
     block, align = nchwc_layout(threads)
+    shapes = [dataclasses.replace(s, batch=int(batch)) for s in shapes]
     samples, base = measure_kernels(shapes, threads, min_s, sizes, rounds=rounds, progress=progress, block=block,
                                     align=align)
-    model = K.fit(samples, base, runtime_name(threads), channel_block=block, channel_align=align, q8u_block=block)
+    model = K.fit(samples, base, runtime_name(threads, batch), channel_block=block, channel_align=align, q8u_block=block,
+                  batch=batch)
     report: dict = {"kernels_timed": len(samples), "inference_us": float(base), "channel_block": block,
                     "channel_align": align}
     err = np.abs(K.relative_errors(model, samples))
@@ -458,7 +470,7 @@ def calibrate_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 
         for k in set(kinds):
             idx = rng.permutation(np.flatnonzero(kinds == k))
             fit_half[idx[0::2]] = True
-        half = K.fit([s for s, f in zip(samples, fit_half) if f], base, "check", channel_block=block, channel_align=align,
+        half = K.fit([s for s, f in zip(samples, fit_half) if f], base, "check", channel_block=block, channel_align=align, batch=batch,
                      q8u_block=block)
         err = np.abs(K.relative_errors(half, [s for s, f in zip(samples, fit_half) if not f]))
         report.update(held_out_median_error=float(np.median(err)), held_out_within_10pct=float(np.mean(err <= 0.10)))

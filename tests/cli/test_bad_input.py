@@ -116,6 +116,9 @@ CASES = [
     ("calibrate-empty-name", ["profiles", "calibrate", "--out", "{F}/p.toml", "--name", " "], "--name"),
     ("calibrate-negative-seconds", ["profiles", "calibrate", "--out", "{F}/p.toml", "--seconds", "-1"], "--seconds -1"),
     ("calibrate-too-few-shapes", ["profiles", "calibrate", "--out", "{F}/p.toml", "--kernel-shapes", "1"], "--kernel-shapes"),
+    ("calibrate-zero-batch", ["profiles", "calibrate", "--out", "{F}/p.toml", "--batch", "0"], "--batch 0"),
+    ("calibrate-batch-roofline", ["profiles", "calibrate", "--out", "{F}/p.toml", "--batch", "32", "--roofline-only"],
+     "--roofline-only"),
     ("calibrate-unknown-study", ["profiles", "calibrate", "--out", "{F}/p.toml", "--study", "nope", "--results-dir", "{R}"], "nope"),
 ]
 

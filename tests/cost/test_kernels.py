@@ -387,6 +387,29 @@ def test_a_profile_calibrated_before_q8u_and_channel_blocks_still_loads(calibrat
     assert all(k.coef[f"{kind}_q8p"] == profile.kernels.coef[f"{kind}_q8"] for kind in kinds)
 
 
+def test_a_server_batch_calibration_times_and_prices_whole_batches(calibrated, tmp_path):
+    """`profiles calibrate --batch 4`: every layer probe runs 4 examples (a Dense GEMM has 4 rows,
+    a chain of two 8 in all), the file says so and keeps it, and pricing counts positions x batch
+    (the per-call terms once per batch: a batch of 4 costs less than 4 inferences); a profile
+    written before `batch` existed prices batch 1."""
+    model, report = kp.calibrate_kernels(kp.sampled_shapes(3, seed=2), min_s=0.002, rounds=1, sizes=(256, 4096), batch=4)
+    assert model.batch == 4 and "batch 4" in model.runtime
+    m = KERNEL_FEATURES.index("M")
+    assert {f[m] for n, f, _ in report["samples"] if n == "dense_i8"} == {4.0}  # one probe alone
+    assert {f[m] for n, f, _ in report["samples"] if n in ("dense_f32", "dense_q8")} == {8.0}  # two in the chain
+    path = tmp_path / "b4.toml"
+    path.write_text(profile_toml(calibrated_profile(MACHINE, name="b4", kernels=model), MACHINE))
+    assert hw_profiles.load_profile(str(path)).kernels.batch == 4
+    coef = {name: (0.0,) * 9 for name in KERNELS} | {"dense_f32": (2.0, 1.0) + (0.0,) * 7}  # 2 us a call, 1 per row
+    one = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(0.5, MappingProxyType(coef), "synthetic"))
+    four = calibrated_profile(MACHINE, name="b", kernels=dataclasses.replace(one.kernels, batch=4))
+    head = (dense(0, 16, 10),)
+    us = lambda prof: float(price(prof, head, P.dense_plan(1)).latency_ms[0]) * 1e3
+    assert us(one) == pytest.approx(0.5 + 2 + 1) and us(four) == pytest.approx(0.5 + 2 + 4)
+    old = "\n".join(l for l in profile_toml(four, MACHINE).splitlines() if not l.startswith("batch ="))
+    assert "batch = 4" in profile_toml(four, MACHINE) and hw_profiles.profile_from_text(old).kernels.batch == 1
+
+
 def test_a_profile_calibrated_before_the_clip_pass_prices_it_as_an_unfused_op(calibrated, tmp_path):
     """A [kernels] table without `clip` (written before ReLU6 was priced) prices the pass as one
     `eltwise` op on the conv's output, as fallbacks go (hw_profiles.schema.KERNEL_FALLBACK)."""
