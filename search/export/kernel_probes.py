@@ -349,7 +349,8 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     output, their input quantization and output scaling included), emul, eltwise and pool_u8 ops are
     measured alone, less the per-inference cost: a one-Relu graph minus one operator (a chain of
     33 Relus against one, / 32). Every session is built first, then all are timed in `rounds`
-    interleaved rounds (the fastest run of all rounds is kept). `block`, `align`: the runtime's
+    interleaved rounds (the fastest run of all rounds is kept); at a batch above 1, in chunks of
+    512 / batch sessions (at least 16), whose arenas would not all fit in memory. `block`, `align`: the runtime's
     channel block and alignment (nchwc_layout): a float conv chain whose layers all run blocked is
     an f32 sample with blocked features, one whose layers all run plain an f32p sample, a mix of
     the two is not used; a blocked chain is timed again with ReLU6 (Clip) activations, the
@@ -402,15 +403,24 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
         model, xs = pool_u8_probe(n)
         jobs.append(("pool_u8", model, xs, K.features(np.prod(xs), 1, 1).tolist(), 0))
     rng = np.random.default_rng(0)
-    sessions = [(sess, rng.integers(0, 256, xs, dtype=np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)"
-                 else rng.random(xs, dtype=np.float32))
-                for sess, xs in ((session(m, threads), xs) for _, m, xs, _, _ in jobs)]
     best = np.full(len(jobs), np.inf)
-    for r in range(rounds):
-        for i, (sess, x) in enumerate(sessions):
-            best[i] = min(best[i], fastest_us(sess, x, min_s))
-            if progress is not None:
-                progress(r * len(jobs) + i + 1, rounds * len(jobs))
+    # every session of a chunk is built first, then timed in interleaved rounds; at a server batch
+    # a session's arena holds tens of MB, so fewer are alive at once (700 at batch 32: 16 GB)
+    batch = max((s.batch for s in shapes), default=1)
+    chunk = len(jobs) if batch == 1 else max(16, 512 // batch)
+    done = 0
+    for start in range(0, len(jobs), chunk):
+        part = range(start, min(start + chunk, len(jobs)))
+        sessions = [(sess, rng.integers(0, 256, xs, dtype=np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)"
+                     else rng.random(xs, dtype=np.float32))
+                    for sess, xs in ((session(jobs[i][1], threads), jobs[i][2]) for i in part)]
+        for r in range(rounds):
+            for i, (sess, x) in zip(part, sessions):
+                best[i] = min(best[i], fastest_us(sess, x, min_s))
+                done += 1
+                if progress is not None:
+                    progress(done, rounds * len(jobs))
+        del sessions
     op_us = max((best[1] - best[0]) / 32, 0.0)
     base = max(best[0] - op_us, 0.1)
     diff = [us - (base if ref == 0 else best[ref]) for (_, _, _, _, ref), us in zip(jobs, best)]

@@ -186,7 +186,7 @@ def _runtime_profile(block: int, align: int):
     import hw_profiles
     from hw_profiles import KERNELS
     from search.cost.calibrate import calibrated_profile
-    from tests.cost.test_kernels import MACHINE
+    from tests.support import MACHINE
 
     coef = MappingProxyType({name: (1.0,) + (0.0,) * 8 for name in KERNELS})
     return calibrated_profile(MACHINE, name="blocked", kernels=hw_profiles.KernelModel(

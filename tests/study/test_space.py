@@ -224,7 +224,7 @@ def test_a_factorized_warm_start_no_cheaper_than_plain_int8_is_not_tried():
     from hw_profiles import load_profile
     from search.api import _priced_warm_starts
     from search.study.sensitivity import warm_start_plans
-    from tests.cost.test_kernels import _conv
+    from tests.support import conv as _conv
 
     convs = (_conv(0, 4, 32, 24), _conv(1, 32, 32, 24, src=0), _conv(2, 32, 32, 24, src=1))
     npu = load_profile("mobile-npu")
