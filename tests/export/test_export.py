@@ -139,6 +139,17 @@ def test_export_plan_channel_codebook_binary_reload_exact(tmp_path):
     assert acc == pytest.approx(r.quality, abs=1e-6)
     # measure works on an export without a profile too (predicted: n/a)
     assert cli.main(["measure", str(tmp_path / "e"), "--runs", "3", "--warmup", "1"]) == 0
+    # and times it at the batch a calibrated profile prices (profiles calibrate --batch 4)
+    from types import MappingProxyType
+
+    from hw_profiles import KERNELS, KernelModel
+    from search.cost.calibrate import calibrated_profile, profile_toml
+    from search.cost.measure import measure
+    from tests.support import MACHINE
+    four = KernelModel(1.0, MappingProxyType({k: (1.0,) + (0.0,) * 8 for k in KERNELS}), "synthetic", batch=4)
+    (tmp_path / "b4.toml").write_text(profile_toml(calibrated_profile(MACHINE, name="b4", kernels=four), MACHINE))
+    m = measure(tmp_path / "e", runs=3, warmup=1, profile=str(tmp_path / "b4.toml"))
+    assert m["batch"] == 4 and m["predicted_ms"] > 0
 
 
 def test_export_of_gradual_pruning_with_learned_ranges(tmp_path):
