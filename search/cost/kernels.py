@@ -75,6 +75,7 @@ FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f3
 EMUL, ELTWISE, POOL_U8, CLIP = (KERNELS.index(k) for k in ("emul", "eltwise", "pool_u8", "clip"))
 FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("i8"))  # float output
 INT_IN = (FORMS.index("q8"), FORMS.index("i8"), FORMS.index("q8u"), FORMS.index("q8p"))  # forms whose input is quantized
+QLINEAR = (FORMS.index("q8"), FORMS.index("q8u"), FORMS.index("q8p"))  # QLinear kernels: NHWC in onnxruntime
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
 

@@ -345,7 +345,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
         # the ops after a factorized conv are those after its B (a float kernel, blocked or plain);
         # after a pooling, its reader's layout: NCHWc (a blocked float conv), NHWC (a QLinear conv)
-        qlinear = np.isin(form, (K.FORMS.index("q8"), K.FORMS.index("q8u"), K.FORMS.index("q8p"))) & la.nchwc & ~fact
+        qlinear = np.isin(form, K.QLINEAR) & la.nchwc & ~fact
         other = ((in_nchwc | qlinear).astype(np.float64) @ la.direct.T.astype(np.float64)) > 0
         n_elt = np.maximum(G.eltwise_count(la.unfused, np.where(fact, b_form, form), np.where(fact, b_blk, blocked), other)
                            - u8, 0.0) + reorders

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from search.cost.kernels import FLOAT_OUT, FORMS, INT_IN
+from search.cost.kernels import FLOAT_OUT, FORMS, INT_IN, QLINEAR
 
 
 def chained_to(layers: Sequence) -> np.ndarray:
@@ -147,7 +147,7 @@ def eltwise_count(unfused: np.ndarray, form: np.ndarray, out_nchwc: np.ndarray, 
     (the input's Transpose, one ReorderOutput, the global pooling's ReduceSum)."""
     pool, flat, add = (np.asarray(unfused, np.float64)[:, j] for j in range(3))
     form = np.asarray(form)
-    nhwc = np.isin(form, (FORMS.index("q8"), FORMS.index("q8u"), FORMS.index("q8p")))
+    nhwc = np.isin(form, QLINEAR)
     into = pool * (np.asarray(reader_other, bool) & ~nhwc)
     return np.where(np.asarray(out_nchwc, bool), 2 * pool + 2 * flat, pool + flat) + into \
         + np.where(form == FORMS.index("i8"), add, 0.0)

@@ -17,9 +17,10 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
   the pass MLAS's NCHWc kernels make over a conv's output for any activation but ReLU.
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
-Each layer probe is timed at the profile's batch (1, or a server batch such as 32) with `threads` intra-op threads: float and QLinear layers in the
-middle of a chain (four layers against two), the others alone less the per-inference cost, so a
-sample is the kernel's own time (measure_kernels). Float convolutions' features count the
+Each layer probe is timed at the profile's batch (1, or a server batch such as 32) with
+`threads` intra-op threads: float and QLinear layers in the middle of a chain (four layers
+against two), the others alone less the per-inference cost, so a sample is the kernel's own
+time (measure_kernels). Float convolutions' features count the
 channels the runtime computes, rounded up to its channel block (nchwc_layout, kernels.blocked);
 those off its channel alignment are f32p samples (kernels.on_blocks), and q8 conv and depthwise
 layers whose output channels are off the channel block are q8p samples (kernels.q8_on_blocks);
@@ -164,9 +165,7 @@ def probe(shape: Shape, form: str, seed: int = 0) -> tuple[bytes, tuple[int, ...
 def partner(shape: Shape) -> Shape:
     """The layer that maps `shape`'s output back to its input channels (stride 1, same kernel):
     X -> partner(X) can be repeated, so a chain of both measures them in the middle of a network."""
-    if shape.kind == "dense":
-        return Shape("dense", shape.cout, shape.cin, batch=shape.batch)
-    return Shape(shape.kind, shape.cout, shape.cin, shape.out_hw, shape.k, 1, shape.batch)
+    return dataclasses.replace(shape, cin=shape.cout, cout=shape.cin, hw=shape.out_hw, stride=1)
 
 
 def emul_probe(n: int) -> tuple[bytes, tuple[int, ...]]:
@@ -333,8 +332,9 @@ def _relu_chain(n: int) -> bytes:
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
                     rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1,
                     align: int = 1) -> tuple[list[tuple[str, list[float], float]], float]:
-    """Time every shape in every form, ReLU6 after the blocked float ones, and the emul, eltwise and pool_u8 ops at `sizes` elements (default
-    16 sizes from 16 to 200,000); returns ([(KERNELS name, features, us)], inference_us).
+    """Time every shape in every form, ReLU6 after the blocked float ones, and the emul, eltwise
+    and pool_u8 ops at `sizes` elements (default 16 sizes from 16 to 200,000); returns
+    ([(KERNELS name, features, us)], inference_us).
 
     f32 and q8 layers are measured where they run in a network, between other layers of their
     form: a shape X (at stride 1) and its partner P (back to X's input channels) as X, P, X, P
