@@ -44,14 +44,15 @@ LATENCY_MODELS = ("roofline", "kernels")
 # activation as a pass of its own over the conv's output (0.05-0.14 us per 1000 elements on an
 # AVX-512 host; MobileNetV2's ReLU6s are 18-21% of its float latency)
 KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n")
-KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8", "clip")
-# a profile calibrated before q8u, f32p, q8p, f32n, pool_u8 and clip existed prices them as its q8,
-# f32, q8, f32, eltwise and eltwise kernels
+KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8", "clip", "kron")
+# a profile calibrated before q8u, f32p, q8p, f32n, pool_u8, clip and kron existed prices them as its
+# q8, f32, q8, f32, eltwise, eltwise and dense_f32 kernels (kron, a Kronecker-factorized Dense layer
+# as the export writes it, then costs what its two float matmuls cost as dense_f32 kernels)
 # (Dense layers never run f32p, q8p or f32n, depthwise convs never f32n: they keep the f32 and q8
 # coefficients)
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
     | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32n": f"{k}_f32" for k in LAYER_KINDS} \
-    | {"pool_u8": "eltwise", "clip": "eltwise"}
+    | {"pool_u8": "eltwise", "clip": "eltwise", "kron": "dense_f32"}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),
 # and MT, positions times the kernel's taps T (kh*kw; 1 for Dense): im2col copies each tap's

@@ -277,7 +277,8 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
         # form) in f32 (its input is not quantized); Kronecker: two f32 batched matmuls, the first
         # r GEMMs of [m1, m2] @ [m2, n2] per example (onnxruntime runs a broadcast MatMul as one
-        # GEMM call per batch entry: r calls, each with its fixed cost), the second one GEMM
+        # GEMM call per batch entry: r calls, each with its fixed cost), the second one GEMM, priced
+        # together as one `kron` kernel (below)
         int_a = (wb <= 8) & (ab <= 8) & ~codebook & ~kron
         form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
         integer = form != K.FORMS.index("f32")
@@ -335,13 +336,16 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
             # and inside it: A's output (mid x r elements) reordered when B reads the other layout
             # (onnxruntime's graph of lenet5 at rank 5 and 13: a ReorderOutput between A and its 1x1 B)
             inner = np.where(conv_fact & (a_blk != (b_blk & (np.round(rk) >= block))), geo["mid"] * rk * bt, 0.0)
-        fa = np.where(kron[..., None], rk[..., None] * K.features(geo["pa"] * bt, geo["nb"], geo["ka"]),
+        # a Kronecker layer is one `kron` kernel (its probes time the layer as exported, Reshapes and
+        # unfused bias and ReLU included), from its two GEMMs (K.kron_features)
+        fa = np.where(kron[..., None], K.kron_features(rk, geo["pa"] * bt, geo["nb"], geo["ka"], geo["pb"] * bt, geo["kb"]),
                       K.features(geo["pa"] * bt, na, ka, geo["ta"]))
         feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
         second = (K.kernel_index(la.kind, b_form),
-                  np.where(fact[..., None], K.features(geo["pb"] * bt, nb2, kb2, geo["tb"]), 0.0))
+                  np.where((fact & ~kron)[..., None], K.features(geo["pb"] * bt, nb2, kb2, geo["tb"]), 0.0))
         emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in * bt, 0.0)
-        kernel, out_elems = K.kernel_index(la.kind, form), np.broadcast_to(la.out_elems * keep_out * bt, r.shape)
+        kernel = np.where(kron, K.KRON, K.kernel_index(la.kind, form))
+        out_elems = np.broadcast_to(la.out_elems * keep_out * bt, r.shape)
         u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
         # the ops after a factorized conv are those after its B (a float kernel, blocked or plain);
         # after a pooling, its reader's layout: NCHWc (a blocked float conv), NHWC (a QLinear conv)

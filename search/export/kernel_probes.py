@@ -14,7 +14,9 @@ layer, then shaped by the same QDQ rewrite (onnx.qdq.integer_kernels) as every e
 - pool_u8: a 2x2 MaxPool on a uint8 input in NCHW, as onnxruntime runs the max pooling between a
   float layer and an integer one (search.cost.runtime_graph.u8_pooled);
 - clip: a blocked float chain with ReLU6 (Clip) after each layer, less the same chain with ReLU:
-  the pass MLAS's NCHWc kernels make over a conv's output for any activation but ReLU.
+  the pass MLAS's NCHWc kernels make over a conv's output for any activation but ReLU;
+- kron: a Kronecker-factorized Dense layer as the export writes it (search.export.onnx.layers.
+  kronecker: Reshapes around a broadcast MatMul and a GEMM, then the bias Add and ReLU), float.
 Shapes are sampled log-uniformly over channel counts, spatial sizes, kernel sizes and strides,
 or taken from a model's layers with their channels cut as channel pruning would cut them.
 Each layer probe is timed at the profile's batch (1, or a server batch such as 32) with
@@ -39,23 +41,30 @@ import onnx
 from onnx import TensorProto, helper
 
 from hw_profiles.schema import KERNELS, KernelModel
+from search.compression import lowrank
+from search.compression.lowrank import kron_split
+from search.compression.plan import KRONECKER
 from search.cost import kernels as K
 from search.cost.measure import session
 from search.export.onnx.graph import OPSET, GraphBuilder
+from search.export.onnx.layers import kronecker
 from search.export.onnx.qdq import integer_kernels
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One layer's shape for a probe; conv and depthwise inputs are [cin, hw, hw] (NCHW)."""
+    """One layer's shape for a probe; conv and depthwise inputs are [cin, hw, hw] (NCHW); a kron
+    layer is a Dense of fan-in cin and width cout factorized in the Kronecker form at rank `rank`
+    (both split by lowrank.kron_split)."""
 
-    kind: str  # dense | conv | depthwise
+    kind: str  # dense | conv | depthwise | kron
     cin: int
     cout: int  # = cin for depthwise
     hw: int = 1  # input height = width (1 for dense)
     k: int = 1  # kernel height = width
     stride: int = 1
     batch: int = 1  # examples per call
+    rank: int = 0  # kron: the factorization's rank r
 
     @property
     def out_elems(self) -> int:
@@ -64,13 +73,18 @@ class Shape:
 
     @property
     def out_hw(self) -> int:
-        return 1 if self.kind == "dense" else (self.hw + self.stride - 1) // self.stride
+        return 1 if self.kind in ("dense", "kron") else (self.hw + self.stride - 1) // self.stride
 
     def features(self, block: int = 1, out_block: int = 1) -> list[float]:
         """KERNEL_FEATURES for one call: the monomials of M (positions x batch), N (channels), K (fan-in);
         block > 1: with the channels a float convolution computes on `block`-channel blocks
         (search.cost.kernels.blocked; pass it for the f32 form only); out_block > 1: with the
-        output channels a q8u conv computes (search.cost.kernels.q8u_channels; the q8u form only)."""
+        output channels a q8u conv computes (search.cost.kernels.q8u_channels; the q8u form only).
+        A kron layer's are those of its two GEMMs (search.cost.kernels.kron_features): r calls of
+        [m1, m2] @ [m2, n2] and one [n1, r*m1] @ [r*m1, n2], M times the batch."""
+        if self.kind == "kron":
+            (m1, m2), (n1, n2) = kron_split(self.cin), kron_split(self.cout)
+            return K.kron_features(self.rank, self.batch * m1, n2, m2, self.batch * n1, m1).tolist()
         n, k = float(self.cout), float(self.k * self.k * (1 if self.kind == "depthwise" else self.cin))
         if self.kind != "dense" and block > 1:
             n, k = K.blocked(self.cout, 1 if self.kind == "depthwise" else self.cin, self.k * self.k, block,
@@ -99,6 +113,13 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
     returns the output. An input after a ReLU is quantized on [0, hi] (zero point 0), which lets
     onnxruntime drop the ReLU in front of a QuantizeLinear and fuse QLinear kernels, as in an export."""
     dense = shape.kind == "dense"
+    if shape.kind == "kron":  # float factors, as the export writes every Kronecker layer
+        (m1, m2), (n1, n2) = kron_split(shape.cin), kron_split(shape.cout)
+        a = (rng.standard_normal((m1 * n1, shape.rank)) * 0.1).astype(np.float32)
+        b = (rng.standard_normal((shape.rank, m2 * n2)) * 0.1).astype(np.float32)
+        bias = (rng.standard_normal(shape.cout) * 0.1).astype(np.float32)
+        y = g.node("Add", [kronecker(g, name, x, a, b, (shape.cin, shape.cout)), g.const(bias, "bias")])
+        return g.node("Relu", [y])
     group = shape.cin if shape.kind == "depthwise" else 1
     w_shape = (shape.cin, shape.cout) if dense else (shape.cout, shape.cin // group, shape.k, shape.k)
     wide = form == "q8u"  # 8-bit weights: codes up to 127, stored as uint8 + 128 as the export does
@@ -134,7 +155,7 @@ def probe_chain(shapes: Sequence[Shape], form: str, seed: int = 0, clip: bool = 
     rng = np.random.default_rng(seed)
     g = GraphBuilder()
     first, last = shapes[0], shapes[-1]
-    dense = first.kind == "dense"
+    dense = first.kind in ("dense", "kron")
     b = first.batch
     x_shape = (b, first.cin) if dense else (b, first.cin, first.hw, first.hw)
     out_shape = (b, last.cout) if dense else (b, last.cout, last.out_hw, last.out_hw)
@@ -257,8 +278,10 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
     among them); every other shape adds a 1x1 conv reading 1-15 channels (the NCHW-input kernel,
     f32n, that heavily pruned 1x1 layers run) with output channels a multiple of 4 from 16 up (so
     that the partner reading them runs blocked). Every other depthwise shape has its channels
-    rounded to a multiple of 16."""
-    rng, rng1 = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    rounded to a multiple of 16. Every other shape adds a Kronecker-factorized Dense (kind kron):
+    fan-in 64-2048 and width 16-1024, multiples of 4, at a rank of 1-32 (the search offers ranks of
+    3-9% of the full rank: 4-11 for lenet300's layers)."""
+    rng, rng1, rng2 = np.random.default_rng(seed), np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
     out: list[Shape] = []
     up16 = lambda c: max(16, 16 * round(c / 16))
     odd = lambda c: max(17, c | 1)
@@ -279,15 +302,28 @@ def sampled_shapes(n: int, seed: int = 0) -> list[Shape]:
         c = _log_int(rng, 8, 768)
         c = up16(c) if i % 2 == 0 else c
         out.append(Shape("depthwise", c, c, int(rng.choice([4, 7, 8, 14, 16, 28])), 3, int(rng.choice([1, 1, 2]))))
+        if i % 2 == 1:  # a Kronecker layer, from a generator of its own (the shapes above stay a seed's)
+            fi, fo = 4 * _log_int(rng2, 16, 512), 4 * _log_int(rng2, 4, 256)
+            (m1, m2), (n1, n2) = kron_split(fi), kron_split(fo)
+            out.append(Shape("kron", fi, fo, rank=_log_int(rng2, 1, min(32, m1 * n1, m2 * n2))))
     return out
 
 
 def layer_shapes(layers: Sequence, keeps: Iterable[float] = (1.0, 0.5)) -> list[Shape]:
     """The shapes a model's layers take under channel pruning: every pair of kept fractions of
-    their input and output channels from `keeps` (default all and half)."""
+    their input and output channels from `keeps` (default all and half); and a Dense layer that
+    takes the Kronecker form, in it at each rank the search offers (every channel kept)."""
+    from search.study.space import FACTORIZE_RANKS, KRONECKER_RANK_SCALE
+
     out: set[Shape] = set()
     keeps = tuple(keeps)
     for l in layers:
+        if l.kind == "dense" and lowrank.form_problem(l, KRONECKER) is None:
+            d = lowrank.full_rank(l, KRONECKER)
+            for ratio in FACTORIZE_RANKS:
+                if ratio < 1:
+                    r = int(lowrank.achieved_rank(ratio * KRONECKER_RANK_SCALE, d))
+                    out.add(Shape("kron", int(l.fan_in), int(l.out_channels), rank=r))
         cin, cout = int(l.kernel_shape[-2]) * (l.groups if l.kind == "depthwise" else 1), l.out_channels
         for ki in keeps:
             for ko in keeps:
@@ -300,7 +336,7 @@ def layer_shapes(layers: Sequence, keeps: Iterable[float] = (1.0, 0.5)) -> list[
                 else:
                     out.add(Shape("conv", i, o, int(l.in_shape[0]), int(l.kernel_shape[0]),
                                   max(1, int(l.in_shape[0]) // max(int(l.out_shape[0]), 1))))
-    return sorted(out, key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride))
+    return sorted(out, key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride, s.rank))
 
 
 def fastest_us(sess, x: np.ndarray, min_s: float, min_runs: int = 20) -> float:
@@ -332,11 +368,11 @@ def _relu_chain(n: int) -> bytes:
 def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.05, sizes: Sequence[int] | None = None,
                     rounds: int = 2, progress: Callable[[int, int], None] | None = None, block: int = 1,
                     align: int = 1) -> tuple[list[tuple[str, list[float], float]], float]:
-    """Time every shape in every form, ReLU6 after the blocked float ones, and the emul, eltwise
-    and pool_u8 ops at `sizes` elements (default 16 sizes from 16 to 200,000); returns
-    ([(KERNELS name, features, us)], inference_us).
+    """Time every shape in every form (a kron shape in f32 only), ReLU6 after the blocked float
+    ones, and the emul, eltwise and pool_u8 ops at `sizes` elements (default 16 sizes from 16 to
+    200,000); returns ([(KERNELS name, features, us)], inference_us).
 
-    f32 and q8 layers are measured where they run in a network, between other layers of their
+    f32 (kron included) and q8 layers are measured where they run in a network, between other layers of their
     form: a shape X (at stride 1) and its partner P (back to X's input channels) as X, P, X, P
     against X, P; the difference is one X and one P in the middle of a chain (no layout reorders,
     quantize or dequantize at its ends: those belong to the network's first and last layers), and
@@ -365,6 +401,11 @@ def measure_kernels(shapes: Sequence[Shape], threads: int = 1, min_s: float = 0.
     for s in shapes:
         flat = dataclasses.replace(s, stride=1)
         pair = partner(flat)
+        if s.kind == "kron":  # float factors only (the export's form): one chain, as the f32 ones
+            jobs.append(("", *probe_chain([flat, pair], "f32"), [], -1))
+            feats = np.sum([x.features() for x in (flat, pair)], axis=0).tolist()
+            jobs.append(("kron", *probe_chain([flat, pair, flat, pair], "f32"), feats, len(jobs) - 1))
+            continue
         for form in ("f32", "q8", "q8u"):
             name, b, ob = f"{s.kind}_{form}", 1, block if form == "q8u" else 1
             members = (flat, pair)

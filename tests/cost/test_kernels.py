@@ -42,6 +42,21 @@ def test_probes_run_as_the_export_forms_they_stand_for():
     assert kp.Shape("conv", 4, 8, 8, 3, 2).features() == K.features(16, 8, 36, 9).tolist()  # 9 taps
 
 
+def test_a_kron_probe_is_the_layer_the_export_writes():
+    """A kron probe holds the export's Kronecker nodes (layers.kronecker: Reshape, broadcast MatMul,
+    Reshape, MatMul, Reshape), then the bias Add and the ReLU, and runs in onnxruntime; a chain of
+    two maps 64 -> 300 -> 64."""
+    shape = kp.Shape("kron", 64, 300, rank=8)
+    model, xs = kp.probe(shape, "f32")
+    ops = [n.op_type for n in onnx.load_from_string(model).graph.node]
+    assert ops == ["Reshape", "MatMul", "Reshape", "MatMul", "Reshape", "Add", "Relu", "Identity"]
+    assert session(model, 1).run(None, {"input": np.ones(xs, np.float32)})[0].shape == (1, 300)
+    model, xs = kp.probe_chain([shape, kp.partner(shape)], "f32")
+    assert session(model, 1).run(None, {"input": np.ones(xs, np.float32)})[0].shape == (1, 64)
+    kinds = [s.kind for s in kp.sampled_shapes(8)]
+    assert kinds.count("kron") == 4 and all(s.rank >= 1 for s in kp.sampled_shapes(8) if s.kind == "kron")
+
+
 def test_q8u_probes_hold_the_uint8_weights_the_export_writes_for_8_bits():
     """A q8u probe's kernel is uint8 with zero point 128 (codes past 63, as layers.py writes 8-bit
     weights), a q8 probe's int8 with codes within 63: the two kernels onnxruntime runs apart."""
@@ -219,6 +234,7 @@ def test_calibration_learns_monotone_predictors_that_round_trip_through_the_file
     assert all(c >= 0 for v in k.coef.values() for c in v)
     assert all(any(c > 0 for c in k.coef[name]) for name in KERNELS)  # every kind learned something
     assert report["per_kernel"]["pool_u8"] > 0  # the uint8 pooling had probes of its own
+    assert report["per_kernel"]["kron"] > 0  # so did the Kronecker layers
     if k.channel_block > 1:  # a conv reading fewer channels than the block: NCHW-input kernel samples
         assert report["per_kernel"]["conv_f32n"] > 0
         assert report["per_kernel"]["clip"] > 0  # blocked chains timed with ReLU6 against ReLU
@@ -472,18 +488,42 @@ def test_shipped_profiles_say_they_are_analytic():
         assert p.kernels is None and 'latency_model = "roofline"' in open(p.source).read()
 
 
-def test_a_kronecker_layer_is_priced_as_r_gemm_calls_then_one(calibrated):
-    """onnxruntime runs the Kronecker form's broadcast MatMul as one GEMM call per stacked B_i:
-    with only a fixed cost per dense_f32 call (1 us), a 64 x 300 Dense (8 x 8 by 15 x 20) at
-    rank r costs r + 1 calls, plus the per-inference term and its one elementwise op."""
+def test_a_kronecker_layer_is_one_kron_kernel_priced_per_layer_and_per_call(calibrated):
+    """A Kronecker layer is one `kron` kernel whose features (kernels.kron_features) count the
+    layer once ("1") and the r GEMM calls of its broadcast MatMul ("MT"): with 2 us per layer and 1
+    per call, a 64 x 300 Dense (8 x 8 by 15 x 20) at rank r costs 2 + r. Pricing and the probes use
+    the same features (the probe of that layer at that rank is priced what the plan is); the SVD
+    form of the layer stays two dense_f32 kernels."""
     profile, _ = calibrated
-    coef = {k: (0.0,) * len(K.KERNEL_FEATURES) for k in KERNELS}
-    coef["dense_f32"] = (1.0,) + (0.0,) * (len(K.KERNEL_FEATURES) - 1)
-    only_calls = dataclasses.replace(profile, kernels=dataclasses.replace(
-        profile.kernels, coef=coef, inference_us=0.0))
+    F = len(K.KERNEL_FEATURES)
+    coef = {k: (0.0,) * F for k in KERNELS}
+    coef["kron"] = (2.0,) + (0.0,) * (F - 2) + (1.0,)
+    coef["dense_f32"] = (1.0,) + (0.0,) * (F - 1)
+    only = dataclasses.replace(profile, kernels=dataclasses.replace(profile.kernels, coef=coef, inference_us=0.0))
     fc = (dense(0, 64, 300),)
+    us = lambda prof, plan: float(price(prof, fc, P.stack_plans([plan])).latency_ms[0]) * 1e3
     for rank, r in ((0.03125, 4), (0.0625, 8)):  # full rank min(8 * 15, 8 * 20) = 120: r = 3.75 -> 4, 7.5 -> 8
         plan = P.make_plan(np.zeros(1), rank=rank, form="kronecker")
-        assert price(only_calls, fc, P.stack_plans([plan])).latency_ms[0] * 1e3 == pytest.approx(r + 1)
-    # the SVD form of the same layer: two calls whatever the rank
-    assert price(only_calls, fc, P.stack_plans([P.make_plan(np.zeros(1), rank=0.25)])).latency_ms[0] * 1e3 == pytest.approx(2)
+        assert us(only, plan) == pytest.approx(2 + r)
+        layer_us = float(price(profile, fc, P.stack_plans([plan])).layer_latency_ms[0, 0]) * 1e3
+        assert layer_us == pytest.approx(np.dot(profile.kernels.coef["kron"], kp.Shape("kron", 64, 300, rank=r).features()))
+    assert us(only, P.make_plan(np.zeros(1), rank=0.25)) == pytest.approx(2)  # SVD: two dense_f32 calls
+
+
+def test_a_profile_calibrated_before_kron_prices_it_with_its_dense_predictor(calibrated, tmp_path):
+    """A [kernels] table without `kron` loads with kron = its dense_f32 row (KERNEL_FALLBACK)."""
+    profile, _ = calibrated
+    f = tmp_path / "old.toml"
+    f.write_text("\n".join(l for l in profile_toml(profile, MACHINE).splitlines() if not l.startswith("kron =")))
+    assert "kron =" in profile_toml(profile, MACHINE)
+    assert hw_profiles.load_profile(str(f)).kernels.coef["kron"] == profile.kernels.coef["dense_f32"]
+
+
+def test_a_study_s_shapes_include_its_dense_layers_in_the_kronecker_form():
+    """layer_shapes (profiles calibrate --study) times a Dense layer that takes the Kronecker form
+    at each rank the search offers it (FACTORIZE_RANKS x KRONECKER_RANK_SCALE of its full rank),
+    and no Kronecker shape of a layer that cannot take it (fan-in 7: no split)."""
+    kron = [s for s in kp.layer_shapes([dense(0, 784, 300)]) if s.kind == "kron"]
+    assert sorted(s.rank for s in kron) == [13, 26, 39]  # full rank min(28 x 15, 28 x 20) = 420
+    assert all((s.cin, s.cout) == (784, 300) for s in kron)
+    assert not [s for s in kp.layer_shapes([dense(0, 7, 10)]) if s.kind == "kron"]

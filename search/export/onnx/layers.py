@@ -27,6 +27,7 @@ from search.export.onnx.graph import (
     Act,
     Const,
     Drop,
+    GraphBuilder,
     Keep,
     LayerExport,
     Sel,
@@ -142,18 +143,7 @@ class LayerRules:
         return self._layer_out(name, out, tuple(eqn.outvars[0].aval.shape), False, keep, w.shape[1])
 
     def _kronecker(self, name, x, a, b, shape):
-        """A Kronecker-factorized Dense (A [m1*n1, r], B [r, m2*n2]: lowrank's rearrangement),
-        its output [N, n1*n2] before the bias; every channel kept (lowrank.check_plan)."""
-        (m1, m2), (n1, n2) = kron_split(shape[0]), kron_split(shape[1])
-        r = a.shape[1]
-        g = self.g
-        x4 = g.node("Reshape", [x.name, g.const(np.array([-1, 1, m1, m2], np.int64), "shape")])
-        bst = b.reshape(r, m2, n2).astype(np.float32)  # B_i = row i of B as [m2, n2]
-        t = g.node("MatMul", [x4, g.const(bst, "w")], name=f"{name}.svd_a")  # [N, r, m1, n2]
-        t3 = g.node("Reshape", [t, g.const(np.array([-1, r * m1, n2], np.int64), "shape")])
-        at = a.T.reshape(r, m1, n1).reshape(r * m1, n1).T.astype(np.float32)  # A_i = column i of A as [m1, n1]
-        y = g.node("MatMul", [g.const(np.ascontiguousarray(at), "w"), t3], name=name)  # [N, n1, n2]
-        return g.node("Reshape", [y, g.const(np.array([-1, n1 * n2], np.int64), "shape")])
+        return kronecker(self.g, name, x.name, a, b, shape)
 
     def _layer_out(self, name, out, shape, nchw, keep, c):
         if name is not None:
@@ -266,3 +256,19 @@ class LayerRules:
 def _int_factor(spec: LayerExport | None) -> bool:
     """Whether a factorized layer's first factor has integers (its input then goes through Q/DQ)."""
     return spec is not None and spec.factors is not None and spec.factor_q is not None
+
+
+def kronecker(g: GraphBuilder, name: str, x: str, a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> str:
+    """Write a Kronecker-factorized Dense layer of kernel shape (fan_in, out) = `shape` into `g`
+    (A [m1*n1, r], B [r, m2*n2]: lowrank's rearrangement; m = kron_split(fan_in), n =
+    kron_split(out)) reading `x` [N, fan_in]; returns its output [N, n1*n2] before the bias. Every
+    channel is kept (lowrank.check_plan). The kernel probes (search.export.kernel_probes) time it."""
+    (m1, m2), (n1, n2) = kron_split(shape[0]), kron_split(shape[1])
+    r = a.shape[1]
+    x4 = g.node("Reshape", [x, g.const(np.array([-1, 1, m1, m2], np.int64), "shape")])
+    bst = b.reshape(r, m2, n2).astype(np.float32)  # B_i = row i of B as [m2, n2]
+    t = g.node("MatMul", [x4, g.const(bst, "w")], name=f"{name}.svd_a")  # [N, r, m1, n2]
+    t3 = g.node("Reshape", [t, g.const(np.array([-1, r * m1, n2], np.int64), "shape")])
+    at = a.T.reshape(r, m1, n1).reshape(r * m1, n1).T.astype(np.float32)  # A_i = column i of A as [m1, n1]
+    y = g.node("MatMul", [g.const(np.ascontiguousarray(at), "w"), t3], name=name)  # [N, n1, n2]
+    return g.node("Reshape", [y, g.const(np.array([-1, n1 * n2], np.int64), "shape")])
