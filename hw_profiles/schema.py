@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 KINDS = ("cpu", "gpu", "mobile", "npu", "mcu")
 LAYER_KINDS = ("dense", "conv", "depthwise")
@@ -63,6 +63,19 @@ KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f
 KERNEL_FEATURES = ("1", "M", "N", "K", "MN", "MK", "NK", "MNK", "MT")
 # a profile calibrated before MT existed holds 8 coefficients per kernel: its MT term is 0
 OLD_FEATURES = 8
+
+
+def fallback_row(name: str, coef: Mapping[str, Sequence[float]]) -> tuple[float, ...]:
+    """The coefficients of a kernel kind a profile has no row for (calibrated before the kind
+    existed): its fallback's row (KERNEL_FALLBACK). For `kron`, whose features count the layer on
+    "1" and its broadcast GEMM's r calls on "MT" (search.cost.kernels.kron_features), dense_f32's
+    row with its per-call term on MT too: the profile then prices a Kronecker layer as r + 1
+    dense_f32 GEMM calls, as it did before kron existed."""
+    row = list(coef[KERNEL_FALLBACK[name]])
+    if name == "kron":
+        row += [0.0] * (len(KERNEL_FEATURES) - len(row))
+        row[KERNEL_FEATURES.index("MT")] += row[0]
+    return tuple(row)
 
 
 class ProfileError(ValueError):
@@ -121,7 +134,7 @@ class KernelModel:
         coef = dict(self.coef)
         for k in KERNELS:  # a kind calibrated after the model was made: its fallback's predictor
             if k not in coef and KERNEL_FALLBACK.get(k) in coef:
-                coef[k] = coef[KERNEL_FALLBACK[k]]
+                coef[k] = fallback_row(k, coef)
         if len(coef) != len(self.coef) or any(len(v) != n for v in coef.values()):  # an older row: no per-tap term
             padded = {k: tuple(v) + (0.0,) * (n - len(v)) for k, v in coef.items()}
             object.__setattr__(self, "coef", MappingProxyType(padded))
@@ -391,7 +404,7 @@ def _kernel_model(k: dict[str, Any], model: str, source: str) -> KernelModel | N
             raise _error(source, f"kernels.{key}", _MISSING, "missing",
                          FIELDS["kernels"][key].expected + "; recalibrate with `hwcompress profiles calibrate`")
     return KernelModel(inference_us=float(k["inference_us"]),
-                       coef=MappingProxyType({n: tuple(float(x) for x in (k[n] if n in k else k[KERNEL_FALLBACK[n]]))
+                       coef=MappingProxyType({n: tuple(float(x) for x in (k[n] if n in k else fallback_row(n, k)))
                                               for n in KERNELS}),
                        runtime=k["runtime"], samples=int(k.get("samples", 0)), channel_block=int(k.get("channel_block", 1)),
                        channel_align=int(k.get("channel_align", 1)), q8u_block=int(k.get("q8u_block", 1)),

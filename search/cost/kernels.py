@@ -75,7 +75,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hw_profiles.schema import KERNEL_FALLBACK, KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel
+from hw_profiles.schema import KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel, fallback_row
 
 FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
 # q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block)
@@ -335,14 +335,14 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p,
     f32n and clip on a runtime without channel blocks; pool_u8 and clip in samples timed before
     they had probes)
-    takes the coefficients of the kind it falls back to (hw_profiles.schema.KERNEL_FALLBACK).
+    takes the coefficients of the kind it falls back to (hw_profiles.schema.fallback_row).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
         if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "pool_u8", "clip", "kron")):  # the last three: samples calibrated before them
-            coef[name] = coef[KERNEL_FALLBACK[name]]
+            coef[name] = fallback_row(name, coef)
             continue
         coef[name] = fit_kind(name, rows)
     return KernelModel(inference_us=float(inference_us), coef=MappingProxyType(coef), runtime=runtime, samples=len(samples),

@@ -510,13 +510,21 @@ def test_a_kronecker_layer_is_one_kron_kernel_priced_per_layer_and_per_call(cali
     assert us(only, P.make_plan(np.zeros(1), rank=0.25)) == pytest.approx(2)  # SVD: two dense_f32 calls
 
 
-def test_a_profile_calibrated_before_kron_prices_it_with_its_dense_predictor(calibrated, tmp_path):
-    """A [kernels] table without `kron` loads with kron = its dense_f32 row (KERNEL_FALLBACK)."""
+def test_a_profile_calibrated_before_kron_prices_it_as_it_did(calibrated, tmp_path):
+    """A [kernels] table without `kron` loads with kron = its dense_f32 row whose per-call term
+    also counts the broadcast GEMM's calls (schema.fallback_row): a Kronecker layer then costs
+    what its r + 1 GEMMs cost as dense_f32 kernels (their summed features), as before kron."""
     profile, _ = calibrated
     f = tmp_path / "old.toml"
     f.write_text("\n".join(l for l in profile_toml(profile, MACHINE).splitlines() if not l.startswith("kron =")))
     assert "kron =" in profile_toml(profile, MACHINE)
-    assert hw_profiles.load_profile(str(f)).kernels.coef["kron"] == profile.kernels.coef["dense_f32"]
+    old = hw_profiles.load_profile(str(f))
+    dense_row = np.array(profile.kernels.coef["dense_f32"])
+    assert np.array(old.kernels.coef["kron"])[:-1].tolist() == dense_row[:-1].tolist()
+    plan = P.stack_plans([P.make_plan(np.zeros(1), rank=0.0625, form="kronecker")])  # r = 8 of 120
+    gemms = 8 * K.features(8, 20, 8) + K.features(15, 20, 8 * 8)  # 8 x 8 by 15 x 20
+    us = float(price(old, (dense(0, 64, 300),), plan).layer_latency_ms[0, 0]) * 1e3
+    assert us == pytest.approx(float(gemms @ dense_row))
 
 
 def test_a_study_s_shapes_include_its_dense_layers_in_the_kronecker_form():
