@@ -60,8 +60,8 @@ from search.compression import lowrank
 from search.compression import plan as P
 from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
-from search.cost import kernels as K
 from search.cost import runtime_graph as G
+from search.cost.kernel_price import kernel_latency
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -270,96 +270,9 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
-        # removed channels are exactly 0 (search.engine.steps.zero_removed): no bias maps
-        form = K.forms(la.chained, wb, ab, codebook)
-        # a factorized layer is two kernels of its kind, as the export writes them: A (SVD and
-        # spatial: N = r, K = its kept fan-in), integer (i8: its output is not re-quantized) where
-        # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
-        # form) in f32 (its input is not quantized); Kronecker: two f32 batched matmuls, the first
-        # r GEMMs of [m1, m2] @ [m2, n2] per example (onnxruntime runs a broadcast MatMul as one
-        # GEMM call per batch entry: r calls, each with its fixed cost), the second one GEMM, priced
-        # together as one `kron` kernel (below)
-        int_a = (wb <= 8) & (ab <= 8) & ~codebook & ~kron
-        form = np.where(fact, np.where(int_a, K.FORMS.index("i8"), K.FORMS.index("f32")), form)
-        integer = form != K.FORMS.index("f32")
-        # GEMM dimensions of one call: positions x the profile's batch, kept output channels, kept
-        # fan-in; every element count below is per call too
-        bt = float(profile.kernels.batch)
-        m, n, k = la.out_elems / la.out_ch * bt, la.out_ch * keep_out, la.fan_in * keep_ch
-        block, align = profile.kernels.channel_block, profile.kernels.channel_align
-        q8u = (form == K.FORMS.index("q8u")) & (la.kind != _KINDS.index("dense")) & ~fact
-        n = np.where(q8u, K.q8u_channels(n, profile.kernels.q8u_block), n)  # whole SIMD blocks of channels
-        blocked = nchw_in = np.zeros(r.shape, bool)
-        if block > 1:  # float 2-D convolutions run on channel blocks (kernels.blocked) or the plain path (f32p)
-            dw = la.kind == _KINDS.index("depthwise")
-            q8_off = (form == K.FORMS.index("q8")) & (la.kind != _KINDS.index("dense")) & ~fact & ~K.q8_on_blocks(n, block)
-            form = np.where(q8_off, K.FORMS.index("q8p"), form)  # int8 kernels' remainder path
-            f32_conv = la.nchwc & (form == K.FORMS.index("f32")) & ~fact
-            cin = np.round(k / la.area)
-            blocked = f32_conv & K.on_blocks(n, cin, block, align, dw)
-            nb, kb = K.blocked(n, cin, la.area, block, dw)
-            n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
-            form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
-            nchw_in = blocked & ~dw & (cin < block)  # read in NCHW: a 1x1 one runs the NCHW-input kernel (f32n)
-            form = np.where(nchw_in & (la.area == 1), K.FORMS.index("f32n"), form)
-        # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
-        # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
-        na, ka = rk, geo["ka"] * keep_a
-        nb2, kb2 = geo["nb"] * keep_b, rk * geo["kb"]
-        b_form = np.full(r.shape, K.FORMS.index("f32"))
-        b_blk = np.zeros(r.shape, bool)
-        reorders = inner = 0.0
-        in_nchwc = np.zeros(r.shape, bool)
-        if block > 1:
-            conv_fact = fact & la.nchwc & ~kron
-            ta, tb = np.maximum(geo["ta"], 1), np.maximum(geo["tb"], 1)
-            a_f32 = conv_fact & (form == K.FORMS.index("f32"))
-            a_blk = a_f32 & K.on_blocks(na, ka / ta, block, align)
-            b_blk = conv_fact & K.on_blocks(nb2, kb2 / tb, block, align)
-            (na_b, ka_b), (nb_b, kb_b) = K.blocked(na, ka / ta, ta, block), K.blocked(nb2, kb2 / tb, tb, block)
-            na, ka = np.where(a_blk, na_b, na), np.where(a_blk, ka_b, ka)
-            nb2, kb2 = np.where(b_blk, nb_b, nb2), np.where(b_blk, kb_b, kb2)
-            # a 1x1 factor reading fewer channels than the block runs f32n, as an unfactorized conv
-            a_n = a_blk & (ta == 1) & (np.round(geo["ka"] * keep_a / ta) < block)
-            b_n = b_blk & (tb == 1) & (np.round(rk) < block)
-            form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, K.FORMS.index("f32n"), form))
-            b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, K.FORMS.index("f32n"), b_form))
-            # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count);
-            # a factorized conv reads as its A does and writes as its B does
-            conv = la.nchwc & ~fact
-            a_cin = np.round(geo["ka"] * keep_a / ta)
-            in_nchw = conv & ((form == K.FORMS.index("f32p")) | np.isin(form, K.INT_IN) | nchw_in) \
-                | conv_fact & (~a_blk | (a_cin < block))
-            in_nchwc = blocked & (dw | (cin >= block)) | a_blk & (a_cin >= block)
-            reorders = G.reorder_count(la.direct, np.where(fact, b_blk, blocked), in_nchw, in_nchwc,
-                                       la.unfused[:, :2].sum(axis=1) > 0)
-            # and inside it: A's output (mid x r elements) reordered when B reads the other layout
-            # (onnxruntime's graph of lenet5 at rank 5 and 13: a ReorderOutput between A and its 1x1 B)
-            inner = np.where(conv_fact & (a_blk != (b_blk & (np.round(rk) >= block))), geo["mid"] * rk * bt, 0.0)
-        # a Kronecker layer is one `kron` kernel (its probes time the layer as exported, Reshapes and
-        # unfused bias and ReLU included), from its two GEMMs (K.kron_features)
-        fa = np.where(kron[..., None], K.kron_features(rk, geo["pa"] * bt, geo["nb"], geo["ka"], geo["pb"] * bt, geo["kb"]),
-                      K.features(geo["pa"] * bt, na, ka, geo["ta"]))
-        feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
-        second = (K.kernel_index(la.kind, b_form),
-                  np.where((fact & ~kron)[..., None], K.features(geo["pb"] * bt, nb2, kb2, geo["tb"]), 0.0))
-        emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in * bt, 0.0)
-        kernel = np.where(kron, K.KRON, K.kernel_index(la.kind, form))
-        out_elems = np.broadcast_to(la.out_elems * keep_out * bt, r.shape)
-        u8 = G.u8_pooled(la.pool_reader, form).astype(np.float64)  # a MaxPool on uint8 replaces one unfused op
-        # the ops after a factorized conv are those after its B (a float kernel, blocked or plain);
-        # after a pooling, its reader's layout: NCHWc (a blocked float conv), NHWC (a QLinear conv)
-        qlinear = np.isin(form, K.QLINEAR) & la.nchwc & ~fact
-        other = ((in_nchwc | qlinear).astype(np.float64) @ la.direct.T.astype(np.float64)) > 0
-        n_elt = np.maximum(G.eltwise_count(la.unfused, np.where(fact, b_form, form), np.where(fact, b_blk, blocked), other)
-                           - u8, 0.0) + reorders
-        # a ReLU6 (Clip) after a conv whose last kernel runs blocked: a pass over its output (the
-        # `clip` kernel); after a float Dense layer an unfused op; folded into integer kernels
-        dense_f32 = (la.kind == _KINDS.index("dense")) & ~integer
-        clip = (la.clipped & np.where(fact, b_blk, blocked)).astype(np.float64)
-        n_elt = n_elt + (la.clipped & dense_f32)
-        lat, by_kind = K.predict(profile.kernels, kernel, feats, emul, out_elems, second, n_elt, u8, clip, inner)
-        sums = K.feature_sums(kernel, feats, emul, out_elems, second, n_elt, u8, clip, inner) if feature_sums else None
+        lat, by_kind, sums = kernel_latency(profile.kernels, la, geo, wb=wb, ab=ab, codebook=codebook, fact=fact,
+                                            kron=kron, rk=rk, keep_in=keep_in, keep_out=keep_out, keep_ch=keep_ch,
+                                            keep_a=keep_a, keep_b=keep_b, feature_sums=feature_sums)
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}
