@@ -12,7 +12,7 @@
 Every model at Fashion-MNIST shape from its initial variables (latency does not depend on the
 weights, and initial weights empty channels under unstructured pruning as trained ones do), every
 prunable group at the ratio; each export timed in onnxruntime at batch 1 on one thread, the
-fastest run of 3 x 0.3 s (search.export.kernel_probes.fastest_us). The channel block and
+fastest run of 3 x 0.3 s (search.export.kernel_timing.fastest_us). The channel block and
 alignment default to the ones calibration detects here (kernel_probes.nchwc_layout).
 JSON to bench/out/bench_aligned.json (bench_aligned_<part>.json for one part).
 """
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from search.engine.config import FinetuneConfig
     from search.engine.finetune import Engine
     from search.export.exporter import export_plan
-    from search.export.kernel_probes import fastest_us, nchwc_layout
+    from search.export.kernel_probes import nchwc_layout
+    from search.export.kernel_timing import fastest_us
     from search.study.space import aligned_group_ratio
     from hw_profiles import KERNELS, KernelModel, load_profile
     from hw_profiles.schema import KERNEL_FEATURES

@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {out}")
         return 0
     from search.cost.calibrate import calibrated_profile, measure_machine
-    from search.export.kernel_probes import calibrate_kernels, layer_shapes, sampled_shapes
+    from search.export.kernel_probes import layer_shapes, sampled_shapes
+    from search.export.kernel_timing import calibrate_kernels
 
     path = Path(args.out) if args.out else OUT / "costtruth.json"
     path.parent.mkdir(parents=True, exist_ok=True)

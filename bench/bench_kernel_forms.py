@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT / "bench_kernel_forms.json")
     args = ap.parse_args(argv)
-    from search.export.kernel_probes import calibrate_kernels, sampled_shapes
+    from search.export.kernel_probes import sampled_shapes
+    from search.export.kernel_timing import calibrate_kernels
 
     model, report = calibrate_kernels(sampled_shapes(args.kernel_shapes, seed=args.seed))
     samples = [(n, f, us) for n, f, us in report["samples"]]

@@ -141,7 +141,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     shapes = _study_shapes(args) if args.study else []  # a bad --study fails before any timing
     kernels, note = None, ""
     if not args.roofline_only:
-        from search.export.kernel_probes import calibrate_kernels, sampled_shapes
+        from search.export.kernel_probes import sampled_shapes
+        from search.export.kernel_timing import calibrate_kernels
 
         shapes = sampled_shapes(args.kernel_shapes) + shapes
 

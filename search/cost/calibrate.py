@@ -165,7 +165,7 @@ def measure_machine(threads: int = 1, min_s: float = 0.3) -> dict[str, float]:
 
 def calibrated_profile(m: dict[str, float], name: str = "this-machine", kernels: KernelModel | None = None) -> HardwareProfile:
     """A cpu profile from measure_machine's numbers (efficiencies relative to the matmul peak);
-    with `kernels` (search.export.kernel_probes.calibrate_kernels), latency comes from those
+    with `kernels` (search.export.kernel_timing.calibrate_kernels), latency comes from those
     kernel-level predictors and the roofline numbers serve memory and the lower bounds only."""
     fp32, int8 = m["fp32_gops"], max(m["int8_gops"], m["fp32_gops"])  # "fewer bits never slower"
     cache = max(m["cache_gbs"], m["dram_gbs"])

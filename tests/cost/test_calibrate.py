@@ -56,11 +56,11 @@ def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys, monk
     bandwidth = calibrate_mod._bandwidth_gbs
     monkeypatch.setattr(calibrate_mod, "_bandwidth_gbs",
                         lambda nbytes, threads, min_s: bandwidth(min(nbytes, 16 << 20), threads, min_s))
-    from search.export import kernel_probes
+    from search.export import kernel_probes, kernel_timing
 
     timed = []  # the kernel shapes calibration times: the sampled ones, then the study's
-    calibrate_kernels = kernel_probes.calibrate_kernels
-    monkeypatch.setattr(kernel_probes, "calibrate_kernels", lambda shapes, *a, **k: (timed.extend(shapes), calibrate_kernels(shapes, *a, **k))[1])
+    calibrate_kernels = kernel_timing.calibrate_kernels
+    monkeypatch.setattr(kernel_timing, "calibrate_kernels", lambda shapes, *a, **k: (timed.extend(shapes), calibrate_kernels(shapes, *a, **k))[1])
     results = results_dir(tmp_path)
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{results / 'studies.db'}", directions=["maximize"])
     study.set_user_attr("spec", make_spec(model="lenet300", dataset="digits", profile="mobile-cpu").to_attrs())
@@ -70,7 +70,7 @@ def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys, monk
     prof = hw_profiles.load_profile(str(out))
     assert prof.kernels is not None and "study s" in out.read_text()
     # the study's shapes were timed too (counted as timed: how many samples survive the noise
-    # filter, kernel_probes.measure_kernels, depends on the machine's load)
+    # filter, kernel_timing.measure_kernels, depends on the machine's load)
     sampled = kernel_probes.sampled_shapes(3)
     assert timed[:len(sampled)] == sampled and len(timed) > len(sampled)
     assert prof.kernels.samples > 0

@@ -20,12 +20,13 @@ from search.cost.calibrate import calibrated_profile, fit_profile, profile_toml
 from search.cost.measure import session
 from search.cost.roofline import latency_by_kernel, latency_features, price
 from search.export import kernel_probes as kp
+from search.export import kernel_timing as kt
 from tests.support import CONV_LAYERS as LAYERS, MACHINE, conv, dense
 
 @pytest.fixture(scope="module")
 def calibrated():
     """A real calibration, as small as it gets: 4 shapes per kind, 4 sizes of elementwise ops."""
-    model, report = kp.calibrate_kernels(kp.sampled_shapes(4, seed=1), min_s=0.002, rounds=2, sizes=(256, 2048, 16384, 65536))
+    model, report = kt.calibrate_kernels(kp.sampled_shapes(4, seed=1), min_s=0.002, rounds=2, sizes=(256, 2048, 16384, 65536))
     return calibrated_profile(MACHINE, name="here", kernels=model), report
 
 
@@ -408,7 +409,7 @@ def test_a_server_batch_calibration_times_and_prices_whole_batches(calibrated, t
     a chain of two 8 in all), the file says so and keeps it, and pricing counts positions x batch
     (the per-call terms once per batch: a batch of 4 costs less than 4 inferences); a profile
     written before `batch` existed prices batch 1."""
-    model, report = kp.calibrate_kernels(kp.sampled_shapes(3, seed=2), min_s=0.002, rounds=1, sizes=(256, 4096), batch=4)
+    model, report = kt.calibrate_kernels(kp.sampled_shapes(3, seed=2), min_s=0.002, rounds=1, sizes=(256, 4096), batch=4)
     assert model.batch == 4 and "batch 4" in model.runtime
     m = KERNEL_FEATURES.index("M")
     assert {f[m] for n, f, _ in report["samples"] if n == "dense_i8"} == {4.0}  # one probe alone
