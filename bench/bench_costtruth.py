@@ -445,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             generic = sampled_shapes(args.kernel_shapes, seed=rep)
             kernels, report = calibrate_kernels(generic, min_s=args.min_s, batch=args.batch)
             # as `profiles calibrate --study` does: the shapes the models' layers take, too
-            own = sorted({s for m in {r["model"] for r in records} for s in layer_shapes(_layers(m))},
-                         key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride, s.rank))
+            own = sorted({s for m in {r["model"] for r in records} for s in layer_shapes(_layers(m))})
             kernels_own, report_own = calibrate_kernels(generic + own, min_s=args.min_s, batch=args.batch)
             machine = measure_machine(threads=1)
             profiles = {"kernels": calibrated_profile(machine, name="this-machine", kernels=kernels),

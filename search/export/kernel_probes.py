@@ -48,11 +48,11 @@ from search.export.onnx.qdq import integer_kernels
 from search.study.space import FACTORIZE_RANKS, KRONECKER_RANK_SCALE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Shape:
     """One layer's shape for a probe; conv and depthwise inputs are [cin, hw, hw] (NCHW); a kron
     layer is a Dense of fan-in cin and width cout factorized in the Kronecker form at rank `rank`
-    (both split by lowrank.kron_split)."""
+    (both split by lowrank.kron_split). Shapes sort by their fields in order (kind, channels, ...)."""
 
     kind: str  # dense | conv | depthwise | kron
     cin: int
@@ -109,14 +109,14 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
     integer, the kernel, the bias Add and a ReLU (a ReLU6, one Clip to [0, 6], with `clip`);
     returns the output. An input after a ReLU is quantized on [0, hi] (zero point 0), which lets
     onnxruntime drop the ReLU in front of a QuantizeLinear and fuse QLinear kernels, as in an export."""
-    dense = shape.kind == "dense"
     if shape.kind == "kron":  # float factors, as the export writes every Kronecker layer
         (m1, m2), (n1, n2) = kron_split(shape.cin), kron_split(shape.cout)
         a = (rng.standard_normal((m1 * n1, shape.rank)) * 0.1).astype(np.float32)
         b = (rng.standard_normal((shape.rank, m2 * n2)) * 0.1).astype(np.float32)
         bias = (rng.standard_normal(shape.cout) * 0.1).astype(np.float32)
         y = g.node("Add", [kronecker(g, name, x, a, b, (shape.cin, shape.cout)), g.const(bias, "bias")])
-        return g.node("Relu", [y])
+        return _activation(g, y, clip)
+    dense = shape.kind == "dense"
     group = shape.cin if shape.kind == "depthwise" else 1
     w_shape = (shape.cin, shape.cout) if dense else (shape.cout, shape.cin // group, shape.k, shape.k)
     wide = form == "q8u"  # 8-bit weights: codes up to 127, stored as uint8 + 128 as the export does
@@ -138,6 +138,11 @@ def _layer(g: GraphBuilder, x: str, shape: Shape, form: str, name: str, rng: np.
         y = g.node("Conv", [x, w], name=name, kernel_shape=[shape.k, shape.k], strides=[shape.stride] * 2,
                    pads=[p, p, p, p], group=group)
         y = g.node("Add", [y, g.const(bias.reshape(1, -1, 1, 1), "bias")])
+    return _activation(g, y, clip)
+
+
+def _activation(g: GraphBuilder, y: str, clip: bool) -> str:
+    """A ReLU after a layer, or with `clip` a ReLU6 (one Clip to [0, 6])."""
     if clip:
         return g.node("Clip", [y, g.const(np.float32(0.0), "clip_lo"), g.const(np.float32(6.0), "clip_hi")])
     return g.node("Relu", [y])
@@ -331,7 +336,7 @@ def layer_shapes(layers: Sequence, keeps: Iterable[float] = (1.0, 0.5)) -> list[
                 else:
                     out.add(Shape("conv", i, o, int(l.in_shape[0]), int(l.kernel_shape[0]),
                                   max(1, int(l.in_shape[0]) // max(int(l.out_shape[0]), 1))))
-    return sorted(out, key=lambda s: (s.kind, s.cin, s.cout, s.hw, s.k, s.stride, s.rank))
+    return sorted(out)
 
 
 def relu_chain(n: int) -> bytes:
