@@ -4,7 +4,9 @@ Latency comes from one of two models, as the profile says (`latency_model`):
 - "kernels" (profiles calibrated on a machine): learned predictors of the kernels the runtime
   runs, one per kernel kind, plus a per-inference term (search.cost.kernels; nn-Meter's idea),
   for one forward pass of the batch they were calibrated at (KernelModel.batch: 1, or a server
-  batch such as 32);
+  batch such as 32) on the channels the export keeps, less those unstructured
+  pruning is expected to leave all-zero (kernel_price.emptied_keep: an expectation, where
+  channel pruning's counts are exact);
 - "roofline" (the shipped, analytic profiles of devices we cannot measure), below.
 Memory and size are always the counts below.
 
@@ -61,7 +63,7 @@ from search.compression import plan as P
 from search.compression.groups import kept_channels, tie_plan
 from search.compression.layers import Layer
 from search.cost import runtime_graph as G
-from search.cost.kernel_price import kernel_latency
+from search.cost.kernel_price import emptied_keep, kernel_latency
 
 REL_INDEX_BITS = 5  # Deep Compression relative index width (fully connected layers)
 NM_INDEX_BITS = 2  # log2(M) bits per kept weight for M = 4 (NVIDIA 2:4 metadata)
@@ -111,6 +113,8 @@ class _LayerArrays:
     pool_reader: np.ndarray  # [L]: the layer reading each layer's output through a max pooling, -1 none
     direct: np.ndarray  # [L, L] bool: layer r reads layer i's output directly (runtime_graph.direct_readers)
     clipped: np.ndarray  # [L] bool: the output passes a bounded activation (ReLU6, one Clip; Layer.clipped)
+    leader: np.ndarray  # [L] the index of each layer's group leader (Layer.group)
+    emptiable: np.ndarray  # [L] bool: the export removes output channels pruning left all-zero (kernel_price.emptied_keep)
     geo: dict  # {name: [F, L]} of every factorization form (lowrank.geometry)
 
 
@@ -131,8 +135,28 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         pool_reader=G.max_pool_reader(layers),
         direct=G.direct_readers(layers),
         clipped=np.array([l.clipped for l in layers], bool),
+        leader=np.array([l.group for l in layers], np.int64),
+        emptiable=_emptiable(layers),
         geo=lowrank.geometry(layers),
     )
+
+
+def _emptiable(layers: Sequence[Layer]) -> np.ndarray:
+    """[L] bool: layers whose all-zero output channels the ONNX export removes
+    (search.export.onnx.layers): a group that may lose channels (not `Layer.fixed`) with one
+    member that is not depthwise. Where two members meet in a residual add, a channel goes only
+    when both addends lose it, and the export keeps it (search.export.onnx.convert._binary)."""
+    solo = {g: sum(l.kind != "depthwise" for l in layers if l.group == g) == 1 for g in {l.group for l in layers}}
+    fixed = {l.group for l in layers if l.fixed is not None}
+    return np.array([solo[l.group] and l.group not in fixed for l in layers], bool)
+
+
+def _kept_fan_in(la: _LayerArrays, keep_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep_in, keep_ch) [K, L]: the kept share of each layer's input channels, as the groups
+    producing them keep their output channels (keep_out [K, L]), and of its fan-in channels (a
+    depthwise layer's are its output channels: counted once, in keep_out)."""
+    keep_in = np.concatenate([keep_out, np.ones_like(keep_out[:, :1])], axis=1) @ la.reads.T
+    return keep_in, np.where(la.kind == _KINDS.index("depthwise"), 1.0, keep_in)
 
 
 def _reads_matrix(layers: Sequence[Layer]) -> np.ndarray:
@@ -186,9 +210,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
     # kept fractions: output channels as the masks count them (one decision per group, see
     # compression.graph), input channels as the producing groups keep them
     keep_out = np.where(chan, kept_channels(r, la.out_ch[None, :]) / la.out_ch, 1.0)
-    keep_in = np.concatenate([keep_out, np.ones_like(r[:, :1])], axis=1) @ la.reads.T
-    # a depthwise layer's input channels are its output channels: count them once
-    keep_ch = np.where(la.kind == _KINDS.index("depthwise"), 1.0, keep_in)
+    keep_in, keep_ch = _kept_fan_in(la, keep_out)
     pruned_nm = np.clip(np.round(r * P.NM_GROUP), 0, P.NM_GROUP - 1)
     nm_kept = P.NM_GROUP - pruned_nm
     density = np.where(nm, nm_kept / P.NM_GROUP, np.where(unst, 1.0 - r, 1.0))  # of the kept channels
@@ -270,9 +292,12 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         t_host = np.inf
     lat = np.where(on_device, t_dev, t_host)
     if profile.kernels is not None:  # learned kernel predictors (search.cost.kernels) replace the roofline
+        # the kernels the export runs: without the channels unstructured pruning emptied
+        k_out = emptied_keep(profile.kernels, la, r, unst, keep_ch, wb, ab, codebook, keep_out)
+        k_in, k_ch = _kept_fan_in(la, k_out)
         lat, by_kind, sums = kernel_latency(profile.kernels, la, geo, wb=wb, ab=ab, codebook=codebook, fact=fact,
-                                            kron=kron, rk=rk, keep_in=keep_in, keep_out=keep_out, keep_ch=keep_ch,
-                                            keep_a=keep_a, keep_b=keep_b, feature_sums=feature_sums)
+                                            kron=kron, rk=rk, keep_in=k_in, keep_out=k_out, keep_ch=k_ch,
+                                            keep_a=np.where(kron, 1.0, k_ch), keep_b=keep_b, feature_sums=feature_sums)
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

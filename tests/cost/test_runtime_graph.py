@@ -141,3 +141,35 @@ def test_a_factorized_conv_pays_the_reorder_between_its_kernels_where_their_layo
     assert lat(8) == pytest.approx(1 + 8 * 64e-3)
     assert lat(16) == pytest.approx(0.0)
     assert lat(18) == pytest.approx(1 + 18 * 64e-3)
+
+
+def test_channels_unstructured_pruning_empties_are_priced_as_the_export_removes_them():
+    """MobileNetV2's expand 1x1 conv (8 -> 64) and depthwise 3x3 conv pruned unstructured at 90%:
+    a channel is all-zero in the expand conv with probability 0.9^8 and in the depthwise one with
+    0.9^9, and the export removes it when either is (the expand's is constant, the depthwise's
+    unread), so a kernel-level profile prices both on C (1 - 0.9^8)(1 - 0.9^9) = 22.4 of 64
+    channels, rounded up to the channel alignment (24), and the project conv on 24 input
+    channels. More sparsity never prices slower; channel pruning and N:M are priced as before; a
+    group meeting in a residual add keeps every channel (the export cannot remove one addend's)."""
+    from search.compression.layers import Model, discover_layers
+    from search.cost.roofline import _emptiable
+    from tests.archs import MobileV2, init_variables
+
+    coef = {name: (0.0,) * 9 for name in KERNELS}
+    coef |= {k: (0.0,) * 7 + (1e-3,) + (0.0,) for k in ("conv_f32", "depthwise_f32")}  # per MAC
+    prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
+        0.0, MappingProxyType(coef), "synthetic", channel_block=1, channel_align=4))  # no blocks: MACs as kept
+    one = lambda l, cin, cout: dataclasses.replace(l, kernel_shape=(1, 1, cin, cout), macs=64 * cin * cout)
+    layers = (one(conv(0, 8, 64, 8), 8, 64), conv(1, 64, 64, 8, "depthwise", 0), one(conv(2, 64, 8, 8, src=0), 64, 8))
+    lat = lambda r, g=P.UNSTRUCTURED: price(prof, layers, P.make_plan([r] * 3, g, 32, 32)).layer_latency_ms[0] * 1e3
+    dense = lat(0.0)
+    np.testing.assert_allclose(lat(0.9), dense * [24 / 64, 24 / 64, 24 / 64])
+    totals = [lat(r).sum() for r in np.linspace(0.0, 0.95, 20)]
+    assert np.all(np.diff(totals) <= 1e-9) and totals[-1] < totals[0]
+    np.testing.assert_allclose(lat(0.5, P.NM), dense)
+    np.testing.assert_allclose(lat(0.5, P.CHANNEL), dense * [0.5, 0.5, 0.25])  # the project keeps 4 of its 8 too
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    variables = dict(init_variables(MobileV2(), x))
+    params = variables.pop("params")
+    traced = discover_layers(Model(MobileV2(), variables, {}), params, x)
+    assert {l.name for l, e in zip(traced, _emptiable(traced)) if e} == {"i1/expand", "i1/dw", "i2/expand", "i2/dw", "i2/project"}
