@@ -31,13 +31,14 @@ def emptied_keep(model: KernelModel, la, ratio: np.ndarray, unstructured: np.nda
     channel alignment, to its channel block for an integer conv (exporter._onnx_exports). On
     MobileNetV2 at 90% that expects 16 of the stem's 32 channels and 48, 84, 84, 116, 116, 116
     and 236 of its blocks' 96-384; its export kept 16 and 48, 84, 92, 104, 120, 112 and 240
-    (magnitude pruning is not random, but close). Plans: ratio, unstructured (granularity, not factorized), keep_ch (the
-    kept share of the fan-in channels), weight and activation bits and codebook layers, [K, L]."""
+    (magnitude pruning is not random, but close). An expectation: a plan's export may keep a
+    few more (as here) or fewer. Plans [K, L]: ratio, unstructured (granularity, not
+    factorized), keep_ch (the kept share of the fan-in channels), weight and activation bits,
+    codebook layers."""
     fan_in = np.maximum(la.fan_in * keep_ch, 1.0)
     alive = np.where(unstructured, 1.0 - np.clip(ratio, 0.0, 1.0) ** fan_in, 1.0)
     members = la.leader[:, None] == np.arange(len(la.leader))[None, :]  # [L, G]: layer i is in group g
-    with np.errstate(divide="ignore"):
-        group = np.exp(np.log(np.maximum(alive, 1e-300)) @ members)  # [K, G]: product over members
+    group = np.exp(np.log(np.maximum(alive, 1e-300)) @ members)  # [K, G]: product over members
     share = group[:, la.leader]
     integer = (wb <= 8) & (ab <= 8) & ~codebook
     align = np.where(integer & (la.kind != LAYER_KINDS.index("dense")), model.channel_block,
