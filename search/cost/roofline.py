@@ -121,6 +121,7 @@ class _LayerArrays:
 @functools.lru_cache(maxsize=256)
 def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
     f = lambda g: np.array([g(l) for l in layers], np.float64)
+    unfused = G.unfused_ops(layers)
     return _LayerArrays(
         macs=f(lambda l: l.macs), weights=f(lambda l: l.weight_count), out_ch=f(lambda l: l.out_channels),
         fan_in=f(lambda l: l.fan_in),
@@ -131,24 +132,24 @@ def _layer_arrays(layers: tuple[Layer, ...]) -> _LayerArrays:
         nchwc=np.array([l.kind != "dense" and len(l.out_shape) == 3 for l in layers], bool),
         reads=_reads_matrix(layers),
         chained=G.chained_to(layers),
-        unfused=G.unfused_ops(layers),
+        unfused=unfused,
         pool_reader=G.max_pool_reader(layers),
         direct=G.direct_readers(layers),
         clipped=np.array([l.clipped for l in layers], bool),
         leader=np.array([l.group for l in layers], np.int64),
-        emptiable=_emptiable(layers),
+        emptiable=_emptiable(layers, unfused),
         geo=lowrank.geometry(layers),
     )
 
 
-def _emptiable(layers: Sequence[Layer]) -> np.ndarray:
+def _emptiable(layers: Sequence[Layer], unfused: np.ndarray) -> np.ndarray:
     """[L] bool: layers whose all-zero output channels the ONNX export removes
-    (search.export.onnx.layers): a group that may lose channels (not `Layer.fixed`) with one
-    member that is not depthwise. Where two members meet in a residual add, a channel goes only
-    when both addends lose it, and the export keeps it (search.export.onnx.convert._binary)."""
-    solo = {g: sum(l.kind != "depthwise" for l in layers if l.group == g) == 1 for g in {l.group for l in layers}}
+    (search.export.onnx.layers): those of a group that may lose channels (not `Layer.fixed`) and
+    meets no residual add (unfused [L, 3], runtime_graph.unfused_ops: column 2). Where two
+    members meet in an add, a channel goes only when both addends lose it, and the export keeps
+    it (search.export.onnx.convert._binary)."""
     fixed = {l.group for l in layers if l.fixed is not None}
-    return np.array([solo[l.group] and l.group not in fixed for l in layers], bool)
+    return (unfused[:, 2] == 0) & np.array([l.group not in fixed for l in layers], bool)
 
 
 def _kept_fan_in(la: _LayerArrays, keep_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
