@@ -15,6 +15,9 @@ from search.cost import kernels as K
 from search.cost import runtime_graph as G
 
 
+I8_A_OPS = 4.0 / 6.0  # the share of an i8 kernel's fixed cost a factorized layer's integer A runs
+
+
 def emptied_keep(model: KernelModel, la, ratio: np.ndarray, unstructured: np.ndarray, keep_ch: np.ndarray,
                  wb: np.ndarray, ab: np.ndarray, codebook: np.ndarray, keep_out: np.ndarray) -> np.ndarray:
     """[K, L] the kept share of each layer's output channels in the export's kernels: keep_out,
@@ -61,7 +64,10 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
     channels (keep_in), output channels (keep_out), fan-in channels (keep_ch; a depthwise layer's
     are its outputs) and of a factorized layer's A and B (keep_a, keep_b)."""
     # removed channels are exactly 0 (search.engine.steps.zero_removed): no bias maps
-    form = K.forms(la.chained, wb, ab, codebook)
+    # a Kronecker layer runs in float (its activations rounded in float ops), so a layer feeding
+    # it is not re-quantized for it: an i8 kernel, not a QLinear one (lenet5's conv2 before a
+    # Kronecker fc1: ConvInteger, 1.25-1.33x a QLinearConv's prediction)
+    form = K.forms(la.chained, wb, ab, codebook | kron)
     # a factorized layer is two kernels of its kind, as the export writes them: A (SVD and
     # spatial: N = r, K = its kept fan-in), integer (i8: its output is not re-quantized) where
     # its weights and input are <= 8 bits, then B (N = kept out, K = r, kw * r in the spatial
@@ -131,6 +137,9 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
     fa = np.where(kron[..., None], K.kron_features(rk, geo["pa"] * bt, geo["nb"], geo["ka"], geo["pb"] * bt, geo["kb"]),
                   K.features(geo["pa"] * bt, na, ka, geo["ta"]))
     feats = np.where(fact[..., None], fa, K.features(m, n, k, la.area))
+    # an i8 kernel's fixed cost is its probe's six ops (QuantizeLinear, the integer kernel, Cast,
+    # scale Mul, bias Add, ReLU); a factorized layer's i8 A runs four: its bias and ReLU follow B
+    feats[..., 0] *= np.where(fact & int_a, I8_A_OPS, 1.0)
     second = (K.kernel_index(la.kind, b_form),
               np.where((fact & ~kron)[..., None], K.features(geo["pb"] * bt, nb2, kb2, geo["tb"]), 0.0))
     emul = np.where(~integer & (ab < P.FLOAT), la.in_elems * keep_in * bt, 0.0)

@@ -11,7 +11,9 @@ kernels of an export (search.export.onnx) are, per Dense / Conv / depthwise laye
   (QLinearConv / QGemm), when weights are uniform <= 8 bits, activations <= 8 bits, and the next
   layer (which reads only this layer's channels, no residual add between) is integer too;
 - `i8`: an integer kernel with a float output (ConvInteger / MatMulInteger + Cast + Mul by the
-  scales), the other integer layers (the last one, and those feeding a residual add);
+  scales), the other integer layers (the last one, those feeding a residual add or a float
+  layer, and a factorized layer's A, which runs four of the six ops its probe times: no bias
+  Add or ReLU, they follow its B);
 - `q8u`: q8 with 8-bit weights, which the export stores as uint8 with zero point 128 (exact on
   AVX2, whose u8s8 instruction saturates) and onnxruntime runs on its u8u8 kernels: 1.7-2x slower
   than int8 weights of <= 7 bits for QLinearConv on an AVX-512 VNNI host (i8 kernels always take

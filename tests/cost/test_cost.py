@@ -188,6 +188,7 @@ def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
     from types import MappingProxyType
 
     from hw_profiles.schema import KERNELS, KernelModel
+    from search.cost import kernel_price as KP
     from search.cost import kernels as K
 
     coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
@@ -200,8 +201,29 @@ def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
     b = kernel("f32") @ K.features(1, 50, 25)
     emul = K.features(100, 1, 1) @ np.array(prof.kernels.coef["emul"])  # the input's 8-bit rounding in float ops
     # no eltwise op: a Dense output reaches the next Dense with nothing unfused between (its ReLU is fused)
-    assert got[0] == pytest.approx((kernel("i8") @ K.features(1, 25, 100) + b) * 1e-3, rel=1e-12)
+    # A runs four of its i8 probe's six fixed-cost ops (no bias Add or ReLU: they follow B)
+    a = kernel("i8") @ K.features(1, 25, 100) - (1.0 - KP.I8_A_OPS) * kernel("i8")[0]
+    assert got[0] == pytest.approx((a + b) * 1e-3, rel=1e-12)
     assert got[1] == pytest.approx((kernel("f32") @ K.features(1, 25, 100) + b + emul) * 1e-3, rel=1e-12)
+
+
+def test_a_layer_feeding_a_kronecker_layer_runs_an_integer_kernel_with_a_float_output():
+    """The export writes a Kronecker layer in float (its input rounded in float ops), so the int8
+    layer in front of it is not re-quantized for it: it runs MatMulInteger / ConvInteger, Cast
+    and scale (i8), where it chains into an unfactorized integer reader (q8, QLinear)."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from hw_profiles.schema import KERNELS, KernelModel
+    from search.cost.roofline import latency_by_kernel
+
+    coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
+    prof = dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
+    layers = (dense(0, 100, 50), dense(1, 50, 10))  # 50 = 5 x 10, 10 = 2 x 5: a Kronecker split
+    kinds = lambda rank: {KERNELS[i] for i, v in enumerate(latency_by_kernel(
+        prof, layers, P.make_plan([0.0, 0.0], P.UNSTRUCTURED, 7, 8, rank=[1.0, rank], form=P.KRONECKER))[0]) if v > 0}
+    assert {"dense_i8", "kron"} <= kinds(0.5) and "dense_q8" not in kinds(0.5)
+    assert "dense_q8" in kinds(1.0) and "kron" not in kinds(1.0)
 
 
 def test_plans_nothing_runs_are_refused_in_one_line_not_priced():
