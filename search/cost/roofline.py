@@ -160,6 +160,12 @@ def _kept_fan_in(la: _LayerArrays, keep_out: np.ndarray) -> tuple[np.ndarray, np
     return keep_in, np.where(la.kind == _KINDS.index("depthwise"), 1.0, keep_in)
 
 
+def _factor_keeps(kron: np.ndarray, keep_ch: np.ndarray, keep_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep_a, keep_b) [K, L]: the kept share of a factorized layer's A (its fan-in channels)
+    and B (its output channels); a Kronecker layer keeps every channel."""
+    return np.where(kron, 1.0, keep_ch), np.where(kron, 1.0, keep_out)
+
+
 def _reads_matrix(layers: Sequence[Layer]) -> np.ndarray:
     """[L, L + 1]: the share of each layer's fan-in channels that group j produces (j = L: a
     tensor that is not a layer's, or a layer whose inputs the tracer did not see)."""
@@ -218,7 +224,7 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
 
     # effective MACs; a factorized layer's pair, its A part with the kept fan-in, its B part with
     # the kept output channels (a Kronecker layer keeps every channel)
-    keep_a, keep_b = np.where(kron, 1.0, keep_ch), np.where(kron, 1.0, keep_out)
+    keep_a, keep_b = _factor_keeps(kron, keep_ch, keep_out)
     n_a, n_b = rk * geo["wa"] * keep_a, rk * geo["wb"] * keep_b
     dense_work = np.where(fact, rk * (geo["ma"] * keep_a + geo["mb"] * keep_b), la.macs * keep_out * keep_ch)
     sparsity = 1.0 - density
@@ -296,9 +302,10 @@ def _parts(profile: HardwareProfile, layers: Sequence[Layer], plans: P.Plan, fea
         # the kernels the export runs: without the channels unstructured pruning emptied
         k_out = emptied_keep(profile.kernels, la, r, unst, keep_ch, wb, ab, codebook, keep_out)
         k_in, k_ch = _kept_fan_in(la, k_out)
+        k_a, k_b = _factor_keeps(kron, k_ch, k_out)
         lat, by_kind, sums = kernel_latency(profile.kernels, la, geo, wb=wb, ab=ab, codebook=codebook, fact=fact,
                                             kron=kron, rk=rk, keep_in=k_in, keep_out=k_out, keep_ch=k_ch,
-                                            keep_a=np.where(kron, 1.0, k_ch), keep_b=keep_b, feature_sums=feature_sums)
+                                            keep_a=k_a, keep_b=k_b, feature_sums=feature_sums)
     else:
         by_kind = sums = None
     return {"lat": lat, "by_kind": by_kind, "feature_sums": sums, "macs": dense_work, "mem_bits": mem_bits, "size_bits": size_bits, "act_peak": act_peak, "memory_bytes": memory_bytes}

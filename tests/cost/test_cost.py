@@ -180,19 +180,26 @@ def test_a_factorized_layer_is_priced_as_its_pair():
         150 * 25 * 32 + 50 * 32 + 50 * 10 * 32 + 10 * 32)  # float: no scales
 
 
-def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
-    """With learned kernel predictors (search.cost.kernels), a factorized Dense is two dense
-    kernels, A (N = r, K = fan-in) and B (N = out, K = r), as the export runs them: A integer
-    (i8, not chained) at w8a8, else f32 behind the input's rounding in float ops; B in f32."""
+def _graded_kernel_profile():
+    """xeon with synthetic kernel predictors: kernel kind i costs i + 1 us a call and (i + 1) ns
+    per unit of its next seven features (MT's 0 is added), so every kind has a distinct, checkable price."""
     import dataclasses
     from types import MappingProxyType
 
     from hw_profiles.schema import KERNELS, KernelModel
+
+    coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
+    return dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
+
+
+def test_a_kernel_level_profile_prices_the_pair_as_the_export_runs_it():
+    """With learned kernel predictors (search.cost.kernels), a factorized Dense is two dense
+    kernels, A (N = r, K = fan-in) and B (N = out, K = r), as the export runs them: A integer
+    (i8, not chained) at w8a8, else f32 behind the input's rounding in float ops; B in f32."""
     from search.cost import kernel_price as KP
     from search.cost import kernels as K
 
-    coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
-    prof = dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
+    prof = _graded_kernel_profile()
     layers = (dense(0, 100, 50), dense(1, 50, 10))
     plans = P.stack_plans([P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [8, 32], [8, 32], rank=[0.5, 1.0]),  # r = 25, w8a8
                            P.make_plan([0.0, 0.0], P.UNSTRUCTURED, [16, 32], [8, 32], rank=[0.5, 1.0])])  # w16a8
@@ -211,14 +218,10 @@ def test_a_layer_feeding_a_kronecker_layer_runs_an_integer_kernel_with_a_float_o
     """The export writes a Kronecker layer in float (its input rounded in float ops), so the int8
     layer in front of it is not re-quantized for it: it runs MatMulInteger / ConvInteger, Cast
     and scale (i8), where it chains into an unfactorized integer reader (q8, QLinear)."""
-    import dataclasses
-    from types import MappingProxyType
-
-    from hw_profiles.schema import KERNELS, KernelModel
+    from hw_profiles.schema import KERNELS
     from search.cost.roofline import latency_by_kernel
 
-    coef = {k: (float(i + 1),) + (1e-3 * (i + 1),) * 7 for i, k in enumerate(KERNELS)}
-    prof = dataclasses.replace(load_profile("xeon"), name="kern", kernels=KernelModel(10.0, MappingProxyType(coef), "synthetic"))
+    prof = _graded_kernel_profile()
     layers = (dense(0, 100, 50), dense(1, 50, 10))  # 50 = 5 x 10, 10 = 2 x 5: a Kronecker split
     kinds = lambda rank: {KERNELS[i] for i, v in enumerate(latency_by_kernel(
         prof, layers, P.make_plan([0.0, 0.0], P.UNSTRUCTURED, 7, 8, rank=[1.0, rank], form=P.KRONECKER))[0]) if v > 0}
