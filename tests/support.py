@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,16 +19,25 @@ from search.compression.layers import Layer
 SEARCH = ["--model", "lenet300", "--dataset", "digits", "--profile", "mobile-cpu",
           "--finetune-steps", "3", "--no-warm-start", "--quiet", "--batch", "1"]
 
+# set by conftest.pytest_configure in the process that starts the session, so pytest-xdist's
+# workers (started after it, with its environment) share one cache
+CACHE_ENV = "HWCOMPRESS_TEST_CACHE"
 _cache: Path | None = None
 
 
 def shared_cache() -> Path:
     """The session's shared baseline cache: a baseline is trained once per pytest session
-    for every test that asks train_baseline for the same task (model, data, training config)."""
+    for every test that asks train_baseline for the same task (model, data, training config),
+    and each XLA program compiled once (RESULTS_DIR/cache/xla). Under pytest-xdist every worker
+    uses the directory the starting process named in HWCOMPRESS_TEST_CACHE (it removes it)."""
     global _cache
     if _cache is None:
-        _cache = Path(tempfile.mkdtemp(prefix="hwcompress-test-cache-"))
-        atexit.register(shutil.rmtree, _cache, True)
+        if os.environ.get(CACHE_ENV):
+            _cache = Path(os.environ[CACHE_ENV])
+            _cache.mkdir(parents=True, exist_ok=True)
+        else:
+            _cache = Path(tempfile.mkdtemp(prefix="hwcompress-test-cache-"))
+            atexit.register(shutil.rmtree, _cache, True)
     return _cache
 
 
