@@ -74,7 +74,7 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
         rows.append({"trial": t.number, "quality": t.user_attrs.get("quality"),
                      "predicted_ms": float(t.user_attrs["costs"][prof]["latency_ms"]),
                      "onnx_agreement": r.onnx_agreement})
-    timing = measure_interleaved(paths, args.rounds, args.runs)
+    timing = measure_interleaved(paths, args.rounds, args.runs, spread_s=args.spread)
     for row, m in zip(rows, timing):
         row["measured_ms"] = m["fastest_ms"]
         row["measured_over_predicted"] = m["fastest_ms"] / row["predicted_ms"]
@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="fine-tune steps per trial (quality only picks the winner)")
     ap.add_argument("--fraction", type=float, default=0.6, help="the budget, as a fraction of the dense model's predicted latency")
     ap.add_argument("--max-exports", type=int, default=12, help="at most this many feasible plans exported and timed per model")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--spread", type=float, default=90.0,
+                    help="seconds the timing rounds are spread over (a shared host's slow phases last seconds to minutes)")
     ap.add_argument("--results-dir", default="results")
     ap.add_argument("--profile", default=None, help="a calibrated profile TOML to reuse (default: calibrate now)")
     args = ap.parse_args(argv)

@@ -112,12 +112,19 @@ def factorized_variants(layers) -> list[tuple[str, dict]]:
     return out
 
 
-def measure_interleaved(paths: list[Path], rounds: int, runs: int, batch: int = 1) -> list[dict]:
-    """Time every model in `rounds` interleaved rounds of `runs` runs (one thread, `batch` examples).
+def measure_interleaved(paths: list[Path], rounds: int, runs: int, batch: int = 1, spread_s: float = 0.0) -> list[dict]:
+    """Time every model in `rounds` interleaved rounds of `runs` runs (one thread, `batch` examples),
+    the rounds started evenly over at least `spread_s` seconds (sleeping between them).
 
     Other processes share this machine, and contention only ever slows a run down: the estimate
     is the fastest run of all rounds ("fastest_ms", the statistic `profiles calibrate` times its
-    kernel probes with), and the fastest round's median ("robust_ms") is kept too."""
+    kernel probes with), and the fastest round's median ("robust_ms") is kept too. A shared host
+    also has slow phases of seconds to minutes in which every run is 30-50% slower (lenet5 timed
+    at 84-93 us, then 66, then 84, in one process within two minutes): rounds over a second or
+    two all fall in one phase, so a few small models are timed with `spread_s` of a minute or
+    more, for some rounds to fall in a quiet one."""
+    import time
+
     from search.cost.measure import session, summarize, time_session
 
     sessions, inputs = [], []
@@ -128,7 +135,9 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int, batch: int = 
         inputs.append(np.random.default_rng(0).random(shape, dtype=np.float32))
     per_round = [[] for _ in paths]
     all_runs = [[] for _ in paths]
-    for _ in range(rounds):
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        time.sleep(max(0.0, t0 + r * spread_s / max(rounds, 1) - time.perf_counter()))
         for i, (sess, x) in enumerate(zip(sessions, inputs)):
             ms = time_session(sess, x, runs, 10)
             per_round[i].append(float(np.median(ms)))
