@@ -177,9 +177,9 @@ def runtime_name(threads: int, batch: int = 1) -> str:
 
 
 # The held-out check's median error above which a calibration's timing was noisy. On this
-# project's 2-core AVX2 host, nine calibrations on a quiet machine gave 6.7-11.3%; three timed
-# during a shared host's slow phases gave 16.6%, 17.0% and 21.7%, and the last one priced
-# lenet5's int8 model at half its time (its 5x5 stem's per-position terms fitted to 0).
+# project's 2-core AVX2 host, eight calibrations on a quiet machine gave 6.7-11.3%; four timed
+# during a shared host's slow phases gave 16.6%, 17.0%, 21.7% and 31.3%, and the 21.7% one priced
+# lenet5 at w8a8 at 56 us where it runs in about 100 (its int8 convs' per-position terms fitted to 0).
 NOISY_HELD_OUT_ERROR = 0.15
 
 
