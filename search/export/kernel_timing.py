@@ -177,8 +177,8 @@ def runtime_name(threads: int, batch: int = 1) -> str:
 
 
 # The held-out check's median error above which a calibration's timing was noisy. On this
-# project's 2-core AVX2 host, eight calibrations on a quiet machine gave 6.7-11.3%; four timed
-# during a shared host's slow phases gave 16.6%, 17.0%, 21.7% and 31.3%, and the 21.7% one priced
+# project's 2-core AVX2 host, eight calibrations on a quiet machine gave 6.7-11.3% (an AVX-512
+# host: 5.8-9.2%); seven timed during a shared host's slow phases gave 16.6-31.3%, and a 21.7% one priced
 # lenet5 at w8a8 at 56 us where it runs in about 100 (its int8 convs' per-position terms fitted to 0).
 NOISY_HELD_OUT_ERROR = 0.15
 
