@@ -132,15 +132,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     profile = Path(args.profile) if args.profile else Path(args.results_dir, "bench-budgeted-own.toml")
-    for attempt in range(args.calibrations if args.profile is None else 0):
-        if cli.main(["profiles", "calibrate", "--out", str(profile), "--force"]) != 0:
-            raise RuntimeError("profiles calibrate failed")
-        held_out = held_out_error(profile)
-        if held_out is None or held_out <= NOISY_HELD_OUT_ERROR:
-            break
-        print(f"calibration {attempt + 1} of {args.calibrations} was noisy (held-out error {held_out:.1%})", flush=True)
-    else:
-        if args.profile is None:  # a search priced on a noisy calibration measures nothing but the noise
+    if args.profile is None:
+        for attempt in range(args.calibrations):
+            if cli.main(["profiles", "calibrate", "--out", str(profile), "--force"]) != 0:
+                raise RuntimeError("profiles calibrate failed")
+            held_out = held_out_error(profile)
+            if held_out is None or held_out <= NOISY_HELD_OUT_ERROR:
+                break
+            print(f"calibration {attempt + 1} of {args.calibrations} was noisy (held-out error {held_out:.1%})", flush=True)
+        else:  # a search priced on a noisy calibration measures nothing but the noise
             raise SystemExit("every calibration was noisy: run the bench when the machine is quiet, or pass --profile")
     calibrate_s = time.perf_counter() - t0
     out = {"machine": platform.processor() or platform.machine(), "profile": str(profile),
