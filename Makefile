@@ -21,7 +21,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || bash .ci/chromium.sh
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile -m "not timing" tests
+	$(BIN)/python -m pytest -q -m timing tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

@@ -42,6 +42,7 @@ def test_fit_profile_recovers_predictions_of_a_known_device():
     assert np.max(np.abs(before / want - 1)) > 0.2  # the fit did the work
 
 
+@pytest.mark.timing
 def test_calibrate_writes_a_profile_that_loads_and_prices(tmp_path, capsys, monkeypatch):
     """`profiles calibrate --study S`: the kernel predictors are learned from sampled shapes plus
     the shapes the study's layers take; the profile prices with them. A held-out check above

@@ -23,6 +23,11 @@ from search.export import kernel_probes as kp
 from search.export import kernel_timing as kt
 from tests.support import CONV_LAYERS as LAYERS, MACHINE, conv, dense
 
+# The calibration tests time kernels and assert on what the fit learned: a busy pytest-xdist
+# worker next to them leaves a small probe's time in the noise (a stop's CI run lost every
+# conv_f32n sample that way), so `make test` runs this file alone, after the parallel tests.
+pytestmark = pytest.mark.timing
+
 @pytest.fixture(scope="module")
 def calibrated():
     """A real calibration, as small as it gets: 4 shapes per kind, 4 sizes of elementwise ops."""
