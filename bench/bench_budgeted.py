@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -37,8 +38,6 @@ OUT = Path(__file__).resolve().parent / "out"
 def held_out_error(profile: Path) -> float | None:
     """The held-out check's median error `profiles calibrate` wrote in the profile's header
     (a fraction), None when it wrote none."""
-    import re
-
     m = re.search(r"held-out check: median error ([0-9.]+)%", profile.read_text())
     return float(m.group(1)) / 100 if m else None
 

@@ -123,8 +123,6 @@ def measure_interleaved(paths: list[Path], rounds: int, runs: int, batch: int = 
     at 84-93 us, then 66, then 84, in one process within two minutes): rounds over a second or
     two all fall in one phase, so a few small models are timed with `spread_s` of a minute or
     more, for some rounds to fall in a quiet one."""
-    import time
-
     from search.cost.measure import session, summarize, time_session
 
     sessions, inputs = [], []
