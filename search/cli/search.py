@@ -102,7 +102,8 @@ def search_command(args: argparse.Namespace) -> int:
     from search.study.loop import NothingToDo, check_timeout, past
     from search.study.progress import over_budget_hint
     from search.study.spec import StudySpec, check_study_name
-    from search.study.storage import default_url, load_study, open_storage
+    from search.study.database import default_url
+    from search.study.storage import load_study, open_storage
 
     import optuna
 

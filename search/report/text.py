@@ -10,7 +10,7 @@ import pandas as pd
 
 from search.cost.budget import BUDGET_KEYS
 from search.report.view import COST_NAMES, FRONT_COLUMNS, PLAN_KEYS, StudyView, counts, sensitivity_frame
-from search.study.storage import redact
+from search.study.database import redact
 
 
 def csv_frame(view: StudyView) -> pd.DataFrame:

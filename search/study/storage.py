@@ -1,8 +1,8 @@
 """Where studies live: SQLite under results/ by default, PostgreSQL for many workers.
 
 Every check a user can fail (results directory not writable, database unreachable, a file
-that is not a database, a URL we do not know) is made here, up front, so a search never
-trains for minutes and then dies on its first write. Heartbeats are on for every storage:
+that is not a database, a URL we do not know) is made up front (search.study.database), so a
+search never trains for minutes and then dies on its first write. Heartbeats are on for every storage:
 a worker that dies mid-trial (SIGKILL, a lost machine) has its trial failed once the grace
 period passes and re-queued, with the same plan, for whichever worker asks next.
 
@@ -16,14 +16,11 @@ import hashlib
 import math
 import socket
 import os
-import sqlite3
-import tempfile
 import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import optuna
@@ -32,6 +29,9 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 
 from search.errors import UserError
+from search.study.database import (
+    check_exists, check_results_dir, default_url, first_line, postgres_engine, redact, sqlite_engine,
+)
 
 # a worker records a heartbeat this often (seconds) while it trains a trial ...
 HEARTBEAT_INTERVAL = 30
@@ -39,27 +39,6 @@ HEARTBEAT_INTERVAL = 30
 GRACE_PERIOD = 120
 # a trial whose worker died is re-queued this many times at most
 MAX_RETRY = 3
-# how long to wait for a database server before calling it unreachable (seconds)
-CONNECT_TIMEOUT = 10
-# how long an SQLite writer waits for another worker's lock (seconds)
-SQLITE_BUSY_TIMEOUT = 60
-
-DB_NAME = "studies.db"
-
-
-def default_url(results_dir: str | os.PathLike = "results") -> str:
-    """The SQLite URL of the default storage, results/studies.db (absolute, so workers
-    started elsewhere find the same file)."""
-    return "sqlite:///" + str(Path(results_dir, DB_NAME).resolve())
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def open_storage(
@@ -86,16 +65,16 @@ def open_storage(
     if url is not None and str(url).strip() == "memory":
         return optuna.storages.InMemoryStorage()
     if not create:
-        _check_exists(url, results_dir)
+        check_exists(url, results_dir)
     if url is None or not str(url).strip():
-        _check_results_dir(Path(results_dir))
+        check_results_dir(Path(results_dir))
         url = default_url(results_dir)
     url = str(url).strip()
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "sqlite":
-        sql_url, engine_kwargs = _sqlite(url)
+        sql_url, engine_kwargs = sqlite_engine(url)
     elif scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        sql_url, engine_kwargs = _postgres(url)
+        sql_url, engine_kwargs = postgres_engine(url)
     else:
         raise UserError(
             f"storage URL {redact(url)!r} is not supported: use postgresql://user:pass@host:port/db, "
@@ -109,11 +88,11 @@ def open_storage(
         return storage
     except RuntimeError as e:  # optuna: schema written by another Optuna version
         raise UserError(
-            f"storage {redact(url)!r} was written by another Optuna version ({_first_line(e)}): "
+            f"storage {redact(url)!r} was written by another Optuna version ({first_line(e)}): "
             f"run `optuna storage upgrade --storage URL` or use a new storage"
         ) from None
     except Exception as e:  # sqlalchemy errors after our checks: still one line
-        raise UserError(f"cannot open storage {redact(url)!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot open storage {redact(url)!r}: {first_line(e)}") from None
 
 
 # the SQLAlchemy engine of every RDB storage open_storage made (an engine may outlive its storage)
@@ -154,16 +133,6 @@ def _fast_commits(storage: RDBStorage) -> None:
     storage.engine.dispose()  # connections opened while the schema was checked get the pragmas too
 
 
-def _check_exists(url: str | None, results_dir: str | os.PathLike) -> None:
-    """Reading never creates a database: a missing SQLite file is a UserError."""
-    path = Path(results_dir, DB_NAME) if url is None or not str(url).strip() else None
-    if path is None and str(url).strip().lower().startswith("sqlite:///"):
-        path = Path(str(url).strip()[len("sqlite:///"):])
-    if path is not None and str(path) != ":memory:" and not path.expanduser().exists():
-        raise UserError(f"no study storage at {str(path)!r}: run `hwcompress search` first, "
-                        "or pass --storage URL / --results-dir DIR where the studies are")
-
-
 def _rdb(sql_url: str, engine_kwargs: dict, heartbeat_interval: int, grace_period: int) -> RDBStorage:
     """RDBStorage with heartbeats. Two processes that create the same new database at once
     race on Optuna's schema tables (a unique-key error in one): the loser tries again and
@@ -188,117 +157,6 @@ def _rdb(sql_url: str, engine_kwargs: dict, heartbeat_interval: int, grace_perio
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _check_results_dir(path: Path) -> None:
-    """Create the results directory and prove we can write in it (os.access lies to root)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"results directory {str(path)!r} is not writable ({e.strerror or e}): "
-            "pass --results-dir with a writable directory, or fix its permissions"
-        ) from None
-
-
-def _sqlite(url: str) -> tuple[str, dict]:
-    """Check an SQLite URL's file: its directory is writable, and it is a database."""
-    path_text = url.split("://", 1)[1]
-    if not path_text.startswith("/") or path_text in ("/", "/:memory:"):
-        raise UserError(
-            f"storage URL {url!r} names no SQLite file: use sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db"
-        )
-    path = Path(path_text[1:]).expanduser()  # sqlite:///x.db -> x.db, sqlite:////a/x.db -> /a/x.db
-    _check_results_dir(path.parent)
-    if path.is_dir():
-        raise UserError(f"SQLite storage {str(path)!r} is a directory: name a file instead")
-    if path.exists():
-        _check_sqlite_file(path)
-    return "sqlite:///" + str(path.resolve()), {
-        "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT},
-    }
-
-
-def _check_sqlite_file(path: Path) -> None:
-    """Fail with one line when `path` is not a readable, writable SQLite database."""
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
-        try:
-            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
-            ok = con.execute("PRAGMA quick_check").fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        raise UserError(
-            f"storage file {str(path)!r} is not a usable SQLite database ({e}): "
-            "move it aside or pass --storage with another file"
-        ) from None
-    if not ok or ok[0] != "ok":
-        raise UserError(
-            f"storage file {str(path)!r} is a damaged SQLite database ({ok[0] if ok else '?'}): "
-            "restore it from a backup or move it aside"
-        )
-
-
-def _postgres(url: str) -> tuple[str, dict]:
-    """Check a PostgreSQL URL and prove the server answers, with a short timeout.
-
-    The URL goes to SQLAlchemy as the user wrote it: `postgresql://...` means SQLAlchemy's
-    default driver (psycopg 3 since SQLAlchemy 2.1, what the `postgres` extra installs), so
-    the same URL works in optuna.load_study, Optuna's CLI and optuna-dashboard;
-    `postgresql+DRIVER://...` picks another installed driver. Only the old spelling
-    `postgres://`, which SQLAlchemy refuses, is read as `postgresql://`.
-    """
-    import sqlalchemy  # local: only PostgreSQL users pay for the dialect lookup
-
-    scheme, rest = url.split("://", 1)
-    sql_url = ("postgresql" if scheme.lower() == "postgres" else scheme) + "://" + rest
-    parts = urlsplit(sql_url)
-    if not parts.path.strip("/"):
-        raise UserError(
-            f"storage URL {redact(url)!r} names no database: use postgresql://user:pass@host:port/DBNAME"
-        )
-    try:
-        dialect = sqlalchemy.engine.make_url(sql_url).get_dialect()
-    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
-        raise UserError(
-            f"storage URL {redact(url)!r} is not a PostgreSQL URL SQLAlchemy can use ({_first_line(e)}): "
-            "use postgresql://user:pass@host:port/db"
-        ) from None
-    try:
-        dialect.import_dbapi()
-    except ImportError:
-        raise UserError(
-            f"PostgreSQL storage needs the {dialect.driver} driver, which is not installed: "
-            + ("pip install 'hwcompress[postgres]'" if dialect.driver == "psycopg"
-               else "install it, or use postgresql://... with pip install 'hwcompress[postgres]'")
-        ) from None
-    engine_kwargs = {
-        "pool_pre_ping": True,  # a worker that idled past a server restart reconnects
-        "connect_args": {"connect_timeout": CONNECT_TIMEOUT} if dialect.driver in ("psycopg", "psycopg2") else {},
-    }
-    engine = sqlalchemy.create_engine(sql_url, **engine_kwargs)
-    try:
-        with engine.connect() as con:
-            con.execute(sqlalchemy.text("SELECT 1"))
-    except Exception as e:
-        reason = _first_line(getattr(e, "orig", None) or e)
-        host = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
-        raise UserError(
-            f"cannot reach PostgreSQL storage {redact(url)!r} at {host} ({reason}): "
-            "start the server, or check host, port, user, password and database name"
-        ) from None
-    finally:
-        engine.dispose()
-    return sql_url, engine_kwargs
 
 
 def study_names(storage: BaseStorage) -> list[str]:

@@ -20,6 +20,7 @@ import optuna
 from search.engine.config import check_k_and_loop
 from search.errors import UserError
 from search.study import storage as storage_mod
+from search.study.database import default_url
 from search.study import xla_cache
 from search.study.context import SearchContext, load_context
 from search.study.create import finished_count
@@ -98,7 +99,7 @@ def spawn_workers(
     worker i writes its output to log_dir/worker-i.log; otherwise it inherits ours. `timeout`:
     seconds from each worker's start after which it claims no more trials (run_worker).
     """
-    url = storage_url or storage_mod.default_url(results_dir)
+    url = storage_url or default_url(results_dir)
     # workers on one machine compile the same XLA programs: share them through a persistent
     # compilation cache under results/cache/xla, unless the user chose one
     env = {**xla_cache.worker_env(results_dir), **(env or {})}

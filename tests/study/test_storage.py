@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy
 
 from search.errors import UserError
+from search.study import database as D
 from search.study import storage as S
 from tests.support import results_dir, start_search
 
@@ -34,7 +35,7 @@ def test_default_is_sqlite_under_results_dir(tmp_path):
     assert (results / "studies.db").is_file()
     optuna.create_study(study_name="s1", storage=storage)
     # a second opener (another worker, another command) sees the same study
-    again = S.open_storage(S.default_url(results))
+    again = S.open_storage(D.default_url(results))
     assert S.study_names(again) == ["s1"]
     assert S.load_study("s1", again).study_name == "s1"
 
@@ -57,7 +58,7 @@ def test_trial_attrs_and_constraints_in_one_write_read_back_as_optunas_own(tmp_p
     S.set_trial_attrs(mine, {"quality": 0.9})  # a later write replaces a key, keeps the others
     study.tell(mine, [0.9, 1.0])
     study.tell(theirs, [0.9, 1.0])
-    again = optuna.load_study(study_name="a", storage=storage if where == "memory" else S.default_url(tmp_path))
+    again = optuna.load_study(study_name="a", storage=storage if where == "memory" else D.default_url(tmp_path))
     a, b = again.get_trials()
     assert a.user_attrs == {**attrs, "quality": 0.9} and b.user_attrs == attrs
     assert a.constraints == b.constraints == cons and a.system_attrs == b.system_attrs
@@ -137,7 +138,7 @@ def test_unreachable_postgres_is_fast_and_hides_password():
         S.open_storage("postgresql://alice:s3cret@127.0.0.1:1/studies")  # port 1: refused
     msg = _one_line(e.value)
     assert "s3cret" not in msg and "alice:***@" in msg and "127.0.0.1:1" in msg
-    assert time.monotonic() - t0 < S.CONNECT_TIMEOUT + 5
+    assert time.monotonic() - t0 < D.CONNECT_TIMEOUT + 5
 
 
 def test_postgres_url_goes_to_sqlalchemy_as_written(pg_url):
@@ -189,8 +190,8 @@ def test_load_study_lists_what_exists(tmp_path):
 
 
 def test_redact():
-    assert S.redact("postgresql://u:pw@h:1/d") == "postgresql://u:***@h:1/d"
-    assert S.redact("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert D.redact("postgresql://u:pw@h:1/d") == "postgresql://u:***@h:1/d"
+    assert D.redact("postgresql://u@h/d") == "postgresql://u@h/d"
 
 
 # A process that takes a trial, beats twice, then waits to be killed (what a worker that
@@ -239,7 +240,7 @@ def _kill_mid_trial_then_recover(url: str) -> None:
 
 
 def test_sigkilled_trial_is_failed_and_requeued_sqlite(tmp_path):
-    _kill_mid_trial_then_recover(S.default_url(tmp_path))
+    _kill_mid_trial_then_recover(D.default_url(tmp_path))
 
 
 def test_sigkilled_trial_is_failed_and_requeued_postgres(pg_url):
