@@ -105,7 +105,7 @@ def select_trial(study: Any, args: argparse.Namespace) -> tuple[int, dict]:
     """--within: the trial search.export.select picks, and the record of how (config.json's
     source.selection). UserError, after every retrained line is printed, when none is within."""
     from search.errors import UserError
-    from search.export.exporter import check_target
+    from search.export.outdir import check_target
     from search.export.select import check_selection, select_within, unit as unit_of
 
     confidence = CONFIDENCE if args.confidence is None else args.confidence

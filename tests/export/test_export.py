@@ -177,7 +177,7 @@ def test_export_of_gradual_pruning_with_learned_ranges(tmp_path):
 
 
 def test_export_refuses_a_non_empty_directory(tmp_path):
-    from search.export.exporter import prepare_dir
+    from search.export.outdir import prepare_dir
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
