@@ -25,16 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_costtruth import measure_interleaved
+from bench.costtruth_scores import kendall_tau
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def kendall_tau(a, b) -> float:
-    """Kendall's tau-a of two sequences (pairs tied in either count as discordant-free zeros)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    n = len(a)
-    s = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i in range(n) for j in range(i + 1, n))
-    return float(s / (n * (n - 1) / 2)) if n > 1 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
