@@ -60,7 +60,7 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
     from bench.bench_costtruth import measure_interleaved
     from search import cli
     from search.export.exporter import export_trial
-    from search.study.storage import default_url
+    from search.study.database import default_url
 
     budget = args.fraction * dense_latency_ms(model, str(profile))
     name = f"budgeted-{model}-{profile.stem}-f{args.fraction:g}-n{args.trials}-s{args.steps}"
@@ -72,7 +72,9 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"search of {model} exited {rc}")
     search_s = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=default_url(args.results_dir))
-    prof = profile.stem
+    from hw_profiles import load_profile
+
+    prof = load_profile(profile).name  # the key of its costs in every trial (a file may be renamed)
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.user_attrs.get("feasible") and t.user_attrs.get("costs", {}).get(prof)]
     over = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("feasible") is False)
