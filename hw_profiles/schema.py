@@ -28,7 +28,9 @@ LATENCY_MODELS = ("roofline", "kernels")
 # that are not multiples of KernelModel.channel_align; a depthwise one measured 8x slower), f32n
 # (a blocked 1x1 float conv reading fewer input channels than the block, in NCHW: onnxruntime's
 # NCHW kernel, made for image stems, where such a conv with 4-12 input channels measured 3-5x the
-# time the NCHWc-input (pointwise) predictor gives it; heavily channel-pruned layers run it), q8p
+# time the NCHWc-input (pointwise) predictor gives it; heavily channel-pruned layers run it), f32nk
+# (the same for a kxk conv: image stems, convs reading a layer pruned below the block; calibrated with
+# the f32 predictor, a kind of its own for a fit on exports to scale), q8p
 # (a q8 conv or depthwise conv whose output channels are not a multiple of
 # KernelModel.channel_block: onnxruntime's int8 kernels then run their per-channel remainder
 # path; a depthwise one measured 2-3x slower on an AVX-512 host); and
@@ -43,15 +45,16 @@ LATENCY_MODELS = ("roofline", "kernels")
 # onnxruntime fuses it into the conv, but MLAS's NCHWc kernels fuse only ReLU and run any other
 # activation as a pass of its own over the conv's output (0.05-0.14 us per 1000 elements on an
 # AVX-512 host; MobileNetV2's ReLU6s are 18-21% of its float latency)
-KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n")
+KERNEL_FORMS = ("f32", "q8", "i8", "q8u", "f32p", "q8p", "f32n", "f32nk")
 KERNELS = tuple(f"{k}_{f}" for k in LAYER_KINDS for f in KERNEL_FORMS) + ("emul", "eltwise", "pool_u8", "clip", "kron")
-# a profile calibrated before q8u, f32p, q8p, f32n, pool_u8, clip and kron existed prices them as its
-# q8, f32, q8, f32, eltwise, eltwise and dense_f32 kernels (kron, a Kronecker-factorized Dense layer
+# a profile calibrated before q8u, f32p, q8p, f32n, f32nk, pool_u8, clip and kron existed prices them as its
+# q8, f32, q8, f32, f32, eltwise, eltwise and dense_f32 kernels (kron, a Kronecker-factorized Dense layer
 # as the export writes it, then costs what its two float matmuls cost as dense_f32 kernels)
-# (Dense layers never run f32p, q8p or f32n, depthwise convs never f32n: they keep the f32 and q8
+# (Dense layers never run f32p, q8p, f32n or f32nk, depthwise convs never f32n or f32nk: they keep the f32 and q8
 # coefficients)
 KERNEL_FALLBACK = {f"{k}_q8u": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32p": f"{k}_f32" for k in LAYER_KINDS} \
     | {f"{k}_q8p": f"{k}_q8" for k in LAYER_KINDS} | {f"{k}_f32n": f"{k}_f32" for k in LAYER_KINDS} \
+    | {f"{k}_f32nk": f"{k}_f32" for k in LAYER_KINDS} \
     | {"pool_u8": "eltwise", "clip": "eltwise", "kron": "dense_f32"}
 # what one coefficient multiplies: the monomials of a kernel's GEMM dimensions, per example, after
 # channel removal: M output positions (1 for Dense), N output channels, K fan-in (kh*kw*in/groups),

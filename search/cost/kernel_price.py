@@ -96,8 +96,10 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
         nb, kb = K.blocked(n, cin, la.area, block, dw)
         n, k = np.where(blocked, nb, n), np.where(blocked, kb, k)
         form = np.where(f32_conv & ~blocked, K.FORMS.index("f32p"), form)
-        nchw_in = blocked & ~dw & (cin < block)  # read in NCHW: a 1x1 one runs the NCHW-input kernel (f32n)
-        form = np.where(nchw_in & (la.area == 1), K.FORMS.index("f32n"), form)
+        # read in NCHW: onnxruntime's NCHW-input kernel, f32n for a 1x1 conv, f32nk for a kxk one (stems,
+        # heavily pruned layers; calibrated as f32, given a scale of its own by a fit on exports)
+        nchw_in = blocked & ~dw & (cin < block)
+        form = np.where(nchw_in, np.where(la.area == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk")), form)
     # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
     # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
     na, ka = rk, geo["ka"] * keep_a
@@ -115,11 +117,13 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
         (na_b, ka_b), (nb_b, kb_b) = K.blocked(na, ka / ta, ta, block), K.blocked(nb2, kb2 / tb, tb, block)
         na, ka = np.where(a_blk, na_b, na), np.where(a_blk, ka_b, ka)
         nb2, kb2 = np.where(b_blk, nb_b, nb2), np.where(b_blk, kb_b, kb2)
-        # a 1x1 factor reading fewer channels than the block runs f32n, as an unfactorized conv
-        a_n = a_blk & (ta == 1) & (np.round(geo["ka"] * keep_a / ta) < block)
-        b_n = b_blk & (tb == 1) & (np.round(rk) < block)
-        form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, K.FORMS.index("f32n"), form))
-        b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, K.FORMS.index("f32n"), b_form))
+        # a factor reading fewer channels than the block runs f32n (1x1) or f32nk, as an unfactorized conv
+        a_n = a_blk & (np.round(geo["ka"] * keep_a / ta) < block)
+        b_n = b_blk & (np.round(rk) < block)
+        a_nf = np.where(ta == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk"))
+        b_nf = np.where(tb == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk"))
+        form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, a_nf, form))
+        b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, b_nf, b_form))
         # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count);
         # a factorized conv reads as its A does and writes as its B does
         conv = la.nchwc & ~fact

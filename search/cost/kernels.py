@@ -56,9 +56,12 @@ conv reading fewer input channels than the block takes them in NCHW, on onnxrunt
 kernel (made for image stems, one pass over the output per input channel). A 1x1 one is the
 `f32n` form, its own predictor: where a 1x1 conv reading NCHWc runs the pointwise kernel, a 1x1
 conv reading 4-12 channels in NCHW, as heavy channel pruning leaves them, measured 3-5x what the
-NCHWc-input predictor gave it; 3x3 and 5x5 stems measured within 30% of it and stay f32 (a
-predictor of their own, linear in the same features, fitted them worse: 33% median error on
-held-out probes). A q8
+NCHWc-input predictor gave it. A kxk one (3x3 and 5x5 stems, and the convs behind a layer pruned
+below the block) is the `f32nk` form: stems measured within 30% of the NCHWc-input predictor and
+calibration prices it with that one (the conv_f32 row: predictors of their own, linear in the
+same features, fitted them worse, 33% and 15% median error on held-out probes), but it is a kind
+of its own, so that a fit on exports (fit_to_models) gives it its own scale: heavily pruned
+lenet5 and resnet20 exports measured 1.08-1.23x a fit that shared conv_f32's. A q8
 conv or depthwise conv whose kept output channels are not a multiple of the channel block runs
 the integer kernels' remainder path, the `q8p` form (`q8_on_blocks`).
 
@@ -80,9 +83,10 @@ import numpy as np
 from hw_profiles.schema import KERNEL_FEATURES, KERNEL_FORMS, KERNELS, LAYER_KINDS, KernelModel, fallback_row
 
 FORMS = KERNEL_FORMS  # f32, q8, i8, q8u (QLinear with 8-bit, uint8 weights), f32p (float off the NCHWc blocks),
-# q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block)
+# q8p (q8 conv / depthwise off the channel block), f32n (blocked 1x1 float conv reading NCHW: cin < block),
+# f32nk (the same, kxk; calibrated as f32)
 EMUL, ELTWISE, POOL_U8, CLIP, KRON = (KERNELS.index(k) for k in ("emul", "eltwise", "pool_u8", "clip", "kron"))
-FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("i8"))  # float output
+FLOAT_OUT = (FORMS.index("f32"), FORMS.index("f32p"), FORMS.index("f32n"), FORMS.index("f32nk"), FORMS.index("i8"))  # float output
 INT_IN = (FORMS.index("q8"), FORMS.index("i8"), FORMS.index("q8u"), FORMS.index("q8p"))  # forms whose input is quantized
 QLINEAR = (FORMS.index("q8"), FORMS.index("q8u"), FORMS.index("q8p"))  # QLinear kernels: NHWC in onnxruntime
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
@@ -336,14 +340,14 @@ def fit(samples: Sequence[tuple[str, Sequence[float], float]], inference_us: flo
     lenet5's 1-channel 5x5 stem at 3x its time.
     A kind the runtime never runs (dense_f32p, dense_q8p, dense_f32n, depthwise_f32n; f32p, q8p,
     f32n and clip on a runtime without channel blocks; pool_u8 and clip in samples timed before
-    they had probes)
+    they had probes) or that has no probes of its own (f32nk, priced as f32 until a fit on exports)
     takes the coefficients of the kind it falls back to (hw_profiles.schema.fallback_row).
     ValueError naming the kind when another kind has fewer than MIN_SAMPLES samples.
     """
     coef: dict[str, tuple[float, ...]] = {}
     for name in KERNELS:
         rows = [(f, y) for k, f, y in samples if k == name]
-        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "pool_u8", "clip", "kron")):  # the last three: samples calibrated before them
+        if not rows and name.endswith(("_f32p", "_q8p", "_f32n", "_f32nk", "pool_u8", "clip", "kron")):  # the last three: samples calibrated before them
             coef[name] = fallback_row(name, coef)
             continue
         coef[name] = fit_kind(name, rows)

@@ -117,15 +117,17 @@ def test_a_blocked_1x1_conv_reading_fewer_channels_than_the_block_runs_the_nchw_
     """A float conv reading fewer input channels than the channel block takes them in NCHW, on
     onnxruntime's NCHW-input kernel; a 1x1 one (measured 3-5x the NCHWc-input predictor reading
     4-12 channels) is priced as an f32n kernel, on its blocked output channels and unpadded
-    input; 16 input channels and more read NCHWc (f32), and a 3x3 conv stays f32 (stems measured
-    within 30% of it). A profile calibrated before f32n existed prices it as f32 (its fallback)."""
+    input; 16 input channels and more read NCHWc (f32), and a 3x3 one is an f32nk kernel (a kind
+    of its own for a fit on exports to scale). A profile calibrated before f32n and f32nk existed
+    prices them as f32 (their fallback), and so does a calibration (f32nk has no probes)."""
     coef = {name: (0.0,) * 9 for name in KERNELS}
-    coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32n": (3.0,) + (0.0,) * 3 + (1e-3,) + (0.0,) * 4}  # per call, per MN
+    coef |= {"conv_f32": (1.0,) + (0.0,) * 8, "conv_f32n": (3.0,) + (0.0,) * 3 + (1e-3,) + (0.0,) * 4,  # per call, per MN
+             "conv_f32nk": (2.0,) + (0.0,) * 8}
     prof = calibrated_profile(MACHINE, name="a", kernels=hw_profiles.KernelModel(
         0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4))
     pointwise = dataclasses.replace(conv(1, 32, 32, 8, src=0), kernel_shape=(1, 1, 32, 32), macs=64 * 32 * 32,
                                     params=32 * 32 + 32)
-    for second, nchw in ((pointwise, 3.0 + 1e-3 * 64 * 32), (conv(1, 32, 32, 8, src=0), 1.0)):
+    for second, nchw in ((pointwise, 3.0 + 1e-3 * 64 * 32), (conv(1, 32, 32, 8, src=0), 2.0)):
         layers = (conv(0, 32, 32, 8), second)
         lat = lambda r: price(prof, layers, P.make_plan([r, 0.0], P.CHANNEL, 32, 32)).layer_latency_ms[0] * 1e3
         assert lat(0.5)[1] == pytest.approx(1.0)  # reads 16: NCHWc
@@ -133,9 +135,12 @@ def test_a_blocked_1x1_conv_reading_fewer_channels_than_the_block_runs_the_nchw_
         assert lat(0.75)[0] == pytest.approx(1.0)  # the producer reads all 32 of the model's input
     split = latency_by_kernel(prof, (conv(0, 32, 32, 8), pointwise), P.stack_plans([P.make_plan([0.75, 0.0], P.CHANNEL, 32, 32)]))
     assert split[0, KERNELS.index("conv_f32n")] == pytest.approx((3.0 + 1e-3 * 64 * 32) * 1e-3)
-    old = {k: v for k, v in coef.items() if not k.endswith("_f32n")}
+    old = {k: v for k, v in coef.items() if not k.endswith(("_f32n", "_f32nk"))}
     before = hw_profiles.KernelModel(0.0, MappingProxyType(old), "synthetic", channel_block=16, channel_align=4)
-    assert before.coef["conv_f32n"] == coef["conv_f32"]
+    assert before.coef["conv_f32n"] == before.coef["conv_f32nk"] == coef["conv_f32"]
+    probed = [n for n in KERNELS if not n.endswith("_f32nk")]  # every other kind timed
+    fitted = K.fit([(n, (1.0,) + (0.0,) * 8, 5.0 + i) for i, n in enumerate(probed)], 1.0, "synthetic")
+    assert fitted.coef["conv_f32nk"] == fitted.coef["conv_f32"]  # no probes of its own: calibrated as f32
 
 
 def test_a_factorized_conv_runs_its_two_kernels_blocked_or_plain_by_its_rank():
