@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.calibrations < 1:
         ap.error(f"--calibrations {args.calibrations} must be >= 1")
+    from models.data import FASHION_MNIST_DIR, load_fashion_mnist
+    from models.errors import ModelError
+
+    try:  # the searches need it: a missing dataset fails now, not after minutes of calibration
+        load_fashion_mnist()
+    except ModelError:
+        raise SystemExit(f"error: this bench searches Fashion-MNIST, which is not in {FASHION_MNIST_DIR}: "
+                         "install the Debian package dataset-fashion-mnist") from None
     from search import cli
 
     t0 = time.perf_counter()
