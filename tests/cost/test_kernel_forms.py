@@ -259,3 +259,24 @@ def test_a_study_s_shapes_include_its_dense_layers_in_the_kronecker_form():
     assert sorted(s.rank for s in kron) == [13, 26, 39]  # full rank min(28 x 15, 28 x 20) = 420
     assert all((s.cin, s.cout) == (784, 300) for s in kron)
     assert not [s for s in kp.layer_shapes([dense(0, 7, 10)]) if s.kind == "kron"]
+
+
+def test_a_fit_on_exports_scales_the_kxk_nchw_input_kernel_on_its_own():
+    """f32nk has no probes: a calibration prices it with conv_f32's row. A fit on exports gives it
+    a scale of its own: here the pruned model's second conv, reading 8 channels in NCHW, measured
+    2.5x the blocked predictor while the dense model matched it, and the fitted profile prices both
+    (sharing conv_f32's scale, one of the two would miss by 18% or more)."""
+    from search.cost.calibrate import fit_profile
+
+    coef = {name: (0.0,) * 9 for name in KERNELS if not name.endswith("_f32nk")} | {"conv_f32": (1.0,) + (0.0,) * 8}
+    model = hw_profiles.KernelModel(0.0, MappingProxyType(coef), "synthetic", channel_block=16, channel_align=4)
+    assert model.coef["conv_f32nk"] == coef["conv_f32"]  # calibrated as f32
+    prof = calibrated_profile(MACHINE, name="a", kernels=model)
+    layers = (conv(0, 32, 32, 8), conv(1, 32, 32, 8, src=0))
+    full, pruned = P.make_plan([0.0, 0.0], P.CHANNEL, 32, 32), P.make_plan([0.75, 0.0], P.CHANNEL, 32, 32)
+    lat = lambda p, plan: float(np.asarray(price(p, layers, P.stack_plans([plan])).latency_ms)[0]) * 1e3
+    assert lat(prof, full) == pytest.approx(2.0) and lat(prof, pruned) == pytest.approx(2.0)  # us: one per call
+    fitted = fit_profile(prof, [(layers, full, 2.0e-3), (layers, pruned, 3.5e-3)], prior=0.0)
+    assert lat(fitted, full) == pytest.approx(2.0, rel=1e-3) and lat(fitted, pruned) == pytest.approx(3.5, rel=1e-3)
+    assert fitted.kernels.coef["conv_f32nk"][0] == pytest.approx(2.5, rel=1e-3)
+    assert fitted.kernels.coef["conv_f32"][0] == pytest.approx(1.0, rel=1e-3)
