@@ -58,6 +58,7 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
     from optuna.trial import TrialState
 
     from bench.bench_costtruth import measure_interleaved
+    from hw_profiles import load_profile
     from search import cli
     from search.export.exporter import export_trial
     from search.study.database import default_url
@@ -72,8 +73,6 @@ def run_model(model: str, profile: Path, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"search of {model} exited {rc}")
     search_s = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=default_url(args.results_dir))
-    from hw_profiles import load_profile
-
     prof = load_profile(profile).name  # the key of its costs in every trial (a file may be renamed)
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.user_attrs.get("feasible") and t.user_attrs.get("costs", {}).get(prof)]

@@ -238,6 +238,7 @@ def reanalyze(path: Path) -> dict:
     from search.cost.calibrate import calibrated_profile
 
     data = json.loads(path.read_text())
+    layers = _layers_of(data["records"])
     for rep in data["repeats"]:
         saved = rep.get("kernels")
         if not saved:
@@ -247,8 +248,7 @@ def reanalyze(path: Path) -> dict:
             runtime=k["runtime"], samples=k["samples"], channel_block=k.get("channel_block", 1),
             channel_align=k.get("channel_align", 1), q8u_block=k.get("q8u_block", 1),
             batch=k.get("batch", 1))) for label, k in saved.items()}
-        rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles,
-                                  _layers_of(data["records"]))
+        rep["analysis"] = analyze(data["records"], [m["fastest_ms"] for m in rep["timing"]], profiles, layers)
     data["summary"] = summarize_repeats([r["analysis"] for r in data["repeats"]])
     data["noise"] = noise_floor([r["timing"] for r in data["repeats"]])
     return data
@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         saved.write_text(json.dumps(records, indent=1, default=float))
     data: dict = {"threads": 1, "batch": args.batch, "rounds": args.rounds, "runs_per_round": args.runs,
                   "estimate": "fastest run over all rounds (fastest_ms)", "records": records, "repeats": []}
+    layers = _layers_of(records)
     with tmp:
         for rep in range(args.repeats):
             t1 = time.perf_counter()
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             generic = sampled_shapes(args.kernel_shapes, seed=rep)
             kernels, report = calibrate_kernels(generic, min_s=args.min_s, batch=args.batch)
             # as `profiles calibrate --study` does: the shapes the models' layers take, too
-            own = sorted({s for m in {r["model"] for r in records} for s in layer_shapes(_layers(m))})
+            own = sorted({s for ls in layers.values() for s in layer_shapes(ls)})
             kernels_own, report_own = calibrate_kernels(generic + own, min_s=args.min_s, batch=args.batch)
             machine = measure_machine(threads=1)
             profiles = {"kernels": calibrated_profile(machine, name="this-machine", kernels=kernels),
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.batch == 1:  # the roofline prices one example
                 profiles["roofline"] = calibrated_profile(machine, name="this-machine-roofline")
             measured = [m["fastest_ms"] for m in timing]
-            analysis = analyze(records, measured, profiles, _layers_of(records))
+            analysis = analyze(records, measured, profiles, layers)
             data["repeats"].append({"timing": timing, "calibration": report, "calibration_models": report_own,
                                     "machine": machine, "analysis": analysis, "seconds": time.perf_counter() - t1,
                                     "kernels": {label: kernels_dict(p.kernels) for label, p in profiles.items()}})

@@ -99,7 +99,7 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
         # read in NCHW: onnxruntime's NCHW-input kernel, f32n for a 1x1 conv, f32nk for a kxk one (stems,
         # heavily pruned layers; calibrated as f32, given a scale of its own by a fit on exports)
         nchw_in = blocked & ~dw & (cin < block)
-        form = np.where(nchw_in, np.where(la.area == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk")), form)
+        form = np.where(nchw_in, K.nchw_input_form(la.area), form)
     # a factorized conv's two kernels are float convs too (A unless it is i8), blocked or plain
     # by their own channel counts: A writes r channels, B reads them (a rank of 25 runs B plain)
     na, ka = rk, geo["ka"] * keep_a
@@ -120,10 +120,8 @@ def kernel_latency(model: KernelModel, la, geo: dict[str, np.ndarray], *, wb: np
         # a factor reading fewer channels than the block runs f32n (1x1) or f32nk, as an unfactorized conv
         a_n = a_blk & (np.round(geo["ka"] * keep_a / ta) < block)
         b_n = b_blk & (np.round(rk) < block)
-        a_nf = np.where(ta == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk"))
-        b_nf = np.where(tb == 1, K.FORMS.index("f32n"), K.FORMS.index("f32nk"))
-        form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, a_nf, form))
-        b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, b_nf, b_form))
+        form = np.where(a_f32 & ~a_blk, K.FORMS.index("f32p"), np.where(a_n, K.nchw_input_form(ta), form))
+        b_form = np.where(conv_fact & ~b_blk, K.FORMS.index("f32p"), np.where(b_n, K.nchw_input_form(tb), b_form))
         # the layouts each conv reads and writes, for the reorders between them (runtime_graph.reorder_count);
         # a factorized conv reads as its A does and writes as its B does
         conv = la.nchwc & ~fact

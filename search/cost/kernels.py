@@ -92,6 +92,12 @@ QLINEAR = (FORMS.index("q8"), FORMS.index("q8u"), FORMS.index("q8p"))  # QLinear
 MIN_SAMPLES = 1  # a kernel kind with no usable timing cannot be fitted
 
 
+def nchw_input_form(taps: np.ndarray) -> np.ndarray:
+    """Index into FORMS of a blocked float conv reading fewer channels than the block, in NCHW, by
+    its kernel's taps (kh * kw): f32n for a 1x1 conv, f32nk for a kxk one."""
+    return np.where(np.asarray(taps) == 1, FORMS.index("f32n"), FORMS.index("f32nk"))
+
+
 def kernel_index(kind: np.ndarray, form: np.ndarray) -> np.ndarray:
     """Index into KERNELS of layer kinds (index into LAYER_KINDS) and forms (index into FORMS)."""
     return np.asarray(kind) * len(FORMS) + np.asarray(form)
@@ -387,5 +393,5 @@ def relative_errors(model: KernelModel, samples: Sequence[tuple[str, Sequence[fl
 
 
 __all__ = ["FORMS", "KERNELS", "KERNEL_FEATURES", "LAYER_KINDS", "blocked", "on_blocks", "q8_on_blocks", "q8u_channels",
-           "feature_sums", "features", "fit", "fit_coefficients", "fit_kind", "fit_to_models", "forms", "kernel_index",
+           "feature_sums", "features", "fit", "fit_coefficients", "fit_kind", "fit_to_models", "forms", "kernel_index", "nchw_input_form",
            "predict", "relative_errors", "scaled"]
