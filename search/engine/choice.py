@@ -20,7 +20,8 @@ from search.engine.k_file import read_k_file, write_k_file
 
 MAX_K = 64  # the largest K tried on an accelerator (per plan, K=128 was no faster than K=1 on an H200)
 
-_CHOSEN: dict[tuple, tuple[int, str]] = {}  # key (machine, task, shapes, config) -> (K, loop) measured
+# key (machine, task, shapes, config) -> (K, loop, seconds per plan-step per K behind the choice)
+_CHOSEN: dict[tuple, tuple[int, str, dict[int, float]]] = {}
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Choice:
     loop: str
     k_timings: dict[int, float] = field(default_factory=dict)  # seconds per plan-step per K, chosen loop
     loop_timings: dict[str, float] = field(default_factory=dict)  # seconds per plan-step per loop, first K
+    # seconds per plan-step per K behind the choice, measured now or remembered ({} when unknown)
+    known: dict[int, float] = field(default_factory=dict)
 
 
 def forget_measured_k() -> None:
@@ -63,12 +66,17 @@ def choose(key: tuple, seconds_per_plan_step: Callable[[int, str], float], k_fil
     `seconds_per_plan_step(K, loop)`. A given `k` or `loop` is kept and only the other is
     measured; `big()` is the large K to try (`large_k`)."""
     if key in _CHOSEN:
-        return Choice(*_CHOSEN[key])
+        k_, loop_, known = _CHOSEN[key]
+        return Choice(k_, loop_, known=dict(known))
     disk = read_k_file(k_file)
     got = disk.get(repr(key), {})
     if got.get("loop") in LOOPS and int(got.get("k", 0)) >= 1:
-        _CHOSEN[key] = int(got["k"]), str(got["loop"])
-        return Choice(*_CHOSEN[key])
+        try:
+            known = {int(n): float(v) for n, v in (got.get("seconds_per_plan_step") or {}).items()}
+        except (TypeError, ValueError):  # a hand-edited file: the choice stands, the timings are unknown
+            known = {}
+        _CHOSEN[key] = int(got["k"]), str(got["loop"]), known
+        return Choice(int(got["k"]), str(got["loop"]), known=dict(known))
     first = k if k is not None else 1
     loop_timings = {lp: seconds_per_plan_step(first, lp) for lp in ((loop,) if loop is not None else LOOPS)}
     best_loop = min(loop_timings, key=loop_timings.get)
@@ -81,9 +89,9 @@ def choose(key: tuple, seconds_per_plan_step: Callable[[int, str], float], k_fil
             if 0.8 < k_timings[n] / k_timings[1] < 1.25 and 1 < mid < n:
                 k_timings[mid] = seconds_per_plan_step(mid, best_loop)
     best_k = min(k_timings, key=k_timings.get)
-    _CHOSEN[key] = best_k, best_loop
+    _CHOSEN[key] = best_k, best_loop, dict(k_timings)
     disk[repr(key)] = {"k": best_k, "loop": best_loop,
                        "seconds_per_plan_step": {str(n): v for n, v in k_timings.items()},
                        "loop_seconds_per_plan_step": loop_timings}
     write_k_file(k_file, disk)
-    return Choice(best_k, best_loop, k_timings, loop_timings)
+    return Choice(best_k, best_loop, k_timings, loop_timings, dict(k_timings))

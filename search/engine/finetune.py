@@ -75,6 +75,9 @@ class EngineResult:
     steps: np.ndarray | None = None  # with rungs: [P] fine-tune steps behind each metric (a rung for a stopped plan)
     stopped: np.ndarray | None = None  # with rungs: [P] bool, stopped at a rung by on_rung
     test_metric: np.ndarray | None = None  # with also_test: [P] metric on the test split (NaN: none)
+    # with rungs: [P] plans per vmapped step of the group that finished each plan (the rungs may
+    # move a plan from a group of K to one of its own: search.engine.rungs.regroup)
+    k: np.ndarray | None = None
 
 
 # a fused chunk runs about this long, so progress, NaN checks and Ctrl-C come back between chunks
@@ -125,7 +128,7 @@ class Engine:
         self._refresh: dict[int, Any] = {}  # jitted refresh of BN statistics and ranges, per K
         self._remask: dict[int, Any] = {}  # jitted mask update of gradual pruning, per K
         self._fused: dict[int, Any] = {}  # jitted fused loop of up to n steps, per K
-        self._chunk = 4  # steps per fused call, adapted so that a call takes about CHUNK_SECONDS
+        self._chunk: dict[int, int] = {}  # per K: steps per fused call, adapted so that a call takes about CHUNK_SECONDS
         # the SVD bases of factorizable layers (search.compression.lowrank): none until a plan
         # factorizes (or `factorize`), then the pretrained kernels' singular vectors, once per engine
         self._bases: dict = {}
@@ -135,6 +138,8 @@ class Engine:
         self._updates = mask_updates(config)  # {step: share of the ratio}: gradual pruning's mask updates
         self.k_timings: dict[int, float] = {}  # seconds per plan-step measured when choosing K (chosen loop)
         self.loop_timings: dict[str, float] = {}  # seconds per plan-step of each loop, at the first K measured
+        # seconds per plan-step per K behind the choice, measured or remembered in the k_file ({}: unknown)
+        self.known_timings: dict[int, float] = {}
         self.k, self.loop = self._choose()
 
     # ---- the three jitted functions, built once per K ----------------------------------
@@ -180,9 +185,9 @@ class Engine:
         if rungs and finetune and self.config.steps > 0:
             if return_models:
                 raise ValueError("rungs and return_models do not go together: rungs are for the search loop")
-            metric, ok, steps, stopped, test = run_in_rungs(self, plans, rungs, on_rung, split, also_test)
+            metric, ok, steps, stopped, test, ks = run_in_rungs(self, plans, rungs, on_rung, split, also_test)
             return EngineResult(metric, ok, _reasons(ok), None, time.perf_counter() - t0, steps=steps, stopped=stopped,
-                                test_metric=test)
+                                test_metric=test, k=ks)
         metrics, finite, models, tests = [], [], [], []
         p = plans.batch_shape[0]
         for start in range(0, p, self.k):
@@ -262,7 +267,8 @@ class Engine:
 
     def _train(self, g: GroupRun, to: int) -> None:
         """Fine-tune a group from the step it is at to step `to` (<= config.steps)."""
-        step = self._functions(self.k)[1]
+        k = g.k
+        step = self._functions(k)[1]
         # halfway, activation ranges (and adaptive BN statistics) are estimated again on the
         # weights fine-tuning has reached: ranges calibrated on the freshly pruned weights
         # clipped the fine-tuned activations (resnet20/digits, every group 50% pruned at
@@ -275,11 +281,11 @@ class Engine:
         i = g.step
         while i < to:
             if i in self._updates:
-                trainable, frozen = self._remask[self.k](g.state[0], g.frozen, g.plans,
+                trainable, frozen = self._remask[k](g.state[0], g.frozen, g.plans,
                                                          jax.device_put(np.float32(self._updates[i])))
                 g.state, g.frozen = (trainable, *g.state[1:]), frozen
             if i == mid:
-                g.frozen = self._refresh[self.k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
+                g.frozen = self._refresh[k](g.state[0], g.frozen, g.plans, self._calib, self._bn_x)
             end = min([e for e in events if e > i] + [to])  # the steps up to the next event
             if self.loop == "fused":
                 self._run_fused(g, end - i)
@@ -293,25 +299,26 @@ class Engine:
     def _run_fused(self, g: GroupRun, n: int) -> None:
         """n steps of a group in fused chunks of about CHUNK_SECONDS each: between chunks the
         host gets control back (Ctrl-C), and the chunk length follows the time a chunk took."""
-        fused = self._fused[self.k]
+        fused = self._fused[g.k]
         while n > 0:
-            c = min(self._chunk, n)
+            chunk = self._chunk.get(g.k, 4)
+            c = min(chunk, n)
             t0 = time.perf_counter()
             g.state, g.t = fused(g.state, g.t, np.int32(c), g.frozen, g.plans, self.base_params, self._x,
                                  self._y, self._table, self._aug_key)
             jax.block_until_ready(g.t)
             took = time.perf_counter() - t0
             n -= c
-            if c == self._chunk:  # a full chunk: aim the next one at CHUNK_SECONDS, at most twice as long
-                self._chunk = int(np.clip(c * CHUNK_SECONDS / max(took, 1e-6), 1, 2 * c))
+            if c == chunk:  # a full chunk: aim the next one at CHUNK_SECONDS, at most twice as long
+                self._chunk[g.k] = int(np.clip(c * CHUNK_SECONDS / max(took, 1e-6), 1, 2 * c))
 
     def _evaluate(self, g: GroupRun, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
         """(metric [K], finite [K], (effective params, act lo, act hi)) of a group's plans on a split, as they are now."""
-        evaluate = self._functions(self.k)[2]
+        evaluate = self._functions(g.k)[2]
         trainable, _, finite = g.state
         x, y = self._split(split)
         b = self._eval_batch
-        total = np.zeros(self.k)
+        total = np.zeros(g.k)
         eff = leaves_ok = None
         for s in range(0, len(x), b):
             xb, yb = x[s:s + b], y[s:s + b]
@@ -358,7 +365,7 @@ class Engine:
                cfg.batch_size, cfg.distill, tuple(l.kernel_shape for l in self.layers), cfg.k, cfg.loop)
         c = choice.choose(key, self._time_steps, self._k_file, cfg.k, cfg.loop,
                           lambda: choice.large_k(self.layers, cfg.batch_size))
-        self.k_timings, self.loop_timings = c.k_timings, c.loop_timings
+        self.k_timings, self.loop_timings, self.known_timings = c.k_timings, c.loop_timings, c.known
         return c.k, c.loop
 
     def _time_steps(self, k: int, loop: str) -> float:
@@ -396,7 +403,7 @@ class Engine:
             if time.perf_counter() - start > 3.0:
                 break
         if loop == "fused":  # the first chunks of a fused run last about CHUNK_SECONDS
-            self._chunk = int(np.clip(CHUNK_SECONDS / max(best * k, 1e-6), 1, 1000))
+            self._chunk[k] = int(np.clip(CHUNK_SECONDS / max(best * k, 1e-6), 1, 1000))
         return float(best)
 
 

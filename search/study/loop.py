@@ -179,10 +179,13 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
             stopped = np.zeros(len(feasible_idx), bool) if result.stopped is None else np.asarray(result.stopped)
             reasons = list(result.reason) if result.reason is not None else [None] * len(feasible_idx)
             # which K fine-tuned them: K vmapped plans and K separate runs differ by float rounding
-            engine_k, engine_loop = int(ctx.engine.k), str(ctx.engine.loop)
+            # (with rungs, the K of the group that finished the plan: search.engine.rungs.regroup)
+            ks = np.full(len(feasible_idx), int(ctx.engine.k)) if result.k is None else np.asarray(result.k)
+            engine_loop = str(ctx.engine.loop)
             for j, i in enumerate(feasible_idx):
                 t = trials[i]
                 q = float(metric[j])
+                engine_k = int(ks[j])
                 with _finished_elsewhere(t):
                     if not finite[j] or not math.isfinite(q):
                         set_trial_attrs(t, {"quality": None, "fail_reason": reasons[j]

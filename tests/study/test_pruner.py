@@ -20,8 +20,10 @@ from search import cli
 from search.api import make_spec, search
 from search.compression.plan import dense_plan, make_plan
 from search.engine.compiles import count_compiles
+from search.engine import rungs as rungs_module
 from search.engine.config import FinetuneConfig
 from search.engine.finetune import Engine
+from search.engine.rungs import regroup
 from search.errors import UserError
 from search.report.view import pareto_frame
 from search.study import storage as S
@@ -191,6 +193,42 @@ def test_rungs_never_recompile_and_finished_plans_are_a_plain_runs(engine):
     np.testing.assert_array_equal(r.metric[[0, 2]], plain.metric[[0, 2]])  # evaluating at rungs changes nothing
     with pytest.raises(UserError, match=r"rungs \[9\] are not fine-tune steps in 1\.\.8"):
         engine.run(plans, rungs=(9,))
+
+
+def test_plans_that_go_on_are_packed_again_and_a_lone_one_runs_by_itself(engine, monkeypatch):
+    """After a rung, the plans that go on leave the slots of those that stopped: two half-empty
+    groups of K become one, with the same results (the state moves with the plans), and where the
+    measured timings say one plan alone costs less than a group of K, a lone survivor runs with
+    K = 1 (its functions compile at that first rung only)."""
+    plans = [make_plan([0.5, 0.9, 0.3]), make_plan([0.95, 0.95, 0.9]), dense_plan(3), make_plan([0.8, 0.5, 0.5])]
+    plain = engine.run(plans)
+    packed = []
+
+    def spy(groups, live, k, timings):
+        out = regroup(groups, live, k, timings)
+        packed.append(([list(idx) for idx, _ in groups], [list(idx) for idx, _ in out]))
+        return out
+
+    monkeypatch.setattr(rungs_module, "regroup", spy)
+    monkeypatch.setattr(engine, "known_timings", {2: 1.0})  # K = 1 unknown: leftovers stay in a padded group
+    r = engine.run(plans, rungs=(1, 3), on_rung=lambda s, m, live: np.array([True, False, False, True]))
+    assert packed[0] == ([[0, 1], [2, 3]], [[0, 3]])  # groups {0, 1} and {2, 3}: one group of the two left
+    assert list(r.k) == [2, 2, 2, 2] and list(r.steps) == [9, 1, 1, 9]
+    np.testing.assert_array_equal(r.metric[[0, 3]], plain.metric[[0, 3]])
+    packed.clear()
+    engine.known_timings = {1: 0.4, 2: 1.0}  # one plan alone: 0.4 s a step against 2 x 1.0 for a group
+
+    def two_then_one(step, metric, live):
+        return np.array([False, False, True, True]) if step == 1 else np.array([False, False, False, True])
+
+    with count_compiles() as c:
+        r = engine.run(plans, rungs=(1, 3), on_rung=two_then_one)
+    assert c.count > 0  # K = 1's step and evaluation, at this first lone plan
+    assert packed[1] == ([[2, 3]], [[3]]) and list(r.k) == [2, 2, 2, 1]
+    np.testing.assert_allclose(r.metric[3], plain.metric[3], atol=2e-3)  # K = 1 and K = 2 round apart
+    with count_compiles() as c:
+        again = engine.run(plans, rungs=(1, 3), on_rung=two_then_one)
+    assert c.count == 0 and again.metric[3] == r.metric[3]
 
 
 # ------------------------------------------------------------------ the search
