@@ -154,10 +154,12 @@ def _losses(study: optuna.Study, first: int | None = None) -> np.ndarray:
     return np.asarray(rows, np.float64).reshape(-1, len(study.directions))
 
 
-def hypervolume_at_equal_time(studies: list[optuna.Study]) -> tuple[list[float], float]:
+def hypervolume_at_equal_time(studies: list[optuna.Study], log_costs: bool = False) -> tuple[list[float], float]:
     """Hypervolume of each study's trials completed within the shortest study's wall time
     (from its first trial's start to its last trial's end), in one normalised box for all;
-    and that time in seconds."""
+    and that time in seconds. `log_costs`: the objectives after quality (size) on a log10
+    scale, so that 20x -> 80x counts as much as 1x -> 4x (on a linear scale every plan past 10x
+    lies in the box's first tenth, and the figure follows the best quality alone)."""
     from search.report import pareto
 
     def span(st):
@@ -169,8 +171,8 @@ def hypervolume_at_equal_time(studies: list[optuna.Study]) -> tuple[list[float],
     losses = []
     for st, (start, ts) in zip(studies, spans):
         keep = [t for t in ts if t.state == TrialState.COMPLETE and (t.datetime_complete - start).total_seconds() <= limit]
-        losses.append(np.asarray([[-t.values[0], *t.values[1:]] for t in keep], np.float64)
-                      .reshape(-1, len(st.directions)))
+        rows = [[-t.values[0], *(np.log10(t.values[1:]) if log_costs else t.values[1:])] for t in keep]
+        losses.append(np.asarray(rows, np.float64).reshape(-1, len(st.directions)))
     both = np.concatenate(losses)
     ref, ideal = pareto.reference_point(both), pareto.ideal_point(both)
     return [pareto.hypervolume(a, ref, ideal) for a in losses], limit
@@ -227,6 +229,7 @@ def _pick_summary(exports: list, rows: list[dict], seconds: list[float], seeds: 
             "test_within_half_point": sum(bool(e and e["test_quality"] >= r["baseline_test"] - 0.005)
                                           for e, r in zip(exports, rows)),
             "hv_equal_time": _spread([r["hv_equal_time"] for r in rows]),
+            "hv_equal_time_log_size": _spread([r.get("hv_equal_time_log_size") for r in rows]),
             "hv_equal_steps": _spread([r.get("hv_equal_steps") for r in rows]),
             "seconds": _spread(seconds), "seeds": seeds}
 
@@ -280,9 +283,10 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
               f"{ex['ratio_by_stage']['huffman']:.1f}x, exported test {100 * ex['test_quality']:.2f}%" if ex else "none"),
               flush=True)
     hvs, limit = hypervolume_at_equal_time(studies)
+    hv_log, _ = hypervolume_at_equal_time(studies, log_costs=True)
     hv_steps, step_limit = hypervolume_at_equal_steps(studies, steps)
-    for row, hv, hs in zip(rows, hvs, hv_steps):
-        row["hv_equal_time"], row["hv_equal_steps"] = hv, hs
+    for row, hv, hl, hs in zip(rows, hvs, hv_log, hv_steps):
+        row["hv_equal_time"], row["hv_equal_time_log_size"], row["hv_equal_steps"] = hv, hl, hs
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
@@ -296,8 +300,9 @@ def fashion_runs(model: str, variants: list[str], seeds: list[int], n: int, step
     print(f"\n{model}: medians (ranges) over seeds {seeds}; hypervolume over the first {limit:.0f} s of each run, "
           f"and over its first {step_limit} fine-tune steps")
     for seed in seeds:  # the comparison the issue asks for is per seed
-        print(f"  seed {seed}: " + ", ".join(f"{r['variant']} {r['hv_equal_time']:.5f} / {r['hv_equal_steps']:.5f}"
-                                            for r in rows if r["seed"] == seed) + " (equal time / equal steps)")
+        print(f"  seed {seed}: " + ", ".join(f"{r['variant']} {r['hv_equal_time']:.5f} / {r['hv_equal_steps']:.5f} / "
+                                            f"{r['hv_equal_time_log_size']:.3f}" for r in rows if r["seed"] == seed)
+              + " (equal time / equal steps / equal time, size on a log scale)")
     print(f"{'variant':16s} {'after Huffman':>22s} {'packed':>22s} {'test acc. %':>22s} {'test ok':>7s} "
           f"{'HV equal time':>20s} {'seconds':>22s}")
     for variant, m in summary.items():
