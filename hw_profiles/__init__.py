@@ -3,6 +3,8 @@ HardwareProfile. `load_profile` takes a shipped name or the path of a TOML file.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import tomllib
 from pathlib import Path
 
@@ -61,6 +63,13 @@ def _toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    # numpy scalars too (a fitted profile's numbers), whose repr is not TOML: np.float64(1.5)
+    if isinstance(v, numbers.Integral):
+        return str(int(v))
+    if isinstance(v, numbers.Real):
+        if not math.isfinite(float(v)):
+            raise ProfileError(f"a profile value is {float(v)}: TOML profiles hold finite numbers only")
+        return repr(float(v))
     return repr(v)
 
 

@@ -1,4 +1,4 @@
-"""`hwcompress profiles list|show|calibrate`: the hardware profiles the cost model prices on."""
+"""`hwcompress profiles list|show|calibrate|fit`: the hardware profiles the cost model prices on."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,23 @@ def register(subparsers: Any) -> None:
     cal.add_argument("--roofline-only", action="store_true", help="only the micro-benchmarks: latency from the roofline")
     cal.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     cal.set_defaults(func=calibrate_command)
+    fit = sub.add_parser("fit", help="refit a profile to exported models measured on this machine",
+                         description="Time each export's model.onnx in onnxruntime (as `hwcompress measure`, at the "
+                         "batch the profile prices), then refit --profile to those latencies "
+                         "(search.cost.calibrate.fit_profile: one scale per kernel kind and for the per-inference "
+                         "term, each pulled toward the calibration) and write the fitted profile TOML. --profile "
+                         "must be a calibrated one (`profiles calibrate`): a roofline profile is refused.")
+    fit.add_argument("exports", nargs="+", metavar="EXPORT_DIR", help="directories written by `hwcompress export` (2 or more)")
+    fit.add_argument("--profile", required=True, help="the calibrated profile to refit: the TOML `profiles calibrate` "
+                     "wrote on this machine")
+    fit.add_argument("--out", required=True, help="TOML file to write")
+    fit.add_argument("--name", default=None, help="profile name (default: the --out file's name without .toml)")
+    fit.add_argument("--runs", type=int, default=200, help="timed runs per export (default 200)")
+    fit.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    fit.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, as `measure --threads` (default 1)")
+    fit.add_argument("--json", action="store_true", help="the per-export table as JSON")
+    fit.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    fit.set_defaults(func=fit_command)
 
 
 def profile_dict(profile: Any) -> dict[str, Any]:
@@ -118,26 +135,15 @@ def calibrate_command(args: argparse.Namespace) -> int:
     import hw_profiles
     from search.cost.calibrate import calibrated_profile, measure_machine, profile_toml
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: pass a file path such as {out / 'this-machine.toml'}")
-    if out.exists() and not args.force:
-        raise UserError(f"{out} exists: pass --force to overwrite it, or another --out")
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads} must be >= 1")
+    out, name = _out_and_name(args)
     if args.seconds <= 0:
         raise UserError(f"--seconds {args.seconds} must be > 0")
-    name = out.stem if args.name is None else args.name
-    if not name.strip():
-        raise UserError("--name must not be empty: pass a profile name such as this-machine")
     if not 1 <= args.batch <= 4096:
         raise UserError(f"--batch {args.batch} must be in 1..4096 (examples per inference, e.g. 1 or 32)")
     if args.batch > 1 and args.roofline_only:
         raise UserError("--batch prices the kernel predictors; the roofline is for batch 1: drop --roofline-only or --batch")
     if args.kernel_shapes < 3:
         raise UserError(f"--kernel-shapes {args.kernel_shapes} must be >= 3 (a predictor per kernel kind needs several shapes)")
-    if not out.parent.is_dir():
-        raise UserError(f"directory {out.parent} of --out does not exist: create it or pick another --out")
     shapes = _study_shapes(args) if args.study else []  # a bad --study fails before any timing
     kernels, note = None, ""
     if not args.roofline_only:
@@ -177,5 +183,73 @@ def calibrate_command(args: argparse.Namespace) -> int:
           f"cached {m['cache_gbs']:.1f} GB/s, {m['op_overhead_us']:.2f} us per op")
     if kernels is not None:
         print(f"latency model: kernels ({note}); {kernels.inference_us:.1f} us per inference")
+    print(f"wrote {out}: use it as --profile {out}")
+    return 0
+
+
+def _out_and_name(args: argparse.Namespace) -> tuple[Path, str]:
+    """(--out, the profile's name) after the checks every profile writer shares; UserError otherwise."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: pass a file path such as {out / 'this-machine.toml'}")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists: pass --force to overwrite it, or another --out")
+    if not out.parent.is_dir():
+        raise UserError(f"directory {out.parent} of --out does not exist: create it or pick another --out")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be >= 1")
+    name = out.stem if args.name is None else args.name
+    if not name.strip():
+        raise UserError("--name must not be empty: pass a profile name such as this-machine")
+    return out, name
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    """`profiles fit`: measure the exports, refit --profile to them, write --out."""
+    import numpy as np
+
+    import hw_profiles
+    from search.compression.plan import stack_plans
+    from search.cost.calibrate import fit_profile, profile_toml
+    from search.cost.measure import export_layers_plan, measure, read_config
+    from search.cost.roofline import price
+
+    out, name = _out_and_name(args)
+    if len(args.exports) < 2:
+        raise UserError(f"profiles fit got {len(args.exports)} export: one model cannot tell the kernel kinds "
+                        "apart; pass 2 or more export directories (more, and varied, fit better)")
+    if args.runs < 1 or args.warmup < 0:
+        raise UserError(f"--runs {args.runs} must be >= 1 and --warmup {args.warmup} >= 0")
+    base = hw_profiles.load_profile(args.profile)
+    if base.kernels is None:
+        # fit_profile's roofline path has no prior: on a few exports it explained every latency by one
+        # term (xeon fitted to two lenet300 exports: 2e17 GOPS fp32 and a conv efficiency of 3e-19)
+        raise UserError(f"profile {base.name} prices latency by the roofline; `profiles fit` refits the kernel "
+                        "predictors of a calibrated profile: run `hwcompress profiles calibrate --out F.toml` on this "
+                        "machine first and pass --profile F.toml")
+    rebuilt = [export_layers_plan(read_config(d)) for d in args.exports]  # every bad directory before any timing
+    samples, rows = [], []
+    for d, (layers, plan) in zip(args.exports, rebuilt):
+        ms = measure(d, runs=args.runs, warmup=args.warmup, profile=args.profile, threads=args.threads)["median_ms"]
+        samples.append((layers, plan, ms))
+        print(f"measured {d}: {ms:.4f} ms", file=sys.stderr, flush=True)
+    fitted = fit_profile(base, samples, name=name)
+    for d, (layers, plan, ms) in zip(args.exports, samples):
+        before, after = (float(np.asarray(price(p, layers, stack_plans([plan])).latency_ms)[0]) for p in (base, fitted))
+        rows.append({"export": str(d), "measured_ms": ms, "predicted_ms_before": before, "predicted_ms_after": after})
+    text = profile_toml(fitted, note=f"{base.name} fitted to {len(samples)} exports measured in onnxruntime "
+                        f"({args.threads} thread(s))", command="hwcompress profiles fit")
+    hw_profiles.profile_from_text(text, str(out))  # what we write must load like the others
+    out.write_text(text, encoding="utf-8")
+    if args.json:
+        print(json.dumps({"profile": str(out), "name": name, "base": base.name, "exports": rows}, indent=1))
+        return 0
+    print(f"{'export':40s} {'measured ms':>12s} {'before':>10s} {'after':>10s}")
+    for r in rows:
+        print(f"{r['export'][-40:]:40s} {r['measured_ms']:12.4f} {r['predicted_ms_before']:10.4f} "
+              f"{r['predicted_ms_after']:10.4f}")
+    err = lambda key: np.median([abs(r[key] / r["measured_ms"] - 1) for r in rows]) * 100
+    print(f"median error on these exports: {err('predicted_ms_before'):.1f}% before, {err('predicted_ms_after'):.1f}% "
+          f"after (the fit's own data: check it on exports it did not see)")
     print(f"wrote {out}: use it as --profile {out}")
     return 0

@@ -186,8 +186,11 @@ def calibrated_profile(m: dict[str, float], name: str = "this-machine", kernels:
     )
 
 
-def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, note: str = "") -> str:
-    """TOML text of a calibrated profile, every number with where it came from."""
+def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, note: str = "",
+                 command: str = "hwcompress profiles calibrate") -> str:
+    """TOML text of a calibrated profile, every number with where it came from (`m`, the
+    machine's measurements; without them, as for a fitted profile, no per-field notes), its
+    header naming the `command` that wrote it."""
     t = f"onnxruntime, {int(m['threads'])} thread(s)" if m else "fitted"
     how = {
         "compute.fp32_gops": f"measured: fp32 MatMul 64x512x512 ({t})",
@@ -214,7 +217,7 @@ def profile_toml(profile: HardwareProfile, m: dict[str, float] | None = None, no
     if profile.kernels is not None:
         how.update({f"kernels.{k}": f"us per {', '.join(KERNEL_FEATURES)}: non-negative least squares on the relative "
                     "error of the timed probes" for k in KERNELS})
-    header = (f"{profile.description}.\nWritten {time.strftime('%Y-%m-%d %H:%M')} by `hwcompress profiles calibrate`"
+    header = (f"{profile.description}.\nWritten {time.strftime('%Y-%m-%d %H:%M')} by `{command}`"
               + (f"; {note}" if note else "") + ".")
     return dump_profile(profile, comments=how if m else {}, header=header)
 

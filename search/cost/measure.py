@@ -116,9 +116,9 @@ def _batch(profile: str | None) -> int:
     return 1 if k is None else int(k.batch)
 
 
-def _predict(config: dict, profile: str) -> float | None:
-    """Price the exported plan on a profile not stored in config.json (needs search.cost)."""
-    prof = hw_profiles.load_profile(profile)
+def export_layers_plan(config: dict) -> tuple[tuple, Any]:
+    """(layers, plan [L]) of an export's config.json: the model's layers discovered again from its
+    name, dataset and hparams, and the plan its per-layer entries record (what the cost model prices)."""
     m = config["model"]
     task = models.get_task(m["name"], m["dataset"], **dict(m.get("hparams") or {}))
     layers = discover_layers(*task_model(task, task.init_variables()), np.zeros((1, *m["input_shape"]), np.float32))
@@ -128,4 +128,10 @@ def _predict(config: dict, profile: str) -> float | None:
     plan = make_plan([l["ratio"] for l in ls], [l["granularity"] for l in ls], [l["weight_bits"] for l in ls],
                      [l["act_bits"] for l in ls], mode, [l.get("rank_ratio", 1.0) for l in ls],
                      [FORMS.get(l.get("form") or "svd", 0) for l in ls])
-    return float(np.asarray(price(prof, layers, stack_plans([plan])).latency_ms)[0])
+    return layers, plan
+
+
+def _predict(config: dict, profile: str) -> float | None:
+    """Price the exported plan on a profile not stored in config.json (needs search.cost)."""
+    layers, plan = export_layers_plan(config)
+    return float(np.asarray(price(hw_profiles.load_profile(profile), layers, stack_plans([plan])).latency_ms)[0])
