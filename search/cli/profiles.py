@@ -215,6 +215,12 @@ def fit_command(args: argparse.Namespace) -> int:
     from search.cost.roofline import price
 
     out, name = _out_and_name(args)
+    seen: dict[Path, str] = {}
+    for d in args.exports:
+        if Path(d).resolve() in seen:
+            raise UserError(f"profiles fit got export {d} twice (as {seen[Path(d).resolve()]} too): pass each "
+                            "export directory once")
+        seen[Path(d).resolve()] = d
     if len(args.exports) < 2:
         raise UserError(f"profiles fit got {len(args.exports)} export: one model cannot tell the kernel kinds "
                         "apart; pass 2 or more export directories (more, and varied, fit better)")

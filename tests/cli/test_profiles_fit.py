@@ -68,10 +68,12 @@ def test_fit_writes_a_profile_that_prices_the_exports_closer(exports, calibrated
     assert "hwcompress profiles fit" in out.read_text()
 
 
-@pytest.mark.parametrize("case", ["one export", "not an export", "out exists", "unknown profile", "roofline profile"])
+@pytest.mark.parametrize("case", ["one export", "the same export twice", "not an export", "out exists", "unknown profile",
+                                  "roofline profile"])
 def test_bad_input_is_one_line_before_any_timing(exports, calibrated, tmp_path, capsys, case):
     out = tmp_path / "p.toml"
-    args = {"one export": [exports[0]], "not an export": [exports[0], str(tmp_path)]}.get(case, exports)
+    args = {"one export": [exports[0]], "the same export twice": [exports[0], exports[0] + "/"],
+            "not an export": [exports[0], str(tmp_path)]}.get(case, exports)
     if case == "out exists":
         out.write_text("keep me")
     profile = {"unknown profile": "no-such-device", "roofline profile": "mobile-cpu"}.get(case, calibrated)
@@ -80,6 +82,6 @@ def test_bad_input_is_one_line_before_any_timing(exports, calibrated, tmp_path, 
     err = capsys.readouterr()
     lines = [ln for ln in err.err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "measured" not in err.err, err.err
-    assert {"one export": "2 or more", "not an export": "config.json", "out exists": "--force",
+    assert {"one export": "2 or more", "the same export twice": "twice", "not an export": "config.json", "out exists": "--force",
             "unknown profile": "unknown profile", "roofline profile": "profiles calibrate"}[case] in lines[0]
     assert case != "out exists" or out.read_text() == "keep me"
