@@ -8,7 +8,9 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("measure", help="time an export's model.onnx in onnxruntime; show the predicted latency beside it",
-                              description="Run DIR/model.onnx in onnxruntime on this machine (batch 1, warm-up, "
+                              description="Run DIR/model.onnx in onnxruntime on this machine (at the batch the "
+                              "profile prices: 1, or the batch a calibrated profile was timed at with "
+                              "`profiles calibrate --batch`; warm-up, "
                               "repeated runs, 1 intra-op thread by default) and print the median and spread beside "
                               "the latency the cost model predicts for the profile named in DIR/config.json.")
     p.add_argument("dir", help="an export directory (written by `hwcompress export`)")
@@ -28,7 +30,7 @@ def measure_command(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=1))
         return 0
     print(f"measured  {r['median_ms']:.4f} ms median (p10 {r['p10_ms']:.4f}, p90 {r['p90_ms']:.4f}, "
-          f"IQR {r['iqr_ms']:.4f}; {r['runs']} runs, batch 1, {r['threads']} thread(s), onnxruntime CPU)")
+          f"IQR {r['iqr_ms']:.4f}; {r['runs']} runs, batch {r['batch']}, {r['threads']} thread(s), onnxruntime CPU)")
     if r["predicted_ms"] is None:
         print(f"predicted n/a (no prediction for profile {r['profile']!r})")
     else:
