@@ -100,7 +100,7 @@ def test_export_trial_files_reload_and_onnx(study_env, exported, capsys):
     capsys.readouterr()
     assert cli.main(["measure", str(out), "--runs", "5", "--warmup", "1"]) == 0
     text = capsys.readouterr().out
-    assert "measured" in text and "predicted" in text and "mobile-cpu" in text
+    assert "measured" in text and "predicted" in text and "mobile-cpu" in text and "runs, batch 1," in text
     # an existing output directory is refused without --force and left as it was (accepted with
     # --force: the `exported` fixture's second export, checked above)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
