@@ -211,16 +211,15 @@ def fit_command(args: argparse.Namespace) -> int:
     import hw_profiles
     from search.compression.plan import stack_plans
     from search.cost.calibrate import fit_profile, profile_toml
-    from search.cost.measure import export_layers_plan, measure, read_config
+    from search.cost.measure import export_layers_plan, profile_batch, read_config, time_export
     from search.cost.roofline import price
 
     out, name = _out_and_name(args)
     seen: dict[Path, str] = {}
     for d in args.exports:
-        if Path(d).resolve() in seen:
-            raise UserError(f"profiles fit got export {d} twice (as {seen[Path(d).resolve()]} too): pass each "
-                            "export directory once")
-        seen[Path(d).resolve()] = d
+        if (key := Path(d).resolve()) in seen:
+            raise UserError(f"profiles fit got export {d} twice (as {seen[key]} too): pass each export directory once")
+        seen[key] = d
     if len(args.exports) < 2:
         raise UserError(f"profiles fit got {len(args.exports)} export: one model cannot tell the kernel kinds "
                         "apart; pass 2 or more export directories (more, and varied, fit better)")
@@ -233,10 +232,12 @@ def fit_command(args: argparse.Namespace) -> int:
         raise UserError(f"profile {base.name} prices latency by the roofline; `profiles fit` refits the kernel "
                         "predictors of a calibrated profile: run `hwcompress profiles calibrate --out F.toml` on this "
                         "machine first and pass --profile F.toml")
-    rebuilt = [export_layers_plan(read_config(d)) for d in args.exports]  # every bad directory before any timing
+    configs = [read_config(d) for d in args.exports]  # every bad directory before any timing
+    rebuilt = [export_layers_plan(c) for c in configs]
+    batch = profile_batch(args.profile)  # the batch the profile's latencies are for, as `measure` times
     samples, rows = [], []
-    for d, (layers, plan) in zip(args.exports, rebuilt):
-        ms = measure(d, runs=args.runs, warmup=args.warmup, profile=args.profile, threads=args.threads)["median_ms"]
+    for d, config, (layers, plan) in zip(args.exports, configs, rebuilt):
+        ms = time_export(d, config, args.runs, args.warmup, args.threads, batch)["median_ms"]
         samples.append((layers, plan, ms))
         print(f"measured {d}: {ms:.4f} ms", file=sys.stderr, flush=True)
     fitted = fit_profile(base, samples, name=name)

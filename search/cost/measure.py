@@ -89,15 +89,9 @@ def measure(export_dir: str | Path, runs: int = 200, warmup: int = 20, *, profil
     if threads < 1:
         raise UserError(f"--threads {threads} must be >= 1")
     config = read_config(export_dir)
-    model_path = Path(export_dir) / "model.onnx"
-    if not model_path.is_file():
-        raise UserError(f"{export_dir} has no model.onnx; re-export it with `hwcompress export --force`")
-    sess = session(model_path, threads)
     name = profile or config.get("profile")
-    batch = _batch(name)
-    shape = (batch, *config["model"]["input_shape"])
-    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
-    stats = summarize(time_session(sess, x, runs, warmup))
+    batch = profile_batch(name)
+    stats = time_export(export_dir, config, runs, warmup, threads, batch, seed)
     predicted = (config.get("predicted") or {}).get(name or "", {}).get("latency_ms")
     if predicted is None and name:
         predicted = _predict(config, name)
@@ -106,7 +100,19 @@ def measure(export_dir: str | Path, runs: int = 200, warmup: int = 20, *, profil
             "measured_over_predicted": None if not predicted else stats["median_ms"] / predicted}
 
 
-def _batch(profile: str | None) -> int:
+def time_export(export_dir: str | Path, config: dict, runs: int, warmup: int, threads: int, batch: int,
+                seed: int = 0) -> dict:
+    """summarize() of `runs` timed runs of the export's model.onnx on random input of its shape
+    [batch, *input_shape] (config: its read_config); UserError when model.onnx is missing."""
+    model_path = Path(export_dir) / "model.onnx"
+    if not model_path.is_file():
+        raise UserError(f"{export_dir} has no model.onnx; re-export it with `hwcompress export --force`")
+    sess = session(model_path, threads)
+    x = np.random.default_rng(seed).random((batch, *config["model"]["input_shape"]), dtype=np.float32)
+    return summarize(time_session(sess, x, runs, warmup))
+
+
+def profile_batch(profile: str | None) -> int:
     """The batch a profile's latency is for: a calibrated profile's KernelModel.batch, else 1
     (also when the profile named in config.json is not found here: its price is stored)."""
     try:

@@ -130,9 +130,9 @@ def regroup(groups: list[tuple[np.ndarray, GroupRun]], live: np.ndarray, k: int,
     full, rest = divmod(len(members), k)
     t1, tk = timings.get(1), timings.get(k)
     alone = bool(rest and t1 and tk and rest * t1 < k * tk)
-    slot_steps = lambda n_groups, n_alone: n_groups * k * (tk or 1.0) + n_alone * (t1 or 0.0)
-    now = sum(1 for _, g in kept if g.k > 1)
-    if slot_steps(full + (rest > 0 and not alone), rest if alone else 0) >= slot_steps(now, 0):
+    # the plans alone cost less than the padded group they replace, so any layout with them is
+    # cheaper; without them, only fewer groups than now are
+    if not alone and full + (rest > 0) == sum(1 for _, g in kept if g.k > 1):
         return kept
     packed = [members[s:s + k] for s in range(0, full * k, k)]
     if rest and not alone:
