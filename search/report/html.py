@@ -13,7 +13,7 @@ import numpy as np
 
 from search.report.text import (baseline_line, finetune_line, fmt, quality_note, table_header, table_rows,
                                 within_command)
-from search.report.view import StudyView, counts, heat_data, rank_data, scatter_axes, sensitivity_frame
+from search.report.view import StudyView, counts, counts_line, heat_data, rank_data, scatter_axes, sensitivity_frame
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: `import search.api` does not pay for it
     import plotly.graph_objects as go
@@ -164,7 +164,7 @@ def render(view: StudyView) -> str:
 <p>model {html.escape(view.model)};
 profile <b>{html.escape(view.profile)}</b>{' (re-priced from stored costs, no retraining)' if view.repriced else ''};
 budget {budget}; objectives {html.escape(', '.join(f'{o} ({d})' for o, d in zip(view.objectives, view.directions)))}.</p>
-<p>{c['trials']} trials priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the Pareto front.
+<p>{counts_line(c)}.
 {f'Fine-tuning: {html.escape(finetune_line(view.spec))}.' if view.spec is not None else ''}</p>
 {f'<p>Dense baseline: {html.escape(baseline_line(view))}.</p>' if view.baseline or view.dense else ''}
 <h2>Pareto front</h2>{_table(view)}

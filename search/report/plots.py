@@ -58,9 +58,12 @@ def pareto_scatter(view: StudyView, path: Path) -> Path:
         ax.set_ylabel(view.baseline.get("metric_name", "quality"))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
-    untrained = int((~t["trained"]).sum())
+    stopped = int(t["stopped"].sum())
+    untrained = int((~t["trained"]).sum()) - stopped
+    hidden = " and ".join(x for x in (f"{untrained} never trained (over budget or failed)" if untrained else "",
+                                      f"{stopped} stopped at a rung" if stopped else "") if x)
     fig.suptitle(f"{view.name} on {view.profile}{' (re-priced)' if view.repriced else ''}"
-                 + (f"; {untrained} trials never trained (over budget or failed) not shown" if untrained else ""), fontsize=10)
+                 + (f"; {hidden} not shown" if hidden else ""), fontsize=10)
     return _save(fig, path, {AXES_KEY: json.dumps([dataclasses.asdict(a) for a in axes_data])})
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from search.cost.budget import BUDGET_KEYS
-from search.report.view import COST_NAMES, FRONT_COLUMNS, PLAN_KEYS, StudyView, counts, sensitivity_frame
+from search.report.view import COST_NAMES, FRONT_COLUMNS, PLAN_KEYS, StudyView, counts, counts_line, sensitivity_frame
 from search.study.database import redact
 
 
@@ -119,7 +119,7 @@ def markdown(view: StudyView) -> str:
              f"- model: {view.model}",
              f"- profile: {view.profile}" + (" (re-priced from stored costs, no retraining)" if view.repriced else ""),
              f"- budget: {budget}", "- objectives: " + ", ".join(f"{o} ({d})" for o, d in zip(view.objectives, view.directions)),
-             f"- trials: {c['trials']} priced, {c['trained']} trained, {c['feasible']} feasible, {c['front']} on the front"]
+             f"- {counts_line(c)}"]
     if view.spec is not None:
         lines.append(f"- fine-tuning: {finetune_line(view.spec)}")
         sp = view.spec.space

@@ -223,7 +223,9 @@ def _dense_bytes(layers: list[dict], trials: Sequence[optuna.trial.FrozenTrial])
 def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dict | None], names: Sequence[str],
                  budget: Budget, repriced: bool, dense_bytes: float) -> pd.DataFrame:
     """One row per trial: trial, state, quality, test_quality, costs, compression_ratio, trained,
-    feasible, reason, summary, and per-layer plan columns "<layer>.<field>"."""
+    stopped, feasible, reason, summary, and per-layer plan columns "<layer>.<field>". `trained`:
+    fine-tuned to the end (COMPLETE); `stopped`: fine-tuned until a rung of --pruner, where it
+    fell behind (PRUNED with "stopped_at"; its quality is the last rung's)."""
     rows = []
     for t, c in zip(trials, costs):
         a = t.user_attrs
@@ -233,6 +235,7 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
             q = t.values[0]
         quality = math.nan if q is None else float(q)
         trained = t.state == TrialState.COMPLETE and math.isfinite(quality)
+        stopped = t.state == TrialState.PRUNED and "stopped_at" in a
         cost = {k: float(c.get(k, math.nan)) for k in BUDGET_KEYS}
         over = broken_bounds(cost, budget)
         if repriced:
@@ -243,11 +246,13 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
             feasible = trained and bool(a.get("feasible", not over))
             ratio = float(a.get("compression_ratio") or math.nan)
         reason = a.get("fail_reason") or (("over budget: " + ", ".join(over)) if over else None) \
-            or a.get("infeasible_reason") or (None if trained else "not trained")
+            or a.get("infeasible_reason") \
+            or (f"stopped by the pruner at step {a['stopped_at']}" if stopped else None) \
+            or (None if trained else "not trained")
         test = a.get(TEST_ATTR)
         row = {"trial": t.number, "state": t.state.name, "quality": quality,
                "test_quality": float(test) if isinstance(test, (int, float)) and trained else math.nan, **cost,
-               "compression_ratio": ratio, "trained": trained, "feasible": feasible,
+               "compression_ratio": ratio, "trained": trained, "stopped": stopped, "feasible": feasible,
                "reason": reason or "", "summary": layer_summary(a["plan"], names)}
         ranks = a["plan"].get("rank") or [1.0] * len(names)  # plans stored before factorization: full rank
         forms = a["plan"].get("form") or ["svd"] * len(names)
@@ -336,10 +341,18 @@ def cost_objectives(view: StudyView) -> list[str]:
 
 
 def counts(view: StudyView) -> dict[str, int]:
-    """How many trials were priced, trained, feasible and on the front."""
+    """How many trials were priced, trained (to the end), stopped at a rung, feasible and on the front."""
     t = view.trials
-    return {"trials": len(t), "trained": int(t["trained"].sum()), "feasible": int(t["feasible"].sum()),
-            "front": int(t["pareto"].sum())}
+    return {"trials": len(t), "trained": int(t["trained"].sum()), "stopped": int(t["stopped"].sum()),
+            "feasible": int(t["feasible"].sum()), "front": int(t["pareto"].sum())}
+
+
+def counts_line(c: dict[str, int]) -> str:
+    """`counts` in words: "40 trials priced, 12 trained, 28 stopped at a rung, ..."; the stopped
+    ones only where --pruner stopped some (a stopped trial is never on the front)."""
+    stopped = f"{c['stopped']} stopped at a rung (--pruner), " if c["stopped"] else ""
+    return (f"{c['trials']} trials priced, {c['trained']} trained, {stopped}{c['feasible']} feasible, "
+            f"{c['front']} on the Pareto front")
 
 
 # ---------------------------------------------------------------- the Pareto scatter's axes
