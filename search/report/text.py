@@ -165,7 +165,8 @@ def front_table(view: StudyView) -> Any:
 
     c = counts(view)
     title = (f"{view.name} on {view.profile}{' (re-priced)' if view.repriced else ''}: "
-             f"{c['front']} on the front of {c['feasible']} feasible / {c['trials']} trials")
+             f"{c['front']} on the front of {c['feasible']} feasible / {c['trials']} trials"
+             + (f" ({c['stopped']} stopped at a rung)" if c["stopped"] else ""))
     table = Table(title=title)
     metric = str(view.baseline.get("metric_name") or "quality")
     for h, j in zip(("trial", f"val {metric}", f"test {metric}", "latency ms", "memory KB", "size KB", "x fp32",

@@ -381,6 +381,9 @@ def run_trials(
                     counts = run_batch(study, ctx, claim.trials, ctrl_c)
         if counts is not None:
             ran += counts["asked"]
+            if progress is not None and (past(deadline) or (max_trials is not None and ran >= max_trials)):
+                # the loop ends without another claim: the final line counts the batch just told
+                progress.update(study, finished_count(study.get_trials(deepcopy=False)))
             if on_batch is not None:
                 on_batch(counts)
         elif claim.done < n_trials and claim.running:

@@ -263,7 +263,7 @@ def test_a_stopped_trial_is_pruned_with_its_last_quality_and_never_on_the_front(
 
     row, = list_studies(open_storage(url, str(tmp_path)))  # `hwcompress studies` tells them apart
     assert (row["stopped"], row["infeasible"], row["complete"]) == (len(stopped), 0, len(done))
-    from search.report.text import markdown
+    from search.report.text import front_table, markdown
     from search.report.view import read_study
 
     view = read_study(study)  # and so does the report: stopped at a rung, not "never trained"
@@ -272,6 +272,7 @@ def test_a_stopped_trial_is_pruned_with_its_last_quality_and_never_on_the_front(
         assert t.loc[s.number, "stopped"] and not t.loc[s.number, "trained"]
         assert t.loc[s.number, "reason"] == f"stopped by the pruner at step {s.user_attrs['stopped_at']}"
     assert f"{len(done)} trained, {len(stopped)} stopped at a rung (--pruner)" in markdown(view)
+    assert str(front_table(view).title).endswith(f"/ 12 trials ({len(stopped)} stopped at a rung)")  # the terminal's
 
 
 def test_the_pruner_and_rungs_are_recorded_and_survive_a_resume(base, engine, tmp_path):
