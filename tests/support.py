@@ -11,9 +11,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from search import cli
 from search.compression.layers import Layer
+
+if TYPE_CHECKING:
+    import optuna
 
 # tiny trials: lenet300 on digits, three fine-tuning steps, one trial per batch
 SEARCH = ["--model", "lenet300", "--dataset", "digits", "--profile", "mobile-cpu",
@@ -107,3 +111,25 @@ MACHINE = {"threads": 1, "fp32_gops": 20.0, "int8_gops": 40.0, "conv_gops": 10.0
 # a conv stem, a depthwise conv (its channels follow the stem's), a 1x1-style conv, a head
 CONV_LAYERS = (conv(0, 3, 16, 8), conv(1, 16, 16, 8, "depthwise", 0), conv(2, 16, 32, 8, src=0),
                dataclasses.replace(dense(3, 32 * 64, 10), reads=((2, 32),), in_repeat=64))  # flatten, then the head
+
+
+def stored_study(results: Path, name: str, plans: list) -> optuna.Study:
+    """A lenet300/digits study on mobile-cpu as `hwcompress search` stores it (its spec: 2-step
+    fine-tunes), one complete trial per plan (plan, quality 0.9, costs, feasible), written
+    directly into `results`/studies.db so a test needs no search."""
+    import optuna
+
+    from search.api import make_spec
+    from search.engine.config import FinetuneConfig
+    from search.study.space import plan_to_dict
+
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{results / 'studies.db'}",
+                                directions=["maximize", "minimize", "minimize"])
+    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu",
+                     finetune=FinetuneConfig(steps=2, batch_size=64, learning_rate=5e-4))
+    study.set_user_attr("spec", spec.to_attrs())
+    costs = {"mobile-cpu": {"latency_ms": 0.05, "memory_kb": 100.0, "size_kb": 40.0}}
+    for plan in plans:
+        study.add_trial(optuna.trial.create_trial(values=[0.9, 0.05, 100.0], user_attrs={
+            "plan": plan_to_dict(plan), "quality": 0.9, "costs": costs, "feasible": True}))
+    return study

@@ -7,6 +7,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
+from search.study.pruning import is_stopped
 from search.study.spec import SPEC_ATTR, StudySpec
 from search.study.storage import study_trials
 
@@ -25,7 +26,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             spec = None
         trials = study_trials(storage, s)
         states = [t.state for t in trials]
-        stopped = sum(t.state == TrialState.PRUNED and "stopped_at" in t.user_attrs for t in trials)
+        stopped = sum(map(is_stopped, trials))
         out.append({
             "name": s.study_name,
             "model": spec.model if spec else None,

@@ -26,6 +26,7 @@ from search.cost.budget import BUDGET_KEYS, broken_bounds, budget_dict
 from search.errors import UserError
 from search.report import pareto
 from search.study.create import channel_groups, layers_from_attr
+from search.study.pruning import STOPPED_ATTR, is_stopped
 from search.study.space import plan_from_dict
 from search.study.spec import SPEC_ATTR, TEST_ATTR, StudySpec
 
@@ -235,7 +236,7 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
             q = t.values[0]
         quality = math.nan if q is None else float(q)
         trained = t.state == TrialState.COMPLETE and math.isfinite(quality)
-        stopped = t.state == TrialState.PRUNED and "stopped_at" in a
+        stopped = is_stopped(t)
         cost = {k: float(c.get(k, math.nan)) for k in BUDGET_KEYS}
         over = broken_bounds(cost, budget)
         if repriced:
@@ -247,7 +248,7 @@ def trials_frame(trials: Sequence[optuna.trial.FrozenTrial], costs: Sequence[dic
             ratio = float(a.get("compression_ratio") or math.nan)
         reason = a.get("fail_reason") or (("over budget: " + ", ".join(over)) if over else None) \
             or a.get("infeasible_reason") \
-            or (f"stopped by the pruner at step {a['stopped_at']}" if stopped else None) \
+            or (f"stopped by the pruner at step {a[STOPPED_ATTR]}" if stopped else None) \
             or (None if trained else "not trained")
         test = a.get(TEST_ATTR)
         row = {"trial": t.number, "state": t.state.name, "quality": quality,

@@ -36,7 +36,7 @@ from search.study.storage import set_trial_attrs
 from search.study.context import SearchContext
 from search.study.create import finished_count, make_sampler
 from search.study.progress import SearchProgress
-from search.study.pruning import RungJudge
+from search.study.pruning import STOPPED_ATTR, RungJudge
 from search.study.space import plan_to_dict, suggest_plan
 from search.study.spec import TEST_ATTR, StudySpec
 
@@ -193,7 +193,7 @@ def run_batch(study: optuna.Study, ctx: SearchContext, trials: Sequence[optuna.T
                         study.tell(t, state=TrialState.FAIL)
                         failed += 1
                     elif stopped[j]:  # fell behind at a rung: its last quality, never on a front
-                        set_trial_attrs(t, {"quality": q, "stopped_at": int(result.steps[j]), "engine_k": engine_k,
+                        set_trial_attrs(t, {"quality": q, STOPPED_ATTR: int(result.steps[j]), "engine_k": engine_k,
                                             "engine_loop": engine_loop})
                         study.tell(t, state=TrialState.PRUNED)
                         stopped_n += 1
@@ -381,13 +381,12 @@ def run_trials(
                     counts = run_batch(study, ctx, claim.trials, ctrl_c)
         if counts is not None:
             ran += counts["asked"]
-            if progress is not None and (past(deadline) or (max_trials is not None and ran >= max_trials)):
-                # the loop ends without another claim: the final line counts the batch just told
-                progress.update(study, finished_count(study.get_trials(deepcopy=False)))
             if on_batch is not None:
                 on_batch(counts)
         elif claim.done < n_trials and claim.running:
             time.sleep(idle_poll)
         else:
             break
+    if progress is not None and ran:  # a --timeout or max_trials ends without another claim: count the last batch
+        progress.update(study, finished_count(study.get_trials(deepcopy=False)))
     return ran

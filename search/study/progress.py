@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hw_profiles import Budget
 from search.cost.budget import BUDGET_KEYS
+from search.study.pruning import is_stopped
 
 RELAX = 1.05  # a suggested bound: the smallest value any trial reached, plus 5%
 
@@ -18,7 +19,7 @@ def summarize(trials: Sequence[FrozenTrial], pareto_size: int) -> dict[str, Any]
     """Counts and the best quality among feasible, trained trials (None before any)."""
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True)]
     # PRUNED is either over a budget (never trained) or stopped at a rung by the study's pruner
-    stopped = sum(1 for t in trials if t.state == TrialState.PRUNED and "stopped_at" in t.user_attrs)
+    stopped = sum(map(is_stopped, trials))
     infeasible = sum(1 for t in trials if t.state == TrialState.PRUNED) - stopped
     failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
     qualities = [t.user_attrs.get("quality") for t in feasible if t.user_attrs.get("quality") is not None]

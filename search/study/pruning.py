@@ -37,6 +37,13 @@ import optuna
 from search.errors import UserError
 
 PRUNERS = ("none", "sha", "hyperband")  # --pruner choices
+STOPPED_ATTR = "stopped_at"  # the fine-tune step a stopped trial reached
+
+
+def is_stopped(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial the pruner stopped at a rung (PRUNED with "stopped_at"), not one over the budget
+    and never trained (PRUNED without it)."""
+    return t.state == optuna.trial.TrialState.PRUNED and STOPPED_ATTR in t.user_attrs
 # the pruner of a new study when --pruner is not given; measured by bench/bench_pruner.py (README)
 DEFAULT_PRUNER = "none"
 RUNG_FRACTIONS = (1 / 9, 1 / 3)  # default rungs, as shares of --finetune-steps (eta = 3 apart, then the full budget)

@@ -6,33 +6,21 @@ import dataclasses
 import json
 from types import MappingProxyType
 
-import optuna
 import pytest
 
 import hw_profiles
 from hw_profiles.schema import KERNEL_FEATURES, KERNELS, KernelModel
 from search import cli
-from search.api import make_spec
 from search.compression.plan import CHANNEL, UNSTRUCTURED, make_plan
-from search.engine.config import FinetuneConfig
-from search.study.space import plan_to_dict
-from tests.support import results_dir
+from tests.support import results_dir, stored_study
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Two real exports of lenet300/digits: dense fp32, and half its channels at 8 bits."""
     results = results_dir(tmp_path_factory.mktemp("fit"))
-    study = optuna.create_study(study_name="fit", storage=f"sqlite:///{results / 'studies.db'}",
-                                directions=["maximize", "minimize", "minimize"])
-    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu",
-                     finetune=FinetuneConfig(steps=2, batch_size=64, learning_rate=5e-4))
-    study.set_user_attr("spec", spec.to_attrs())
-    costs = {"mobile-cpu": {"latency_ms": 0.05, "memory_kb": 100.0, "size_kb": 40.0}}
-    for plan in (make_plan([0.0, 0.0, 0.0], UNSTRUCTURED, [32, 32, 32], [32, 32, 32]),
-                 make_plan([0.5, 0.5, 0.0], CHANNEL, [8, 8, 8], [8, 8, 8])):
-        study.add_trial(optuna.trial.create_trial(values=[0.9, 0.05, 100.0], user_attrs={
-            "plan": plan_to_dict(plan), "quality": 0.9, "costs": costs, "feasible": True}))
+    stored_study(results, "fit", [make_plan([0.0, 0.0, 0.0], UNSTRUCTURED, [32, 32, 32], [32, 32, 32]),
+                                  make_plan([0.5, 0.5, 0.0], CHANNEL, [8, 8, 8], [8, 8, 8])])
     dirs = []
     for trial in (0, 1):
         out = results / f"export{trial}"

@@ -18,11 +18,10 @@ import pytest
 import models
 from models.train import save_params, train_baseline
 from search import cli
-from search.api import make_spec
 from search.engine.config import FinetuneConfig
 from search.errors import UserError
 from search.export.retrain import RETRAIN_FACTOR, RETRAIN_LR_FACTOR
-from tests.support import results_dir, start_search
+from tests.support import results_dir, start_search, stored_study
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +29,9 @@ def study_env(tmp_path_factory):
     """A study as `hwcompress search` stores it (spec, layers, a complete trial with its plan,
     quality and costs, a failed trial), written directly so this test needs no search."""
     from search.compression.plan import CHANNEL, make_plan
-    from search.study.space import plan_to_dict
 
     results = results_dir(tmp_path_factory.mktemp("export"))
-    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{results / 'studies.db'}",
-                                directions=["maximize", "minimize", "minimize"])
-    spec = make_spec(model="lenet300", dataset="digits", profile="mobile-cpu",
-                     finetune=FinetuneConfig(steps=2, batch_size=64, learning_rate=5e-4))
-    study.set_user_attr("spec", spec.to_attrs())
-    plan = plan_to_dict(make_plan([0.5, 0.25, 0.0], CHANNEL, [8, 4, 8], [8, 8, 8]))
-    costs = {"mobile-cpu": {"latency_ms": 0.05, "memory_kb": 100.0, "size_kb": 40.0}}
-    study.add_trial(optuna.trial.create_trial(values=[0.9, 0.05, 100.0], user_attrs={
-        "plan": plan, "quality": 0.9, "costs": costs, "feasible": True}))
+    study = stored_study(results, "exp", [make_plan([0.5, 0.25, 0.0], CHANNEL, [8, 4, 8], [8, 8, 8])])
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # an incomplete trial to refuse
     return results, study, 0
 
